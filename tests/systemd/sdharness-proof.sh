@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# sdharness-proof.sh - prove that systemd/whatsappd.{service,socket} work under a real systemd.
+#
+# Boots a Debian 12 container (systemd 252) with sdharness (its own rootfs; systemd is never
+# booted on this machine's root filesystem), installs whatsappd from wheels built here into a
+# venv at /opt/whatsappd, installs the units, sysusers and tmpfiles, and checks: the
+# systemd-analyze security score, Type=notify start, STATUS=, the journal, the control socket
+# (and who may use it), a neonize worker inside the sandbox, reload, exit 78 without restart
+# loop, watchdog kill + restart, clean stop, and socket activation. Stops the container at the
+# end whatever happens.
+#
+# Usage (as root):  tests/systemd/sdharness-proof.sh
+# Environment:
+#   SDHARNESS=PATH        the harness (default: ../shared/tools/sdharness beside the repo,
+#                         else /work/shared/tools/sdharness)
+#   SDH_DIR=/var/tmp/whatsappd-proof   harness state (must be below /var/tmp); the rootfs
+#                         is cached there, so only the first run pays for debootstrap
+#   SDH_NAME=proof        container instance name
+#   WHATSAPPD_PROJECT=DIR the project to install (default: this repository)
+#   PYTHON=python3        a host Python with pip, used to build/download the wheels
+#   KEEP=1                leave the container running at the end (then: sdharness stop)
+#   MAX_SCORE=2.0         highest acceptable systemd-analyze exposure score
+# Exit status: 0 if every check passed, 1 otherwise.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+PROJECT=${WHATSAPPD_PROJECT:-$REPO}
+UNITS=$REPO/systemd
+if [[ -z ${SDHARNESS:-} ]]; then
+  for c in "$REPO/../shared/tools/sdharness" /work/shared/tools/sdharness; do
+    if [[ -f $c ]]; then SDHARNESS=$c; break; fi
+  done
+fi
+export SDH_DIR=${SDH_DIR:-/var/tmp/whatsappd-proof}
+export SDH_NAME=${SDH_NAME:-proof}
+export SDH_EXTRA_PACKAGES=${SDH_EXTRA_PACKAGES:-"libmagic1 curl"}
+PYTHON=${PYTHON:-python3}
+MAX_SCORE=${MAX_SCORE:-2.0}
+SOCK=/run/whatsappd/control.sock
+# Debian 12's own Python: the offline wheelhouse must be resolved for it, not for the host's.
+TARGET_PY=3.11.2
+
+T0=$SECONDS
+FAILS=0
+PASSES=0
+STEP=0
+WORK=""
+
+step() { STEP=$((STEP + 1)); printf '\n== [%3ds] %d. %s\n' $((SECONDS - T0)) "$STEP" "$*"; }
+info() { printf '   %s\n' "$*"; }
+pass() { PASSES=$((PASSES + 1)); printf '   ok: %s\n' "$*"; }
+fail() { FAILS=$((FAILS + 1)); printf '   FAIL: %s\n' "$*"; }
+die()  { printf '\nFAIL: %s (after %ds)\n' "$*" $((SECONDS - T0)); exit 1; }
+# check DESCRIPTION CMD...: pass or fail on CMD's exit status
+check() { local d=$1; shift; if "$@"; then pass "$d"; else fail "$d"; fi; }
+H() { "$SDHARNESS" "$@"; }
+X() { "$SDHARNESS" exec "$@"; }
+# wait_until SECONDS CMD...: poll CMD every 0.5 s until it succeeds
+wait_until() {
+  local end=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    (( SECONDS < end )) || return 1
+    sleep 0.5
+  done
+}
+prop() { X systemctl show -P "$2" "$1"; }   # prop UNIT PROPERTY
+active() { [[ $(X systemctl is-active "$1" 2>/dev/null) == active ]]; }
+inactive() { [[ $(X systemctl is-active "$1" 2>/dev/null) == inactive ]]; }
+cursor() { X journalctl --show-cursor -n 0 -q 2>/dev/null | sed -n 's/^-- cursor: //p'; }
+# journal_since CURSOR [journalctl args...]: messages logged after CURSOR
+journal_since() { local c=$1; shift; X journalctl --no-pager -o cat --after-cursor="$c" "$@"; }
+# http [--as USER] PATH [curl args...]: prints the HTTP status; the body goes to /tmp/body
+http() {
+  local -a as=()
+  if [[ $1 == --as ]]; then as=(runuser -u "$2" --); shift 2; fi
+  local path=$1; shift
+  X "${as[@]}" curl -sS --max-time 20 --unix-socket "$SOCK" -o /tmp/body -w '%{http_code}' \
+    "$@" "http://localhost$path" 2>/dev/null || true
+}
+body() { X cat /tmp/body; }
+# json EXPR: evaluate a Python expression over the last body (as `d`)
+json() { X python3 -c 'import json,sys; d=json.load(open("/tmp/body")); print(eval(sys.argv[1]))' "$1"; }
+
+cleanup() {
+  local rc=$?
+  if [[ -n $WORK && -d $WORK ]]; then rm -rf -- "$WORK"; fi
+  if [[ ${KEEP:-0} == 1 ]]; then
+    echo "KEEP=1: container left running (SDH_DIR=$SDH_DIR SDH_NAME=$SDH_NAME $SDHARNESS stop)"
+  elif [[ -n ${SDHARNESS:-} ]]; then
+    echo "== stopping the container"
+    H stop >/dev/null 2>&1 || H stop --kill || true
+  fi
+  exit "$rc"
+}
+
+# --------------------------------------------------------------------------------- setup
+step "preflight"
+[[ $(id -u) == 0 ]] || die "must run as root (sdharness needs it)"
+[[ -n ${SDHARNESS:-} && -f $SDHARNESS ]] || die "sdharness not found; set SDHARNESS=/path/to/sdharness"
+for f in whatsappd.service whatsappd.socket whatsappd.sysusers.conf whatsappd.tmpfiles.conf; do
+  [[ -f $UNITS/$f ]] || die "missing $UNITS/$f"
+done
+[[ -f $PROJECT/pyproject.toml ]] || die "no pyproject.toml in $PROJECT"
+"$PYTHON" -m pip --version >/dev/null || die "$PYTHON has no pip"
+info "project $PROJECT, harness $SDHARNESS, SDH_DIR=$SDH_DIR SDH_NAME=$SDH_NAME"
+WORK=$(mktemp -d /var/tmp/whatsappd-proof-wheels.XXXXXX)
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "wheelhouse for Debian 12's Python $TARGET_PY (the container has no network)"
+SRC=$WORK/src WHEELS=$WORK/wheels
+mkdir -p "$SRC" "$WHEELS"
+# build from a copy: an in-tree build would leave build/ and *.egg-info in the work tree
+tar -C "$PROJECT" --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./dist \
+  --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$SRC" -xf -
+pip_q() { "$PYTHON" -m pip "$@" 2>&1 | grep -v -e 'is ignored: it is neither' -e '^$' || true; }
+pip_q wheel -q --no-deps -w "$WHEELS" "$SRC"
+PROJECT_WHEEL=$(ls "$WHEELS"/whatsappd-*.whl 2>/dev/null | head -1)
+[[ -n $PROJECT_WHEEL ]] || die "building the whatsappd wheel failed"
+info "built $(basename "$PROJECT_WHEEL")"
+# 1) wheels for every dependency as the host resolves them: this turns sdist-only packages
+#    (e.g. sdnotify) into pure-Python wheels;
+pip_q wheel -q -w "$WHEELS" --find-links "$WHEELS" "$PROJECT_WHEEL"
+# 2) then the binary wheels resolved for the container's interpreter and glibc (2.36).
+pip_q download -q -d "$WHEELS" --find-links "$WHEELS" --only-binary=:all: \
+  --python-version "$TARGET_PY" --implementation cp --abi cp311 \
+  --platform manylinux_2_36_x86_64 --platform manylinux_2_34_x86_64 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform linux_x86_64 "$PROJECT_WHEEL"
+ls "$WHEELS"/neonize-*.whl >/dev/null 2>&1 || die "no neonize wheel in the wheelhouse"
+info "$(ls "$WHEELS" | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
+
+step "container rootfs (Debian 12 + $SDH_EXTRA_PACKAGES; cached after the first run)"
+H stop >/dev/null 2>&1 || true   # a container left over by an interrupted run
+H build || die "sdharness build failed"
+
+step "boot a fresh container"
+H boot --fresh || die "sdharness boot failed"
+info "$(X systemctl --version | head -1)"
+
+step "install whatsappd into a venv at /opt/whatsappd (offline, from the wheelhouse)"
+H copy-in "$WHEELS" /opt/wheels
+X python3 -m venv /opt/whatsappd
+X /opt/whatsappd/bin/pip install -q --no-index --find-links /opt/wheels whatsappd \
+  || die "pip install in the container failed"
+check "whatsappd run --help works" X /opt/whatsappd/bin/whatsappd run --help >/dev/null
+check "neonize imports in the container (libmagic1 present)" \
+  X /opt/whatsappd/bin/python -c 'import logging; logging.disable(); import neonize'
+
+step "install the units, sysusers and tmpfiles"
+H copy-in "$UNITS/whatsappd.service" /etc/systemd/system/whatsappd.service
+H copy-in "$UNITS/whatsappd.socket" /etc/systemd/system/whatsappd.socket
+H copy-in "$UNITS/whatsappd.sysusers.conf" /usr/lib/sysusers.d/whatsappd.conf
+H copy-in "$UNITS/whatsappd.tmpfiles.conf" /usr/lib/tmpfiles.d/whatsappd.conf
+X systemd-sysusers
+X systemd-tmpfiles --create whatsappd.conf
+X systemctl daemon-reload
+check "user and group whatsappd exist ($(X id whatsappd 2>&1))" X id whatsappd
+check "/run/whatsappd is 0750 whatsappd:whatsappd" \
+  test "$(X stat -c '%a %U:%G' /run/whatsappd)" == "750 whatsappd:whatsappd"
+out=$(X systemd-analyze verify whatsappd.service whatsappd.socket 2>&1) && rc=0 || rc=$?
+[[ -z $out ]] || info "$out"
+check "systemd-analyze verify: no warnings" test "$rc:$out" == "0:"
+X systemctl enable --quiet whatsappd.service whatsappd.socket   # WantedBy + Also=
+
+step "systemd-analyze security (exposure must be <= $MAX_SCORE)"
+score_ok() { awk -v s="$1" -v m="$MAX_SCORE" 'BEGIN { exit !(s != "" && s + 0 <= m + 0) }'; }
+H copy-in "$UNITS/whatsappd.service" /tmp/whatsappd.service
+out=$(X systemd-analyze security --no-pager --offline=true /tmp/whatsappd.service 2>&1 || true)
+offline=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")
+echo "$out" | grep -E '^✗' | sed 's/^/   /' || true
+check "offline score of systemd/whatsappd.service: ${offline:-?}" score_ok "$offline"
+out=$(X systemd-analyze security --no-pager whatsappd.service 2>&1 || true)
+online=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")
+check "score of the loaded whatsappd.service: ${online:-?}" score_ok "$online"
+
+# --------------------------------------------------------------------------------- start
+step "systemctl start whatsappd (Type=notify: returns after READY=1)"
+t=$SECONDS
+check "systemctl start whatsappd succeeded" X systemctl start whatsappd.service
+info "took $((SECONDS - t))s"
+check "whatsappd.service is active" active whatsappd.service
+check "whatsappd.socket was pulled in and is active" active whatsappd.socket
+PID=$(prop whatsappd.service MainPID)
+info "MainPID $PID"
+check "the daemon runs as user whatsappd" test "$(X ps -o user= -p "$PID" | tr -d ' ')" == whatsappd
+check "socket file is 0660 whatsappd:whatsappd" \
+  test "$(X stat -c '%a %U:%G %F' "$SOCK")" == "660 whatsappd:whatsappd socket"
+# the daemon serves the socket systemd passed (fd 3), it did not bind its own
+check "the daemon listens on the socket passed by systemd (LISTEN_FDS)" \
+  bash -c '[[ $("$0" exec ss -xlpn src "$1") == *"pid=$2,"* ]]' "$SDHARNESS" "$SOCK" "$PID"
+
+step "systemctl status shows the daemon's STATUS= line"
+st=$(X systemctl status whatsappd.service --no-pager 2>&1 || true)
+echo "$st" | head -12 | sed 's/^/   | /'
+check "Status: line present" grep -q '^ *Status: "' <<<"$st"
+check "StatusText is set: $(prop whatsappd.service StatusText)" test -n "$(prop whatsappd.service StatusText)"
+
+step "journalctl -u whatsappd has the daemon's log lines"
+jl=$(X journalctl -u whatsappd.service --no-pager -o cat _PID="$PID" 2>&1 || true)
+echo "$jl" | head -5 | sed 's/^/   | /'
+check "the daemon's own lines are in the journal" test -n "$jl"
+check "the ready line is there" grep -qi 'ready' <<<"$jl"
+check "no raw <N> priority prefixes (journald parsed them)" bash -c '! grep -q "^<[0-7]>" <<<"$0"' "$jl"
+check "priorities were parsed (info lines at PRIORITY=6)" \
+  test -n "$(X journalctl -u whatsappd.service --no-pager -o cat _PID="$PID" PRIORITY=6 2>/dev/null)"
+
+step "GET /v1/health over $SOCK"
+code=$(http /v1/health)
+info "$(body | head -c 400)"
+check "root: HTTP $code" test "$code" == 200
+check "health reports this pid" test "$(json 'd["pid"]' 2>/dev/null)" == "$PID"
+X sh -c 'id crm >/dev/null 2>&1 || useradd --create-home crm; usermod -aG whatsappd crm
+         id outsider >/dev/null 2>&1 || useradd --create-home outsider'
+code=$(http --as crm /v1/health)
+check "a member of group whatsappd (crm): HTTP $code" test "$code" == 200
+code=$(http --as outsider /v1/health)
+check "a user outside group whatsappd cannot connect (got '$code')" test "$code" == 000
+
+step "state directory: private"
+info "$(X stat -c '%a %U:%G %n' /var/lib/whatsappd)"
+check "/var/lib/whatsappd is 0700 whatsappd" \
+  test "$(X stat -c '%a %U' /var/lib/whatsappd)" == "700 whatsappd"
+loose=$(X find /var/lib/whatsappd -perm /077 -printf '%m %p\n' 2>&1)
+check "nothing under it is group/other accessible${loose:+: $loose}" test -z "$loose"
+
+# ----------------------------------------------------------------- reload + a neonize worker
+step "systemctl reload whatsappd (adds a company: a real neonize worker inside the sandbox)"
+# The company's proxy is a closed port on 127.0.0.1: the worker loads neonize (Go, ctypes,
+# MemoryDenyWriteExecute, the syscall filter), opens its store and fails to connect;
+# nothing leaves the container, which has loopback only anyway.
+X sh -c 'cat > /etc/whatsappd/whatsappd.toml <<EOF
+[[companies]]
+id = "acme"
+proxy = "socks5://127.0.0.1:9"
+EOF
+chgrp whatsappd /etc/whatsappd/whatsappd.toml; chmod 0640 /etc/whatsappd/whatsappd.toml'
+c=$(cursor)
+check "systemctl reload whatsappd succeeded" X systemctl reload whatsappd.service
+check "the daemon logged the reload" \
+  wait_until 15 bash -c '"$0" exec journalctl -o cat --after-cursor="$1" _PID="$2" | grep -qi "reloaded"' \
+  "$SDHARNESS" "$c" "$PID"
+journal_since "$c" -u whatsappd.service | head -6 | sed 's/^/   | /'
+check "still active after the reload" active whatsappd.service
+check "same MainPID after the reload" test "$(prop whatsappd.service MainPID)" == "$PID"
+code=$(http /v1/companies)
+check "GET /v1/companies lists acme (HTTP $code)" grep -q '"acme"' <(body)
+# ask for a connection (a session-less company starts pairing), then let the worker try
+code=$(http /v1/companies/acme/connect -X POST)
+info "POST /v1/companies/acme/connect: HTTP $code $(body | head -c 300)"
+wait_until 30 X sh -c 'ls /var/lib/whatsappd/sessions/session-acme/* >/dev/null 2>&1' || true
+sleep 3
+code=$(http /v1/companies/acme)
+info "GET /v1/companies/acme: HTTP $code $(body | head -c 500)"
+wj=$(journal_since "$c" -u whatsappd.service 2>&1)
+echo "$wj" | grep -iE 'worker|acme' | head -8 | sed 's/^/   | /'
+check "no worker killed by the sandbox (SIGSYS / bad system call / core dump)" \
+  bash -c '! grep -qiE "SIGSYS|bad system call|core dump|signal 31|MemoryDenyWriteExecute" <<<"$0"' "$wj"
+check "the neonize worker reached the proxy and failed to connect (not a crash)" \
+  bash -c 'grep -qiE "127\.0\.0\.1:9|refused|proxy" <<<"$0"' "$wj"
+loose=$(X find /var/lib/whatsappd -perm /077 -printf '%m %p\n' 2>&1)
+store=$(X sh -c 'find /var/lib/whatsappd/sessions -type f -printf "%m %u %p\n"' 2>&1 || true)
+info "session files: ${store:-none}"
+check "session store files exist" test -n "$store"
+check "the store is private (UMask=0077)${loose:+: $loose}" test -z "$loose"
+check "still active" active whatsappd.service
+
+# --------------------------------------------------------------------- exit 78, no restart loop
+step "a bad config: exit 78 and no restart loop (RestartPreventExitStatus=78)"
+X sh -c 'cp /etc/whatsappd/whatsappd.toml /tmp/good.toml
+         printf "[daemon]\nshutdown_timeout = \"forever\"\n" > /etc/whatsappd/whatsappd.toml'
+X systemctl stop whatsappd.service
+n0=$(prop whatsappd.service NRestarts)
+if X systemctl start whatsappd.service 2>/dev/null; then fail "start with a bad config should fail"; else pass "start with a bad config failed"; fi
+sleep 4   # > RestartSec=2s: a restart would have happened by now
+check "ExecMainStatus=78 ($(prop whatsappd.service ExecMainStatus))" test "$(prop whatsappd.service ExecMainStatus)" == 78
+check "not restarted (NRestarts $n0 -> $(prop whatsappd.service NRestarts))" test "$(prop whatsappd.service NRestarts)" == "$n0"
+check "unit is failed ($(X systemctl is-active whatsappd.service))" test "$(X systemctl is-active whatsappd.service)" == failed
+X journalctl -u whatsappd.service --no-pager -o cat -n 4 | sed 's/^/   | /'
+X sh -c 'cp /tmp/good.toml /etc/whatsappd/whatsappd.toml'
+X systemctl reset-failed whatsappd.service
+check "starts again with the good config" X systemctl start whatsappd.service
+PID=$(prop whatsappd.service MainPID)
+
+# ------------------------------------------------------------------------------- watchdog
+step "watchdog: a hung event loop is killed and restarted (WatchdogSec=30s)"
+check "WatchdogUSec=30s ($(prop whatsappd.service WatchdogUSec))" test "$(prop whatsappd.service WatchdogUSec)" == 30s
+n0=$(prop whatsappd.service NRestarts)
+c=$(cursor)
+X kill -STOP "$PID"
+info "SIGSTOP sent to MainPID $PID at $((SECONDS - T0))s; waiting for systemd"
+t=$SECONDS
+restarted() { [[ $(prop whatsappd.service NRestarts) -gt $n0 ]] && active whatsappd.service \
+              && [[ $(prop whatsappd.service MainPID) != "$PID" ]]; }
+check "restarted within 90 s (took $((SECONDS - t))s)" wait_until 90 restarted
+info "took $((SECONDS - t))s"
+journal_since "$c" -u whatsappd.service | grep -E 'Watchdog|Killing|Main process|Failed|Scheduled|Started|ready' \
+  | head -8 | sed 's/^/   | /'
+sysd=$(X journalctl --no-pager -o cat --after-cursor="$c" UNIT=whatsappd.service _PID=1 2>&1 || true)
+check "systemd logged the watchdog timeout" grep -q "Watchdog timeout" <<<"$sysd"
+PID=$(prop whatsappd.service MainPID)
+info "NRestarts $(prop whatsappd.service NRestarts), new MainPID $PID"
+code=$(http /v1/health)
+check "the restarted daemon answers /v1/health (HTTP $code)" test "$code" == 200
+
+# ------------------------------------------------------------------------------- stop
+step "systemctl stop whatsappd: clean exit"
+c=$(cursor)
+t=$SECONDS
+check "systemctl stop whatsappd succeeded" X systemctl stop whatsappd.service
+info "took $((SECONDS - t))s"
+check "Result=success ($(prop whatsappd.service Result))" test "$(prop whatsappd.service Result)" == success
+check "exit status 0 ($(prop whatsappd.service ExecMainCode)/$(prop whatsappd.service ExecMainStatus))" \
+  test "$(prop whatsappd.service ExecMainCode):$(prop whatsappd.service ExecMainStatus)" == "1:0"
+journal_since "$c" -u whatsappd.service | head -6 | sed 's/^/   | /'
+sysd=$(X journalctl --no-pager -o cat --after-cursor="$c" UNIT=whatsappd.service _PID=1 2>&1 || true)
+check "systemd had to kill nothing" bash -c '! grep -qiE "SIGKILL|Killing process|timed out|Failed with result" <<<"$0"' "$sysd"
+check "no whatsappd process left" bash -c '! "$0" exec pgrep -u whatsappd >/dev/null' "$SDHARNESS"
+check "whatsappd.socket stays active" active whatsappd.socket
+check "the socket file survived the stop (RuntimeDirectoryPreserve=yes)" X test -S "$SOCK"
+
+# ------------------------------------------------------------------------ socket activation
+step "socket activation: a client connect starts the daemon"
+check "service is inactive before the connect" inactive whatsappd.service
+t=$SECONDS
+code=$(http --as crm /v1/health)
+check "crm's request through whatsappd.socket: HTTP $code (took $((SECONDS - t))s)" test "$code" == 200
+check "whatsappd.service was activated" active whatsappd.service
+PID=$(prop whatsappd.service MainPID)
+check "the activated daemon serves the passed socket" \
+  bash -c '[[ $("$0" exec ss -xlpn src "$1") == *"pid=$2,"* ]]' "$SDHARNESS" "$SOCK" "$PID"
+check "health reports the activated pid $PID" test "$(json 'd["pid"]' 2>/dev/null)" == "$PID"
+
+step "systemctl stop whatsappd.socket stops both"
+check "systemctl stop whatsappd.socket succeeded" X systemctl stop whatsappd.socket
+check "whatsappd.service stopped with it (Requires=)" wait_until 30 inactive whatsappd.service
+check "socket file removed (RemoveOnStop=yes)" bash -c '! "$0" exec test -e "$1"' "$SDHARNESS" "$SOCK"
+failed=$(X systemctl list-units --failed --no-legend --plain 2>&1 | grep whatsappd || true)
+check "no failed whatsappd unit${failed:+: $failed}" test -z "$failed"
+
+# ---------------------------------------------------------------------------- summary
+echo
+echo "== $PASSES checks passed, $FAILS failed, in $((SECONDS - T0))s (security score: offline ${offline:-?}, loaded ${online:-?})"
+if (( FAILS )); then echo "FAIL"; exit 1; fi
+echo "PASS"

@@ -1,0 +1,5 @@
+import sys
+
+from whatsappd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,186 @@
+"""`whatsappd`: run | check-config | clean-sessions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import fcntl
+import os
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import TextIO
+
+from whatsappd import __version__
+from whatsappd.config import Config, ConfigError, load_config, render_config
+
+__all__ = ["EX_CONFIG", "main"]
+
+EX_CONFIG = 78  # sysexits.h: systemd's RestartPreventExitStatus=78 avoids a restart loop
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="whatsappd",
+        description="Keeps one WhatsApp connection alive per company; driven over a Unix control socket.",
+    )
+    parser.add_argument("--version", action="version", version=f"whatsappd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, metavar="PATH",
+                       help="config file (default: /etc/whatsappd/whatsappd.toml if it exists, "
+                            "else built-in defaults)")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (or --daemonize)")
+    add_config(run)
+    run.add_argument("--daemonize", action="store_true",
+                     help="detach from the terminal (for hosts without systemd); needs --pidfile")
+    run.add_argument("--pidfile", type=Path, metavar="PATH", help="write and lock this pid file")
+    run.add_argument("--log-file", type=Path, metavar="PATH",
+                     help="with --daemonize: append logs here (default: STATE_DIR/whatsappd.log)")
+
+    check = sub.add_parser("check-config", help="validate the config and print the effective settings")
+    add_config(check)
+
+    clean = sub.add_parser("clean-sessions",
+                           help="find and remove legacy browser-profile and Baileys sessions")
+    add_config(clean)
+    clean.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    clean.add_argument("--path", type=Path, metavar="DIR",
+                       help="directory to scan (default: STATE_DIR/sessions), e.g. the old CRM's sessions/")
+    return parser
+
+
+def _load(path: Path | None, err: TextIO) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"whatsappd: {exc}", file=err)
+        return None
+
+
+class PidFile:
+    """A pid file held with an exclusive flock for the daemon's life (python-daemon's pidfile
+    protocol: a context manager). A stale file left by a crash is no obstacle: its lock died
+    with its process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def holder(self) -> int | None:
+        """The pid of a live process holding the lock, or None."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+        return None
+
+    def __enter__(self) -> PidFile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise SystemExit(f"whatsappd: another instance holds {self.path}") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.config, sys.stderr)
+    if config is None:
+        return EX_CONFIG
+    if args.daemonize:
+        if args.pidfile is None:
+            print("whatsappd: --daemonize needs --pidfile PATH (a second instance is refused through it)",
+                  file=sys.stderr)
+            return 2
+        return _daemonize(config, args)
+    if args.pidfile is not None:
+        with PidFile(args.pidfile):
+            return _serve(config, args.config)
+    return _serve(config, args.config)
+
+
+def _daemonize(config: Config, args: argparse.Namespace) -> int:
+    import daemon  # python-daemon: only needed on hosts without systemd
+
+    pidfile = PidFile(args.pidfile.absolute())
+    holder = pidfile.holder()
+    if holder is not None:
+        print(f"whatsappd: already running (pid {holder} holds {args.pidfile}); not starting a second "
+              "instance", file=sys.stderr)
+        return 1
+    log_path = args.log_file or config.daemon_state_dir / "whatsappd.log"
+    try:
+        log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (kept for the daemon's life)
+    except OSError as exc:
+        print(f"whatsappd: cannot open the log file {log_path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"whatsappd: detaching; logs go to {log_path}, pid file {args.pidfile}", file=sys.stderr)
+    context = daemon.DaemonContext(
+        pidfile=pidfile, stdout=log_file, stderr=log_file, umask=0o077, signal_map={},
+    )
+    with context:
+        return _serve(config, args.config.absolute() if args.config else None)
+
+
+def _serve(config: Config, config_path: Path | None) -> int:
+    from whatsappd.daemon import Daemon
+    from whatsappd.logs import configure_logging
+
+    configure_logging(config.logging_format, config.logging_level)
+    return asyncio.run(Daemon(config, config_path).run())
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config, sys.stderr)
+    if config is None:
+        return EX_CONFIG
+    sys.stdout.write(render_config(config))
+    print(f"# configuration OK ({config.source}); {len(config.companies)} companies", file=sys.stderr)
+    return 0
+
+
+def _clean_sessions(args: argparse.Namespace) -> int:
+    from whatsappd.legacy_cli import clean_sessions
+
+    root = args.path
+    if root is None:
+        config = _load(args.config, sys.stderr)
+        if config is None:
+            return EX_CONFIG
+        root = config.sessions_dir
+    return clean_sessions(root, dry_run=args.dry_run, out=sys.stdout, err=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"run": _run, "check-config": _check_config, "clean-sessions": _clean_sessions}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

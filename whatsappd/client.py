@@ -1,0 +1,105 @@
+"""A small synchronous client for the control API (HTTP/1.1 over the Unix socket).
+
+Used by whatsappctl and by the tests; stdlib only, so whatsappctl starts fast.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Client", "DaemonUnavailable", "Response"]
+
+
+class DaemonUnavailable(Exception):
+    """Nothing answers on the socket. The message says which socket and what to do."""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class Client:
+    def __init__(self, socket_path: str, timeout: float | None = 30.0) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    def _connect(self, method: str, path: str, body: Any, headers: dict[str, str] | None) -> _UnixHTTPConnection:
+        conn = _UnixHTTPConnection(self.socket_path, self.timeout)
+        data: bytes | None = None
+        all_headers = {"Accept": "application/json", **(headers or {})}
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            all_headers.setdefault("Content-Type", "application/json")
+        try:
+            conn.request(method, path, body=data, headers=all_headers)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            conn.close()
+            why = "no socket file there" if isinstance(exc, FileNotFoundError) else "connection refused"
+            raise DaemonUnavailable(
+                f"the daemon is not running: nothing answers on {self.socket_path} ({why}). Start it "
+                "(systemctl start whatsappd, or whatsappd run) or point --socket at its socket"
+            ) from None
+        except PermissionError:
+            conn.close()
+            raise DaemonUnavailable(
+                f"permission denied on {self.socket_path}: run as a member of the socket's group "
+                "(see control.socket_group) or as root"
+            ) from None
+        return conn
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Response:
+        conn = self._connect(method, path, body, headers)
+        try:
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw: Any) -> Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Response:
+        return self.request("POST", path, body=body, **kw)
+
+    def stream_lines(self, path: str) -> Iterator[bytes]:
+        """GET a newline-delimited stream; yields each line without its newline."""
+        conn = self._connect("GET", path, None, None)
+        try:
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise RuntimeError(f"{path}: HTTP {resp.status}: {resp.read().decode(errors='replace')}")
+            while line := resp.readline():
+                yield line.rstrip(b"\n")
+        finally:
+            conn.close()

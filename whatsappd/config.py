@@ -1,0 +1,648 @@
+"""Configuration: every setting in one table, loaded from TOML into frozen objects.
+
+Each `Setting` keeps name, type, default, validator and help together (the gunicorn habit),
+so parsing, `whatsappd check-config` and the documented example file cannot drift apart.
+Loading never exits the process: it raises `ConfigError`, and the caller decides (exit 78 at
+start, keep the old config on reload).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from whatsappd.ids import InvalidCompanyId, check_company_id
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "SETTINGS",
+    "CompanyConfig",
+    "Config",
+    "ConfigDiff",
+    "ConfigError",
+    "diff_configs",
+    "format_duration",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+    "render_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/whatsappd/whatsappd.toml")
+ENGINES = ("neonize", "simulator")
+LOG_FORMATS = ("auto", "journal", "console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. `problems` lists every error found, each one line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration in {source}:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers. Each takes the raw TOML value and returns the typed value or raises
+# ValueError with the part of the sentence after "key = value: ".
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "k": 1024, "K": 1024, "KiB": 1024, "KB": 1000, "M": 1024**2, "MiB": 1024**2,
+    "MB": 1000**2, "G": 1024**3, "GiB": 1024**3, "GB": 1000**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """'30s', '5m', '1h30m', '250ms' -> seconds. Bare numbers are refused: units avoid mistakes."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError('expected a duration string such as "30s", "5m" or "1h30m"')
+    text = value.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError('expected a duration such as "30s", "5m" or "1h30m" (units: ms, s, m, h, d)')
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration, for check-config output: 300.0 -> '5m'."""
+    if seconds and seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    rest = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts) or "0s"
+
+
+def parse_size(value: object) -> int:
+    """'1MiB', '512KiB', 1048576 -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match:
+            return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    raise ValueError('expected a size such as "1MiB", "512KiB" or a number of bytes')
+
+
+def format_size(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _path(value: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty path string")
+    path = Path(value)
+    if not path.is_absolute():
+        raise ValueError("expected an absolute path")
+    return path
+
+
+def _optional_path(value: object) -> Path | None:
+    return None if value == "" else _path(value)
+
+
+def _mode(value: object) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        mode = int(value, 8)
+    else:
+        raise ValueError('expected an octal mode string such as "0660"')
+    if mode & 0o600 != 0o600:
+        raise ValueError("the owner must keep read and write access (at least 0600)")
+    if mode & 0o111:
+        raise ValueError("a socket mode has no execute bits")
+    return mode
+
+
+def _group(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a group name or an empty string")
+    if value:
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError("no such group on this system") from None
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(repr(o) for o in options)}")
+        return str(value)
+
+    return parse
+
+
+def _int_range(lo: int, hi: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"expected a whole number from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _float_range(lo: float, hi: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ValueError(f"expected a number from {lo:g} to {hi:g}")
+        return float(value)
+
+    return parse
+
+
+def _duration_range(lo: float, hi: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        seconds = parse_duration(value)
+        if not lo <= seconds <= hi:
+            raise ValueError(f"expected a duration from {format_duration(lo)} to {format_duration(hi)}")
+        return seconds
+
+    return parse
+
+
+def _uids(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ValueError("expected a list of numeric user ids, e.g. [0, 1001]")
+    return tuple(value)
+
+
+def _gids(value: object) -> tuple[int, ...]:
+    """Group names or numbers -> gids (names are resolved now, so a typo fails at load)."""
+    if not isinstance(value, list):
+        raise ValueError('expected a list of group names or ids, e.g. ["crm", 1001]')
+    gids = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            gids.append(item)
+        elif isinstance(item, str):
+            try:
+                gids.append(grp.getgrnam(item).gr_gid)
+            except KeyError:
+                raise ValueError(f"no group named {item!r} on this system") from None
+        else:
+            raise ValueError('expected a list of group names or ids, e.g. ["crm", 1001]')
+    return tuple(gids)
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings table.
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    parse: Callable[[object], Any]
+    default: Any  # the raw TOML value, parsed like a user's value (None: computed at load)
+    help: str
+    reloadable: bool = True
+    render: Callable[[Any], Any] | None = None  # typed value -> TOML value for check-config
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def attr(self) -> str:
+        return f"{self.section}_{self.key}"
+
+
+def _render_path(p: Path | None) -> str:
+    return "" if p is None else str(p)
+
+
+def _render_mode(m: int) -> str:
+    return f"0{m:o}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("daemon", "state_dir", _path, None,
+            "Where sessions, the event journal and the outbox live. Default: $STATE_DIRECTORY "
+            "under systemd, /var/lib/whatsappd for root, $XDG_STATE_HOME/whatsappd otherwise.",
+            reloadable=False, render=_render_path),
+    Setting("daemon", "shutdown_timeout", _duration_range(1, 600), "20s",
+            "Time budget for a graceful stop (SIGTERM); workers still running then are killed.",
+            render=format_duration),
+    Setting("control", "socket_path", _path, None,
+            "The control socket. Default: $RUNTIME_DIRECTORY/control.sock under systemd, "
+            "/run/whatsappd/control.sock for root, $XDG_RUNTIME_DIR/whatsappd/control.sock otherwise. "
+            "Ignored when systemd hands the socket over (whatsappd.socket).",
+            reloadable=False, render=_render_path),
+    Setting("control", "socket_mode", _mode, "0660",
+            "Permissions of the socket file the daemon binds itself.",
+            reloadable=False, render=_render_mode),
+    Setting("control", "socket_group", _group, "",
+            "Group owning the socket file (empty: the daemon's own group).", reloadable=False),
+    Setting("control", "allowed_uids", _uids, [],
+            "If this or allowed_groups is non-empty, only these peer uids (checked with "
+            "SO_PEERCRED) may use the API; root and the daemon's own user always may.",
+            render=list),
+    Setting("control", "allowed_groups", _gids, [],
+            "Group names or ids whose members may use the API (primary or supplementary group).",
+            render=list),
+    Setting("control", "max_body_size", lambda v: _checked_size(v, 1024, 1024**3), "16MiB",
+            "Largest request body accepted; larger requests get 413.", render=format_size),
+    Setting("control", "idle_timeout", _duration_range(1, 3600), "60s",
+            "An idle client connection is closed after this long.", render=format_duration),
+    Setting("control", "max_connections", _int_range(1, 10000), 256,
+            "Open client connections at most; more are answered 503 and closed."),
+    Setting("logging", "format", _choice(LOG_FORMATS), "auto",
+            "auto: journald logfmt under systemd, console on a terminal, JSON otherwise."),
+    Setting("logging", "level", _choice(LOG_LEVELS), "info", "Lowest level logged."),
+    Setting("reconnect", "initial_delay", _duration_range(0.01, 3600), "1s",
+            "First retry delay bound after a transient failure.", render=format_duration),
+    Setting("reconnect", "multiplier", _float_range(1, 10), 2.0,
+            "Each consecutive failure multiplies the delay bound by this."),
+    Setting("reconnect", "max_delay", _duration_range(0.01, 86400), "5m",
+            "Cap of the delay bound (the delay is drawn uniformly below it: full jitter).",
+            render=format_duration),
+    Setting("reconnect", "stable_after", _duration_range(1, 86400), "60s",
+            "A connection that lasts this long resets the backoff.", render=format_duration),
+    Setting("reconnect", "connect_rate", _float_range(0.01, 1000), 2.0,
+            "New connection attempts per second across all companies (storm protection)."),
+    Setting("reconnect", "connect_timeout", _duration_range(1, 3600), "60s",
+            "A connect attempt that neither succeeds nor fails by then is abandoned (the worker "
+            "is killed) and counts as a transient failure.", render=format_duration),
+    Setting("workers", "heartbeat_interval", _duration_range(0.1, 60), "5s",
+            "How often a worker proves it is alive.", render=format_duration),
+    Setting("workers", "heartbeat_timeout", _duration_range(1, 600), "30s",
+            "A worker silent for this long is killed and restarted.", render=format_duration),
+    Setting("workers", "stop_grace", _duration_range(0.1, 300), "10s",
+            "How long a worker may take to disconnect when asked to stop, before SIGKILL.",
+            render=format_duration),
+    Setting("workers", "pairing_timeout", _duration_range(10, 3600), "170s",
+            "Hard deadline for a QR or phone-code pairing; then the worker is killed.",
+            render=format_duration),
+    Setting("workers", "crash_limit", _int_range(1, 1000), 5,
+            "Crashes within crash_window that put a company in `failed` until an operator acts."),
+    Setting("workers", "crash_window", _duration_range(1, 86400), "10m",
+            "The window for crash_limit.", render=format_duration),
+)
+
+
+def _checked_size(value: object, lo: int, hi: int) -> int:
+    size = parse_size(value)
+    if not lo <= size <= hi:
+        raise ValueError(f"expected a size from {format_size(lo)} to {format_size(hi)}")
+    return size
+
+
+_COMPANY_KEYS = ("id", "name", "engine", "proxy")
+
+
+@dataclass(frozen=True)
+class CompanyConfig:
+    id: str
+    name: str = ""
+    engine: str = "neonize"
+    proxy: str | None = None  # e.g. "socks5://127.0.0.1:1080"
+
+    def to_toml(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id}
+        if self.name:
+            out["name"] = self.name
+        out["engine"] = self.engine
+        if self.proxy:
+            out["proxy"] = self.proxy
+        return out
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration. Attribute names are `{section}_{key}`."""
+
+    source: str  # the file it came from, or "built-in defaults"
+    daemon_state_dir: Path
+    daemon_shutdown_timeout: float
+    control_socket_path: Path
+    control_socket_mode: int
+    control_socket_group: str
+    control_allowed_uids: tuple[int, ...]
+    control_allowed_groups: tuple[int, ...]
+    control_max_body_size: int
+    control_idle_timeout: float
+    control_max_connections: int
+    logging_format: str
+    logging_level: str
+    reconnect_initial_delay: float
+    reconnect_multiplier: float
+    reconnect_max_delay: float
+    reconnect_stable_after: float
+    reconnect_connect_rate: float
+    reconnect_connect_timeout: float
+    workers_heartbeat_interval: float
+    workers_heartbeat_timeout: float
+    workers_stop_grace: float
+    workers_pairing_timeout: float
+    workers_crash_limit: int
+    workers_crash_window: float
+    companies: tuple[CompanyConfig, ...] = ()
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.daemon_state_dir / "sessions"
+
+    def company(self, company_id: str) -> CompanyConfig | None:
+        return next((c for c in self.companies if c.id == company_id), None)
+
+
+# Every setting must have a field of the same name, and no field may lack a setting.
+assert {s.attr for s in SETTINGS} == {f.name for f in fields(Config)} - {"source", "companies"}
+
+
+def default_paths(env: Mapping[str, str] | None = None, uid: int | None = None) -> tuple[Path, Path]:
+    """(state_dir, socket_path) when the config does not name them.
+
+    systemd's StateDirectory=/RuntimeDirectory= win; then root's system paths; then the XDG
+    per-user paths, so that a newcomer's `whatsappd run` works without root or a config file.
+    """
+    env = os.environ if env is None else env
+    uid = os.getuid() if uid is None else uid
+    home = Path(env.get("HOME") or Path.home())
+    if env.get("STATE_DIRECTORY"):
+        state = Path(env["STATE_DIRECTORY"].split(":")[0])
+    elif uid == 0:
+        state = Path("/var/lib/whatsappd")
+    else:
+        state = Path(env.get("XDG_STATE_HOME") or home / ".local" / "state") / "whatsappd"
+    if env.get("RUNTIME_DIRECTORY"):
+        sock = Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock"
+    elif uid == 0:
+        sock = Path("/run/whatsappd/control.sock")
+    elif env.get("XDG_RUNTIME_DIR"):
+        sock = Path(env["XDG_RUNTIME_DIR"]) / "whatsappd" / "control.sock"
+    else:
+        # No per-user runtime dir (e.g. su without a login session): a private dir in the state dir.
+        sock = state / "control.sock"
+    return state, sock
+
+
+def _parse_companies(raw: object, problems: list[str]) -> tuple[CompanyConfig, ...]:
+    if not isinstance(raw, list):
+        problems.append("companies: expected a list of tables, written [[companies]]")
+        return ()
+    companies: list[CompanyConfig] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        where = f"companies[{index}]"
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected a table, written [[companies]]")
+            continue
+        unknown = sorted(set(item) - set(_COMPANY_KEYS))
+        for key in unknown:
+            problems.append(f"{where}.{key}: unknown key (allowed: {', '.join(_COMPANY_KEYS)})")
+        try:
+            cid = check_company_id(item.get("id"))
+        except InvalidCompanyId as exc:
+            problems.append(f"{where}.id = {item.get('id')!r}: {exc}" if "id" in item
+                            else f"{where}: missing required key 'id'")
+            continue
+        where = f"companies[{index}] (id {cid!r})"
+        if cid in seen:
+            problems.append(f"{where}: duplicate company id; each id may appear once")
+            continue
+        seen.add(cid)
+        name = item.get("name", "")
+        if not isinstance(name, str) or len(name) > 200:
+            problems.append(f"{where}.name = {name!r}: expected a string of at most 200 characters")
+            continue
+        engine = item.get("engine", "neonize")
+        if engine not in ENGINES:
+            problems.append(f"{where}.engine = {engine!r}: expected one of {', '.join(map(repr, ENGINES))}")
+            continue
+        proxy = item.get("proxy")
+        if proxy is not None and (
+            not isinstance(proxy, str) or not re.fullmatch(r"(socks5|http|https)://[^\s/]+(:\d+)?/?", proxy)
+        ):
+            problems.append(
+                f"{where}.proxy = {proxy!r}: expected a proxy URL such as \"socks5://127.0.0.1:1080\""
+            )
+            continue
+        companies.append(CompanyConfig(id=cid, name=name, engine=engine, proxy=proxy or None))
+    return tuple(companies)
+
+
+def build_config(
+    data: Mapping[str, Any], source: str, env: Mapping[str, str] | None = None, uid: int | None = None
+) -> Config:
+    """Validate a parsed TOML document. Collects every problem before raising ConfigError."""
+    problems: list[str] = []
+    sections = {s.section for s in SETTINGS}
+    for key in data:
+        if key not in sections and key != "companies":
+            allowed = ", ".join(f"[{s}]" for s in sorted(sections)) + ", [[companies]]"
+            problems.append(f"{key}: unknown section or key (allowed: {allowed})")
+    for section in sections:
+        value = data.get(section, {})
+        if not isinstance(value, dict):
+            problems.append(f"{section}: expected a table, written [{section}]")
+            continue
+        known = {s.key for s in SETTINGS if s.section == section}
+        for key in sorted(set(value) - known):
+            problems.append(f"{section}.{key}: unknown key (allowed in [{section}]: {', '.join(sorted(known))})")
+
+    state_default, socket_default = default_paths(env, uid)
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        table = data.get(setting.section, {})
+        raw = table.get(setting.key, setting.default) if isinstance(table, dict) else setting.default
+        if raw is None:  # computed default
+            values[setting.attr] = state_default if setting.key == "state_dir" else socket_default
+            continue
+        try:
+            values[setting.attr] = setting.parse(raw)
+        except ValueError as exc:
+            problems.append(f"{setting.dotted} = {_show(raw)}: {exc}")
+    companies = _parse_companies(data.get("companies", []), problems)
+    if not problems:
+        if values["reconnect_max_delay"] < values["reconnect_initial_delay"]:
+            problems.append(
+                f"reconnect.max_delay = {_show(format_duration(values['reconnect_max_delay']))}: must not "
+                f"be shorter than reconnect.initial_delay ({format_duration(values['reconnect_initial_delay'])})"
+            )
+        if values["workers_heartbeat_timeout"] <= values["workers_heartbeat_interval"] * 2:
+            problems.append(
+                "workers.heartbeat_timeout: must be more than twice workers.heartbeat_interval, "
+                "or one late heartbeat would kill a healthy worker"
+            )
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(source=source, companies=companies, **values)
+
+
+def _show(raw: object) -> str:
+    if isinstance(raw, str):
+        return f'"{raw}"'
+    return repr(raw)
+
+
+def _syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    # tomllib says "Invalid value (at line 3, column 9)"; keep that, it is what a person needs.
+    return ConfigError(str(path), [f"TOML syntax error: {exc}"])
+
+
+def load_config(
+    path: Path | None = None, env: Mapping[str, str] | None = None, uid: int | None = None
+) -> Config:
+    """Load the config file; with path=None, the default file if it exists, else built-ins.
+
+    An explicitly named file that does not exist is an error (a typo must not silently run
+    the daemon with defaults).
+    """
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return build_config({}, "built-in defaults", env, uid)
+        path = DEFAULT_CONFIG_PATH
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["the file does not exist; create it or pass --config with the right path"]) from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), ["this is a directory, not a config file"]) from None
+    except PermissionError:
+        raise ConfigError(
+            str(path), [f"permission denied reading the file as uid {os.getuid()}; check its owner and mode"]
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"the file is not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(path, exc) from None
+    return build_config(data, str(path), env, uid)
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as TOML, with each setting's help as a comment."""
+    lines = [f"# effective configuration (from {config.source})"]
+    section = None
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            lines += ["", f"[{section}]"]
+        value = getattr(config, setting.attr)
+        shown = setting.render(value) if setting.render else value
+        lines.append(f"{setting.key} = {_toml_value(shown)}")
+    for company in config.companies:
+        lines += ["", "[[companies]]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in company.to_toml().items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload changes: companies by id, settings by dotted key."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()  # reloadable settings that changed (applied)
+    restart_required: tuple[str, ...] = ()  # settings that changed but apply only at restart
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {f.name: list(getattr(self, f.name)) for f in fields(self)}
+
+    @property
+    def empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in fields(self))
+
+
+def diff_configs(old: Config, new: Config) -> ConfigDiff:
+    old_c = {c.id: c for c in old.companies}
+    new_c = {c.id: c for c in new.companies}
+    settings, restart = [], []
+    for setting in SETTINGS:
+        if getattr(old, setting.attr) != getattr(new, setting.attr):
+            (settings if setting.reloadable else restart).append(setting.dotted)
+    return ConfigDiff(
+        added=tuple(sorted(new_c.keys() - old_c.keys())),
+        removed=tuple(sorted(old_c.keys() - new_c.keys())),
+        changed=tuple(sorted(k for k in old_c.keys() & new_c.keys() if old_c[k] != new_c[k])),
+        settings=tuple(settings),
+        restart_required=tuple(restart),
+    )
+
+
+def example_file(settings: Iterable[Setting] = SETTINGS) -> str:
+    """The documented example config (etc/whatsappd.toml is this, checked by a test)."""
+    lines = [
+        "# whatsappd configuration: /etc/whatsappd/whatsappd.toml",
+        "# Every key is optional; the value shown is the built-in default.",
+        "# Durations are written like \"30s\", \"5m\", \"1h30m\"; sizes like \"16MiB\".",
+        "# Check a file with: whatsappd check-config --config PATH",
+    ]
+    section = None
+    for setting in settings:
+        if setting.section != section:
+            section = setting.section
+            lines += ["", f"[{section}]"]
+        lines.append("")
+        lines += [f"# {line}" for line in _wrap(setting.help)]
+        default = setting.default
+        if default is None:  # computed: show what root gets without systemd
+            state, sock = default_paths(env={}, uid=0)
+            default = str(state if setting.key == "state_dir" else sock)
+        default = _toml_value(default)
+        lines.append(f"#{setting.key} = {default}")
+    lines += [
+        "",
+        "# One table per company. id: ^[a-z0-9][a-z0-9_-]{0,63}$ (it names the session directory).",
+        "# engine: \"neonize\" (real WhatsApp, default) or \"simulator\" (a fake for development).",
+        "# proxy: optional, e.g. \"socks5://127.0.0.1:1080\".",
+        "#[[companies]]",
+        "#id = \"acme\"",
+        "#name = \"ACME Imóveis\"",
+        "#engine = \"neonize\"",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int = 92) -> list[str]:
+    out, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return out + ([line] if line else [])

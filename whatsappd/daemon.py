@@ -1,0 +1,232 @@
+"""The daemon's life: start, serve, reload, stop.
+
+Signal handlers only queue the signal; this loop acts on it (gunicorn's rule, in asyncio).
+Shutdown runs in phases within daemon.shutdown_timeout: stop accepting, stop the workers,
+flush; a second SIGTERM/SIGINT during it kills what is left and exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from whatsappd import __version__
+from whatsappd.api import CappedSockSite, build_app
+from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
+from whatsappd.control_socket import SocketSetupError, bind_control_socket
+from whatsappd.logs import configure_logging, get_logger
+from whatsappd.supervisor import Supervisor
+from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
+
+__all__ = ["Daemon"]
+
+log = get_logger()
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.supervisor = Supervisor(config, on_change=self._status_changed)
+        self.started_at = time.time()
+        self.stopping = False
+        self.socket_path: str = ""
+        self.last_reload: dict[str, Any] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self._runner: web.AppRunner | None = None
+        self._bound_inode: int | None = None  # set when we bound the socket file ourselves
+
+    # ------------------------------------------------------------------------- status, health
+
+    def _status_changed(self) -> None:
+        if not self.stopping:
+            self.notifier.status(self.supervisor.status_line())
+
+    def health(self) -> dict[str, Any]:
+        counts = self.supervisor.counts()
+        return {
+            "status": "stopping" if self.stopping else "ok",
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": _iso(self.started_at),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "socket": self.socket_path,
+            "config": {"source": self.config.source, "last_reload": self.last_reload},
+            "companies": {"total": sum(counts.values()), "by_state": counts},
+        }
+
+    # --------------------------------------------------------------------------------- start
+
+    def _open_socket(self) -> socket.socket:
+        handed = listen_sockets()
+        if handed:
+            sock = handed[0]
+            for extra in handed[1:]:
+                extra.close()
+            sock.setblocking(False)
+            self.socket_path = str(sock.getsockname())
+            log.info("using the control socket passed by systemd", socket=self.socket_path)
+            return sock
+        path = self.config.control_socket_path
+        sock = bind_control_socket(path, self.config.control_socket_mode, self.config.control_socket_group)
+        self._bound_inode = path.stat().st_ino
+        self.socket_path = str(path)
+        return sock
+
+    def _remove_socket_file(self) -> None:
+        """Remove the socket file we bound, unless it was since replaced by someone else's."""
+        if self._bound_inode is None:
+            return
+        path = Path(self.socket_path)
+        try:
+            if path.stat().st_ino == self._bound_inode:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.config.daemon_state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            log.error("cannot create the state directory", path=str(self.config.daemon_state_dir),
+                      error=exc.strerror, hint="create it or set daemon.state_dir")
+            return 1
+        try:
+            sock = self._open_socket()
+        except SocketSetupError as exc:
+            log.error("cannot start: control socket unavailable", reason=str(exc))
+            return 1
+
+        self._runner = web.AppRunner(
+            build_app(self), handle_signals=False, access_log=None,
+            keepalive_timeout=self.config.control_idle_timeout,
+        )
+        await self._runner.setup()
+        site = CappedSockSite(self._runner, sock, self.config.control_max_connections,
+                              shutdown_timeout=min(5.0, self.config.daemon_shutdown_timeout / 2))
+        await site.start()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        await self.supervisor.start()
+        self.notifier.ready(self.supervisor.status_line())
+        log.info("whatsappd ready", version=__version__, pid=os.getpid(), socket=self.socket_path,
+                 state_dir=str(self.config.daemon_state_dir), config=self.config.source,
+                 companies=len(self.supervisor.companies))
+        watchdog = self._start_watchdog()
+        try:
+            while True:
+                sig = await self._signals.get()
+                if sig == signal.SIGHUP:
+                    loop.create_task(self.reload(reason="SIGHUP"))
+                    continue
+                log.info("stopping", signal=sig.name, budget_seconds=self.config.daemon_shutdown_timeout)
+                return await self._shutdown(site)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def _start_watchdog(self) -> asyncio.Task[None] | None:
+        interval = watchdog_interval()
+        if interval is None:
+            return None
+        log.debug("watchdog enabled", interval_seconds=interval)
+
+        async def ping() -> None:
+            # Sent from the event loop on purpose: if the loop is stuck, systemd notices.
+            while True:
+                self.notifier.watchdog()
+                await asyncio.sleep(interval)
+
+        return asyncio.get_running_loop().create_task(ping())
+
+    # ------------------------------------------------------------------------------ shutdown
+
+    async def _shutdown(self, site: CappedSockSite) -> int:
+        budget = self.config.daemon_shutdown_timeout
+        deadline = time.monotonic() + budget
+        # A reload under way finishes first (it is short), so systemd sees READY before STOPPING.
+        try:
+            await asyncio.wait_for(self._reload_lock.acquire(), timeout=budget / 4)
+        except TimeoutError:
+            log.warning("a reload is still running; stopping anyway")
+        self.stopping = True
+        self.notifier.stopping()
+        graceful = asyncio.get_running_loop().create_task(self._graceful_stop(site, deadline))
+        forced = asyncio.get_running_loop().create_task(self._next_stop_signal())
+        done, _ = await asyncio.wait({graceful, forced}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if graceful not in done:
+            reason = "second signal" if forced in done else "shutdown budget exhausted"
+            log.warning("forcing shutdown", reason=reason)
+            graceful.cancel()
+            await self.supervisor.kill_all()
+            code = 0 if forced not in done else 1
+        forced.cancel()
+        self._remove_socket_file()
+        log.info("stopped", exit_code=code, seconds=round(budget - (deadline - time.monotonic()), 3))
+        return code
+
+    async def _next_stop_signal(self) -> None:
+        while (await self._signals.get()) == signal.SIGHUP:
+            pass  # no reloads while stopping
+
+    async def _graceful_stop(self, site: CappedSockSite, deadline: float) -> None:
+        # 1. stop accepting new connections; open ones finish their request.
+        await site.stop()
+        # 2. ask every worker to disconnect, kill those that do not in time.
+        await self.supervisor.shutdown(timeout=max(0.5, deadline - time.monotonic() - 1.0))
+        # 3. close remaining client connections (event streams) and the app.
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    # -------------------------------------------------------------------------------- reload
+
+    async def reload(self, reason: str) -> dict[str, Any]:
+        """Parse, validate, diff, apply. An invalid file changes nothing."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            log.info("reloading configuration", reason=reason, source=str(self.config_path or "default"))
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                log.error("reload failed; the previous configuration stays in force",
+                          source=exc.source, problems=exc.problems)
+                self.last_reload = {"at": _iso(time.time()), "ok": False, "source": exc.source,
+                                    "problems": exc.problems}
+                self.notifier.ready(self.supervisor.status_line())
+                return {"ok": False, "source": exc.source, "problems": exc.problems}
+            diff = diff_configs(self.config, new)
+            # Settings that apply only at start keep their running values until a restart.
+            keep = {s.attr: getattr(self.config, s.attr) for s in SETTINGS if not s.reloadable}
+            new = dataclasses.replace(new, **keep)
+            if {"logging.format", "logging.level"} & set(diff.settings):
+                configure_logging(new.logging_format, new.logging_level)
+            self.config = new
+            await self.supervisor.apply(new, diff)
+            result = {"ok": True, "source": new.source, **diff.as_dict()}
+            self.last_reload = {"at": _iso(time.time()), **result}
+            log.info("configuration reloaded", **diff.as_dict())
+            if diff.restart_required:
+                log.warning("some changed settings apply only after a restart",
+                            settings=list(diff.restart_required))
+            self.notifier.ready(self.supervisor.status_line())
+            return result

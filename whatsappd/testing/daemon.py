@@ -1,0 +1,218 @@
+"""Test helpers: a real daemon subprocess and a real NOTIFY_SOCKET to read what it tells systemd.
+
+First-class code (structlog.testing's habit): the tests and the benchmarks use the same helpers,
+no mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from whatsappd.client import Client, DaemonUnavailable
+
+__all__ = ["DaemonProcess", "NotifySocket", "wait_until"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll predicate until it returns something truthy; raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class NotifySocket:
+    """A bound AF_UNIX datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.received: list[tuple[float, dict[str, str]]] = []  # (monotonic time, fields)
+
+    def _drain(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+                self.received.append((time.monotonic(), fields))
+                self.sock.settimeout(0)
+        except (BlockingIOError, TimeoutError):
+            pass
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0, after: int = 0) -> int:
+        """Index (in self.received) of the first message at or after `after` with key (=value)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(after, len(self.received)):
+                fields = self.received[i][1]
+                if key in fields and (value is None or fields[key] == value):
+                    return i
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {key}={value or '*'} notification within {timeout}s; got {self.keys()}")
+            self._drain(min(remaining, 0.1))
+
+    def collect(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._drain(min(remaining, 0.1))
+
+    def keys(self) -> list[str]:
+        """Every notification as 'KEY=VALUE' strings, in order (STATUS text kept)."""
+        return [f"{k}={v}" for _, fields in self.received for k, v in fields.items()]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DaemonProcess:
+    """`whatsappd run` in a subprocess with a config file under a temporary directory."""
+
+    def __init__(
+        self,
+        root: Path,
+        config: str | None = "",
+        env: dict[str, str] | None = None,
+        args: Iterable[str] = (),
+        notify: NotifySocket | None = None,
+        socket_path: Path | None = None,
+        **popen: Any,
+    ) -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        self.socket_path = socket_path or root / "run" / "control.sock"
+        self.config_path: Path | None = None
+        if config is not None:
+            self.config_path = root / "whatsappd.toml"
+            head = (f'[daemon]\nstate_dir = "{self.state_dir}"\nshutdown_timeout = "10s"\n'
+                    f'[control]\nsocket_path = "{self.socket_path}"\n')
+            self.config_path.write_text(_merge(head, config))
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_STREAM"))}
+        self.env.update(env or {})
+        if notify is not None:
+            self.env["NOTIFY_SOCKET"] = str(notify.path)
+        self.args = list(args)
+        self.popen = popen
+        self.log_path = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "whatsappd", "run"]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        return cmd + self.args
+
+    def start(self, wait: bool = True, timeout: float = 15.0) -> DaemonProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL, **self.popen)
+        log.close()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def client(self) -> Client:
+        return Client(str(self.socket_path), timeout=30)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        def answering() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                return self.client.get("/v1/health").ok
+            except (DaemonUnavailable, OSError):
+                return False
+
+        wait_until(answering, timeout, what="the daemon to answer /v1/health")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The daemon's log lines parsed as JSON (its format when stderr is a file)."""
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; SIGKILL if it outlives timeout (and fail loudly)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError(f"daemon ignored SIGTERM for {timeout}s:\n{self.logs()}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _merge(head: str, extra: str) -> str:
+    """Put the caller's [daemon]/[control] keys into the head's tables (TOML forbids repeating a table)."""
+    sections: dict[str, list[str]] = {}
+    order: list[str] = []
+    current = ""
+    for text in (head, extra):
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("[") and not stripped.startswith("[["):
+                current = stripped
+                if current not in sections:
+                    sections[current] = []
+                    order.append(current)
+                continue
+            if stripped.startswith("[["):
+                current = ""
+                sections.setdefault("__arrays__", [])
+                sections["__arrays__"].append(line)
+                continue
+            if current == "" and sections.get("__arrays__"):
+                sections["__arrays__"].append(line)
+            elif current:
+                key = stripped.split("=", 1)[0].strip()
+                sections[current] = [x for x in sections[current] if x.split("=", 1)[0].strip() != key or not key]
+                sections[current].append(line)
+    out = []
+    for name in order:
+        out.append(name)
+        out.extend(sections[name])
+    out.extend(sections.get("__arrays__", []))
+    return "\n".join(out) + "\n"

@@ -1,0 +1,56 @@
+"""The interface every engine (real neonize, simulator) offers to the worker main.
+
+The worker main owns the process: umask, session lock, parent-death signal, the channel and
+the heartbeat. An engine owns one WhatsApp client and nothing else.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Emit", "Engine", "EngineError", "EngineOptions"]
+
+#: Sends one message to the supervisor. The worker main adds "company"; the engine gives
+#: "type" and the fields of that type (see docs/INTERNALS.md). Thread-safe.
+Emit = Callable[[dict[str, Any]], None]
+
+
+class EngineError(Exception):
+    """A command failed in a way the API reports to its caller (code is stable snake_case)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    company: str
+    session_dir: Path  # exists, 0700, locked by this process
+    proxy: str | None  # e.g. "socks5://127.0.0.1:1080"; None = direct
+    pair: bool  # True: no session yet, start pairing (QR); False: restore the stored session
+
+
+class Engine(abc.ABC):
+    """One WhatsApp client. run() blocks in the worker's main thread."""
+
+    def __init__(self, options: EngineOptions, emit: Emit) -> None:
+        self.options = options
+        self.emit = emit
+
+    @abc.abstractmethod
+    def run(self) -> int:
+        """Connect and serve until stopped or a terminal event; return a protocol.ExitCode."""
+
+    @abc.abstractmethod
+    def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one supervisor command (called from another thread); raise EngineError."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Disconnect cleanly; run() then returns ExitCode.STOPPED. Called from another thread."""
