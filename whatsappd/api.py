@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import socket
 import struct
 import time
@@ -21,12 +22,17 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from whatsappd import __version__
+from whatsappd import qr as qr_render
+from whatsappd.config import parse_companies
 from whatsappd.errors import ApiError
+from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.logs import get_logger
 from whatsappd.openapi import openapi_document
+from whatsappd.states import State
 
 if TYPE_CHECKING:
     from whatsappd.daemon import Daemon
+    from whatsappd.supervisor import Runner
 
 __all__ = ["CappedSockSite", "PeerCred", "build_app", "peer_credentials"]
 
@@ -139,7 +145,7 @@ async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     if not raw.strip():
         return {}
-    if request.content_type not in ("application/json", "application/octet-stream", ""):
+    if request.content_type.startswith("multipart/"):
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     try:
         return json.loads(raw)
@@ -178,6 +184,131 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(__version__))
 
 
+# --------------------------------------------------------------------------------- companies
+
+_PHONE_JUNK = re.compile(r"[\s()+.-]")
+
+
+def _company_id(request: web.Request) -> str:
+    try:
+        return check_company_id(request.match_info["id"])
+    except InvalidCompanyId as exc:
+        raise ApiError(400, "invalid_company_id", str(exc)) from None
+
+
+def _runner(request: web.Request) -> Runner:
+    return request.app[DAEMON].supervisor.get(_company_id(request))
+
+
+def _bool_param(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ApiError(400, "bad_request", f"query parameter {name!r} must be true or false")
+    return value in ("true", "1", "yes")
+
+
+async def get_company(request: web.Request) -> web.Response:
+    runner = _runner(request)
+    if runner.state is State.STOPPED and not runner.stopped_by_operator and runner.has_session():
+        # The old CRM's promise: a status call (a page refresh) brings a stored session back.
+        runner.start("status call on a stopped company with a stored session")
+    return web.json_response(runner.snapshot())
+
+
+async def put_company(request: web.Request) -> web.Response:
+    company = _company_id(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object with name, engine, proxy")
+    problems: list[str] = []
+    parsed = parse_companies([{**body, "id": company}], problems)
+    if problems or not parsed:
+        raise ApiError(400, "bad_request", "; ".join(p.replace("companies[0]", "body") for p in problems))
+    created, runner = await request.app[DAEMON].supervisor.put_company(parsed[0])
+    return web.json_response(runner.snapshot(), status=201 if created else 200)
+
+
+async def delete_company(request: web.Request) -> web.Response:
+    runner = _runner(request)
+    wipe = _bool_param(request, "wipe")
+    return web.json_response(await request.app[DAEMON].supervisor.delete_company(runner.id, wipe))
+
+
+async def connect(request: web.Request) -> web.Response:
+    runner = _runner(request)
+    if runner.state in (State.CONNECTED, State.PAIRING, State.CONNECTING):
+        return web.json_response(runner.snapshot())
+    runner.start("connect requested")
+    # Answer once the worker is up and has said how it goes (or failed), within a bound.
+    await runner.wait_for(lambda r: r.state not in (State.STARTING, State.STOPPED), 10.0)
+    return web.json_response(runner.snapshot(), status=202)
+
+
+async def get_qr(request: web.Request) -> web.StreamResponse:
+    runner = _runner(request)
+    qr = runner.qr
+    if runner.state is not State.PAIRING or qr is None or not qr.get("code"):
+        hint = ("connect it first (POST /v1/companies/{id}/connect)" if runner.state is not State.CONNECTED
+                else "it is already connected")
+        raise ApiError(409, "no_qr", f"company {runner.id!r} has no QR code now (state {runner.state}); {hint}")
+    fmt = request.query.get("format", "")
+    if fmt not in ("", "json", "png", "text"):
+        raise ApiError(400, "bad_request", "format must be json, png or text")
+    code = str(qr["code"])
+    no_store = {"Cache-Control": "no-store"}
+    if fmt == "png" or (not fmt and "image/png" in request.headers.get("Accept", "")):
+        return web.Response(body=qr_render.to_png(code), content_type="image/png", headers=no_store)
+    if fmt == "text":
+        ansi = _bool_param(request, "ansi")
+        return web.Response(text=qr_render.to_text(code, ansi=ansi), content_type="text/plain", headers=no_store)
+    return web.json_response({"code": code, "expires_at": qr.get("expires_at")}, headers=no_store)
+
+
+async def pair_code(request: web.Request) -> web.Response:
+    runner = _runner(request)
+    body = await read_json(request)
+    phone = body.get("phone") if isinstance(body, dict) else None
+    if not isinstance(phone, str) or not phone.strip():
+        raise ApiError(400, "bad_request", 'send {"phone": "<number in international format>"}')
+    digits = _PHONE_JUNK.sub("", phone)
+    if not re.fullmatch(r"[1-9][0-9]{6,14}", digits):
+        raise ApiError(400, "invalid_phone", f"{phone!r} is not a phone number in international format "
+                       "(country code first, e.g. +55 11 99999-9999)")
+    if runner.state is not State.PAIRING:
+        raise ApiError(409, "not_pairing", f"company {runner.id!r} is not pairing (state {runner.state}); "
+                       "connect it first, then ask for a code")
+    return web.json_response(await runner.command("pair_phone", {"phone": digits}))
+
+
+async def logout(request: web.Request) -> web.Response:
+    return web.json_response(await _runner(request).logout())
+
+
+async def restart(request: web.Request) -> web.Response:
+    runner = _runner(request)
+    await runner.restart("restart requested")
+    await runner.wait_for(lambda r: r.state not in (State.STARTING, State.STOPPED), 10.0)
+    return web.json_response(runner.snapshot(), status=202)
+
+
+async def simulate(request: web.Request) -> web.Response:
+    runner = _runner(request)
+    if runner.config.engine != "simulator":
+        raise ApiError(404, "not_found", f"company {runner.id!r} runs the real WhatsApp engine; "
+                       'simulate exists only for engine = "simulator"')
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+        raise ApiError(400, "bad_request", 'send {"action": "scan|drop|restore|logged_out|replaced|ban|'
+                       'outdated|crash|hang|fail_connect", ...}')
+    if body["action"] in ("crash", "hang"):
+        # The worker cannot answer these: it dies or freezes. Fire and forget.
+        if runner.worker is None:
+            raise ApiError(409, "not_running", f"company {runner.id!r} has no running worker")
+        runner.worker.send({"type": "command", "id": 0, "company": runner.id, "op": "simulate", "args": body})
+        return web.json_response({"action": body["action"], "sent": True}, status=202)
+    return web.json_response(await runner.command("simulate", body))
+
+
 def build_app(daemon: Daemon) -> web.Application:
     app = web.Application(
         middlewares=[_peer_middleware, _error_middleware, _body_limit_middleware],
@@ -185,10 +316,20 @@ def build_app(daemon: Daemon) -> web.Application:
         handler_args={"max_field_size": 16 * 1024, "max_line_size": 16 * 1024},
     )
     app[DAEMON] = daemon
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/v1/companies", list_companies)
-    app.router.add_post("/v1/reload", reload)
-    app.router.add_get("/v1/openapi.json", openapi)
+    r = app.router
+    r.add_get("/v1/health", health)
+    r.add_get("/v1/companies", list_companies)
+    r.add_get("/v1/companies/{id}", get_company)
+    r.add_put("/v1/companies/{id}", put_company)
+    r.add_delete("/v1/companies/{id}", delete_company)
+    r.add_post("/v1/companies/{id}/connect", connect)
+    r.add_get("/v1/companies/{id}/qr", get_qr)
+    r.add_post("/v1/companies/{id}/pair-code", pair_code)
+    r.add_post("/v1/companies/{id}/logout", logout)
+    r.add_post("/v1/companies/{id}/restart", restart)
+    r.add_post("/v1/companies/{id}/simulate", simulate)
+    r.add_post("/v1/reload", reload)
+    r.add_get("/v1/openapi.json", openapi)
     return app
 
 

@@ -165,7 +165,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _clean_sessions(args: argparse.Namespace) -> int:
-    from whatsappd.legacy_cli import clean_sessions
+    from whatsappd.legacy import Failed, LegacyError, format_size, remove_legacy, scan_legacy
 
     root = args.path
     if root is None:
@@ -173,7 +173,33 @@ def _clean_sessions(args: argparse.Namespace) -> int:
         if config is None:
             return EX_CONFIG
         root = config.sessions_dir
-    return clean_sessions(root, dry_run=args.dry_run, out=sys.stdout, err=sys.stderr)
+    try:
+        scan = scan_legacy(root)
+    except LegacyError as exc:
+        print(f"whatsappd: {exc}", file=sys.stderr)
+        return 1
+    for skipped in scan.skipped:
+        print(f"skipped {skipped.path}: {skipped.reason}")
+    if not scan.found:
+        print(f"no legacy sessions in {root}")
+        return 0
+    total = format_size(scan.total_bytes)
+    if args.dry_run:
+        for session in scan.found:
+            print(f"would remove {session.path} ({session.describe()})")
+        print(f"{len(scan.found)} legacy sessions, {total} in all; dry run, nothing removed")
+        return 0
+    results = remove_legacy(scan.found, root)
+    freed = 0
+    for result in results:
+        if isinstance(result, Failed):
+            print(f"failed {result.session.path}: {result.reason}", file=sys.stderr)
+        else:
+            freed += result.session.size_bytes
+            print(f"removed {result.session.path} ({result.session.describe()})")
+    removed = sum(1 for r in results if not isinstance(r, Failed))
+    print(f"removed {removed} of {len(results)} legacy sessions, {format_size(freed)} freed")
+    return 0 if removed == len(results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -404,7 +404,7 @@ def default_paths(env: Mapping[str, str] | None = None, uid: int | None = None) 
     return state, sock
 
 
-def _parse_companies(raw: object, problems: list[str]) -> tuple[CompanyConfig, ...]:
+def parse_companies(raw: object, problems: list[str]) -> tuple[CompanyConfig, ...]:
     if not isinstance(raw, list):
         problems.append("companies: expected a list of tables, written [[companies]]")
         return ()
@@ -480,7 +480,7 @@ def build_config(
             values[setting.attr] = setting.parse(raw)
         except ValueError as exc:
             problems.append(f"{setting.dotted} = {_show(raw)}: {exc}")
-    companies = _parse_companies(data.get("companies", []), problems)
+    companies = parse_companies(data.get("companies", []), problems)
     if not problems:
         if values["reconnect_max_delay"] < values["reconnect_initial_delay"]:
             problems.append(

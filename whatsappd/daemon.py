@@ -23,6 +23,7 @@ from whatsappd.api import CappedSockSite, build_app
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control_socket import SocketSetupError, bind_control_socket
 from whatsappd.logs import configure_logging, get_logger
+from whatsappd.registry import RegistryError
 from whatsappd.supervisor import Supervisor
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
 
@@ -124,7 +125,13 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
-        await self.supervisor.start()
+        try:
+            await self.supervisor.start()
+        except (RegistryError, OSError) as exc:
+            log.error("cannot start: unusable state directory", reason=str(exc))
+            await self._runner.cleanup()
+            self._remove_socket_file()
+            return 1
         self.notifier.ready(self.supervisor.status_line())
         log.info("whatsappd ready", version=__version__, pid=os.getpid(), socket=self.socket_path,
                  state_dir=str(self.config.daemon_state_dir), config=self.config.source,

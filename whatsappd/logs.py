@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["SENSITIVE_KEYS", "configure_logging", "detect_format", "get_logger"]
+__all__ = ["SENSITIVE_KEYS", "configure_logging", "current_format", "detect_format", "get_logger"]
 
 #: Keys whose values are secret: they are replaced by "[redacted]" unless the level is debug.
 SENSITIVE_KEYS = frozenset(
@@ -30,6 +30,14 @@ SENSITIVE_KEYS = frozenset(
 
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3, "critical": 2}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+_current = {"format": "json"}
+
+
+def current_format() -> str:
+    """The format in use (resolved from 'auto'); workers are told to log the same way."""
+    return _current["format"]
 
 
 def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:
@@ -124,4 +132,5 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=False,
     )
+    _current["format"] = fmt
     return fmt

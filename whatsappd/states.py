@@ -31,17 +31,18 @@ TERMINAL = frozenset({State.STOPPED, State.LOGGED_OUT, State.REPLACED, State.OUT
 _ENDINGS = {State.LOGGED_OUT, State.REPLACED, State.BANNED, State.OUTDATED, State.FAILED, State.STOPPED}
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING}),
+    # LOGGED_OUT from a resting state: an operator's logout wipes the session locally.
+    State.STOPPED: frozenset({State.STARTING, State.LOGGED_OUT}),
     State.STARTING: frozenset({State.PAIRING, State.CONNECTING, State.CONNECTED, State.RECONNECTING, *_ENDINGS}),
     State.PAIRING: frozenset({State.CONNECTING, State.CONNECTED, State.RECONNECTING, State.STARTING, *_ENDINGS}),
     State.CONNECTING: frozenset({State.PAIRING, State.CONNECTED, State.RECONNECTING, State.STARTING, *_ENDINGS}),
     State.CONNECTED: frozenset({State.RECONNECTING, State.STARTING, *_ENDINGS}),
     State.RECONNECTING: frozenset({State.STARTING, State.CONNECTING, State.CONNECTED, *_ENDINGS}),
     State.LOGGED_OUT: frozenset({State.STARTING, State.STOPPED}),
-    State.REPLACED: frozenset({State.STARTING, State.STOPPED}),
-    State.BANNED: frozenset({State.STARTING, State.STOPPED}),
-    State.OUTDATED: frozenset({State.STARTING, State.STOPPED}),
-    State.FAILED: frozenset({State.STARTING, State.STOPPED}),
+    State.REPLACED: frozenset({State.STARTING, State.STOPPED, State.LOGGED_OUT}),
+    State.BANNED: frozenset({State.STARTING, State.STOPPED, State.LOGGED_OUT}),
+    State.OUTDATED: frozenset({State.STARTING, State.STOPPED, State.LOGGED_OUT}),
+    State.FAILED: frozenset({State.STARTING, State.STOPPED, State.LOGGED_OUT}),
 }
 
 

@@ -19,7 +19,72 @@ from typing import Any
 
 from whatsappd.client import Client, DaemonUnavailable
 
-__all__ = ["DaemonProcess", "NotifySocket", "wait_until"]
+__all__ = [
+    "NOBODY", "DaemonProcess", "NotifySocket", "as_nobody", "clean_env", "ctl_command", "exec_wrapper",
+    "run_ctl", "wait_until", "whatsappd_command",
+]
+
+#: The unprivileged user that tests running as root use as "a second user" (nobody/nogroup).
+NOBODY = 65534
+
+# Run by `exec_wrapper`: optionally move an inherited fd to 3 (where systemd puts the first
+# LISTEN_FDS socket), set the named variables to this process's own pid, then exec the real
+# command, which therefore keeps that pid (what LISTEN_PID / WATCHDOG_PID must name).
+_WRAPPER = """
+import os, sys
+args = sys.argv[1:]
+fd = int(args.pop(0))
+names = args.pop(0)
+if fd >= 0:
+    os.dup2(fd, 3)
+    if fd != 3:
+        os.close(fd)
+for name in filter(None, names.split(",")):
+    os.environ[name] = str(os.getpid())
+os.execv(args[0], args)
+"""
+
+
+def exec_wrapper(pid_vars: Iterable[str] = (), fd: int | None = None) -> list[str]:
+    """A command prefix that sets `pid_vars` to the pid the wrapped command will have, and
+    hands `fd` over as fd 3 (pass it with Popen's pass_fds too)."""
+    return [sys.executable, "-c", _WRAPPER, str(-1 if fd is None else fd), ",".join(pid_vars)]
+
+
+def as_nobody() -> dict[str, Any]:
+    """Popen keyword arguments that run the child as uid/gid 65534 with no supplementary groups."""
+    return {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """os.environ without what would make a child believe it runs under systemd, plus extra."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_STREAM", "WHATSAPPD_"))
+        and k not in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY")
+    }
+    env.update(extra)
+    return env
+
+
+def ctl_command() -> list[str]:
+    """The installed `whatsappctl` console script beside this interpreter, else `python -m`."""
+    script = Path(sys.executable).parent / "whatsappctl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "whatsappd.ctl"]
+
+
+def whatsappd_command() -> list[str]:
+    """The installed `whatsappd` console script beside this interpreter, else `python -m`."""
+    script = Path(sys.executable).parent / "whatsappd"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "whatsappd"]
+
+
+def run_ctl(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
+            **popen: Any) -> subprocess.CompletedProcess[str]:
+    """Run whatsappctl with args (environment: clean_env() unless given); text output."""
+    return subprocess.run([*ctl_command(), *args], env=clean_env() if env is None else env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          **popen)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
@@ -91,6 +156,7 @@ class DaemonProcess:
         args: Iterable[str] = (),
         notify: NotifySocket | None = None,
         socket_path: Path | None = None,
+        prefix: Iterable[str] = (),
         **popen: Any,
     ) -> None:
         self.root = root
@@ -102,19 +168,18 @@ class DaemonProcess:
             head = (f'[daemon]\nstate_dir = "{self.state_dir}"\nshutdown_timeout = "10s"\n'
                     f'[control]\nsocket_path = "{self.socket_path}"\n')
             self.config_path.write_text(_merge(head, config))
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_STREAM"))}
-        self.env.update(env or {})
+        self.env = clean_env(**(env or {}))
         if notify is not None:
             self.env["NOTIFY_SOCKET"] = str(notify.path)
         self.args = list(args)
+        self.prefix = list(prefix)  # e.g. exec_wrapper(...): runs first, then execs the daemon
         self.popen = popen
         self.log_path = root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "whatsappd", "run"]
+        cmd = [*self.prefix, sys.executable, "-m", "whatsappd", "run"]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         return cmd + self.args

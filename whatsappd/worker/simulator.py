@@ -1,7 +1,17 @@
 """A fake WhatsApp: an engine with no network, for tests and for CRM developers without a phone.
 
 From the supervisor's side it behaves like the real neonize engine: the same messages on the
-channel, the same exit codes. It is driven with the `simulate` command (see `_simulate`).
+channel, the same exit codes. It is driven with the `simulate` command, args {"action": A, ...}:
+
+    scan [jid] [push_name] [connect=true]  pairing -> paired, session saved, connected
+    drop [reason] / restore                connected -> reconnecting -> connected
+    logged_out | replaced | outdated       run() returns LOGGED_OUT | REPLACED | OUTDATED
+    ban [seconds=3600] [reason]            state banned with until, then BANNED
+    fail_connect                           run() returns TRANSIENT (before run(): its connect fails)
+    crash [after=0]                        os._exit(70), no reply
+    hang [after=0]                         SIGSTOP to the whole process: heartbeats stop too
+
+plus the real commands `pair_phone` {"phone"} and `logout` {}.
 
 Life of one engine (one worker process):
 
@@ -362,7 +372,10 @@ class SimulatorEngine(Engine):
         with self._cond:
             if self._phase == _DONE:
                 raise EngineError("not_running", "the engine has already ended")
-            return handler(self, args)
+            try:
+                return handler(self, args)
+            finally:
+                self._cond.notify_all()  # run() recomputes its next timer from the new phase
 
     def _cmd_pair_phone(self, args: dict[str, Any]) -> dict[str, Any]:
         phone = args.get("phone")

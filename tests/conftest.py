@@ -1,0 +1,98 @@
+"""Shared fixtures for the daemon-core tests: real daemons, real sockets, real users.
+
+Nothing here fakes our own code. A daemon is `whatsappd run` in a subprocess
+(`whatsappd.testing.daemon.DaemonProcess`); every one a test starts is killed at teardown if
+the test did not stop it. Helpers that are not fixtures live in `whatsappd.testing.daemon`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from whatsappd.testing.daemon import NOBODY, DaemonProcess, NotifySocket
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `root` act as a second user: skip them, saying why, when that is impossible."""
+    if item.get_closest_marker("root") is None:
+        return
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run a process as a second user (uid 65534)")
+    try:
+        pwd.getpwuid(NOBODY)
+    except KeyError:
+        pytest.skip(f"needs a user with uid {NOBODY} (nobody) on this system")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Make DaemonProcess objects under tmp_path (d0, d1, ...); kill survivors at teardown."""
+    made: list[DaemonProcess] = []
+
+    def make(config: str | None = "", root: Path | None = None, **kw: Any) -> DaemonProcess:
+        daemon = DaemonProcess(root or tmp_path / f"d{len(made)}", config=config, **kw)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.kill()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    """A bound datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory under /tmp that every user may enter and write (mode 0777).
+
+    tmp_path's parents are 0700 when the tests run as root, so a second user could not reach a
+    socket or a file there.
+    """
+    path = Path(tempfile.mkdtemp(prefix="whatsappd-test-", dir="/tmp"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo configure_logging after the test: the stdlib root logger and structlog are global.
+
+    pytest adds and removes its own capture handlers around each phase, so only handlers that
+    are not pytest's are saved and put back; the ones configure_logging added are closed.
+    """
+    root = logging.getLogger()
+
+    def ours(handler: logging.Handler) -> bool:
+        return not type(handler).__module__.startswith("_pytest")
+
+    saved = [h for h in root.handlers if ours(h)]
+    level = root.level
+    access_level = logging.getLogger("aiohttp.access").level
+    config = structlog.get_config()
+    yield
+    for handler in [h for h in root.handlers if ours(h) and h not in saved]:
+        root.removeHandler(handler)
+        handler.close()
+    for handler in saved:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(access_level)
+    structlog.configure(**config)

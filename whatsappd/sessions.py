@@ -1,0 +1,155 @@
+"""Session directories on disk: `{state_dir}/sessions/session-{id}/`.
+
+The one module that creates, inspects, wipes and quarantines them. Directories are 0700 and
+files 0600; the worker holds `whatsappd.lock` while it runs the session, so no two processes
+(not even two daemons on one state dir) ever use the same credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from whatsappd.ids import InvalidCompanyId, check_company_id, session_dir
+from whatsappd.logs import get_logger
+from whatsappd.worker.simulator import SESSION_FILE as SIMULATOR_FILE
+from whatsappd.worker.simulator import has_session as simulator_has_session
+
+__all__ = [
+    "LOCK_FILE",
+    "NEONIZE_STORE",
+    "SessionProblem",
+    "discover",
+    "ensure_root",
+    "fix_permissions",
+    "has_session",
+    "quarantine",
+    "wipe",
+]
+
+log = get_logger()
+
+NEONIZE_STORE = "store.db"  # the whatsmeow SQLite store (plus -wal and -shm beside it)
+LOCK_FILE = "whatsappd.lock"
+QUARANTINE = "quarantine"
+
+
+class SessionProblem(Exception):
+    """A session directory cannot be used safely; the message says what and what to do."""
+
+
+def ensure_root(sessions_root: Path) -> None:
+    """Create the sessions directory 0700, or tighten it (other users must not list companies)."""
+    sessions_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(sessions_root.stat().st_mode)
+    if mode != 0o700:
+        os.chmod(sessions_root, 0o700)
+        log.warning("fixed session file permissions", change=f"{sessions_root}: {mode:04o} -> 0700")
+
+
+def fix_permissions(directory: Path) -> list[str]:
+    """Make one session directory 0700 and its files 0600; return what was fixed.
+
+    Entries owned by another user are not ours to change, and a symlink could point anywhere:
+    both raise SessionProblem, and that company (only that one) does not start.
+    """
+    fixed: list[str] = []
+    uid = os.getuid()
+    if not directory.exists():
+        return fixed
+    for path in [directory, *sorted(directory.rglob("*"))]:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            raise SessionProblem(f"{path} is a symbolic link; a session may not contain links. Remove it.")
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            continue
+        want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+        have = stat.S_IMODE(st.st_mode)
+        if uid != 0 and st.st_uid != uid:
+            raise SessionProblem(
+                f"{path} belongs to uid {st.st_uid}, not to the daemon's uid {uid}; "
+                "fix its owner (chown -R) so the daemon can keep it private"
+            )
+        if have != want:
+            os.chmod(path, want, follow_symlinks=False)
+            fixed.append(f"{path}: {have:04o} -> {want:04o}")
+    for line in fixed:
+        log.warning("fixed session file permissions", change=line)
+    return fixed
+
+
+def has_session(directory: Path) -> bool:
+    """True if the directory holds paired credentials (simulator or neonize). Never raises."""
+    if (directory / SIMULATOR_FILE).exists():
+        return simulator_has_session(directory)
+    store = directory / NEONIZE_STORE
+    if not store.exists():
+        return False
+    try:
+        # Read-only, so this never creates or changes anything; WAL readers do not block the worker.
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=2) as db:
+            row = db.execute("SELECT count(*) FROM whatsmeow_device").fetchone()
+        return bool(row and row[0])
+    except sqlite3.Error:
+        return False
+
+
+def engine_of(directory: Path) -> str:
+    return "simulator" if (directory / SIMULATOR_FILE).exists() else "neonize"
+
+
+@dataclass(frozen=True)
+class Discovered:
+    company: str
+    engine: str
+
+
+def discover(sessions_root: Path) -> list[Discovered]:
+    """Companies that have a paired session on disk (session-{id} with valid ids only)."""
+    found = []
+    if not sessions_root.is_dir():
+        return found
+    for child in sorted(sessions_root.iterdir()):
+        if not child.name.startswith("session-") or child.is_symlink() or not child.is_dir():
+            continue
+        try:
+            company = check_company_id(child.name.removeprefix("session-"))
+        except InvalidCompanyId:
+            continue
+        if has_session(child):
+            found.append(Discovered(company, engine_of(child)))
+    return found
+
+
+def wipe(sessions_root: Path, company: str) -> bool:
+    """Remove every file of a company's session (store, WAL, SHM, lock). True if anything was there."""
+    directory = session_dir(sessions_root, company)
+    if not directory.exists():
+        return False
+    if directory.is_symlink():
+        directory.unlink()
+        return True
+    shutil.rmtree(directory)
+    return True
+
+
+def quarantine(sessions_root: Path, company: str) -> Path | None:
+    """Move an unusable session aside to sessions/quarantine/ (0700), timestamped; return where."""
+    directory = session_dir(sessions_root, company)
+    if not directory.exists():
+        return None
+    target_root = sessions_root / QUARANTINE
+    target_root.mkdir(mode=0o700, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = target_root / f"{directory.name}-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = target_root / f"{directory.name}-{stamp}-{n}"
+    directory.rename(target)
+    return target

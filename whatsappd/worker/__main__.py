@@ -1,0 +1,195 @@
+"""`python -m whatsappd.worker`: one company's WhatsApp client in its own process.
+
+This module owns the process: umask 077, the parent-death signal, the session lock, the
+channel to the supervisor and the heartbeat. The engine owns the WhatsApp client.
+
+Why a process per company: neonize's Go core crashes when two clients start or stop at once
+in one process, leaks on failed connects, and cannot be unblocked after a QR timeout (see the
+design brief). Killing the process is the one reliable way to end a client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL us when the supervisor dies, even by kill -9 (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the channel's EOF still ends us
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(ExitCode.STOPPED)
+
+
+class Channel:
+    """The worker's end of the socketpair. send() is thread-safe."""
+
+    def __init__(self, fd: int, company: str) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+        self.company = company
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = encode({**message, "company": self.company})
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.closed = True
+
+    def lines(self) -> Any:
+        buffer = b""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                yield line
+            if len(buffer) > MAX_LINE:
+                return
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m whatsappd.worker")
+    p.add_argument("--company", required=True)
+    p.add_argument("--session-dir", required=True)
+    p.add_argument("--engine", choices=("neonize", "simulator"), required=True)
+    p.add_argument("--channel-fd", type=int, required=True)
+    p.add_argument("--parent-pid", type=int, required=True)
+    p.add_argument("--proxy")
+    p.add_argument("--pair", action="store_true")
+    p.add_argument("--heartbeat", type=float, default=5.0)
+    p.add_argument("--log-format", default="json")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def _lock_session(session_dir: str) -> int | None:
+    """Hold an exclusive lock on the session for this process's life (None: someone else has it)."""
+    fd = os.open(os.path.join(session_dir, "whatsappd.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # session files 0600, dirs 0700, whatever the library creates
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    _die_with_parent(args.parent_pid)
+
+    # Logging before the engine import: `import neonize` calls logging.basicConfig itself.
+    from whatsappd.logs import configure_logging, get_logger
+
+    configure_logging(args.log_format, args.log_level)
+    import structlog
+
+    structlog.contextvars.bind_contextvars(company=args.company)
+    log = get_logger()
+    channel = Channel(args.channel_fd, args.company)
+
+    from whatsappd.ids import InvalidCompanyId, check_company_id
+
+    try:
+        check_company_id(args.company)
+    except InvalidCompanyId as exc:
+        log.error("worker started with a bad company id", error=str(exc))
+        return ExitCode.BAD_INVOCATION
+    os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
+    if _lock_session(args.session_dir) is None:
+        log.error("session is locked by another process; not starting a second client on it",
+                  session_dir=args.session_dir)
+        return ExitCode.SESSION_LOCKED
+
+    from whatsappd.worker.engine import EngineError, EngineOptions
+
+    options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
+                            proxy=args.proxy, pair=args.pair)
+    if args.engine == "simulator":
+        from whatsappd.worker.simulator import SimulatorEngine as EngineClass
+    else:
+        from whatsappd.worker.neonize_engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
+    engine = EngineClass(options, channel.send)
+    channel.send({"type": "hello", "pid": os.getpid(), "engine": args.engine})
+
+    def run_command(message: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"type": "reply", "id": message.get("id")}
+        try:
+            reply |= {"ok": True, "result": engine.command(str(message.get("op")), message.get("args") or {})}
+        except EngineError as exc:
+            reply |= {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        except Exception as exc:  # a bug in the engine must not kill the channel
+            log.exception("command failed", op=message.get("op"))
+            reply |= {"ok": False, "error": {"code": "engine_error", "message": str(exc)}}
+        channel.send(reply)
+
+    def read_commands() -> None:
+        for line in channel.lines():
+            try:
+                message = decode(line)
+            except ValueError:
+                log.error("bad message from the supervisor; ignoring it")
+                continue
+            if message["type"] == "stop":
+                engine.stop()
+            elif message["type"] == "command":
+                threading.Thread(target=run_command, args=(message,), daemon=True).start()
+        # EOF: the supervisor is gone or wants us gone. Stop, and make sure we do end.
+        channel.closed = True
+        engine.stop()
+        threading.Timer(3.0, os._exit, args=(ExitCode.STOPPED,)).start()
+
+    def heartbeat() -> None:
+        while not channel.closed:
+            channel.send({"type": "heartbeat"})
+            stop_beating.wait(args.heartbeat)
+
+    stop_beating = threading.Event()
+    threading.Thread(target=read_commands, name="channel", daemon=True).start()
+    threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
+    try:
+        code = int(engine.run())
+    except Exception:
+        log.exception("engine crashed")
+        code = 70  # EX_SOFTWARE: a crash, restarted with backoff
+    log.debug("worker exiting", exit_code=code)
+    return code
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: library threads (neonize's Go runtime) must not keep the process alive.
+    os._exit(code)
