@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import structlog
 
-from whatsappd.testing.daemon import NOBODY, DaemonProcess, NotifySocket
+from whatsappd.testing.daemon import NOBODY, DaemonProcess, NotifySocket, user_switch
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -32,6 +32,26 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pwd.getpwuid(NOBODY)
     except KeyError:
         pytest.skip(f"needs a user with uid {NOBODY} (nobody) on this system")
+
+
+UserSwitch = tuple[list[str], dict[str, Any]]
+
+
+@pytest.fixture
+def second_user() -> Callable[..., UserSwitch]:
+    """`second_user(gid=65534)` -> (command prefix, Popen kwargs) running a command as uid 65534.
+
+    Skips the test, saying why, when this machine cannot do that.
+    """
+
+    def switch(gid: int = NOBODY) -> UserSwitch:
+        way = user_switch(NOBODY, gid)
+        if way is None:
+            pytest.skip(f"cannot run this Python as uid {NOBODY} gid {gid} here (needs root and an "
+                        "interpreter that user can run)")
+        return list(way[0]), dict(way[1])
+
+    return switch
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,7 @@ from whatsappd.config import (
     parse_size,
     render_config,
 )
-from whatsappd.testing.daemon import as_nobody, clean_env, whatsappd_command
+from whatsappd.testing.daemon import clean_env, whatsappd_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -199,14 +201,14 @@ def test_relative_paths_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-def test_unreadable_file_says_permission_denied(shared_dir: Path) -> None:
+def test_unreadable_file_says_permission_denied(shared_dir: Path, second_user: Callable[..., Any]) -> None:
     """A config the daemon's user cannot read: exit 78 naming the uid and what to check."""
     path = shared_dir / "secret.toml"
     path.write_text("")
     path.chmod(0o600)
-    result = subprocess.run([*whatsappd_command(), "check-config", "--config", str(path)],
-                            env=clean_env(), capture_output=True, text=True, timeout=30, cwd="/",
-                            **as_nobody())
+    prefix, popen = second_user()
+    result = subprocess.run([*prefix, *whatsappd_command(), "check-config", "--config", str(path)],
+                            env=clean_env(), capture_output=True, text=True, timeout=30, cwd="/", **popen)
     assert result.returncode == 78, result.stderr
     assert f"invalid configuration in {path}" in result.stderr
     assert "permission denied reading the file as uid 65534; check its owner and mode" in result.stderr
@@ -262,7 +264,7 @@ def test_render_config_round_trips_every_value(tmp_path: Path) -> None:
     """render_config's TOML loads back to an equal Config, odd durations and names included."""
     data = {
         "daemon": {"state_dir": "/srv/w state", "shutdown_timeout": "1m30s"},
-        "control": {"socket_path": "/run/w/c.sock", "socket_mode": "0600", "max_body_size": 1000,
+        "control": {"socket_path": "/run/w/c.sock", "socket_mode": "0600", "max_body_size": 1025,
                     "idle_timeout": "2.5s", "allowed_uids": [0, 7]},
         "reconnect": {"initial_delay": "250ms", "max_delay": "1h0m1s", "multiplier": 1.5,
                       "connect_rate": 0.25},
@@ -297,12 +299,18 @@ def test_example_file_parses_to_the_defaults() -> None:
 
 
 def test_example_file_documents_every_setting() -> None:
-    """Every setting appears in its section with its help text as a comment above it."""
-    text = example_file()
+    """Every setting appears in its own section, its help text in the comment just above it."""
+    lines = example_file().splitlines()
     for setting in SETTINGS:
-        section_start = text.index(f"\n[{setting.section}]\n")
-        key_at = text.index(f"\n#{setting.key} = ", section_start)
-        assert setting.help.split()[0] in text[section_start:key_at]
+        section_at = lines.index(f"[{setting.section}]")
+        key_at = next(i for i, line in enumerate(lines) if i > section_at and line.startswith(f"#{setting.key} = "))
+        assert not any(line.startswith("[") for line in lines[section_at + 1:key_at]), setting.dotted
+        comment = []
+        for line in reversed(lines[:key_at]):
+            if not line.startswith("# "):
+                break
+            comment.insert(0, line[2:])
+        assert " ".join(comment) == " ".join(setting.help.split()), setting.dotted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,13 +444,16 @@ def test_diff_names_added_removed_and_changed_companies() -> None:
 
 
 def test_diff_separates_reloadable_settings_from_restart_only_ones() -> None:
-    """Changed settings are listed by dotted key; socket and state paths need a restart."""
+    """Changed settings are listed by dotted key; the socket, its limits and the state dir need a restart."""
     old = _config()
     new = _config(control_socket_path=Path("/elsewhere.sock"), daemon_state_dir=Path("/srv"),
-                  control_socket_mode=0o600, control_socket_group="adm",
-                  logging_level="debug", control_max_connections=3)
+                  control_socket_mode=0o600, control_socket_group="adm", control_max_connections=3,
+                  control_max_body_size=2048, control_idle_timeout=5.0,
+                  logging_level="debug", reconnect_max_delay=600.0, control_allowed_uids=(1001,))
     diff = diff_configs(old, new)
-    assert set(diff.restart_required) == {"control.socket_path", "daemon.state_dir",
-                                          "control.socket_mode", "control.socket_group"}
-    assert set(diff.settings) == {"logging.level", "control.max_connections"}
+    assert set(diff.restart_required) == {
+        "control.socket_path", "daemon.state_dir", "control.socket_mode", "control.socket_group",
+        "control.max_connections", "control.max_body_size", "control.idle_timeout",
+    }
+    assert set(diff.settings) == {"logging.level", "reconnect.max_delay", "control.allowed_uids"}
     assert not diff.added and not diff.removed and not diff.changed

@@ -9,6 +9,7 @@ start, keep the old config on reload).
 from __future__ import annotations
 
 import grp
+import json
 import os
 import re
 import tomllib
@@ -80,15 +81,17 @@ def parse_duration(value: object) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The inverse of parse_duration, for check-config output: 300.0 -> '5m'."""
-    if seconds and seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    rest = round(seconds)
+    """The exact inverse of parse_duration, for check-config output: 300.0 -> '5m', 1.5 -> '1s500ms'."""
+    millis = round(seconds * 1000, 3)
+    rest, fraction = divmod(millis, 1000)
+    rest = int(rest)
     parts = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if rest >= size:
             parts.append(f"{rest // size}{unit}")
             rest %= size
+    if fraction:
+        parts.append(f"{round(fraction, 3):g}ms")
     return "".join(parts) or "0s"
 
 
@@ -268,11 +271,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Group names or ids whose members may use the API (primary or supplementary group).",
             render=list),
     Setting("control", "max_body_size", lambda v: _checked_size(v, 1024, 1024**3), "16MiB",
-            "Largest request body accepted; larger requests get 413.", render=format_size),
+            "Largest request body accepted; larger requests get 413.", reloadable=False,
+            render=format_size),
     Setting("control", "idle_timeout", _duration_range(1, 3600), "60s",
-            "An idle client connection is closed after this long.", render=format_duration),
+            "An idle client connection is closed after this long.", reloadable=False,
+            render=format_duration),
     Setting("control", "max_connections", _int_range(1, 10000), 256,
-            "Open client connections at most; more are answered 503 and closed."),
+            "Open client connections at most; more are answered 503 and closed.", reloadable=False),
     Setting("logging", "format", _choice(LOG_FORMATS), "auto",
             "auto: journald logfmt under systemd, console on a terminal, JSON otherwise."),
     Setting("logging", "level", _choice(LOG_LEVELS), "info", "Lowest level logged."),
@@ -565,8 +570,8 @@ def _toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    # A TOML basic string has JSON's escapes; DEL is the one control character JSON leaves raw.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 @dataclass(frozen=True)

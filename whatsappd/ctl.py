@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,123 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     return body, text
 
 
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return ""
+    from datetime import datetime
+
+    try:
+        seconds = time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return iso
+    return f"{iso} ({_duration(max(0.0, seconds))} ago)"
+
+
+def _company_text(c: dict[str, Any]) -> str:
+    title = c["id"] + (f" ({c['name']})" if c.get("name") else "")
+    lines = [f"{title}: {c['state']} since {_ago(c.get('since'))}"]
+    if c.get("reason"):
+        lines.append(f"  reason:     {c['reason']}")
+    if c.get("jid"):
+        lines.append(f"  jid:        {c['jid']}" + (f"  ({c['push_name']})" if c.get("push_name") else ""))
+    lines.append(f"  engine:     {c.get('engine')}  (from {c.get('source')}); session stored: "
+                 f"{'yes' if c.get('has_session') else 'no'}")
+    error = c.get("last_error")
+    if error:
+        lines.append(f"  last error: {error['message']} [{error['code']}] at {error.get('at')}")
+    reconnect = c.get("reconnect") or {}
+    if reconnect.get("next_retry_at"):
+        lines.append(f"  reconnect:  attempt {reconnect['attempt']}, next retry at {reconnect['next_retry_at']}")
+    if c.get("banned_until"):
+        lines.append(f"  banned until {c['banned_until']}")
+    worker = c.get("worker") or {}
+    lines.append(f"  worker:     {'pid ' + str(worker['pid']) if worker.get('pid') else 'not running'}, "
+                 f"{worker.get('restarts', 0)} restarts")
+    if c.get("qr_available"):
+        lines.append(f"  a QR code is waiting: whatsappctl qr {c['id']}")
+    return "\n".join(lines)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    body = _check(client.get(f"/v1/companies/{args.id}"))
+    return body, _company_text(body)
+
+
+def cmd_qr(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    if args.png:
+        resp = client.get(f"/v1/companies/{args.id}/qr?format=png")
+        if not resp.ok:
+            _check(resp)
+        Path(args.png).write_bytes(resp.body)
+        return {"png": args.png}, f"QR code written to {args.png}"
+    body = _check(client.get(f"/v1/companies/{args.id}/qr"))
+    if args.json:
+        return body, ""
+    text = client.get(f"/v1/companies/{args.id}/qr?format=text&ansi={'true' if _tty() else 'false'}")
+    return body, text.body.decode() + f"scan with WhatsApp > Linked devices > Link a device (expires {body['expires_at']})"
+
+
+def cmd_pair_code(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    body = _check(client.post(f"/v1/companies/{args.id}/pair-code", {"phone": args.phone}))
+    return body, (f"pairing code: {body['code']} (valid until {body['expires_at']})\n"
+                  "On the phone: WhatsApp > Linked devices > Link a device > Link with phone number "
+                  "instead, then type the code.")
+
+
+def cmd_logout(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    body = _check(client.post(f"/v1/companies/{args.id}/logout"))
+    text = (f"{args.id}: unlinked on WhatsApp and session wiped" if body.get("unlinked")
+            else f"{args.id}: session wiped locally. {body.get('note', '')}".rstrip())
+    return body, text
+
+
+def cmd_restart(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    body = _check(client.post(f"/v1/companies/{args.id}/restart"))
+    return body, f"{args.id}: worker restarted; now {body['state']}"
+
+
+def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    """Start the company; while pairing, draw each new QR code; return once connected."""
+    body = _check(client.post(f"/v1/companies/{args.id}/connect"))
+    if args.no_wait or args.json:
+        return body, f"{args.id}: {body['state']}"
+    deadline = time.monotonic() + args.wait
+    shown = None
+    while time.monotonic() < deadline:
+        body = _check(client.get(f"/v1/companies/{args.id}"))
+        state = body["state"]
+        if state == "connected":
+            return body, f"{args.id}: connected as {body.get('jid')}"
+        if state in ("stopped", "failed", "logged_out", "replaced", "outdated", "banned"):
+            error = body.get("last_error") or {}
+            raise Failure(f"{args.id}: {state}: {error.get('message') or body.get('reason')}")
+        if state == "pairing":
+            resp = client.get(f"/v1/companies/{args.id}/qr")
+            if resp.ok and resp.json()["code"] != shown:
+                shown = resp.json()["code"]
+                text = client.get(f"/v1/companies/{args.id}/qr?format=text&ansi={'true' if _tty() else 'false'}")
+                if _tty():
+                    sys.stdout.write("\x1b[2J\x1b[H")
+                sys.stdout.write(text.body.decode())
+                print(f"Scan with WhatsApp > Linked devices > Link a device (expires "
+                      f"{resp.json()['expires_at']}); waiting...", flush=True)
+        time.sleep(0.5)
+    raise Failure(f"{args.id}: not connected within {args.wait:g}s (state {body['state']})")
+
+
+def _tty() -> bool:
+    return sys.stdout.isatty()
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any, str]]]] = {
     "health": ("is the daemon up; version, uptime, companies by state", cmd_health),
     "list": ("every company with its state", cmd_list),
+    "status": ("one company: state, since, jid, last error, reconnect, worker", cmd_status),
+    "connect": ("start a company; shows the QR while pairing and waits until connected", cmd_connect),
+    "qr": ("show the current QR code (terminal, --json, or --png FILE)", cmd_qr),
+    "pair-code": ("pair with a phone number instead of a QR: prints the code to type", cmd_pair_code),
+    "logout": ("unlink the device on WhatsApp and wipe the session", cmd_logout),
+    "restart": ("restart a company's worker", cmd_restart),
     "reload": ("reload the config now; returns once applied or failed", cmd_reload),
 }
 
@@ -117,7 +232,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
-        sub.add_parser(name, help=help_text)
+        cmd = sub.add_parser(name, help=help_text)
+        if name in ("status", "connect", "qr", "pair-code", "logout", "restart"):
+            cmd.add_argument("id", help="company id")
+        if name == "pair-code":
+            cmd.add_argument("phone", help="the phone number in international format, e.g. +5511999999999")
+        if name == "connect":
+            cmd.add_argument("--wait", type=float, default=200.0, metavar="SECONDS",
+                             help="how long to wait for the connection (default 200, beyond the QR window)")
+            cmd.add_argument("--no-wait", action="store_true", help="return at once after starting it")
+        if name == "qr":
+            cmd.add_argument("--png", metavar="FILE", help="write the QR code as a PNG image to FILE")
     return parser
 
 
@@ -139,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(exc.body, indent=2))
         print(f"whatsappctl: {exc}", file=sys.stderr)
         return exc.code
-    print(json.dumps(body, indent=2) if args.json else text)
+    if args.json:
+        print(json.dumps(body, indent=2))
+    elif text:
+        print(text)
     return 0
 
 

@@ -31,6 +31,11 @@ _COMMON_ERRORS = {
     "413": _error("The body is larger than control.max_body_size."),
 }
 
+_ID_ERRORS = {
+    "400": _error("The id is not a valid company id (invalid_company_id)."),
+    "404": _error("No such company (company_not_found)."),
+}
+
 _COMPANY_ID = {
     "name": "id", "in": "path", "required": True,
     "schema": {"type": "string", "pattern": COMPANY_ID_PATTERN},
@@ -45,8 +50,9 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "required": ["code", "message"],
                 "properties": {
-                    "code": {"type": "string", "enum": sorted(CODES),
-                             "description": "Stable snake_case code; scripts test this, not the message."},
+                    "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$",
+                             "description": "Stable snake_case code; scripts test this, not the message. "
+                                            "Codes: " + ", ".join(sorted(CODES)) + "."},
                     "message": {"type": "string", "description": "A sentence for a person."},
                 },
                 "additionalProperties": True,
@@ -63,8 +69,38 @@ SCHEMAS: dict[str, Any] = {
             "engine": {"type": "string", "enum": ["neonize", "simulator"]},
             "state": _ref("State"),
             "since": {"type": "string", "format": "date-time"},
+            "source": {"type": "string", "enum": ["config", "runtime", "discovered"]},
+            "reason": {"type": "string", "description": "Why it is in this state."},
+            "jid": {"type": ["string", "null"]},
+            "push_name": {"type": ["string", "null"]},
+            "has_session": {"type": "boolean"},
+            "qr_available": {"type": "boolean"},
+            "last_error": {"oneOf": [{"type": "null"}, {
+                "type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                                 "at": {"type": "string", "format": "date-time"}}}]},
+            "reconnect": {"type": "object", "properties": {
+                "attempt": {"type": "integer"},
+                "next_retry_at": {"type": ["string", "null"], "format": "date-time"}}},
+            "banned_until": {"type": ["string", "null"], "format": "date-time"},
+            "worker": {"type": "object", "properties": {"pid": {"type": ["integer", "null"]},
+                                                         "restarts": {"type": "integer"}}},
         },
         "additionalProperties": True,
+    },
+    "CompanyInput": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 200},
+            "engine": {"type": "string", "enum": ["neonize", "simulator"], "default": "neonize"},
+            "proxy": {"type": "string", "description": 'e.g. "socks5://127.0.0.1:1080"'},
+        },
+        "additionalProperties": False,
+    },
+    "Qr": {
+        "type": "object",
+        "required": ["code", "expires_at"],
+        "properties": {"code": {"type": "string", "description": "The QR payload; render it or use ?format=png"},
+                       "expires_at": {"type": "string", "format": "date-time"}},
     },
     "Health": {
         "type": "object",
@@ -121,6 +157,115 @@ PATHS: dict[str, dict[str, Any]] = {
                 **_COMMON_ERRORS,
             },
         }
+    },
+    "/v1/companies/{id}": {
+        "parameters": [_COMPANY_ID],
+        "get": {
+            "summary": "One company's state, since, JID, push name, last error, reconnect and worker",
+            "description": "A stopped company with a stored session (not stopped by an operator) is "
+                           "restored by this call, as the old CRM's status call did.",
+            "operationId": "getCompany",
+            "responses": {"200": _json(_ref("Company"), "The company."), **_ID_ERRORS, **_COMMON_ERRORS},
+        },
+        "put": {
+            "summary": "Add (201) or update (200) a company at runtime; persisted in the state directory",
+            "operationId": "putCompany",
+            "requestBody": {"content": {"application/json": {"schema": _ref("CompanyInput")}}},
+            "responses": {
+                "200": _json(_ref("Company"), "Updated."),
+                "201": _json(_ref("Company"), "Added."),
+                "400": _error("Bad id or body."),
+                "409": _error("The company is defined in the config file (defined_in_config)."),
+                **_COMMON_ERRORS,
+            },
+        },
+        "delete": {
+            "summary": "Stop the company; with ?wipe=true also unlink it and wipe its session",
+            "operationId": "deleteCompany",
+            "parameters": [{"name": "wipe", "in": "query", "schema": {"type": "boolean", "default": False}}],
+            "responses": {"200": _json({"type": "object"}, "Stopped (and wiped)."), **_ID_ERRORS,
+                          **_COMMON_ERRORS},
+        },
+    },
+    "/v1/companies/{id}/connect": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "Start the company: restore its session, or start pairing when it has none",
+            "description": "Answers once the worker reported how it goes (connecting, pairing...) or "
+                           "after 10 s.",
+            "operationId": "connectCompany",
+            "responses": {"200": _json(_ref("Company"), "Already running."),
+                          "202": _json(_ref("Company"), "Started."), **_ID_ERRORS, **_COMMON_ERRORS},
+        },
+    },
+    "/v1/companies/{id}/qr": {
+        "parameters": [_COMPANY_ID],
+        "get": {
+            "summary": "The current QR code while pairing",
+            "description": "JSON by default; `Accept: image/png` or `?format=png` gives a PNG; "
+                           "`?format=text` a terminal rendering (`&ansi=true` for colours).",
+            "operationId": "getQr",
+            "parameters": [
+                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "png", "text"]}},
+                {"name": "ansi", "in": "query", "schema": {"type": "boolean", "default": False}},
+            ],
+            "responses": {
+                "200": {"description": "The QR code.", "content": {
+                    "application/json": {"schema": _ref("Qr")}, "image/png": {}, "text/plain": {}}},
+                "409": _error("No QR code now (no_qr): not pairing."),
+                **_ID_ERRORS, **_COMMON_ERRORS,
+            },
+        },
+    },
+    "/v1/companies/{id}/pair-code": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "Pair with a phone number instead of a QR code",
+            "operationId": "pairCode",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["phone"],
+                "properties": {"phone": {"type": "string", "description": "International format"}}}}}},
+            "responses": {
+                "200": _json({"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z0-9]{4}-[A-Z0-9]{4}$"},
+                                                               "expires_at": {"type": "string"}}}, "The code to type on the phone."),
+                "400": _error("Not a phone number (invalid_phone)."),
+                "409": _error("The company is not pairing (not_pairing)."),
+                **_ID_ERRORS, **_COMMON_ERRORS,
+            },
+        },
+    },
+    "/v1/companies/{id}/logout": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "Unlink the device on WhatsApp and wipe the session (locally when not connected)",
+            "operationId": "logout",
+            "responses": {"200": _json({"type": "object", "properties": {
+                "unlinked": {"type": "boolean"}, "wiped": {"type": "boolean"}, "state": _ref("State"),
+                "note": {"type": "string"}}}, "Logged out."), **_ID_ERRORS, **_COMMON_ERRORS},
+        },
+    },
+    "/v1/companies/{id}/restart": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "Restart the company's worker now (also leaves `failed`)",
+            "operationId": "restart",
+            "responses": {"202": _json(_ref("Company"), "Restarted."), **_ID_ERRORS, **_COMMON_ERRORS},
+        },
+    },
+    "/v1/companies/{id}/simulate": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "Drive a simulator company (404 for companies on the real engine)",
+            "operationId": "simulate",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["action"],
+                "properties": {"action": {"type": "string", "enum": [
+                    "scan", "drop", "restore", "logged_out", "replaced", "ban", "outdated", "crash", "hang",
+                    "fail_connect"]}}, "additionalProperties": True}}}},
+            "responses": {"200": _json({"type": "object"}, "Done."),
+                          "202": _json({"type": "object"}, "Sent (crash, hang: no answer)."),
+                          "409": _error("Not possible in this state."), **_ID_ERRORS, **_COMMON_ERRORS},
+        },
     },
     "/v1/reload": {
         "post": {

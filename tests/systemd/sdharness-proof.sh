@@ -68,7 +68,7 @@ prop() { X systemctl show -P "$2" "$1"; }   # prop UNIT PROPERTY
 not() { ! "$@"; }
 has() { grep -qiE "$1" <<<"$2"; }             # has REGEX TEXT (case-insensitive)
 # serves_passed_socket PID: PID listens on the very socket whatsappd.socket holds (fd 3)
-serves_passed_socket() { [[ $(X ss -xlpn src "$SOCK") == *'"systemd"'*"pid=$1,"* ]]; }
+serves_passed_socket() { local l; l=$(X ss -xlpn src "$SOCK"); [[ $l == *'"systemd"'* && $l == *"pid=$1,"* ]]; }
 active() { [[ $(X systemctl is-active "$1" 2>/dev/null) == active ]]; }
 inactive() { [[ $(X systemctl is-active "$1" 2>/dev/null) == inactive ]]; }
 cursor() { X journalctl --show-cursor -n 0 -q 2>/dev/null | sed -n 's/^-- cursor: //p'; }

@@ -6,8 +6,10 @@ no mocks.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,8 +22,8 @@ from typing import Any
 from whatsappd.client import Client, DaemonUnavailable
 
 __all__ = [
-    "NOBODY", "DaemonProcess", "NotifySocket", "as_nobody", "clean_env", "ctl_command", "exec_wrapper",
-    "run_ctl", "wait_until", "whatsappd_command",
+    "NOBODY", "DaemonProcess", "NotifySocket", "clean_env", "ctl_command", "exec_wrapper",
+    "run_ctl", "user_switch", "wait_until", "whatsappd_command",
 ]
 
 #: The unprivileged user that tests running as root use as "a second user" (nobody/nogroup).
@@ -51,9 +53,31 @@ def exec_wrapper(pid_vars: Iterable[str] = (), fd: int | None = None) -> list[st
     return [sys.executable, "-c", _WRAPPER, str(-1 if fd is None else fd), ",".join(pid_vars)]
 
 
-def as_nobody() -> dict[str, Any]:
-    """Popen keyword arguments that run the child as uid/gid 65534 with no supplementary groups."""
-    return {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+@functools.lru_cache(maxsize=None)
+def user_switch(uid: int = NOBODY, gid: int = NOBODY) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+    """How to run this Python as uid/gid with no supplementary groups: (command prefix, Popen
+    keyword arguments), or None when it cannot be done here (not root, or no way found).
+
+    Popen(user=...) drops root's powers before exec, so an interpreter under a 0700 directory
+    (a pyenv build in /root, say) cannot even be found; setpriv switches users too, but the
+    kernel resolves the program during the privileged exec. The first way that works is used.
+    """
+    if os.geteuid() != 0:
+        return None
+    ways: list[tuple[tuple[str, ...], dict[str, Any]]] = [((), {"user": uid, "group": gid, "extra_groups": []})]
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        ways.append(((setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups"), {}))
+    probe = "import os, whatsappd.client; print(os.getuid(), os.getgid(), os.getgroups())"
+    for prefix, popen in ways:
+        try:
+            result = subprocess.run([*prefix, sys.executable, "-c", probe], capture_output=True, text=True,
+                                    timeout=30, cwd="/", env=clean_env(), **popen)
+        except OSError:
+            continue
+        if result.returncode == 0 and result.stdout.split() == [str(uid), str(gid), "[]"]:
+            return prefix, popen
+    return None
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             if message["type"] == "stop":
                 engine.stop()
             elif message["type"] == "command":
-                threading.Thread(target=run_command, args=(message,), daemon=True).start()
+                thread = threading.Thread(target=run_command, args=(message,), daemon=True)
+                commands.append(thread)
+                thread.start()
         # EOF: the supervisor is gone or wants us gone. Stop, and make sure we do end.
         channel.closed = True
         engine.stop()
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_beating.wait(args.heartbeat)
 
     stop_beating = threading.Event()
+    commands: list[threading.Thread] = []
     threading.Thread(target=read_commands, name="channel", daemon=True).start()
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
     try:
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("engine crashed")
         code = 70  # EX_SOFTWARE: a crash, restarted with backoff
+    # A command that ended the engine (logout) still owes its reply: let it go out first.
+    for thread in list(commands):
+        thread.join(timeout=2.0)
     log.debug("worker exiting", exit_code=code)
     return code
 

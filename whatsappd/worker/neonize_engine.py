@@ -616,7 +616,10 @@ class NeonizeEngine(Engine):
         """Stop the Go client, waiting at most SHUTDOWN_SECONDS; skip it while the first dial runs."""
         with self._lock:
             client, socket_up, connect_thread = self._client, self._socket_up, self._connect_thread
-        if client is None or connect_thread is None or not connect_thread.is_alive():
+        if client is None or connect_thread is None:
+            return
+        connect_thread.join(0.2)  # a failed connect() is usually finishing right now
+        if not connect_thread.is_alive():
             return
         if not socket_up:
             self._log.info("dial_abandoned")  # Stop() would block until the dial ends

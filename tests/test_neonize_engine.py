@@ -1,0 +1,492 @@
+"""The neonize engine: its decisions on real neonize event objects, and the real client against
+a local fault-injecting SOCKS5 listener.
+
+No test creates a neonize client in the pytest process (one client per process: two crash Go);
+the ones that need a real client run it in a subprocess through a 127.0.0.1 proxy, and kill it
+by pid. Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from whatsappd.protocol import ExitCode
+from whatsappd.testing.socks5 import ClosedPort, Socks5FaultProxy
+from whatsappd.worker.engine import EngineError, EngineOptions
+from whatsappd.worker.neonize_engine import (
+    STORE_FILES,
+    NeonizeEngine,
+    StoreUnusable,
+    connect_failure_exit,
+    inspect_store,
+    store_dsn,
+)
+
+from neonize.events import (  # isort: skip  (imported by the engine above, side effects undone)
+    ClientOutdatedEv,
+    ConnectedEv,
+    ConnectFailureEv,
+    DisconnectedEv,
+    KeepAliveRestoredEv,
+    KeepAliveTimeoutEv,
+    LoggedOutEv,
+    PairStatusEv,
+    StreamReplacedEv,
+    TemporaryBanEv,
+)
+from neonize.proto.Neonize_pb2 import JID, ConnectFailureReason, Device  # isort: skip
+
+pytestmark = pytest.mark.neonize
+
+REPO = Path(__file__).resolve().parents[1]
+NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+ME = JID(User="5511999999999", Device=12, Server="s.whatsapp.net")
+
+
+class FakeClient:
+    """What the handlers use of a neonize client: get_me(), .me and stop()."""
+
+    def __init__(self, push_name: str = "Imobiliaria Acme") -> None:
+        self.me = Device(JID=ME, PushName=push_name)
+        self.stopped = 0
+
+    def get_me(self) -> Device:
+        return self.me
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, pair: bool = True) -> None:
+        self.messages: list[dict[str, Any]] = []
+        options = EngineOptions(company="acme", session_dir=tmp_path, proxy=None, pair=pair)
+        self.engine = NeonizeEngine(options, self.messages.append, clock=lambda: NOW)
+        self.client = FakeClient()
+
+    def states(self) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m["type"] == "state"]
+
+    def connect(self) -> None:
+        self.engine.on_connected(self.client, ConnectedEv(status=True))
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------- terminal events
+
+
+def test_logged_out(h: Harness) -> None:
+    h.connect()
+    h.engine.on_logged_out(h.client, LoggedOutEv())
+    assert h.engine.exit_code is ExitCode.LOGGED_OUT
+    assert h.messages[-1] == {"type": "state", "state": "logged_out", "reason": "logged_out"}
+
+
+def test_logged_out_on_connect_keeps_its_reason(h: Harness) -> None:
+    ev = LoggedOutEv(OnConnect=True, Reason=ConnectFailureReason.Value("MAIN_DEVICE_GONE"))
+    h.engine.on_logged_out(h.client, ev)
+    assert h.engine.exit_code is ExitCode.LOGGED_OUT
+    assert h.engine.reason == "main_device_gone"
+
+
+def test_stream_replaced(h: Harness) -> None:
+    h.connect()
+    h.engine.on_stream_replaced(h.client, StreamReplacedEv())
+    assert h.engine.exit_code is ExitCode.REPLACED
+    assert h.messages[-1] == {"type": "state", "state": "replaced", "reason": "stream_replaced"}
+
+
+def test_temporary_ban_reports_its_expiry(h: Harness) -> None:
+    ev = TemporaryBanEv(Code=TemporaryBanEv.SEND_TO_TOO_MANY_PEOPLE, Expire=3600)
+    h.engine.on_temporary_ban(h.client, ev)
+    assert h.engine.exit_code is ExitCode.BANNED
+    assert h.messages[-1] == {
+        "type": "state",
+        "state": "banned",
+        "reason": "send_to_too_many_people",
+        "until": "2026-01-01T01:00:00Z",
+    }
+
+
+def test_temporary_ban_without_expiry(h: Harness) -> None:
+    h.engine.on_temporary_ban(h.client, TemporaryBanEv())
+    assert h.engine.exit_code is ExitCode.BANNED
+    assert h.messages[-1]["until"] is None
+    assert h.messages[-1]["reason"] == "temporary_ban"
+
+
+def test_client_outdated(h: Harness) -> None:
+    h.engine.on_client_outdated(h.client, ClientOutdatedEv())
+    assert h.engine.exit_code is ExitCode.OUTDATED
+    assert h.messages[-1] == {"type": "state", "state": "outdated", "reason": "client_outdated"}
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        ("LOGGED_OUT", ExitCode.LOGGED_OUT),
+        ("MAIN_DEVICE_GONE", ExitCode.LOGGED_OUT),
+        ("UNKNOWN_LOGOUT", ExitCode.LOGGED_OUT),
+        ("TEMP_BANNED", ExitCode.BANNED),
+        ("CLIENT_OUTDATED", ExitCode.OUTDATED),
+        ("GENERIC", ExitCode.TRANSIENT),
+        ("BAD_USER_AGENT", ExitCode.TRANSIENT),
+        ("INTERNAL_SERVER_ERROR", ExitCode.TRANSIENT),
+        ("EXPERIMENTAL", ExitCode.TRANSIENT),
+        ("SERVICE_UNAVAILABLE", ExitCode.TRANSIENT),
+        (None, ExitCode.TRANSIENT),  # a whatsmeow reason neonize has no name for arrives unset
+    ],
+)
+def test_connect_failure_reasons(h: Harness, reason: str | None, expected: ExitCode) -> None:
+    ev = ConnectFailureEv(Message="x") if reason is None else ConnectFailureEv(Reason=ConnectFailureReason.Value(reason))
+    h.engine.on_connect_failure(h.client, ev)
+    assert h.engine.exit_code is expected
+    assert connect_failure_exit(ev.Reason if ev.HasField("Reason") else None) is expected
+    if expected is ExitCode.TRANSIENT:
+        assert h.states() == []  # the supervisor owns the reconnecting state and its backoff
+        assert h.engine.reason.startswith("connect_failure_")
+    elif expected is ExitCode.BANNED:
+        assert h.messages[-1] == {"type": "state", "state": "banned", "reason": "temp_banned", "until": None}
+
+
+def test_first_decision_wins_but_a_server_verdict_beats_stop(h: Harness) -> None:
+    h.engine.stop()
+    assert h.engine.exit_code is ExitCode.STOPPED
+    h.engine.on_logged_out(h.client, LoggedOutEv())
+    assert h.engine.exit_code is ExitCode.LOGGED_OUT  # the session must still be wiped
+    h.engine.on_stream_replaced(h.client, StreamReplacedEv())
+    assert h.engine.exit_code is ExitCode.LOGGED_OUT
+    h.engine.on_connected(h.client, ConnectedEv(status=True))
+    assert [m["state"] for m in h.states()] == ["logged_out"]
+
+
+# --------------------------------------------------------------------------- connection life
+
+
+def test_connected_reports_jid_and_push_name(h: Harness) -> None:
+    h.connect()
+    assert h.messages == [
+        {"type": "state", "state": "connected", "jid": "5511999999999@s.whatsapp.net", "push_name": "Imobiliaria Acme"}
+    ]
+    assert h.engine.exit_code is None
+
+
+def test_connected_falls_back_on_the_cached_device(h: Harness) -> None:
+    class NoGo(FakeClient):
+        def get_me(self) -> Device:
+            raise RuntimeError("no Go today")
+
+    h.engine.on_connected(NoGo(), ConnectedEv(status=True))
+    assert h.messages[-1]["jid"] == "5511999999999@s.whatsapp.net"
+
+
+def test_disconnect_after_connected_means_reconnecting_then_connected_again(h: Harness) -> None:
+    h.engine.on_disconnected(h.client, DisconnectedEv(status=True))
+    assert h.messages == []  # not connected yet: still "connecting"
+    h.connect()
+    h.engine.on_disconnected(h.client, DisconnectedEv(status=True))
+    h.engine.on_disconnected(h.client, DisconnectedEv(status=True))  # reported once
+    h.connect()
+    assert [(m["state"], m.get("reason")) for m in h.states()] == [
+        ("connected", None),
+        ("reconnecting", "disconnected"),
+        ("connected", None),
+    ]
+    assert h.engine.exit_code is None
+
+
+def test_keepalive_timeout_and_restored(h: Harness) -> None:
+    h.connect()
+    h.engine.on_keepalive_timeout(h.client, KeepAliveTimeoutEv(ErrorCount=1, LastSuccess=int(NOW) - 30))
+    h.engine.on_keepalive_timeout(h.client, KeepAliveTimeoutEv(ErrorCount=2, LastSuccess=int(NOW) - 30))
+    h.engine.on_keepalive_restored(h.client, KeepAliveRestoredEv())
+    assert [(m["state"], m.get("reason")) for m in h.states()] == [
+        ("connected", None),
+        ("reconnecting", "keepalive_timeout"),
+        ("connected", None),
+    ]
+    assert h.states()[-1]["jid"] == "5511999999999@s.whatsapp.net"
+    assert h.engine.exit_code is None
+
+
+def test_qr_codes_then_pair_success_then_connected(h: Harness) -> None:
+    h.engine.on_qr(h.client, b"2@first,code")
+    h.engine.on_qr(h.client, b"2@second,code")
+    assert h.messages == [
+        {"type": "qr", "code": "2@first,code", "expires_at": _iso(NOW + 60)},
+        {"type": "state", "state": "pairing"},
+        {"type": "qr", "code": "2@second,code", "expires_at": _iso(NOW + 20)},
+    ]
+    assert h.engine.phase == "pairing"
+    h.engine.on_login_status("success")
+    h.engine.on_pair_status(h.client, PairStatusEv(ID=ME, Status=PairStatusEv.SUCCESS, Platform="android"))
+    assert h.messages[-1] == {"type": "paired", "jid": "5511999999999@s.whatsapp.net"}
+    assert h.engine.phase == "paired"
+    h.connect()
+    assert h.messages[-1]["state"] == "connected"
+    assert h.engine.exit_code is None
+
+
+def test_pair_error_is_transient(h: Harness) -> None:
+    h.engine.on_pair_status(h.client, PairStatusEv(Status=PairStatusEv.ERROR, Error="bad signature"))
+    assert h.engine.exit_code is ExitCode.TRANSIENT
+    assert not any(m["type"] == "paired" for m in h.messages)
+
+
+def test_qr_timeout_after_the_window_is_a_pairing_timeout(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    h.engine.on_qr(h.client, b"code")
+    start = time.monotonic()
+    monkeypatch.setattr("whatsappd.worker.neonize_engine.time.monotonic", lambda: start + 161)
+    h.engine.on_login_status("timeout")
+    assert h.engine.exit_code is ExitCode.PAIRING_TIMEOUT
+
+
+def test_early_qr_timeout_is_a_dropped_socket(h: Harness) -> None:
+    h.engine.on_qr(h.client, b"code")
+    h.engine.on_login_status("timeout")  # whatsmeow says "timeout" for a server disconnect too
+    assert h.engine.exit_code is ExitCode.TRANSIENT
+
+
+def test_outdated_while_pairing(h: Harness) -> None:
+    h.engine.on_login_status("err-client-outdated")
+    assert h.engine.exit_code is ExitCode.OUTDATED
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_unknown_op(h: Harness) -> None:
+    with pytest.raises(EngineError) as err:
+        h.engine.command("reboot", {})
+    assert err.value.code == "unknown_op"
+
+
+def test_pair_phone_needs_a_qr_on_screen(h: Harness) -> None:
+    with pytest.raises(EngineError) as err:
+        h.engine.command("pair_phone", {"phone": "5511999999999"})
+    assert err.value.code == "not_pairing"
+
+
+@pytest.mark.parametrize("phone", ["+5511999999999", "05511999999", "55 11 99999", "123", None, 5511999999999])
+def test_pair_phone_wants_digits_only(h: Harness, phone: object) -> None:
+    with pytest.raises(EngineError) as err:
+        h.engine.command("pair_phone", {"phone": phone})
+    assert err.value.code == "invalid_phone"
+
+
+def test_logout_needs_a_connection(h: Harness) -> None:
+    with pytest.raises(EngineError) as err:
+        h.engine.command("logout", {})
+    assert err.value.code == "not_connected"
+
+
+def test_disconnect_stops(h: Harness) -> None:
+    assert h.engine.command("disconnect", {}) == {"disconnected": True}
+    assert h.engine.exit_code is ExitCode.STOPPED
+
+
+# --------------------------------------------------------------------------- run() without Go
+
+
+def _run_with_fake_client(h: Harness, feed: Any) -> int:
+    """run() with the Go client replaced: `feed(engine, client)` plays the events."""
+    h.engine._make_client = lambda: h.client  # type: ignore[method-assign]
+    h.engine._connect = lambda client: feed(h.engine, client)  # type: ignore[method-assign]
+    return h.engine.run()
+
+
+def test_run_returns_the_code_a_handler_decided(h: Harness) -> None:
+    def feed(engine: NeonizeEngine, client: FakeClient) -> None:
+        engine.on_connected(client, ConnectedEv(status=True))
+        engine.on_temporary_ban(client, TemporaryBanEv(Code=TemporaryBanEv.BLOCKED_BY_USERS, Expire=60))
+
+    started = time.monotonic()
+    assert _run_with_fake_client(h, feed) == ExitCode.BANNED
+    assert time.monotonic() - started < 2
+    assert [m["state"] for m in h.states()] == ["connecting", "connected", "banned"]
+    assert h.client.stopped == 1  # the Go client is stopped once the socket was up
+
+
+def test_run_returns_stopped_when_stopped(h: Harness) -> None:
+    def feed(engine: NeonizeEngine, client: FakeClient) -> None:
+        engine.on_connected(client, ConnectedEv(status=True))
+        engine.stop()
+
+    assert _run_with_fake_client(h, feed) == ExitCode.STOPPED
+
+
+def test_stop_before_run(h: Harness) -> None:
+    h.engine.stop()
+    assert h.engine.run() == ExitCode.STOPPED
+
+
+def test_restore_without_a_session_is_logged_out(tmp_path: Path) -> None:
+    h = Harness(tmp_path, pair=False)
+    assert h.engine.run() == ExitCode.LOGGED_OUT
+    assert h.messages == [
+        {"type": "state", "state": "connecting"},
+        {"type": "state", "state": "logged_out", "reason": "no_session"},
+    ]
+    assert list(tmp_path.iterdir()) == []  # the engine never creates or deletes files itself
+
+
+def test_unreadable_store_is_unusable(tmp_path: Path) -> None:
+    (tmp_path / "store.db").write_bytes(b"this is not a database" * 300)
+    h = Harness(tmp_path, pair=False)
+    assert h.engine.run() == ExitCode.STORE_UNUSABLE
+
+
+# --------------------------------------------------------------------------- store helpers
+
+
+def test_store_dsn_is_wal_and_percent_encoded() -> None:
+    dsn = store_dsn(Path("/var/lib/whatsappd/sessions/session-acme"))
+    assert dsn == (
+        "/var/lib/whatsappd/sessions/session-acme/store.db"
+        "?_journal_mode=WAL&_busy_timeout=10000&_foreign_keys=on&_pad="
+    )
+    assert store_dsn(Path("/tmp/a b%/s")).startswith("/tmp/a%20b%25/s/store.db?")
+    assert STORE_FILES == ("store.db", "store.db-wal", "store.db-shm")
+
+
+def test_inspect_store(tmp_path: Path) -> None:
+    store = tmp_path / "store.db"
+    assert inspect_store(store) is None
+    assert not store.exists()
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE t (x)")
+    assert inspect_store(store) == 0
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE whatsmeow_device (jid TEXT)")
+        db.execute("INSERT INTO whatsmeow_device VALUES ('5511999999999:12@s.whatsapp.net')")
+    db.close()
+    assert inspect_store(store) == 1
+    store.write_bytes(b"garbage" * 1000)
+    with pytest.raises(StoreUnusable):
+        inspect_store(store)
+
+
+# --------------------------------------------------------------------------- the real client
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    from pathlib import Path
+    from whatsappd.worker.engine import EngineOptions
+    from whatsappd.worker.neonize_engine import NeonizeEngine
+
+    session, proxy, pair = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "pair"
+
+    def emit(message):
+        sys.stdout.write("MSG " + json.dumps(message) + "\\n")
+        sys.stdout.flush()
+
+    engine = NeonizeEngine(EngineOptions(company="acme", session_dir=session, proxy=proxy, pair=pair), emit)
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    started = time.monotonic()
+    code = engine.run()
+    sys.stdout.write("EXIT %d %.3f\\n" % (code, time.monotonic() - started))
+    sys.stdout.flush()
+    os._exit(code)  # neonize's Go thread may never end: leave without joining it
+    """
+)
+
+
+class Child:
+    """One worker-like process running the real engine; killed by pid if it outlives the test."""
+
+    def __init__(self, session: Path, proxy_url: str, pair: bool = True) -> None:
+        session.mkdir(mode=0o700, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))}
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(session), proxy_url, "pair" if pair else "restore"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(session),
+            text=True,
+        )
+
+    def wait(self, timeout: float) -> tuple[int, list[dict[str, Any]], float | None]:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        finally:
+            self.kill()
+        messages = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("MSG ")]
+        took = [float(line.split()[2]) for line in out.splitlines() if line.startswith("EXIT ")]
+        return self.proc.returncode, messages, (took[0] if took else None)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.mark.parametrize("mode", ["refuse", "close"])
+def test_real_client_fails_fast_through_a_failing_proxy(tmp_path: Path, mode: str) -> None:
+    with Socks5FaultProxy(mode=mode) as proxy:
+        child = Child(tmp_path / "session-acme", proxy.url)
+        code, messages, took = child.wait(timeout=20)
+        assert code == ExitCode.TRANSIENT
+        assert took is not None and took < 3
+        assert messages[0] == {"type": "state", "state": "connecting"}
+        assert not any(m["type"] in ("qr", "paired") for m in messages)
+        # the client asked for nothing but the WhatsApp websocket, and only through the proxy
+        assert proxy.requests == [("web.whatsapp.com", 443)]
+        assert proxy.connections == 1
+    files = sorted(p.name for p in (tmp_path / "session-acme").iterdir())
+    assert set(files) <= set(STORE_FILES) and "store.db" in files
+
+
+def test_real_client_fails_fast_on_a_refused_port(tmp_path: Path) -> None:
+    with ClosedPort() as closed:
+        code, messages, took = Child(tmp_path / "session-acme", closed.url).wait(timeout=20)
+    assert code == ExitCode.TRANSIENT
+    assert took is not None and took < 3
+
+
+def test_real_client_hangs_on_a_silent_proxy_and_stops_on_request(tmp_path: Path) -> None:
+    with Socks5FaultProxy(mode="silent") as proxy:
+        hung = Child(tmp_path / "session-a", proxy.url)
+        stopped = Child(tmp_path / "session-b", proxy.url)
+        try:
+            assert proxy.wait_for_connections(2, timeout=15)
+            time.sleep(2.5)
+            assert hung.proc.poll() is None  # connect() never returns: the supervisor's deadline
+            assert stopped.proc.poll() is None
+            assert proxy.requests == []  # the greeting was never answered
+            sent = time.monotonic()
+            stopped.proc.send_signal(signal.SIGTERM)  # the worker main's stop path: engine.stop()
+            code, messages, _ = stopped.wait(timeout=10)
+            assert code == ExitCode.STOPPED
+            assert time.monotonic() - sent < 3
+            assert messages == [{"type": "state", "state": "connecting"}]
+            assert hung.proc.poll() is None
+        finally:
+            hung.kill()
+            stopped.kill()
+        assert proxy.connections == 2
