@@ -8,8 +8,12 @@ body limit (413 even for handlers that never read the body).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
+import mimetypes
 import os
+import secrets
 import pwd
 import re
 import socket
@@ -23,12 +27,15 @@ from aiohttp import web
 
 from whatsappd import __version__
 from whatsappd import qr as qr_render
-from whatsappd.config import parse_companies
+from whatsappd.config import parse_companies, parse_duration
 from whatsappd.errors import ApiError
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.logs import get_logger
+from whatsappd.messaging import EVENT_TYPES
 from whatsappd.openapi import openapi_document
+from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import State
+from whatsappd.store import STATUSES, IdempotencyConflict
 
 if TYPE_CHECKING:
     from whatsappd.daemon import Daemon
@@ -309,6 +316,298 @@ async def simulate(request: web.Request) -> web.Response:
     return web.json_response(await runner.command("simulate", body))
 
 
+# ---------------------------------------------------------------------------------- messages
+
+_MEDIA_KINDS = ("image", "document", "audio")
+_MESSAGE_FIELDS = {"to", "text", "caption", "filename", "mimetype", "ttl", *_MEDIA_KINDS}
+_MAX_TEXT = 65536
+
+
+def _media_bytes(spec: object, kind: str, limit: int) -> tuple[bytes, str | None, str | None]:
+    """(bytes, filename, mimetype) from {"path": ...} or {"base64": ...}; clear 400s otherwise."""
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    if not isinstance(spec, dict) or (("path" in spec) == ("base64" in spec)):
+        raise ApiError(400, "invalid_message", f'"{kind}" must be {{"path": "/abs/file"}} or {{"base64": "..."}}')
+    unknown = sorted(set(spec) - {"path", "base64", "filename", "mimetype"})
+    if unknown:
+        raise ApiError(400, "invalid_message", f'unknown fields in "{kind}": {", ".join(unknown)}')
+    if "path" in spec:
+        path = spec["path"]
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise ApiError(400, "unreadable_file", f"{kind}.path must be an absolute path to a file the daemon can read")
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > limit:
+                    raise ApiError(413, "body_too_large", f"{path} is {size} bytes; outbox.max_file_size is {limit}")
+                data = f.read(limit + 1)
+        except OSError as exc:
+            raise ApiError(400, "unreadable_file", f"the daemon (uid {os.getuid()}) cannot read {path}: "
+                           f"{exc.strerror}") from None
+        return data, spec.get("filename") or os.path.basename(path), spec.get("mimetype")
+    try:
+        data = base64.b64decode(str(spec["base64"]), validate=True)
+    except (ValueError, binascii.Error):
+        raise ApiError(400, "invalid_message", f"{kind}.base64 is not valid base64") from None
+    if len(data) > limit:
+        raise ApiError(413, "body_too_large", f"the {kind} is {len(data)} bytes; outbox.max_file_size is {limit}")
+    return data, spec.get("filename"), spec.get("mimetype")
+
+
+def _guess_mimetype(kind: str, filename: str | None, data: bytes) -> str:
+    if filename:
+        guessed = mimetypes.guess_type(filename)[0]
+        if guessed:
+            return guessed
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith(b"%PDF"):
+        return "application/pdf"
+    if data.startswith(b"OggS"):
+        return "audio/ogg"
+    return {"image": "image/jpeg", "audio": "audio/ogg"}.get(kind, "application/octet-stream")
+
+
+async def send_message(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    runner = _runner(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_message", "the body must be a JSON object")
+    unknown = sorted(set(body) - _MESSAGE_FIELDS)
+    if unknown:
+        raise ApiError(400, "invalid_message", f"unknown fields: {', '.join(unknown)}; allowed: "
+                       f"{', '.join(sorted(_MESSAGE_FIELDS))}")
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+        raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 printable characters")
+    if runner.state in (State.LOGGED_OUT, State.REPLACED):
+        raise ApiError(409, "company_unavailable", f"company {runner.id!r} is {runner.state}: messages cannot be "
+                       "sent until it is connected again (connect, and pair if needed)")
+    to = body.get("to")
+    try:
+        recipient = normalize_recipient(to) if isinstance(to, str) else None
+    except InvalidRecipient as exc:
+        raise ApiError(400, "invalid_recipient", str(exc)) from None
+    if recipient is None:
+        raise ApiError(400, "invalid_recipient", '"to" is required: a phone number in international format or a JID')
+    kinds = [k for k in _MEDIA_KINDS if k in body]
+    if len(kinds) > 1 or (kinds and "text" in body):
+        raise ApiError(400, "invalid_message", 'send one of "text", "image", "document" or "audio"')
+    ttl = daemon.config.outbox_default_ttl
+    if "ttl" in body:
+        try:
+            ttl = parse_duration(body["ttl"]) if isinstance(body["ttl"], str) else float(body["ttl"])
+        except (ValueError, TypeError):
+            raise ApiError(400, "invalid_message", 'ttl must be a duration such as "1h" or seconds') from None
+        if not 1 <= ttl <= daemon.config.outbox_max_ttl:
+            raise ApiError(400, "invalid_message", f"ttl must be between 1s and outbox.max_ttl "
+                           f"({daemon.config.outbox_max_ttl:g}s)")
+    for name in ("caption", "filename", "mimetype"):
+        if name in body and not isinstance(body[name], str):
+            raise ApiError(400, "invalid_message", f'"{name}" must be a string')
+    media: bytes | None = None
+    if kinds:
+        kind = kinds[0]
+        media, filename, mimetype = await asyncio.to_thread(
+            _media_bytes, body[kind], kind, daemon.config.outbox_max_file_size)
+        filename = body.get("filename") or filename
+        payload: dict[str, Any] = {
+            "caption": body.get("caption"), "filename": filename,
+            "mimetype": body.get("mimetype") or mimetype or _guess_mimetype(kind, filename, media),
+            "size": len(media),
+        }
+    else:
+        kind = "text"
+        text = body.get("text")
+        if not isinstance(text, str) or not text:
+            raise ApiError(400, "invalid_message", 'send "text" (a non-empty string) or a media field')
+        if len(text) > _MAX_TEXT:
+            raise ApiError(400, "invalid_message", f"the text is {len(text)} characters; at most {_MAX_TEXT}")
+        payload = {"text": text}
+    try:
+        created, message = await daemon.messaging.enqueue(runner, key, body, recipient, str(to), kind, payload,
+                                                          media, ttl)
+    except IdempotencyConflict as exc:
+        raise ApiError(422, "idempotency_key_reused", f"Idempotency-Key {key!r} was already used for message "
+                       f"{exc.args[0]} with a different body; use a new key for a new message") from None
+    wait = request.query.get("wait")
+    if wait is not None:
+        if wait != "sent":
+            raise ApiError(400, "bad_request", "wait accepts only 'sent'")
+        bound = daemon.config.outbox_max_wait
+        if "timeout" in request.query:
+            try:
+                bound = min(bound, float(request.query["timeout"]))
+            except ValueError:
+                raise ApiError(400, "bad_request", "timeout must be a number of seconds") from None
+        message = await daemon.messaging.wait_status(
+            runner.id, message["id"], lambda m: m["status"] not in ("queued", "sending"), bound) or message
+    headers = {} if created else {"Idempotent-Replayed": "true"}
+    return web.json_response(message, status=202 if created else 200, headers=headers)
+
+
+async def get_message(request: web.Request) -> web.Response:
+    runner = _runner(request)
+    message_id = request.match_info["mid"]
+    message = await request.app[DAEMON].store.message(runner.id, message_id)
+    if message is None:
+        raise ApiError(404, "message_not_found", f"company {runner.id!r} has no message {message_id!r}")
+    return web.json_response(message)
+
+
+async def check_contact(request: web.Request) -> web.Response:
+    runner = _runner(request)
+    try:
+        phone = normalize_phone(request.match_info["phone"])
+    except InvalidRecipient as exc:
+        raise ApiError(400, "invalid_recipient", str(exc)) from None
+    if runner.state is not State.CONNECTED:
+        raise ApiError(409, "not_connected", f"company {runner.id!r} is {runner.state}; a number can be checked "
+                       "only while connected")
+    return web.json_response(await runner.command("check_number", {"phone": phone}))
+
+
+async def get_media(request: web.Request) -> web.StreamResponse:
+    daemon = request.app[DAEMON]
+    runner = _runner(request)
+    wa_id = request.match_info["message_id"]
+    media = await daemon.store.incoming_media(runner.id, wa_id)
+    if media is None:
+        raise ApiError(404, "media_not_found", f"no incoming media message {wa_id!r} for company {runner.id!r} "
+                       "(unknown id, not media, or older than journal.max_age)")
+    if runner.state is not State.CONNECTED:
+        raise ApiError(409, "not_connected", f"company {runner.id!r} is {runner.state}; media is downloaded from "
+                       "WhatsApp and needs a connection")
+    directory = daemon.config.daemon_state_dir / "tmp"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    target = directory / f"download-{secrets.token_hex(8)}"
+    try:
+        result = await runner.command("download", {"message": media["raw"], "path": str(target)},
+                                      timeout=daemon.config.outbox_send_timeout)
+        data = await asyncio.to_thread(target.read_bytes)
+    finally:
+        target.unlink(missing_ok=True)
+    return web.Response(body=data, content_type=str(result.get("mimetype") or media.get("mimetype")
+                                                   or "application/octet-stream"))
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    daemon = request.app[DAEMON]
+    store, messaging = daemon.store, daemon.messaging
+    since_text = request.query.get("since")
+    if since_text is not None and not since_text.isdigit():
+        raise ApiError(400, "bad_request", "since must be a sequence number (0 for everything kept)")
+    companies = frozenset(request.query.getall("company", []))
+    for company in companies:
+        try:
+            check_company_id(company)
+        except InvalidCompanyId as exc:
+            raise ApiError(400, "invalid_company_id", str(exc)) from None
+    types = frozenset(request.query.getall("type", []))
+    unknown = sorted(types - set(EVENT_TYPES))
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown event types {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}")
+    # Subscribe before reading the backlog, so nothing committed in between is missed.
+    sub = messaging.subscribe(companies, types)
+    try:
+        top = store.last_seq
+        since = int(since_text) if since_text is not None else top
+        if since > top:
+            raise ApiError(409, "cursor_ahead", f"since={since} is ahead of the newest event ({top}); the journal "
+                           "was reset or the cursor is from another daemon: resume from 0", last_seq=top)
+        oldest = await store.oldest_seq()
+        if since_text is not None and oldest is not None and since < oldest - 1:
+            raise ApiError(410, "since_expired", f"events after {since} were pruned by the retention policy; "
+                           f"the oldest available is {oldest}: resume from {oldest - 1}", oldest_available=oldest)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        timeout = daemon.config.events_write_timeout
+
+        async def write(item: dict[str, Any]) -> None:
+            await asyncio.wait_for(response.write(json.dumps(item, separators=(",", ":")).encode() + b"\n"), timeout)
+
+        last = since
+        try:
+            while last < top:
+                batch = await store.events_after(last, 1000, companies, types, until=top)
+                if not batch:
+                    break
+                for event in batch:
+                    await write(event.as_dict())
+                last = batch[-1].seq
+            last = max(last, top)
+            heartbeat = daemon.config.events_heartbeat_interval
+            while True:
+                try:
+                    item = await asyncio.wait_for(sub.queue.get(), heartbeat)
+                except TimeoutError:
+                    if sub.overflowed:
+                        item = None
+                    else:
+                        await write({"type": "heartbeat", "at": _now_iso(), "last_seq": last})
+                        continue
+                if item is None:
+                    why = "this reader fell too far behind" if sub.overflowed else "the daemon is stopping"
+                    await write({"type": "stream.end", "reason": "too_slow" if sub.overflowed else "daemon_stopping",
+                                 "resume_from": last, "message": f"{why}; reconnect with since={last}"})
+                    break
+                if item["seq"] <= last:
+                    continue
+                await write(item)
+                last = item["seq"]
+        except (TimeoutError, ConnectionResetError):
+            # A stalled reader (or one that went away): drop it, never wait for it.
+            if request.transport is not None:
+                request.transport.close()
+        return response
+    finally:
+        messaging.unsubscribe(sub)
+
+
+def _now_iso() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+async def metrics(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    lines = [
+        "# HELP whatsappd_up 1 while the daemon runs.", "# TYPE whatsappd_up gauge", "whatsappd_up 1",
+        "# HELP whatsappd_uptime_seconds Seconds since the daemon started.",
+        "# TYPE whatsappd_uptime_seconds gauge", f"whatsappd_uptime_seconds {time.time() - daemon.started_at:.3f}",
+        "# HELP whatsappd_companies Companies by connection state.", "# TYPE whatsappd_companies gauge",
+    ]
+    counts = daemon.supervisor.counts()
+    lines += [f'whatsappd_companies{{state="{s}"}} {counts.get(str(s), 0)}' for s in State]
+    lines += ["# HELP whatsappd_worker_restarts_total Worker restarts per company.",
+              "# TYPE whatsappd_worker_restarts_total counter"]
+    lines += [f'whatsappd_worker_restarts_total{{company="{r.id}"}} {r.restarts}'
+              for r in sorted(daemon.supervisor.companies.values(), key=lambda r: r.id)]
+    lines += ["# HELP whatsappd_connected Whether a company is connected (1) or not (0).",
+              "# TYPE whatsappd_connected gauge"]
+    lines += [f'whatsappd_connected{{company="{r.id}"}} {int(r.state is State.CONNECTED)}'
+              for r in sorted(daemon.supervisor.companies.values(), key=lambda r: r.id)]
+    outbox = await daemon.store.counts()
+    lines += ["# HELP whatsappd_outbox_messages Outgoing messages by status.", "# TYPE whatsappd_outbox_messages gauge"]
+    lines += [f'whatsappd_outbox_messages{{status="{s}"}} {outbox.get(s, 0)}' for s in STATUSES]
+    lines += ["# HELP whatsappd_journal_last_seq The newest event's sequence number.",
+              "# TYPE whatsappd_journal_last_seq counter", f"whatsappd_journal_last_seq {daemon.store.last_seq}",
+              "# HELP whatsappd_event_readers Live event stream readers.", "# TYPE whatsappd_event_readers gauge",
+              f"whatsappd_event_readers {len(daemon.messaging.subscribers)}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
+                        headers={"X-Content-Format": "prometheus-0.0.4"})
+
+
 def build_app(daemon: Daemon) -> web.Application:
     app = web.Application(
         middlewares=[_peer_middleware, _error_middleware, _body_limit_middleware],
@@ -328,6 +627,12 @@ def build_app(daemon: Daemon) -> web.Application:
     r.add_post("/v1/companies/{id}/logout", logout)
     r.add_post("/v1/companies/{id}/restart", restart)
     r.add_post("/v1/companies/{id}/simulate", simulate)
+    r.add_post("/v1/companies/{id}/messages", send_message)
+    r.add_get("/v1/companies/{id}/messages/{mid}", get_message)
+    r.add_get("/v1/companies/{id}/contacts/{phone}", check_contact)
+    r.add_get("/v1/companies/{id}/media/{message_id}", get_media)
+    r.add_get("/v1/events", events)
+    r.add_get("/v1/metrics", metrics)
     r.add_post("/v1/reload", reload)
     r.add_get("/v1/openapi.json", openapi)
     return app
@@ -363,12 +668,24 @@ class CappedSockSite(web.SockSite):
         server = self._runner.server
         assert server is not None
 
+        loop = asyncio.get_running_loop()
+        pending = 0  # handlers made whose connection_made has not run yet
+
+        def settled() -> None:
+            nonlocal pending
+            pending -= 1
+
         def factory() -> asyncio.BaseProtocol:
-            if len(server.connections) >= self.max_connections:
+            nonlocal pending
+            # Connections accepted in one burst get their handlers before any of them runs
+            # connection_made (which adds it to server.connections): count those too.
+            if len(server.connections) + pending >= self.max_connections:
                 log.warning("connection refused: too many open connections", limit=self.max_connections)
                 return _Refuser()
+            pending += 1
+            # connection_made is scheduled with call_soon right after this factory returns;
+            # two hops make sure the handler is in server.connections before it leaves `pending`.
+            loop.call_soon(loop.call_soon, settled)
             return server()
 
-        self._server = await asyncio.get_running_loop().create_unix_server(
-            factory, sock=self._sock, backlog=self._backlog
-        )
+        self._server = await loop.create_unix_server(factory, sock=self._sock, backlog=self._backlog)

@@ -12,11 +12,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Client", "DaemonUnavailable", "Response"]
+__all__ = ["Client", "DaemonUnavailable", "Response", "StreamRefused"]
 
 
 class DaemonUnavailable(Exception):
     """Nothing answers on the socket. The message says which socket and what to do."""
+
+
+class StreamRefused(Exception):
+    """The daemon answered a stream request with an error instead of a stream."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(f"HTTP {response.status}")
+        self.response = response
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -98,7 +106,7 @@ class Client:
         try:
             resp = conn.getresponse()
             if resp.status != 200:
-                raise RuntimeError(f"{path}: HTTP {resp.status}: {resp.read().decode(errors='replace')}")
+                raise StreamRefused(Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()))
             while line := resp.readline():
                 yield line.rstrip(b"\n")
         finally:

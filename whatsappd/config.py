@@ -309,6 +309,33 @@ SETTINGS: tuple[Setting, ...] = (
             "Crashes within crash_window that put a company in `failed` until an operator acts."),
     Setting("workers", "crash_window", _duration_range(1, 86400), "10m",
             "The window for crash_limit.", render=format_duration),
+    Setting("journal", "max_age", _duration_range(60, 365 * 86400), "7d",
+            "Events older than this are deleted from the journal.", render=format_duration),
+    Setting("journal", "max_events", _int_range(1000, 100_000_000), 1_000_000,
+            "At most this many events are kept (the oldest go first)."),
+    Setting("events", "heartbeat_interval", _duration_range(0.1, 300), "15s",
+            "A stream reader gets a heartbeat line this often when nothing else happens.",
+            render=format_duration),
+    Setting("events", "reader_buffer", _int_range(10, 1_000_000), 10000,
+            "Live events buffered per stream reader; a reader further behind is cut off "
+            "(it resumes from its last seq)."),
+    Setting("events", "write_timeout", _duration_range(0.1, 600), "10s",
+            "A stream reader that accepts no data for this long is disconnected.",
+            render=format_duration),
+    Setting("outbox", "default_ttl", _duration_range(1, 30 * 86400), "24h",
+            "A message not sent within its ttl becomes `expired` (per message: \"ttl\").",
+            render=format_duration),
+    Setting("outbox", "max_ttl", _duration_range(1, 365 * 86400), "7d",
+            "The largest ttl a message may ask for.", render=format_duration),
+    Setting("outbox", "idempotency_window", _duration_range(60, 30 * 86400), "24h",
+            "An Idempotency-Key repeated within this returns the first result.", render=format_duration),
+    Setting("outbox", "send_timeout", _duration_range(1, 600), "60s",
+            "A send the worker does not answer within this restarts the worker; the message's "
+            "fate is then settled from the worker's send log.", render=format_duration),
+    Setting("outbox", "max_wait", _duration_range(0.1, 600), "60s",
+            "The longest ?wait=sent may hold a request.", render=format_duration),
+    Setting("outbox", "max_file_size", lambda v: _checked_size(v, 1024, 2 * 1024**3), "64MiB",
+            "Largest media file a message may attach (by path or base64).", render=format_size),
 )
 
 
@@ -368,6 +395,17 @@ class Config:
     workers_pairing_timeout: float
     workers_crash_limit: int
     workers_crash_window: float
+    journal_max_age: float
+    journal_max_events: int
+    events_heartbeat_interval: float
+    events_reader_buffer: int
+    events_write_timeout: float
+    outbox_default_ttl: float
+    outbox_max_ttl: float
+    outbox_idempotency_window: float
+    outbox_send_timeout: float
+    outbox_max_wait: float
+    outbox_max_file_size: int
     companies: tuple[CompanyConfig, ...] = ()
 
     @property

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from whatsappd.client import Client, DaemonUnavailable, Response
+from whatsappd.client import Client, DaemonUnavailable, Response, StreamRefused
 from whatsappd.config import ConfigError, default_paths, load_config
 
 __all__ = ["main"]
@@ -207,6 +207,48 @@ def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     raise Failure(f"{args.id}: not connected within {args.wait:g}s (state {body['state']})")
 
 
+def cmd_send(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+    path = f"/v1/companies/{args.id}/messages" + ("?wait=sent" if args.wait else "")
+    body = _check(client.post(path, {"to": args.to, "text": args.text}, headers=headers))
+    text = f"{body['id']}: {body['status']}"
+    if body.get("wa_id"):
+        text += f" (WhatsApp id {body['wa_id']})"
+    if body.get("error"):
+        text += f": {body['error']['message']}"
+    if body["status"] in ("failed", "expired"):
+        raise Failure(text, body=body)
+    return body, text
+
+
+def cmd_events(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    """Follow the event stream until interrupted; one line per event."""
+    query = []
+    if args.since is not None:
+        query.append(f"since={args.since}")
+    query += [f"company={c}" for c in args.company or []]
+    query += [f"type={t}" for t in args.type or []]
+    path = "/v1/events" + ("?" + "&".join(query) if query else "")
+    client.timeout = None  # a stream may be quiet for long; heartbeats keep it alive
+    try:
+        for line in client.stream_lines(path):
+            if args.json:
+                print(line.decode(), flush=True)
+                continue
+            event = json.loads(line)
+            if event.get("type") == "heartbeat":
+                continue
+            extra = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in event.items()
+                             if k not in ("seq", "at", "type", "company"))
+            print(f"{event.get('seq', '-'):>8} {event.get('at', '')} {event.get('company', '-')} "
+                  f"{event['type']} {extra}", flush=True)
+    except StreamRefused as exc:
+        _check(exc.response)
+    except KeyboardInterrupt:
+        pass
+    return None, ""
+
+
 def _tty() -> bool:
     return sys.stdout.isatty()
 
@@ -220,6 +262,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any,
     "pair-code": ("pair with a phone number instead of a QR: prints the code to type", cmd_pair_code),
     "logout": ("unlink the device on WhatsApp and wipe the session", cmd_logout),
     "restart": ("restart a company's worker", cmd_restart),
+    "send": ("queue a text message: send ID TO TEXT", cmd_send),
+    "events": ("follow the event stream (backlog after --since, then live)", cmd_events),
     "reload": ("reload the config now; returns once applied or failed", cmd_reload),
 }
 
@@ -233,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
-        if name in ("status", "connect", "qr", "pair-code", "logout", "restart"):
+        if name in ("status", "connect", "qr", "pair-code", "logout", "restart", "send"):
             cmd.add_argument("id", help="company id")
         if name == "pair-code":
             cmd.add_argument("phone", help="the phone number in international format, e.g. +5511999999999")
@@ -241,6 +285,15 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--wait", type=float, default=200.0, metavar="SECONDS",
                              help="how long to wait for the connection (default 200, beyond the QR window)")
             cmd.add_argument("--no-wait", action="store_true", help="return at once after starting it")
+        if name == "send":
+            cmd.add_argument("to", help="phone number in international format, or a JID")
+            cmd.add_argument("text", help="the message text")
+            cmd.add_argument("--wait", action="store_true", help="wait until it is sent (or fails)")
+            cmd.add_argument("--idempotency-key", metavar="KEY", help="never send twice for the same KEY")
+        if name == "events":
+            cmd.add_argument("--since", type=int, metavar="SEQ", help="start after this sequence number (0: all kept)")
+            cmd.add_argument("--company", action="append", metavar="ID", help="only this company (repeatable)")
+            cmd.add_argument("--type", action="append", metavar="TYPE", help="only this event type (repeatable)")
         if name == "qr":
             cmd.add_argument("--png", metavar="FILE", help="write the QR code as a PNG image to FILE")
     return parser
@@ -264,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(exc.body, indent=2))
         print(f"whatsappctl: {exc}", file=sys.stderr)
         return exc.code
-    if args.json:
+    if args.json and body is not None:
         print(json.dumps(body, indent=2))
     elif text:
         print(text)

@@ -23,7 +23,9 @@ from whatsappd.api import CappedSockSite, build_app
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control_socket import SocketSetupError, bind_control_socket
 from whatsappd.logs import configure_logging, get_logger
+from whatsappd.messaging import Messaging
 from whatsappd.registry import RegistryError
+from whatsappd.store import Store, StoreError
 from whatsappd.supervisor import Supervisor
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
 
@@ -42,6 +44,8 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.supervisor = Supervisor(config, on_change=self._status_changed)
+        self.store = Store(config.daemon_state_dir / "whatsappd.sqlite")
+        self.messaging = Messaging(self.store, self.supervisor, config)
         self.started_at = time.time()
         self.stopping = False
         self.socket_path: str = ""
@@ -126,8 +130,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         try:
+            self.store.open()
+            self.messaging.start()
             await self.supervisor.start()
-        except (RegistryError, OSError) as exc:
+        except (RegistryError, StoreError, OSError) as exc:
             log.error("cannot start: unusable state directory", reason=str(exc))
             await self._runner.cleanup()
             self._remove_socket_file()
@@ -181,16 +187,28 @@ class Daemon:
         forced = asyncio.get_running_loop().create_task(self._next_stop_signal())
         done, _ = await asyncio.wait({graceful, forced}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
         code = 0
-        if graceful not in done:
+        if graceful in done and graceful.exception() is not None:
+            log.error("graceful shutdown failed; forcing", error=repr(graceful.exception()))
+            await self.supervisor.kill_all()
+            code = 1
+        elif graceful not in done:
             reason = "second signal" if forced in done else "shutdown budget exhausted"
             log.warning("forcing shutdown", reason=reason)
             graceful.cancel()
             await self.supervisor.kill_all()
+            try:  # what was committed is safe either way; this only tidies up
+                await asyncio.wait_for(self._close_store(), 5.0)
+            except (TimeoutError, Exception):
+                log.warning("the store did not close cleanly; committed data is safe")
             code = 0 if forced not in done else 1
         forced.cancel()
         self._remove_socket_file()
         log.info("stopped", exit_code=code, seconds=round(budget - (deadline - time.monotonic()), 3))
         return code
+
+    async def _close_store(self) -> None:
+        await self.messaging.close()
+        await self.store.close()
 
     async def _next_stop_signal(self) -> None:
         while (await self._signals.get()) == signal.SIGHUP:
@@ -199,9 +217,13 @@ class Daemon:
     async def _graceful_stop(self, site: CappedSockSite, deadline: float) -> None:
         # 1. stop accepting new connections; open ones finish their request.
         await site.stop()
-        # 2. ask every worker to disconnect, kill those that do not in time.
+        # 2. end the live event streams (their readers resume from their last seq).
+        for sub in list(self.messaging.subscribers):
+            sub.offer(None)
+        # 3. ask every worker to disconnect, kill those that do not in time.
         await self.supervisor.shutdown(timeout=max(0.5, deadline - time.monotonic() - 1.0))
-        # 3. close remaining client connections (event streams) and the app.
+        # 4. flush the journal and close the store, then the remaining client connections.
+        await self._close_store()
         assert self._runner is not None
         await self._runner.cleanup()
 
@@ -228,6 +250,7 @@ class Daemon:
             if {"logging.format", "logging.level"} & set(diff.settings):
                 configure_logging(new.logging_format, new.logging_level)
             self.config = new
+            self.messaging.config = new
             await self.supervisor.apply(new, diff)
             result = {"ok": True, "source": new.source, **diff.as_dict()}
             self.last_reload = {"at": _iso(time.time()), **result}

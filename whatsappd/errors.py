@@ -10,12 +10,14 @@ __all__ = ["ApiError"]
 class ApiError(Exception):
     """An error answered as {"error": {"code", "message", ...details}} with an HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, permanent: bool = False, **details: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        #: For a failed worker command: True if retrying cannot help (not part of the body).
+        self.permanent = permanent
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
@@ -38,6 +40,15 @@ CODES: dict[str, int] = {
     "not_pairing": 409,
     "not_running": 409,
     "not_connected": 409,
+    "invalid_recipient": 400,
+    "unreadable_file": 400,
+    "invalid_message": 400,
+    "idempotency_key_reused": 422,
+    "company_unavailable": 409,
+    "message_not_found": 404,
+    "media_not_found": 404,
+    "since_expired": 410,
+    "cursor_ahead": 409,
     "config_invalid": 422,
     "worker_timeout": 504,
     "too_many_connections": 503,

@@ -10,6 +10,7 @@ from typing import Any
 from whatsappd.errors import CODES
 from whatsappd.ids import COMPANY_ID_PATTERN
 from whatsappd.states import State
+from whatsappd.store import EVENT_TYPES
 
 __all__ = ["openapi_document"]
 
@@ -95,6 +96,49 @@ SCHEMAS: dict[str, Any] = {
             "proxy": {"type": "string", "description": 'e.g. "socks5://127.0.0.1:1080"'},
         },
         "additionalProperties": False,
+    },
+    "MessageInput": {
+        "type": "object",
+        "required": ["to"],
+        "properties": {
+            "to": {"type": "string", "description": "A phone number in international format "
+                   "(\"+55 11 99999-9999\") or a JID (…@s.whatsapp.net, …@g.us)."},
+            "text": {"type": "string", "maxLength": 65536},
+            "image": _ref("MediaInput"), "document": _ref("MediaInput"), "audio": _ref("MediaInput"),
+            "caption": {"type": "string"}, "filename": {"type": "string"}, "mimetype": {"type": "string"},
+            "ttl": {"oneOf": [{"type": "string", "description": "e.g. \"1h\""}, {"type": "number"}]},
+        },
+        "additionalProperties": False,
+    },
+    "MediaInput": {
+        "type": "object",
+        "description": "Exactly one of path (a file the daemon can read) or base64.",
+        "properties": {"path": {"type": "string"}, "base64": {"type": "string"},
+                       "filename": {"type": "string"}, "mimetype": {"type": "string"}},
+        "additionalProperties": False,
+    },
+    "Message": {
+        "type": "object",
+        "required": ["id", "company", "status"],
+        "properties": {
+            "id": {"type": "string"}, "company": {"type": "string"}, "to": {"type": "string"},
+            "jid": {"type": "string"}, "kind": {"type": "string", "enum": ["text", "image", "document", "audio"]},
+            "status": {"type": "string", "enum": ["queued", "sending", "sent", "delivered", "read", "failed",
+                                                  "expired"]},
+            "wa_id": {"type": ["string", "null"], "description": "WhatsApp's message id once sent."},
+            "error": {"oneOf": [{"type": "null"}, {"type": "object"}]},
+            "created_at": {"type": "string"}, "expires_at": {"type": "string"},
+            "sent_at": {"type": ["string", "null"]}, "delivered_at": {"type": ["string", "null"]},
+            "read_at": {"type": ["string", "null"]},
+        },
+        "additionalProperties": True,
+    },
+    "Event": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"seq": {"type": "integer"}, "at": {"type": "string"}, "company": {"type": "string"},
+                       "type": {"type": "string"}},
+        "additionalProperties": True,
     },
     "Qr": {
         "type": "object",
@@ -265,6 +309,104 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": {"200": _json({"type": "object"}, "Done."),
                           "202": _json({"type": "object"}, "Sent (crash, hang: no answer)."),
                           "409": _error("Not possible in this state."), **_ID_ERRORS, **_COMMON_ERRORS},
+        },
+    },
+    "/v1/companies/{id}/messages": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "Queue a message; it is stored durably before the answer",
+            "description": "Sent in order per company while connected; kept while disconnected; after `ttl` "
+                           "it becomes `expired`. `Idempotency-Key`: the same key within "
+                           "outbox.idempotency_window returns the first result (200, `Idempotent-Replayed: "
+                           "true`) and never sends twice; with a different body it is 422. `?wait=sent` holds "
+                           "the answer until the message is sent, failed or expired (at most outbox.max_wait, "
+                           "or `timeout` seconds).",
+            "operationId": "sendMessage",
+            "parameters": [
+                {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}},
+                {"name": "wait", "in": "query", "schema": {"type": "string", "enum": ["sent"]}},
+                {"name": "timeout", "in": "query", "schema": {"type": "number"}},
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("MessageInput")}}},
+            "responses": {
+                "200": _json(_ref("Message"), "A replay of an earlier request with the same Idempotency-Key."),
+                "202": _json(_ref("Message"), "Stored; status `queued` (or later with ?wait=sent)."),
+                "400": _error("Invalid recipient (invalid_recipient), message (invalid_message) or file "
+                              "(unreadable_file)."),
+                "409": _error("The company is logged_out or replaced (company_unavailable)."),
+                "422": _error("Idempotency-Key reused with a different body (idempotency_key_reused)."),
+                **_ID_ERRORS, **_COMMON_ERRORS,
+            },
+        },
+    },
+    "/v1/companies/{id}/messages/{mid}": {
+        "parameters": [_COMPANY_ID, {"name": "mid", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "get": {
+            "summary": "An outgoing message's status: queued, sending, sent, delivered, read, failed, expired",
+            "operationId": "getMessage",
+            "responses": {"200": _json(_ref("Message"), "The message."),
+                          "404": _error("No such company (company_not_found) or message (message_not_found)."),
+                          **_COMMON_ERRORS},
+        },
+    },
+    "/v1/companies/{id}/contacts/{phone}": {
+        "parameters": [_COMPANY_ID, {"name": "phone", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "get": {
+            "summary": "Whether a phone number is on WhatsApp, and its JID",
+            "operationId": "checkContact",
+            "responses": {"200": _json({"type": "object", "properties": {
+                "phone": {"type": "string"}, "on_whatsapp": {"type": "boolean"},
+                "jid": {"type": ["string", "null"]}}}, "The answer."),
+                "400": _error("Not a phone number (invalid_recipient)."),
+                "409": _error("The company is not connected (not_connected)."),
+                **_ID_ERRORS, **_COMMON_ERRORS},
+        },
+    },
+    "/v1/companies/{id}/media/{message_id}": {
+        "parameters": [_COMPANY_ID, {"name": "message_id", "in": "path", "required": True,
+                                     "schema": {"type": "string"}, "description": "The WhatsApp id of an "
+                                     "incoming media message (the `id` of its message.incoming event)."}],
+        "get": {
+            "summary": "The bytes of an incoming media message, downloaded from WhatsApp",
+            "operationId": "getMedia",
+            "responses": {"200": {"description": "The media, with its content type.",
+                                  "content": {"application/octet-stream": {}}},
+                          "404": _error("Unknown message or not media (media_not_found)."),
+                          "409": _error("The company is not connected (not_connected)."),
+                          **_COMMON_ERRORS},
+        },
+    },
+    "/v1/events": {
+        "get": {
+            "summary": "Newline-delimited JSON stream of events: the backlog after `since`, then live ones",
+            "description": "Each event has a `seq`; reconnect with `since=<last seq>` to resume with no gap "
+                           "and no duplicate, across daemon restarts. Without `since`, only new events. A "
+                           "`heartbeat` line comes every events.heartbeat_interval. A reader that falls "
+                           "too far behind gets a final `stream.end` line with `resume_from`. Pairing events "
+                           "carry the QR `code` on the live stream only; it is never stored.",
+            "operationId": "events",
+            "parameters": [
+                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                {"name": "company", "in": "query", "schema": {"type": "array", "items": {"type": "string"}},
+                 "style": "form", "explode": True},
+                {"name": "type", "in": "query", "schema": {"type": "array", "items": {
+                    "type": "string", "enum": list(EVENT_TYPES)}}, "style": "form", "explode": True},
+            ],
+            "responses": {
+                "200": {"description": "The stream.", "content": {"application/x-ndjson": {
+                    "schema": _ref("Event")}}},
+                "400": _error("Bad since, company or type."),
+                "409": _error("since is ahead of the newest event (cursor_ahead)."),
+                "410": _error("Events after since were pruned (since_expired; error.oldest_available)."),
+                **_COMMON_ERRORS,
+            },
+        },
+    },
+    "/v1/metrics": {
+        "get": {
+            "summary": "Prometheus text format: companies by state, restarts, outbox, journal",
+            "operationId": "metrics",
+            "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {}}}},
         },
     },
     "/v1/reload": {

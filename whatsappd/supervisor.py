@@ -257,7 +257,8 @@ class Runner:
             worker.pending.pop(request_id, None)
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            raise ApiError(409, str(error.get("code", "engine_error")), str(error.get("message", "failed")))
+            raise ApiError(409, str(error.get("code", "engine_error")), str(error.get("message", "failed")),
+                           permanent=bool(error.get("permanent")))
         return dict(reply.get("result") or {})
 
     async def logout(self) -> dict[str, Any]:
@@ -332,8 +333,9 @@ class Runner:
         """What a worker's end means for the company. Returns the reason of the next start."""
         code, killed = outcome.code, outcome.kill_reason
         if self._restart_now:
+            # The next worker start counts the restart (_run_worker); counting it here too
+            # showed one restart request as two.
             self._restart_now = False
-            self.restarts += 1
             return "restart requested"
         if not self.want_running:
             return "stopped"

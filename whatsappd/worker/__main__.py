@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reply |= {"ok": True, "result": engine.command(str(message.get("op")), message.get("args") or {})}
         except EngineError as exc:
-            reply |= {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+            reply |= {"ok": False, "error": {"code": exc.code, "message": exc.message, "permanent": exc.permanent}}
         except Exception as exc:  # a bug in the engine must not kill the channel
             log.exception("command failed", op=message.get("op"))
             reply |= {"ok": False, "error": {"code": "engine_error", "message": str(exc)}}

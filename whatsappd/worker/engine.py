@@ -22,10 +22,12 @@ Emit = Callable[[dict[str, Any]], None]
 class EngineError(Exception):
     """A command failed in a way the API reports to its caller (code is stable snake_case)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, permanent: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: For `send`: True if retrying cannot help (bad recipient, rejected media).
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,331 @@
+"""What the CRM uses the connections for: the event journal, live streams and the outbox.
+
+- Every supervisor event (state changes, pairing progress, incoming messages, receipts) is
+  appended to the journal; outbox status changes too. Readers see an event only once it is
+  committed (see store.py).
+- One sender task per company sends its queued messages in order while it is connected.
+  A message is marked `sending` before the worker is asked; after a crash the worker's send
+  log settles it (see docs/INTERNALS.md): sent once, or reported failed, never sent twice.
+- Live stream readers get bounded queues: a reader that falls behind is cut off and resumes
+  from its last seq; it never slows the daemon or other readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from whatsappd.errors import ApiError
+from whatsappd.logs import get_logger
+from whatsappd.states import State
+from whatsappd.store import EVENT_TYPES, Event, Store
+
+if TYPE_CHECKING:
+    from whatsappd.config import Config
+    from whatsappd.supervisor import Runner, Supervisor
+
+__all__ = ["EVENT_TYPES", "Messaging", "Subscriber"]
+
+log = get_logger()
+
+#: Pause after a transient send failure before the next try (the worker is still connected).
+SEND_RETRY_PAUSE = (1.0, 30.0)
+
+
+@dataclass(eq=False)  # identity semantics: each reader is its own subscriber
+class Subscriber:
+    """One live stream reader: its filters and a bounded queue."""
+
+    companies: frozenset[str]
+    types: frozenset[str]
+    maxsize: int
+    queue: asyncio.Queue[dict[str, Any] | None] = field(init=False)
+    overflowed: bool = False
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.maxsize)
+
+    def wants(self, event: Event) -> bool:
+        return ((not self.companies or event.company in self.companies)
+                and (not self.types or event.type in self.types))
+
+    def offer(self, item: dict[str, Any] | None) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # Never wait for a slow reader: mark it; its stream ends with a "cut" line.
+            self.overflowed = True
+
+
+class Messaging:
+    def __init__(self, store: Store, supervisor: Supervisor, config: Config) -> None:
+        self.store = store
+        self.sup = supervisor
+        self.config = config
+        self.subscribers: set[Subscriber] = set()
+        self._senders: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._status_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._maintenance: asyncio.Task[None] | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------------------ wiring
+
+    def start(self) -> None:
+        self.sup.listeners.append(self._on_supervisor_event)
+        self.store.subscribe(self._on_committed)
+        for runner in self.sup.companies.values():
+            self._ensure_sender(runner)
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="maintenance")
+
+    async def close(self) -> None:
+        self.closed = True
+        for sub in list(self.subscribers):
+            sub.offer(None)
+        tasks = [t for t in (*self._senders.values(), self._maintenance, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.flush()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ensure_sender(self, runner: Runner) -> None:
+        task = self._senders.get(runner.id)
+        if task is None or task.done():
+            self._wake.setdefault(runner.id, asyncio.Event())
+            self._senders[runner.id] = asyncio.get_running_loop().create_task(
+                self._sender(runner.id), name=f"sender-{runner.id}")
+
+    def _on_supervisor_event(self, event: dict[str, Any], secret: dict[str, Any] | None) -> None:
+        if self.closed:
+            return
+        data = {k: v for k, v in event.items() if k not in ("type", "company", "at")}
+        company = event.get("company")
+        kind = event["type"]
+        if kind == "message.incoming":
+            raw = data.pop("raw", None)
+            if raw and data.get("id"):
+                self._spawn(self.store.store_incoming_media(str(company), str(data["id"]), str(data.get("kind")),
+                                                            (data.get("media") or {}).get("mimetype"), raw))
+        elif kind == "message.receipt":
+            self._spawn(self._apply_receipt(str(company), data))
+        elif kind == "company.state":
+            runner = self.sup.companies.get(str(company))
+            if runner is not None:
+                self._ensure_sender(runner)
+                if data.get("new") == State.CONNECTED:
+                    self._wake[runner.id].set()
+        self.store.append(company, kind, data, secret)
+
+    def _on_committed(self, event: Event, secret: dict[str, Any] | None) -> None:
+        line = event.as_dict()
+        for sub in list(self.subscribers):
+            if sub.wants(event):
+                # QR codes reach live readers only; the journal on disk never holds them.
+                sub.offer({**line, **secret} if secret else line)
+        if event.type == "message.status":
+            for future in self._status_waiters.pop(str(event.data.get("message_id")), []):
+                if not future.done():
+                    future.set_result(None)
+
+    # ------------------------------------------------------------------------ live readers
+
+    def subscribe(self, companies: frozenset[str], types: frozenset[str]) -> Subscriber:
+        sub = Subscriber(companies, types, self.config.events_reader_buffer)
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    # ----------------------------------------------------------------------------- outbox
+
+    def _status_event(self, message: dict[str, Any]) -> None:
+        data = {"message_id": message["id"], "status": message["status"], "wa_id": message.get("wa_id"),
+                "to": message.get("to")}
+        if message.get("error"):
+            data["error"] = message["error"]
+        self.store.append(message["company"], "message.status", data)
+
+    async def enqueue(self, runner: Runner, idem_key: str | None, body: Any, recipient: str, to_input: str,
+                      kind: str, payload: dict[str, Any], media: bytes | None, ttl: float) -> tuple[bool, dict[str, Any]]:
+        created, message = await self.store.enqueue(runner.id, idem_key, body, recipient, to_input, kind,
+                                                    payload, media, ttl, self.config.outbox_idempotency_window)
+        if created:
+            self._status_event(message)
+            self._ensure_sender(runner)
+            self._wake[runner.id].set()
+        return created, message
+
+    async def wait_status(self, company: str, message_id: str, done: Callable[[dict[str, Any]], bool],
+                          timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._status_waiters.setdefault(message_id, []).append(future)
+            message = await self.store.message(company, message_id)
+            if message is None or done(message):
+                return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return message
+            try:
+                await asyncio.wait_for(future, remaining)
+            except TimeoutError:
+                return await self.store.message(company, message_id)
+
+    async def _apply_receipt(self, company: str, data: dict[str, Any]) -> None:
+        status = {"delivered": "delivered", "read": "read", "played": "read"}.get(str(data.get("receipt")))
+        ids = [str(i) for i in data.get("ids") or []]
+        if status is None or not ids:
+            return
+        for message in await self.store.receipt(company, ids, status):
+            self._status_event(message)
+
+    async def _sender(self, company: str) -> None:
+        """Send this company's queued messages, one at a time, in order, while connected."""
+        wake = self._wake[company]
+        settled_for_pid: int | None = None
+        pause = SEND_RETRY_PAUSE[0]
+        while not self.closed:
+            runner = self.sup.companies.get(company)
+            if runner is None:
+                return
+            worker = runner.worker
+            if runner.state is not State.CONNECTED or worker is None:
+                wake.clear()
+                await wake.wait()
+                continue
+            try:
+                if settled_for_pid != worker.pid:
+                    await self._settle_in_flight(runner)
+                    settled_for_pid = worker.pid
+                message = await self.store.next_pending(company)
+                if message is None:
+                    wake.clear()
+                    if await self.store.next_pending(company) is None:
+                        await wake.wait()
+                    continue
+                ok = await self._send_one(runner, message)
+                pause = SEND_RETRY_PAUSE[0] if ok else min(pause * 2, SEND_RETRY_PAUSE[1])
+                if not ok:
+                    wake.clear()
+                    try:
+                        await asyncio.wait_for(wake.wait(), pause)
+                    except TimeoutError:
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox sender failed; retrying", company=company)
+                await asyncio.sleep(SEND_RETRY_PAUSE[0])
+
+    async def _settle_in_flight(self, runner: Runner) -> None:
+        """Messages left `sending` by a crash: ask the worker's send log what became of them."""
+        in_flight = await self.store.in_flight(runner.id)
+        if not in_flight:
+            return
+        ids = [m["id"] for m in in_flight]
+        result = await runner.command("send_status", {"outbox_ids": ids}, timeout=self.config.outbox_send_timeout)
+        statuses = result.get("statuses") or {}
+        for message in in_flight:
+            status = statuses.get(message["id"]) or {"state": "unknown"}
+            if status.get("state") == "sent":
+                changed = await self.store.set_status(message["id"], "sent", wa_id=status.get("wa_id"))
+            elif status.get("state") == "attempted":
+                changed = await self.store.set_status(
+                    message["id"], "failed", error_code="send_interrupted",
+                    error="the daemon stopped while this message was being sent; it may or may not have "
+                          "been delivered, and it is not resent to avoid a duplicate")
+            else:
+                changed = await self.store.set_status(message["id"], "queued")
+            if changed is not None:
+                log.info("settled an interrupted send", company=runner.id, message_id=message["id"],
+                         status=changed["status"])
+                self._status_event(changed)
+
+    async def _send_one(self, runner: Runner, message: dict[str, Any]) -> bool:
+        sending = await self.store.set_status(message["id"], "sending")
+        if sending is None:
+            return True  # expired or changed meanwhile
+        self._status_event(sending)
+        media_path: Path | None = None
+        args: dict[str, Any] = {
+            "outbox_id": message["id"], "to": message["jid"], "kind": message["kind"],
+            "text": message.get("text"), "caption": message.get("caption"),
+            "filename": message.get("filename"), "mimetype": message.get("mimetype"),
+        }
+        try:
+            if message["kind"] != "text":
+                data = await self.store.media(message["id"])
+                if data is None:
+                    raise ApiError(409, "media_invalid", "the stored media is missing")
+                media_path = await asyncio.to_thread(_write_media_file, self.sup.config.daemon_state_dir, data)
+                args["media_path"] = str(media_path)
+            result = await runner.command("send", args, timeout=self.config.outbox_send_timeout)
+        except ApiError as exc:
+            if exc.code in ("worker_exited", "not_running"):
+                return False  # outcome unknown: stays `sending`, settled from the send log later
+            if exc.code == "worker_timeout":
+                if runner.worker is not None:
+                    runner.worker.kill("send_timeout")  # its send log will settle the message
+                return False
+            if getattr(exc, "permanent", False) or exc.code == "media_invalid":
+                failed = await self.store.set_status(message["id"], "failed", error_code=exc.code, error=exc.message)
+                if failed:
+                    self._status_event(failed)
+                return True
+            queued = await self.store.set_status(message["id"], "queued", error_code=exc.code, error=exc.message)
+            if queued:
+                self._status_event(queued)
+            return False
+        finally:
+            if media_path is not None:
+                media_path.unlink(missing_ok=True)
+        sent = await self.store.set_status(message["id"], "sent", wa_id=result.get("wa_id"))
+        if sent:
+            self._status_event(sent)
+        return True
+
+    # ------------------------------------------------------------------------ maintenance
+
+    async def _maintain(self) -> None:
+        """Expire messages past their ttl; prune the journal by age and size."""
+        last_prune = 0.0
+        while not self.closed:
+            try:
+                for message in await self.store.expire():
+                    self._status_event(message)
+                if time.monotonic() - last_prune > 60:
+                    last_prune = time.monotonic()
+                    pruned = await self.store.prune(self.config.journal_max_age, self.config.journal_max_events)
+                    if pruned:
+                        log.info("journal pruned", events=pruned)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("maintenance failed")
+            await asyncio.sleep(1.0)
+
+
+def _write_media_file(state_dir: Path, data: bytes) -> Path:
+    """A private temporary file with the media bytes, for the worker to read."""
+    directory = state_dir / "tmp"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=directory, prefix="media-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return Path(path)

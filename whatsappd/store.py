@@ -1,0 +1,517 @@
+"""Durable state in SQLite (WAL): the event journal and the outbox.
+
+One writer thread owns the write connection, so a slow fsync never blocks the event loop and
+writes are serialised in the order they were asked for. Events are appended in batches (group
+commit): everything published during one loop tick goes into one transaction, and readers see
+an event only after its transaction committed, so a `seq` a reader saw is never lost.
+
+Reads (event backlog, message lookups) use their own connections from worker threads; WAL lets
+them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "Store", "StoreError", "new_message_id"]
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    company TEXT,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS messages (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,      -- send order within a company
+    id TEXT NOT NULL UNIQUE,                  -- msg_..., what the API hands out
+    company TEXT NOT NULL,
+    idem_key TEXT,
+    idem_at REAL,
+    body_hash TEXT NOT NULL,
+    recipient TEXT NOT NULL,                  -- the JID
+    to_input TEXT NOT NULL,                   -- what the client wrote
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,                    -- JSON: text, caption, filename, mimetype, size
+    status TEXT NOT NULL,
+    wa_id TEXT,
+    error_code TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    sent_at REAL,
+    delivered_at REAL,
+    read_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idem ON messages (company, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_pending ON messages (company, status, n);
+CREATE INDEX IF NOT EXISTS messages_wa ON messages (company, wa_id);
+CREATE TABLE IF NOT EXISTS media (message_id TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS incoming_media (
+    company TEXT NOT NULL,
+    wa_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    mimetype TEXT,
+    raw TEXT NOT NULL,
+    PRIMARY KEY (company, wa_id)
+);
+"""
+
+#: What the journal records (and a stream reader may filter on).
+EVENT_TYPES = (
+    "company.state", "company.pairing", "company.paired",
+    "message.incoming", "message.receipt", "message.status",
+)
+
+#: Statuses of an outgoing message, and which may follow which (receipts only move forward).
+STATUSES = ("queued", "sending", "sent", "delivered", "read", "failed", "expired")
+_RANK = {"sent": 1, "delivered": 2, "read": 3}
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message says which file and what to do."""
+
+
+class IdempotencyConflict(Exception):
+    """The same Idempotency-Key was used with a different body."""
+
+
+def new_message_id() -> str:
+    return "msg_" + secrets.token_hex(12)
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int((ts % 1) * 1000):03d}Z"
+
+
+def body_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    at: float
+    company: str | None
+    type: str
+    data: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seq": self.seq, "at": _iso(self.at), "type": self.type}
+        if self.company is not None:
+            out["company"] = self.company
+        out.update(self.data)
+        return out
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 30000")
+    if not readonly:
+        db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a transaction that returned is on disk, even across a power cut; group commit
+        # keeps the fsync count low.
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._db: sqlite3.Connection | None = None
+        self._local = threading.local()
+        # Event batching
+        self._pending: list[tuple[float, str | None, str, dict[str, Any]]] = []
+        self._pending_secrets: list[dict[str, Any] | None] = []
+        self._flush_scheduled = False
+        self._flushing: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[Event, dict[str, Any] | None], None]] = []
+        self.last_seq = 0
+
+    # ------------------------------------------------------------------------ open / close
+
+    def open(self) -> None:
+        """Create or open the database (blocking; call before the loop serves)."""
+        new = not self.path.exists()
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        old_umask = os.umask(0o077)
+        try:
+            self._db = _connect(self.path)
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} was written by a newer whatsappd (schema {version}); "
+                                 "upgrade whatsappd or restore a matching backup")
+            self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}; if the file is damaged, move it "
+                             "aside (the daemon then starts with an empty journal and outbox)") from exc
+        finally:
+            os.umask(old_umask)
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(f"{self.path}{suffix}")
+            if p.exists():
+                os.chmod(p, 0o600)
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        self.last_seq = row[0] if row else 0
+        if new:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (str(time.time()),))
+
+    async def close(self) -> None:
+        if self._db is None:
+            return
+        await self.flush()
+        await self.run(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self, db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+        self._db = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(db, *args) on the writer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(self._writer(), *args))
+
+    def _writer(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("the store is closed")
+        return self._db
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = _connect(self.path, readonly=True)
+            self._local.db = db
+        return db
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(read_connection, *args) on a worker thread."""
+        return await asyncio.to_thread(lambda: fn(self._reader(), *args))
+
+    # ------------------------------------------------------------------------------ events
+
+    def subscribe(self, listener: Callable[[Event, dict[str, Any] | None], None]) -> Callable[[], None]:
+        """listener(event, secret) is called, in the loop, for each committed event."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def append(self, company: str | None, type_: str, data: dict[str, Any],
+               secret: dict[str, Any] | None = None) -> None:
+        """Queue an event; it is committed with the others of this tick, then delivered."""
+        self._pending.append((time.time(), company, type_, data))
+        self._pending_secrets.append(secret)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
+
+    def _start_flush(self) -> None:
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            batch, secrets_ = self._pending, self._pending_secrets
+            self._pending, self._pending_secrets = [], []
+            self._flush_scheduled = False
+            events = await self.run(_insert_events, batch)
+            self.last_seq = events[-1].seq
+            for event, secret in zip(events, secrets_, strict=True):
+                for listener in list(self._listeners):
+                    listener(event, secret)
+        self._flush_scheduled = False
+
+    async def flush(self) -> None:
+        """Wait until every appended event is committed and delivered."""
+        while self._pending or (self._flushing is not None and not self._flushing.done()):
+            if self._flushing is None or self._flushing.done():
+                self._start_flush()
+            assert self._flushing is not None
+            await asyncio.shield(self._flushing)
+
+    async def events_after(self, since: int, limit: int, companies: Iterable[str] = (),
+                           types: Iterable[str] = (), until: int | None = None) -> list[Event]:
+        return await self.read(_select_events, since, limit, tuple(companies), tuple(types), until)
+
+    async def oldest_seq(self) -> int | None:
+        return await self.read(lambda db: db.execute("SELECT MIN(seq) FROM events").fetchone()[0])
+
+    async def prune(self, max_age: float, max_events: int) -> int:
+        return await self.run(_prune, time.time() - max_age, max_events)
+
+    # ------------------------------------------------------------------------------ outbox
+
+    async def enqueue(self, company: str, idem_key: str | None, body: Any, recipient: str, to_input: str,
+                      kind: str, payload: dict[str, Any], media: bytes | None, ttl: float,
+                      idem_window: float) -> tuple[bool, dict[str, Any]]:
+        """Store a message durably. Returns (created, message); a replayed key gives the first."""
+        return await self.run(_enqueue, company, idem_key, body_hash(body), recipient, to_input, kind,
+                              payload, media, ttl, idem_window)
+
+    async def message(self, company: str, message_id: str) -> dict[str, Any] | None:
+        return await self.read(_select_message, company, message_id)
+
+    async def next_pending(self, company: str) -> dict[str, Any] | None:
+        return await self.read(_next_pending, company)
+
+    async def media(self, message_id: str) -> bytes | None:
+        return await self.read(
+            lambda db: (r[0] if (r := db.execute("SELECT data FROM media WHERE message_id = ?",
+                                                  (message_id,)).fetchone()) else None))
+
+    async def set_status(self, message_id: str, status: str, **fields: Any) -> dict[str, Any] | None:
+        """Move a message to a status; None if that move is not allowed (e.g. read -> sent)."""
+        return await self.run(_set_status, message_id, status, fields)
+
+    async def receipt(self, company: str, wa_ids: list[str], status: str) -> list[dict[str, Any]]:
+        return await self.run(_receipt, company, wa_ids, status)
+
+    async def in_flight(self, company: str) -> list[dict[str, Any]]:
+        return await self.read(lambda db: [_row_message(r) for r in db.execute(
+            "SELECT * FROM messages WHERE company = ? AND status = 'sending' ORDER BY n", (company,))])
+
+    async def expire(self) -> list[dict[str, Any]]:
+        return await self.run(_expire, time.time())
+
+    async def counts(self) -> dict[str, int]:
+        return await self.read(lambda db: dict(db.execute(
+            "SELECT status, count(*) FROM messages GROUP BY status").fetchall()))
+
+    async def store_incoming_media(self, company: str, wa_id: str, kind: str, mimetype: str | None,
+                                   raw: str) -> None:
+        await self.run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO incoming_media VALUES (?, ?, ?, ?, ?, ?)",
+            (company, wa_id, time.time(), kind, mimetype, raw)))
+
+    async def incoming_media(self, company: str, wa_id: str) -> dict[str, Any] | None:
+        def q(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute("SELECT kind, mimetype, raw FROM incoming_media WHERE company = ? AND wa_id = ?",
+                             (company, wa_id)).fetchone()
+            return {"kind": row[0], "mimetype": row[1], "raw": row[2]} if row else None
+
+        return await self.read(q)
+
+
+# ------------------------------------------------------------------ functions on a connection
+
+
+def _insert_events(db: sqlite3.Connection, batch: list[tuple[float, str | None, str, dict[str, Any]]]) -> list[Event]:
+    out = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for at, company, type_, data in batch:
+            cur = db.execute("INSERT INTO events (at, company, type, data) VALUES (?, ?, ?, ?)",
+                             (at, company, type_, json.dumps(data, separators=(",", ":"))))
+            out.append(Event(int(cur.lastrowid or 0), at, company, type_, data))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return out
+
+
+def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: tuple[str, ...],
+                   types: tuple[str, ...], until: int | None) -> list[Event]:
+    sql = "SELECT seq, at, company, type, data FROM events WHERE seq > ?"
+    args: list[Any] = [since]
+    if until is not None:
+        sql += " AND seq <= ?"
+        args.append(until)
+    if companies:
+        sql += f" AND company IN ({','.join('?' * len(companies))})"
+        args.extend(companies)
+    if types:
+        sql += f" AND type IN ({','.join('?' * len(types))})"
+        args.extend(types)
+    sql += " ORDER BY seq LIMIT ?"
+    args.append(limit)
+    return [Event(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in db.execute(sql, args)]
+
+
+def _prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
+    db.execute("BEGIN IMMEDIATE")
+    n = db.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
+    top = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+    if top is not None:
+        n += db.execute("DELETE FROM events WHERE seq <= ?", (top - max_events,)).rowcount
+    db.execute("DELETE FROM incoming_media WHERE at < ?", (cutoff,))
+    db.execute("COMMIT")
+    return n
+
+
+def _row_message(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
+    (n, mid, company, idem_key, _idem_at, _hash, recipient, to_input, kind, payload, status, wa_id,
+     error_code, error, attempts, created, updated, expires, sent, delivered, read) = row
+    out: dict[str, Any] = {
+        "id": mid, "company": company, "to": to_input, "jid": recipient, "kind": kind, "status": status,
+        "wa_id": wa_id, "attempts": attempts, "created_at": _iso(created), "updated_at": _iso(updated),
+        "expires_at": _iso(expires), "sent_at": _iso(sent), "delivered_at": _iso(delivered),
+        "read_at": _iso(read), "error": {"code": error_code, "message": error} if error_code else None,
+        "idempotency_key": idem_key,
+    }
+    out.update({k: v for k, v in json.loads(payload).items() if k != "text"})
+    return out
+
+
+def _select_message(db: sqlite3.Connection, company: str, message_id: str) -> dict[str, Any] | None:
+    row = db.execute("SELECT * FROM messages WHERE id = ? AND company = ?", (message_id, company)).fetchone()
+    return _row_message(row) if row else None
+
+
+def _next_pending(db: sqlite3.Connection, company: str) -> dict[str, Any] | None:
+    row = db.execute("SELECT * FROM messages WHERE company = ? AND status = 'queued' AND expires_at > ? "
+                     "ORDER BY n LIMIT 1", (company, time.time())).fetchone()
+    if row is None:
+        return None
+    message = _row_message(row)
+    message["text"] = json.loads(row[9]).get("text")
+    return message
+
+
+def _enqueue(db: sqlite3.Connection, company: str, idem_key: str | None, digest: str, recipient: str,
+             to_input: str, kind: str, payload: dict[str, Any], media: bytes | None, ttl: float,
+             idem_window: float) -> tuple[bool, dict[str, Any]]:
+    now = time.time()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if idem_key is not None:
+            row = db.execute("SELECT * FROM messages WHERE company = ? AND idem_key = ?",
+                             (company, idem_key)).fetchone()
+            if row is not None:
+                if now - row[4] < idem_window:
+                    db.execute("COMMIT")
+                    if row[5] != digest:
+                        raise IdempotencyConflict(row[1])
+                    return False, _row_message(row)
+                # The key is older than the window: it may be used again for a new message.
+                db.execute("UPDATE messages SET idem_key = NULL WHERE n = ?", (row[0],))
+        mid = new_message_id()
+        db.execute(
+            "INSERT INTO messages (id, company, idem_key, idem_at, body_hash, recipient, to_input, kind, payload, "
+            "status, created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+            (mid, company, idem_key, now if idem_key else None, digest, recipient, to_input, kind,
+             json.dumps(payload), now, now, now + ttl))
+        if media is not None:
+            db.execute("INSERT INTO media VALUES (?, ?)", (mid, media))
+        row = db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
+        db.execute("COMMIT")
+    except IdempotencyConflict:
+        raise
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return True, _row_message(row)
+
+
+_ALLOWED = {
+    "queued": {"sending", "failed", "expired"},
+    "sending": {"sent", "queued", "failed"},
+    "sent": {"delivered", "read"},
+    "delivered": {"read"},
+    "read": set(),
+    "failed": set(),
+    "expired": set(),
+}
+
+
+def _set_status(db: sqlite3.Connection, message_id: str, status: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    now = time.time()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT status FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None or status not in _ALLOWED[row[0]]:
+            db.execute("COMMIT")
+            return None
+        sets = {"status": status, "updated_at": now}
+        if status == "sending":
+            db.execute("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", (message_id,))
+        if status == "sent":
+            sets["sent_at"] = fields.get("sent_at", now)
+            sets["wa_id"] = fields["wa_id"]
+        if status in ("failed", "expired", "queued"):
+            sets["error_code"] = fields.get("error_code")
+            sets["error"] = fields.get("error")
+        if status in ("failed", "expired", "sent"):
+            db.execute("DELETE FROM media WHERE message_id = ?", (message_id,))
+        db.execute(f"UPDATE messages SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
+                   (*sets.values(), message_id))
+        out = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return _row_message(out)
+
+
+def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str], status: str) -> list[dict[str, Any]]:
+    """Apply a delivered/read receipt; only forward moves (a late 'delivered' after 'read' is dropped)."""
+    now = time.time()
+    changed = []
+    column = {"delivered": "delivered_at", "read": "read_at"}[status]
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for wa_id in wa_ids:
+            row = db.execute("SELECT id, status FROM messages WHERE company = ? AND wa_id = ?",
+                             (company, wa_id)).fetchone()
+            if row is None or _RANK.get(row[1], 0) >= _RANK[status] or row[1] not in _RANK:
+                continue
+            extra = ", delivered_at = COALESCE(delivered_at, ?)" if status == "read" else ""
+            args: tuple[Any, ...] = (status, now, now, now, row[0]) if extra else (status, now, now, row[0])
+            db.execute(f"UPDATE messages SET status = ?, updated_at = ?, {column} = ?{extra} WHERE id = ?", args)
+            changed.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (row[0],)).fetchone()))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return changed
+
+
+def _expire(db: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+    # Read first: the usual answer is "nothing", and that needs no write transaction.
+    if db.execute("SELECT 1 FROM messages WHERE status = 'queued' AND expires_at <= ? LIMIT 1", (now,)).fetchone() is None:
+        return []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        rows = db.execute("SELECT id FROM messages WHERE status = 'queued' AND expires_at <= ?", (now,)).fetchall()
+        out = []
+        for (mid,) in rows:
+            db.execute("UPDATE messages SET status = 'expired', updated_at = ?, error_code = 'ttl_expired', "
+                       "error = 'not sent before its ttl ran out' WHERE id = ?", (now, mid))
+            db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
+            out.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return out
