@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.client import Client, DaemonUnavailable, Response, StreamRefused
-from whatsappd.config import ConfigError, default_paths, load_config
+from whatsappd.config import DEFAULT_CONFIG_PATH, ConfigError, default_paths, load_config
 
 __all__ = ["main"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
+SYSTEM_SOCKET = Path("/run/whatsappd/control.sock")
 
 
 class Failure(Exception):
@@ -31,13 +32,20 @@ class Failure(Exception):
 
 
 def default_socket() -> str:
-    """--socket's default: $WHATSAPPD_SOCKET, else the config file's, else the built-in default."""
+    """--socket's default: $WHATSAPPD_SOCKET, else the config file's, else the system service's
+    socket if it exists, else the built-in default for this user."""
     if os.environ.get("WHATSAPPD_SOCKET"):
         return os.environ["WHATSAPPD_SOCKET"]
     try:
-        return str(load_config().control_socket_path)
+        if DEFAULT_CONFIG_PATH.exists():
+            return str(load_config().control_socket_path)
     except (ConfigError, OSError):
-        return str(default_paths()[1])
+        pass
+    # The service's socket, when there is one: a member of the whatsappd group is not root, but
+    # it is the system daemon they mean to talk to, not a per-user one.
+    if SYSTEM_SOCKET.exists():
+        return str(SYSTEM_SOCKET)
+    return str(default_paths()[1])
 
 
 def _duration(seconds: float) -> str:
