@@ -43,7 +43,8 @@ WAIT = 5.0  # generous upper bound for anything that should happen at once
 def parse_iso(value: str) -> datetime:
     assert value.endswith("Z"), value
     moment = datetime.fromisoformat(value)
-    assert moment.tzinfo is not None and moment.utcoffset().total_seconds() == 0
+    offset = moment.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
     return moment
 
 

@@ -34,6 +34,9 @@ __all__ = ["EVENT_TYPES", "Messaging", "Subscriber"]
 
 log = get_logger()
 
+#: How long a receipt for a WhatsApp id we have not recorded yet is kept, waiting for it.
+EARLY_RECEIPT_TTL = 300.0
+_RECEIPT_RANK = {"delivered": 1, "read": 2}
 #: Pause after a transient send failure before the next try (the worker is still connected).
 SEND_RETRY_PAUSE = (1.0, 30.0)
 
@@ -74,6 +77,7 @@ class Messaging:
         self._senders: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._status_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._early_receipts: dict[tuple[str, str], tuple[str, float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
         self.closed = False
@@ -192,8 +196,26 @@ class Messaging:
         ids = [str(i) for i in data.get("ids") or []]
         if status is None or not ids:
             return
-        for message in await self.store.receipt(company, ids, status):
+        changed, unknown = await self.store.receipt(company, ids, status)
+        for message in changed:
             self._status_event(message)
+        # A receipt can overtake the reply to its send (they travel separately): keep it until
+        # the message is recorded as sent, then apply it.
+        now = time.monotonic()
+        for wa_id in unknown:
+            previous = self._early_receipts.get((company, wa_id))
+            if previous is None or _RECEIPT_RANK[status] > _RECEIPT_RANK[previous[0]]:
+                self._early_receipts[(company, wa_id)] = (status, now)
+        for key, (_, at) in list(self._early_receipts.items()):
+            if now - at > EARLY_RECEIPT_TTL:
+                del self._early_receipts[key]
+
+    async def _apply_early_receipt(self, company: str, wa_id: str | None) -> None:
+        early = self._early_receipts.pop((company, str(wa_id)), None) if wa_id else None
+        if early is not None:
+            changed, _ = await self.store.receipt(company, [str(wa_id)], early[0])
+            for message in changed:
+                self._status_event(message)
 
     async def _sender(self, company: str) -> None:
         """Send this company's queued messages, one at a time, in order, while connected."""
@@ -245,6 +267,10 @@ class Messaging:
             status = statuses.get(message["id"]) or {"state": "unknown"}
             if status.get("state") == "sent":
                 changed = await self.store.set_status(message["id"], "sent", wa_id=status.get("wa_id"))
+                if changed is not None:
+                    self._status_event(changed)
+                    await self._apply_early_receipt(runner.id, changed.get("wa_id"))
+                    continue
             elif status.get("state") == "attempted":
                 changed = await self.store.set_status(
                     message["id"], "failed", error_code="send_interrupted",
@@ -298,6 +324,7 @@ class Messaging:
         sent = await self.store.set_status(message["id"], "sent", wa_id=result.get("wa_id"))
         if sent:
             self._status_event(sent)
+            await self._apply_early_receipt(runner.id, sent.get("wa_id"))
         return True
 
     # ------------------------------------------------------------------------ maintenance

@@ -290,7 +290,7 @@ class Store:
         """Move a message to a status; None if that move is not allowed (e.g. read -> sent)."""
         return await self.run(_set_status, message_id, status, fields)
 
-    async def receipt(self, company: str, wa_ids: list[str], status: str) -> list[dict[str, Any]]:
+    async def receipt(self, company: str, wa_ids: list[str], status: str) -> tuple[list[dict[str, Any]], list[str]]:
         return await self.run(_receipt, company, wa_ids, status)
 
     async def in_flight(self, company: str) -> list[dict[str, Any]]:
@@ -472,17 +472,24 @@ def _set_status(db: sqlite3.Connection, message_id: str, status: str, fields: di
     return _row_message(out)
 
 
-def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str], status: str) -> list[dict[str, Any]]:
-    """Apply a delivered/read receipt; only forward moves (a late 'delivered' after 'read' is dropped)."""
+def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
+             status: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Apply a delivered/read receipt; only forward moves (a late 'delivered' after 'read' is dropped).
+
+    Returns the messages changed and the WhatsApp ids no message carries (yet)."""
     now = time.time()
     changed = []
+    unknown = []
     column = {"delivered": "delivered_at", "read": "read_at"}[status]
     db.execute("BEGIN IMMEDIATE")
     try:
         for wa_id in wa_ids:
             row = db.execute("SELECT id, status FROM messages WHERE company = ? AND wa_id = ?",
                              (company, wa_id)).fetchone()
-            if row is None or _RANK.get(row[1], 0) >= _RANK[status] or row[1] not in _RANK:
+            if row is None:
+                unknown.append(wa_id)
+                continue
+            if _RANK.get(row[1], 0) >= _RANK[status] or row[1] not in _RANK:
                 continue
             extra = ", delivered_at = COALESCE(delivered_at, ?)" if status == "read" else ""
             args: tuple[Any, ...] = (status, now, now, now, row[0]) if extra else (status, now, now, row[0])
@@ -493,7 +500,7 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str], status: st
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return changed
+    return changed, unknown
 
 
 def _expire(db: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
