@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from whatsappd.worker.neonize_engine import (
     StoreUnusable,
     connect_failure_exit,
     inspect_store,
+    is_store_error,
     store_dsn,
 )
 
@@ -61,12 +63,14 @@ class FakeClient:
     def __init__(self, push_name: str = "Imobiliaria Acme") -> None:
         self.me = Device(JID=ME, PushName=push_name)
         self.stopped = 0
+        self.stop_called = threading.Event()
 
     def get_me(self) -> Device:
         return self.me
 
     def stop(self) -> None:
         self.stopped += 1
+        self.stop_called.set()
 
 
 class Harness:
@@ -99,7 +103,8 @@ def test_logged_out(h: Harness) -> None:
     h.connect()
     h.engine.on_logged_out(h.client, LoggedOutEv())
     assert h.engine.exit_code is ExitCode.LOGGED_OUT
-    assert h.messages[-1] == {"type": "state", "state": "logged_out", "reason": "logged_out"}
+    assert h.engine.reason == "logged_out"
+    assert [m["state"] for m in h.states()] == ["connected"]  # told by the exit code alone
 
 
 def test_logged_out_on_connect_keeps_its_reason(h: Harness) -> None:
@@ -113,7 +118,7 @@ def test_stream_replaced(h: Harness) -> None:
     h.connect()
     h.engine.on_stream_replaced(h.client, StreamReplacedEv())
     assert h.engine.exit_code is ExitCode.REPLACED
-    assert h.messages[-1] == {"type": "state", "state": "replaced", "reason": "stream_replaced"}
+    assert [m["state"] for m in h.states()] == ["connected"]
 
 
 def test_temporary_ban_reports_its_expiry(h: Harness) -> None:
@@ -138,7 +143,7 @@ def test_temporary_ban_without_expiry(h: Harness) -> None:
 def test_client_outdated(h: Harness) -> None:
     h.engine.on_client_outdated(h.client, ClientOutdatedEv())
     assert h.engine.exit_code is ExitCode.OUTDATED
-    assert h.messages[-1] == {"type": "state", "state": "outdated", "reason": "client_outdated"}
+    assert h.messages == []
 
 
 @pytest.mark.parametrize(
@@ -162,11 +167,12 @@ def test_connect_failure_reasons(h: Harness, reason: str | None, expected: ExitC
     h.engine.on_connect_failure(h.client, ev)
     assert h.engine.exit_code is expected
     assert connect_failure_exit(ev.Reason if ev.HasField("Reason") else None) is expected
+    if expected is ExitCode.BANNED:
+        assert h.messages == [{"type": "state", "state": "banned", "reason": "temp_banned", "until": None}]
+    else:
+        assert h.messages == []  # the supervisor owns the states that follow an exit
     if expected is ExitCode.TRANSIENT:
-        assert h.states() == []  # the supervisor owns the reconnecting state and its backoff
         assert h.engine.reason.startswith("connect_failure_")
-    elif expected is ExitCode.BANNED:
-        assert h.messages[-1] == {"type": "state", "state": "banned", "reason": "temp_banned", "until": None}
 
 
 def test_first_decision_wins_but_a_server_verdict_beats_stop(h: Harness) -> None:
@@ -177,7 +183,7 @@ def test_first_decision_wins_but_a_server_verdict_beats_stop(h: Harness) -> None
     h.engine.on_stream_replaced(h.client, StreamReplacedEv())
     assert h.engine.exit_code is ExitCode.LOGGED_OUT
     h.engine.on_connected(h.client, ConnectedEv(status=True))
-    assert [m["state"] for m in h.states()] == ["logged_out"]
+    assert h.messages == []  # nothing after the end
 
 
 # --------------------------------------------------------------------------- connection life
@@ -186,7 +192,7 @@ def test_first_decision_wins_but_a_server_verdict_beats_stop(h: Harness) -> None
 def test_connected_reports_jid_and_push_name(h: Harness) -> None:
     h.connect()
     assert h.messages == [
-        {"type": "state", "state": "connected", "jid": "5511999999999@s.whatsapp.net", "push_name": "Imobiliaria Acme"}
+        {"type": "state", "state": "connected", "jid": "5511999999999:12@s.whatsapp.net", "push_name": "Imobiliaria Acme"}
     ]
     assert h.engine.exit_code is None
 
@@ -197,7 +203,7 @@ def test_connected_falls_back_on_the_cached_device(h: Harness) -> None:
             raise RuntimeError("no Go today")
 
     h.engine.on_connected(NoGo(), ConnectedEv(status=True))
-    assert h.messages[-1]["jid"] == "5511999999999@s.whatsapp.net"
+    assert h.messages[-1]["jid"] == "5511999999999:12@s.whatsapp.net"
 
 
 def test_disconnect_after_connected_means_reconnecting_then_connected_again(h: Harness) -> None:
@@ -225,7 +231,7 @@ def test_keepalive_timeout_and_restored(h: Harness) -> None:
         ("reconnecting", "keepalive_timeout"),
         ("connected", None),
     ]
-    assert h.states()[-1]["jid"] == "5511999999999@s.whatsapp.net"
+    assert h.states()[-1]["jid"] == "5511999999999:12@s.whatsapp.net"
     assert h.engine.exit_code is None
 
 
@@ -233,14 +239,14 @@ def test_qr_codes_then_pair_success_then_connected(h: Harness) -> None:
     h.engine.on_qr(h.client, b"2@first,code")
     h.engine.on_qr(h.client, b"2@second,code")
     assert h.messages == [
-        {"type": "qr", "code": "2@first,code", "expires_at": _iso(NOW + 60)},
         {"type": "state", "state": "pairing"},
+        {"type": "qr", "code": "2@first,code", "expires_at": _iso(NOW + 60)},
         {"type": "qr", "code": "2@second,code", "expires_at": _iso(NOW + 20)},
     ]
     assert h.engine.phase == "pairing"
     h.engine.on_login_status("success")
     h.engine.on_pair_status(h.client, PairStatusEv(ID=ME, Status=PairStatusEv.SUCCESS, Platform="android"))
-    assert h.messages[-1] == {"type": "paired", "jid": "5511999999999@s.whatsapp.net"}
+    assert h.messages[-1] == {"type": "paired", "jid": "5511999999999:12@s.whatsapp.net"}
     assert h.engine.phase == "paired"
     h.connect()
     assert h.messages[-1]["state"] == "connected"
@@ -309,9 +315,15 @@ def test_disconnect_stops(h: Harness) -> None:
 
 
 def _run_with_fake_client(h: Harness, feed: Any) -> int:
-    """run() with the Go client replaced: `feed(engine, client)` plays the events."""
+    """run() with the Go client replaced: `feed(engine, client)` plays the events, then the fake
+    connect() blocks, as neonize's does, until the client is stopped."""
+
+    def connect(client: FakeClient) -> None:
+        feed(h.engine, client)
+        client.stop_called.wait(5)
+
     h.engine._make_client = lambda: h.client  # type: ignore[method-assign]
-    h.engine._connect = lambda client: feed(h.engine, client)  # type: ignore[method-assign]
+    h.engine._connect = connect  # type: ignore[method-assign]
     return h.engine.run()
 
 
@@ -335,19 +347,38 @@ def test_run_returns_stopped_when_stopped(h: Harness) -> None:
     assert _run_with_fake_client(h, feed) == ExitCode.STOPPED
 
 
+def test_paired_but_never_connected_restarts_the_worker(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After pairing the server forces one reconnect; if no Connected follows, exit TRANSIENT."""
+    monkeypatch.setattr("whatsappd.worker.neonize_engine.CONNECTED_AFTER_PAIR_SECONDS", 0.3)
+
+    def feed(engine: NeonizeEngine, client: FakeClient) -> None:
+        engine.on_qr(client, b"code")
+        engine.on_login_status("success")
+        engine.on_pair_status(client, PairStatusEv(ID=ME, Status=PairStatusEv.SUCCESS))
+
+    assert _run_with_fake_client(h, feed) == ExitCode.TRANSIENT
+    assert h.engine.reason == "no_connection_after_pairing"
+    assert [m["type"] for m in h.messages] == ["state", "state", "qr", "paired"]
+
+
+def test_optional_connect_timeout(tmp_path: Path) -> None:
+    messages: list[dict[str, Any]] = []
+    options = EngineOptions(company="acme", session_dir=tmp_path, proxy=None, pair=True)
+    engine = NeonizeEngine(options, messages.append, connect_timeout=0.3)
+    client = FakeClient()
+    engine._make_client = lambda: client  # type: ignore[method-assign]
+    engine._connect = lambda c: c.stop_called.wait(5)  # type: ignore[method-assign]  # a dial that hangs
+    started = time.monotonic()
+    assert engine.run() == ExitCode.TRANSIENT
+    assert time.monotonic() - started < 2
+    assert engine.reason == "connect_timeout"
+    assert client.stopped == 0  # nothing came from the server: Go's Stop() would block on the dial
+    client.stop_called.set()
+
+
 def test_stop_before_run(h: Harness) -> None:
     h.engine.stop()
     assert h.engine.run() == ExitCode.STOPPED
-
-
-def test_restore_without_a_session_is_logged_out(tmp_path: Path) -> None:
-    h = Harness(tmp_path, pair=False)
-    assert h.engine.run() == ExitCode.LOGGED_OUT
-    assert h.messages == [
-        {"type": "state", "state": "connecting"},
-        {"type": "state", "state": "logged_out", "reason": "no_session"},
-    ]
-    assert list(tmp_path.iterdir()) == []  # the engine never creates or deletes files itself
 
 
 def test_unreadable_store_is_unusable(tmp_path: Path) -> None:
@@ -386,6 +417,23 @@ def test_inspect_store(tmp_path: Path) -> None:
         inspect_store(store)
 
 
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [  # as neonize 0.5.2 words them (docs/neonize-notes.md)
+        ("failed to upgrade database: failed to check if foreign keys are enabled: file is not a database", True),
+        ("failed to upgrade database: failed to check if foreign keys are enabled: "
+         "unable to open database file: is a directory", True),
+        ('failed to dial whatsapp web websocket: failed to WebSocket dial: failed to send handshake request: '
+         'Get "https://web.whatsapp.com/ws/chat": socks connect tcp 127.0.0.1:1->web.whatsapp.com:443: '
+         "unknown error connection refused", False),
+        ('failed to dial whatsapp web websocket: failed to WebSocket dial: failed to send handshake request: '
+         'Get "https://web.whatsapp.com/ws/chat": EOF', False),
+    ],
+)
+def test_store_errors_are_told_from_network_errors(message: str, expected: bool) -> None:
+    assert is_store_error(message) is expected
+
+
 # --------------------------------------------------------------------------- the real client
 
 
@@ -404,6 +452,22 @@ CHILD = textwrap.dedent(
 
     engine = NeonizeEngine(EngineOptions(company="acme", session_dir=session, proxy=proxy, pair=pair), emit)
     signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+
+    def play_go_callbacks():
+        # Call the ctypes callbacks neonize handed to Go, as Go does during a QR loop.
+        import ctypes, threading
+        while getattr(engine._client, "_connect_refs", None) is None:
+            time.sleep(0.05)
+        qr_cb, login_cb = engine._client._connect_refs[:2]
+        for data in (b"2@first-qr-code", b"2@second-qr-code"):
+            qr_cb(None, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p))
+        login_cb(None, ctypes.cast(ctypes.c_char_p(b"timeout"), ctypes.c_void_p))
+
+    if len(sys.argv) > 4 and sys.argv[4] == "play":
+        import threading
+        import whatsappd.worker.neonize_engine as module
+        module.SHUTDOWN_SECONDS = 0.5  # the fake QR came while the dial still holds Go's lock
+        threading.Thread(target=play_go_callbacks, daemon=True).start()
     started = time.monotonic()
     code = engine.run()
     sys.stdout.write("EXIT %d %.3f\\n" % (code, time.monotonic() - started))
@@ -416,12 +480,12 @@ CHILD = textwrap.dedent(
 class Child:
     """One worker-like process running the real engine; killed by pid if it outlives the test."""
 
-    def __init__(self, session: Path, proxy_url: str, pair: bool = True) -> None:
+    def __init__(self, session: Path, proxy_url: str, pair: bool = True, *extra: str) -> None:
         session.mkdir(mode=0o700, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))}
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(session), proxy_url, "pair" if pair else "restore"],
+            [sys.executable, "-c", CHILD, str(session), proxy_url, "pair" if pair else "restore", *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -434,6 +498,7 @@ class Child:
             out, _ = self.proc.communicate(timeout=timeout)
         finally:
             self.kill()
+        self.output = out
         messages = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("MSG ")]
         took = [float(line.split()[2]) for line in out.splitlines() if line.startswith("EXIT ")]
         return self.proc.returncode, messages, (took[0] if took else None)
@@ -446,10 +511,10 @@ class Child:
             self.proc.stdout.close()
 
 
-@pytest.mark.parametrize("mode", ["refuse", "close"])
-def test_real_client_fails_fast_through_a_failing_proxy(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "pair"), [("refuse", True), ("close", True), ("refuse", False)])
+def test_real_client_fails_fast_through_a_failing_proxy(tmp_path: Path, mode: str, pair: bool) -> None:
     with Socks5FaultProxy(mode=mode) as proxy:
-        child = Child(tmp_path / "session-acme", proxy.url)
+        child = Child(tmp_path / "session-acme", proxy.url, pair=pair)
         code, messages, took = child.wait(timeout=20)
         assert code == ExitCode.TRANSIENT
         assert took is not None and took < 3
@@ -490,3 +555,17 @@ def test_real_client_hangs_on_a_silent_proxy_and_stops_on_request(tmp_path: Path
             hung.kill()
             stopped.kill()
         assert proxy.connections == 2
+
+
+def test_qr_and_login_status_reach_the_engine_through_neonize_callbacks(tmp_path: Path) -> None:
+    """The QR loop's callbacks, called through the very ctypes objects neonize gives Go."""
+    with Socks5FaultProxy(mode="silent") as proxy:
+        child = Child(tmp_path / "session-acme", proxy.url, True, "play")
+        code, messages, took = child.wait(timeout=20)
+    # an early "timeout" is whatsmeow's word for a socket closed during pairing: retry
+    assert code == ExitCode.TRANSIENT
+    assert [m["type"] for m in messages] == ["state", "state", "qr", "qr"]
+    assert messages[1] == {"type": "state", "state": "pairing"}
+    assert [m["code"] for m in messages[2:]] == ["2@first-qr-code", "2@second-qr-code"]
+    assert "first-qr-code" not in child.output.replace(json.dumps(messages[2]), "")  # never logged
+    assert "\u2580" not in child.output and "\u2588" not in child.output  # neonize drew no QR

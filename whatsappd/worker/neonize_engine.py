@@ -27,9 +27,12 @@ debug log prints QR codes, so its level is held at INFO unless ``whatsmeow_debug
 from __future__ import annotations
 
 import ctypes
+import io
 import logging
+import os
 import re
 import sqlite3
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -49,16 +52,25 @@ def _import_neonize() -> None:
     """Import neonize without letting its import side effects leak into the process.
 
     ``import neonize`` calls ``logging.basicConfig(level=INFO)`` (a no-op once the worker main
-    configured logging, but not in tests) and leaks two ``os.popen("uname -a")`` pipes, which
-    raise ResourceWarning. Both are undone or silenced here.
+    configured logging, but not in tests) and runs ``os.popen("uname -a").read()`` twice without
+    closing the pipe (a ResourceWarning, and a zombie reaped later). Both are undone here: the
+    root logger is restored, and os.popen is replaced for the import by a version that waits.
     """
     root = logging.getLogger()
     saved_level, saved_handlers = root.level, list(root.handlers)
+    saved_popen = os.popen
+
+    def closing_popen(cmd: str, mode: str = "r", buffering: int = -1) -> io.StringIO:
+        result = subprocess.run(cmd, shell=True, capture_output=True, text=True, check=False)  # noqa: S602
+        return io.StringIO(result.stdout)
+
     try:
+        os.popen = closing_popen  # type: ignore[assignment]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             import neonize.client  # noqa: F401  (loads the Go library)
     finally:
+        os.popen = saved_popen
         root.setLevel(saved_level)
         for handler in list(root.handlers):
             if handler not in saved_handlers:
@@ -86,7 +98,7 @@ from neonize.events import (  # noqa: E402
 from neonize.exc import LogoutError, NeonizeError, PairPhoneError  # noqa: E402
 from neonize.proto.Neonize_pb2 import JID, ConnectFailureReason, PairStatus, TemporaryBan  # noqa: E402
 from neonize.utils.enum import ClientName  # noqa: E402
-from neonize.utils.jid import Jid2String, JIDToNonAD  # noqa: E402
+from neonize.utils.jid import Jid2String  # noqa: E402
 from neonize.utils.log import log as _neonize_go_level  # noqa: E402
 
 # neonize warns on every connect that ffmpeg is missing; whatsappd sends no media through it.
@@ -99,6 +111,7 @@ __all__ = [
     "StoreUnusable",
     "connect_failure_exit",
     "inspect_store",
+    "is_store_error",
     "store_dsn",
 ]
 
@@ -133,12 +146,9 @@ _OUTDATED_REASONS = frozenset({_REASON.Value("CLIENT_OUTDATED")})
 # they change what the supervisor must do with the session.
 _SESSION_FATAL = frozenset({ExitCode.LOGGED_OUT, ExitCode.REPLACED, ExitCode.BANNED, ExitCode.OUTDATED})
 
-_TERMINAL_STATE = {
-    ExitCode.LOGGED_OUT: "logged_out",
-    ExitCode.REPLACED: "replaced",
-    ExitCode.BANNED: "banned",
-    ExitCode.OUTDATED: "outdated",
-}
+# Terminal outcomes are told by the exit code alone, except a ban, whose expiry the code cannot
+# carry: a `state` message `banned` with `until` comes first (as the simulator does).
+_TERMINAL_STATE = {ExitCode.BANNED: "banned"}
 
 
 class StoreUnusable(Exception):
@@ -180,6 +190,11 @@ def inspect_store(path: Path) -> int | None:
         raise StoreUnusable(f"{path}: {exc}") from exc
 
 
+def is_store_error(message: str) -> bool:
+    """Whether a NeonizeError from connect() is about the SQLite store rather than the network."""
+    return _STORE_ERROR.search(message) is not None and "dial" not in message
+
+
 def connect_failure_exit(reason: int | None) -> ExitCode:
     """The exit code for a ConnectFailure reason (neonize's enum; None when unset)."""
     if reason in _LOGGED_OUT_REASONS:
@@ -196,10 +211,10 @@ def _iso(timestamp: float) -> str:
 
 
 def _jid_string(jid: JID | None) -> str | None:
-    """``user@server`` without the device part (``5511999999999@s.whatsapp.net``)."""
+    """whatsmeow's own form, device included: ``5511999999999:12@s.whatsapp.net``."""
     if jid is None or not jid.User:
         return None
-    return Jid2String(JIDToNonAD(jid))
+    return Jid2String(jid)
 
 
 def _enum_name(enum: Any, message: Any, field: str) -> str | None:
@@ -256,6 +271,7 @@ class NeonizeEngine(Engine):
         self._pairing_started: float | None = None  # monotonic
         self._pairing_window_end: float | None = None  # wall clock
         self._paired_at: float | None = None  # monotonic
+        self._login_succeeded = False  # the QR loop ended in "success": neonize's event loop runs
         self._jid: str | None = None
         self._push_name: str | None = None
 
@@ -339,10 +355,10 @@ class NeonizeEngine(Engine):
                 self._pairing_started = time.monotonic()
                 self._pairing_window_end = now + QR_WINDOW_SECONDS
             expires_at = _iso(now + (FIRST_QR_SECONDS if self._qr_count == 1 else NEXT_QR_SECONDS))
-            self.emit({"type": "qr", "code": code, "expires_at": expires_at})
-            if self._phase in ("starting", "dialing"):
+            if self._phase in ("idle", "starting", "dialing"):
                 self._phase = "pairing"
                 self._emit_state("pairing")
+            self.emit({"type": "qr", "code": code, "expires_at": expires_at})
             index = self._qr_count
         self._log.info("qr_issued", index=index, expires_at=expires_at)
 
@@ -352,6 +368,7 @@ class NeonizeEngine(Engine):
         with self._lock:
             self._socket_up = True
             if status == "success":
+                self._login_succeeded = True
                 if self._phase in ("starting", "dialing", "pairing"):
                     self._phase = "paired"
                 if self._paired_at is None:
@@ -460,7 +477,7 @@ class NeonizeEngine(Engine):
 
     def on_stream_error(self, client: Any, ev: StreamErrorEv) -> None:
         # whatsmeow reconnects by itself after an unknown stream error; a Disconnected follows
-        self._log.warning("stream_error", code=ev.Code or None)
+        self._log.warning("stream_error", stream_error_code=ev.Code or None)
 
     # ------------------------------------------------------------------ internals
 
@@ -522,8 +539,8 @@ class NeonizeEngine(Engine):
             self._decide(ExitCode.STORE_UNUSABLE, "store_unusable")
             return
         if not self.options.pair and not devices:
+            # whatsmeow pairs whenever the store holds no device; so does the simulator
             self._log.warning("no_session_to_restore", store_exists=devices is not None)
-            self._decide(ExitCode.LOGGED_OUT, "no_session")
 
     def _make_client(self) -> NewClient:
         if not self._whatsmeow_debug:
@@ -583,7 +600,7 @@ class NeonizeEngine(Engine):
             client.connect(proxy)
         except NeonizeError as exc:
             message = str(exc)
-            if _STORE_ERROR.search(message) and "dial" not in message:
+            if is_store_error(message):
                 self._log.error("store_unusable", error=message)
                 self._decide(ExitCode.STORE_UNUSABLE, "store_unusable")
             else:
@@ -616,6 +633,9 @@ class NeonizeEngine(Engine):
         """Stop the Go client, waiting at most SHUTDOWN_SECONDS; skip it while the first dial runs."""
         with self._lock:
             client, socket_up, connect_thread = self._client, self._socket_up, self._connect_thread
+            # connect() can end only from neonize's event loop, which a QR loop that did not
+            # succeed never reaches (it waits forever for a device ID): then do not wait for it
+            connect_can_end = self._pairing_started is None or self._login_succeeded
         if client is None or connect_thread is None:
             return
         connect_thread.join(0.2)  # a failed connect() is usually finishing right now
@@ -639,7 +659,8 @@ class NeonizeEngine(Engine):
         stopper = threading.Thread(target=stop_go, name="neonize-stop", daemon=True)
         stopper.start()
         stopper.join(max(0.0, deadline - time.monotonic()))
-        connect_thread.join(max(0.0, deadline - time.monotonic()))
+        if connect_can_end:
+            connect_thread.join(max(0.0, deadline - time.monotonic()))
         self._log.debug("client_shutdown", go_stopped=not stopper.is_alive(), connect_ended=not connect_thread.is_alive())
 
     # ------------------------------------------------------------------ commands
