@@ -143,7 +143,15 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def _body_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.can_read_body:
-        await request.read()  # raises 413 past client_max_size, whether or not the handler reads
+        # aiohttp's keep-alive timeout stops at the headers: a client stalling mid-body would hold
+        # its connection (and a slot under max_connections) for ever without this deadline.
+        timeout = request.app[DAEMON].config.control_idle_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await request.read()  # raises 413 past client_max_size, whether or not the handler reads
+        except TimeoutError:
+            raise ApiError(408, "request_timeout", f"the request body did not arrive within "
+                           f"control.idle_timeout ({timeout:g}s)") from None
     return await handler(request)
 
 
@@ -227,6 +235,10 @@ async def put_company(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object with name, engine, proxy")
+    if "id" in body and body["id"] != company:
+        # The path names the company; a different id in the body is a mistake, not a rename.
+        raise ApiError(400, "bad_request", f"the body's id {body['id']!r} differs from the path's "
+                       f"{company!r}; leave id out of the body")
     problems: list[str] = []
     parsed = parse_companies([{**body, "id": company}], problems)
     if problems or not parsed:

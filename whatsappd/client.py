@@ -84,6 +84,10 @@ class Client:
                 f"permission denied on {self.socket_path}: run as a member of the socket's group "
                 "(see control.socket_group) or as root"
             ) from None
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon answered and closed before reading the request (its 503 at the
+            # connection cap does that): that answer is still there for getresponse() to read.
+            pass
         return conn
 
     def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Response:

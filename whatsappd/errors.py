@@ -32,6 +32,7 @@ CODES: dict[str, int] = {
     "not_found": 404,
     "company_not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "invalid_phone": 400,

@@ -103,10 +103,10 @@ def whatsappd_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "whatsappd"]
 
 
-def run_ctl(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
+def run_ctl(*args: str, env: dict[str, str] | None = None, timeout: float = 30, prefix: Iterable[str] = (),
             **popen: Any) -> subprocess.CompletedProcess[str]:
     """Run whatsappctl with args (environment: clean_env() unless given); text output."""
-    return subprocess.run([*ctl_command(), *args], env=clean_env() if env is None else env,
+    return subprocess.run([*prefix, *ctl_command(), *args], env=clean_env() if env is None else env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                           **popen)
 
@@ -181,12 +181,14 @@ class DaemonProcess:
         notify: NotifySocket | None = None,
         socket_path: Path | None = None,
         prefix: Iterable[str] = (),
+        program: Iterable[str] | None = None,
         **popen: Any,
     ) -> None:
         self.root = root
         self.state_dir = root / "state"
         self.socket_path = socket_path or root / "run" / "control.sock"
         self.config_path: Path | None = None
+        root.mkdir(parents=True, exist_ok=True)
         if config is not None:
             self.config_path = root / "whatsappd.toml"
             head = (f'[daemon]\nstate_dir = "{self.state_dir}"\nshutdown_timeout = "10s"\n'
@@ -197,13 +199,14 @@ class DaemonProcess:
             self.env["NOTIFY_SOCKET"] = str(notify.path)
         self.args = list(args)
         self.prefix = list(prefix)  # e.g. exec_wrapper(...): runs first, then execs the daemon
+        self.program = list(program) if program is not None else [sys.executable, "-m", "whatsappd"]
         self.popen = popen
         self.log_path = root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def command(self) -> list[str]:
-        cmd = [*self.prefix, sys.executable, "-m", "whatsappd", "run"]
+        cmd = [*self.prefix, *self.program, "run"]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         return cmd + self.args
