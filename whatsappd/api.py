@@ -17,6 +17,7 @@ import secrets
 import pwd
 import re
 import socket
+import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -258,8 +259,9 @@ async def connect(request: web.Request) -> web.Response:
     if runner.state in (State.CONNECTED, State.PAIRING, State.CONNECTING):
         return web.json_response(runner.snapshot())
     runner.start("connect requested")
-    # Answer once the worker is up and has said how it goes (or failed), within a bound.
-    await runner.wait_for(lambda r: r.state not in (State.STARTING, State.STOPPED), 10.0)
+    # Answer once it is clear how it goes: pairing (a QR is ready), connected, or a failure;
+    # within a bound, since a silent network can keep it `connecting` for long.
+    await runner.wait_for(lambda r: r.state not in (State.STARTING, State.STOPPED, State.CONNECTING), 10.0)
     return web.json_response(runner.snapshot(), status=202)
 
 
@@ -349,14 +351,21 @@ def _media_bytes(spec: object, kind: str, limit: int) -> tuple[bytes, str | None
         if not isinstance(path, str) or not os.path.isabs(path):
             raise ApiError(400, "unreadable_file", f"{kind}.path must be an absolute path to a file the daemon can read")
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > limit:
-                    raise ApiError(413, "body_too_large", f"{path} is {size} bytes; outbox.max_file_size is {limit}")
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ApiError(400, "unreadable_file", f"{path} is not a regular file; give the path of "
+                                   "a file the daemon can read")
+                if st.st_size > limit:
+                    raise ApiError(413, "body_too_large", f"{path} is {st.st_size} bytes; outbox.max_file_size "
+                                   f"is {limit}")
                 data = f.read(limit + 1)
         except OSError as exc:
             raise ApiError(400, "unreadable_file", f"the daemon (uid {os.getuid()}) cannot read {path}: "
                            f"{exc.strerror}") from None
+        if len(data) > limit:  # it grew while being read
+            raise ApiError(413, "body_too_large", f"{path} is over {limit} bytes; outbox.max_file_size is {limit}")
         return data, spec.get("filename") or os.path.basename(path), spec.get("mimetype")
     try:
         data = base64.b64decode(str(spec["base64"]), validate=True)
@@ -535,7 +544,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             raise ApiError(409, "cursor_ahead", f"since={since} is ahead of the newest event ({top}); the journal "
                            "was reset or the cursor is from another daemon: resume from 0", last_seq=top)
         oldest = await store.oldest_seq()
-        if since_text is not None and oldest is not None and since < oldest - 1:
+        if since_text is not None and oldest is not None and 0 < since < oldest - 1:  # 0: all that is kept
             raise ApiError(410, "since_expired", f"events after {since} were pruned by the retention policy; "
                            f"the oldest available is {oldest}: resume from {oldest - 1}", oldest_available=oldest)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
@@ -557,12 +566,12 @@ async def events(request: web.Request) -> web.StreamResponse:
             last = max(last, top)
             heartbeat = daemon.config.events_heartbeat_interval
             while True:
-                try:
-                    item = await asyncio.wait_for(sub.queue.get(), heartbeat)
-                except TimeoutError:
-                    if sub.overflowed:
-                        item = None
-                    else:
+                if sub.overflowed and sub.queue.empty():
+                    item = None  # everything buffered before the cut was written: end it now
+                else:
+                    try:
+                        item = await asyncio.wait_for(sub.queue.get(), heartbeat)
+                    except TimeoutError:
                         await write({"type": "heartbeat", "at": _now_iso(), "last_seq": last})
                         continue
                 if item is None:

@@ -5,9 +5,12 @@
 # booted on this machine's root filesystem), installs whatsappd from wheels built here into a
 # venv at /opt/whatsappd, installs the units, sysusers and tmpfiles, and checks: the
 # systemd-analyze security score, Type=notify start, STATUS=, the journal, the control socket
-# (and who may use it), a neonize worker inside the sandbox, reload, exit 78 without restart
-# loop, watchdog kill + restart, clean stop, and socket activation. Stops the container at the
-# end whatever happens.
+# (and who may use it), neonize workers inside the sandbox (reload; a company behind a refusing
+# SOCKS5 listener goes reconnecting with backoff), a simulator company that pairs, connects and
+# is restored after a restart, a message sent and the event journal, exit 78 without restart
+# loop, watchdog kill + restart, clean stop, and socket activation. Every neonize company dials
+# through a SOCKS5 listener or closed port on the container's 127.0.0.1. Stops the container at
+# the end whatever happens.
 #
 # Usage (as root):  tests/systemd/sdharness-proof.sh
 # Environment:
@@ -111,6 +114,11 @@ http() {
 }
 # json EXPR: evaluate a Python expression over BODY (as `d`)
 json() { python3 -c 'import json,sys; d=json.loads(sys.argv[2]); print(eval(sys.argv[1]))' "$1" "$BODY"; }
+json_true() { [[ $(json "bool($1)" 2>/dev/null) == True ]]; }   # json_true EXPR
+# company_matches ID EXPR: GET /v1/companies/ID answers 200 and EXPR is true of its snapshot
+# (`d`); leaves the snapshot in BODY
+company_matches() { http "/v1/companies/$1"; [[ $CODE == 200 ]] && json_true "$2"; }
+JSON=(-H 'Content-Type: application/json')
 
 cleanup() {
   local rc=$?
@@ -320,6 +328,100 @@ loose=$(X find /var/lib/whatsappd -perm /077 -printf '%m %p\n' 2>&1)
 check "the stores are private (UMask=0077)${loose:+: $loose}" test -z "$loose"
 check "still active" active whatsappd.service
 
+# ------------------------------------------------ neonize behind a refusing SOCKS5 listener
+step "a neonize company behind a refusing SOCKS5 listener goes reconnecting, with backoff"
+# The project's own fault-injecting listener (whatsappd.testing.socks5, installed with the
+# wheel) on the container's loopback, in mode "refuse": it answers the SOCKS5 greeting, reads
+# and logs the CONNECT request, replies "connection refused" (REP=5) and closes. Nothing is
+# forwarded anywhere. The company is added at run time (PUT), so companies.json is written
+# under the sandbox too.
+X systemd-run --quiet --unit=refusing-socks5 -p DynamicUser=yes /opt/whatsappd/bin/python -u -c '
+import time
+from whatsappd.testing.socks5 import Socks5FaultProxy
+proxy = Socks5FaultProxy(mode="refuse", port=1081).start()
+print("listening on", proxy.url, flush=True)
+seen = 0
+while True:
+    asked = proxy.requests
+    for host, port in asked[seen:]:
+        print(f"CONNECT {host}:{port} refused", flush=True)
+    seen = len(asked)
+    time.sleep(0.2)
+'
+listening_1081() { [[ $(X ss -Hltn 'sport = :1081') == *LISTEN* ]]; }
+check "the refusing SOCKS5 listener is up on 127.0.0.1:1081" wait_until 15 listening_1081
+c=$(cursor)
+http /v1/companies/refused -X PUT "${JSON[@]}" -d '{"proxy": "socks5://127.0.0.1:1081"}'
+check "PUT /v1/companies/refused {\"proxy\": \"socks5://127.0.0.1:1081\"}: HTTP $CODE, engine $(json 'd["engine"]' 2>/dev/null)" \
+  test "$CODE:$(json 'd["engine"]' 2>/dev/null)" == 201:neonize
+http /v1/companies/refused/connect -X POST
+info "POST /v1/companies/refused/connect: HTTP $CODE, state $(json 'd["state"]' 2>/dev/null)"
+waiting='d["state"] == "reconnecting" and d["reconnect"]["attempt"] >= 1 and d["reconnect"]["next_retry_at"]'
+check "state reconnecting with reconnect.attempt >= 1 and next_retry_at set" \
+  wait_until 30 company_matches refused "$waiting"
+info "${BODY:0:700}"
+a1=$(json 'd["reconnect"]["attempt"]' 2>/dev/null || echo 0)
+check "last_error says the connection failed: $(json 'd["last_error"]' 2>/dev/null)" \
+  json_true '(d["last_error"] or {}).get("code") == "connection_failed" and "connection failed" in d["last_error"]["message"]'
+t=$SECONDS
+if wait_until 40 company_matches refused "d['reconnect']['attempt'] >= $a1 + 2"; then
+  pass "reconnect.attempt grows (backoff, never giving up): $a1 -> $(json 'd["reconnect"]["attempt"]') in $((SECONDS - t))s"
+else
+  fail "reconnect.attempt did not grow from $a1 by 2 within 40s: ${BODY:0:300}"
+fi
+rj=$(journal_since "$c" unit=whatsappd.service 2>&1)
+delays=$(grep -E 'company=refused .*new=reconnecting' <<<"$rj" \
+  | sed -n 's/.* attempt=\([0-9]*\) retry_in_seconds=\([0-9.]*\).*/\1:\2/p' | tr '\n' ' ')
+info "attempt:delay(s) $delays"
+# full jitter: the delay after failure n is uniform(0, min(max_delay, initial_delay * 2^(n-1)))
+capped() {
+  local ad
+  [[ -n $delays ]] || return 1
+  for ad in $delays; do
+    awk -v a="${ad%%:*}" -v d="${ad#*:}" 'BEGIN { c = 2 ^ (a - 1); if (c > 300) c = 300; exit !(d <= c) }' || return 1
+  done
+}
+check "every delay within its cap min(5m, 1s * 2^(attempt-1))" capped
+grep -E 'event=connect_failed company=refused ' <<<"$rj" | head -1 | cut -c1-330 | sed 's/^/   | /'
+check "neonize dialed through the listener and its CONNECT was refused" \
+  has 'event=connect_failed company=refused .*127\.0\.0\.1:1081.*connection refused' "$rj"
+# the listener's log of what it was asked (it writes every 0.2 s; journald adds its own delay)
+listener_log() {
+  lj=$(X journalctl -u refusing-socks5.service --no-pager -o cat 2>/dev/null | grep '^CONNECT ' || true)
+  n=$(grep -c . <<<"$lj" || true)
+  (( n >= 3 ))
+}
+wait_until 10 listener_log || true
+others=$(grep -v '^CONNECT web\.whatsapp\.com:443 refused$' <<<"$lj" | sort -u | head -3 || true)
+check "the listener refused $n CONNECT requests, every one for web.whatsapp.com:443${others:+; also: $others}" \
+  test "$n" -ge 3 -a -z "$others"
+check "no worker killed by the sandbox" not has 'SIGSYS|bad system call|core dump|signal 31|status=31' "$rj"
+check "still active" active whatsappd.service
+
+# ----------------------------------------------------------- simulator: pair and connect
+step "a simulator company pairs and connects (PUT engine=simulator, connect, QR, simulate scan)"
+http /v1/companies/sim -X PUT "${JSON[@]}" -d '{"engine": "simulator"}'
+check "PUT /v1/companies/sim {\"engine\": \"simulator\"}: HTTP $CODE, engine $(json 'd["engine"]' 2>/dev/null)" \
+  test "$CODE:$(json 'd["engine"]' 2>/dev/null)" == 201:simulator
+http /v1/companies/sim/connect -X POST
+info "POST /v1/companies/sim/connect: HTTP $CODE, state $(json 'd["state"]' 2>/dev/null)"
+check "connect accepted (HTTP $CODE)" test "$CODE" == 202
+check "state pairing, with a QR code available" wait_until 15 company_matches sim 'd["state"] == "pairing" and d["qr_available"]'
+http /v1/companies/sim/qr
+qr=$(json 'd["code"]' 2>/dev/null || true)
+check "GET /v1/companies/sim/qr: HTTP $CODE, code ${qr:0:20}..., expires_at $(json 'd["expires_at"]' 2>/dev/null)" \
+  test "$CODE" == 200 -a -n "$qr"
+http /v1/companies/sim/simulate -X POST "${JSON[@]}" -d '{"action": "scan"}'
+sim_jid=$(json 'd["jid"]' 2>/dev/null || true)
+check "POST /v1/companies/sim/simulate {\"action\": \"scan\"}: HTTP $CODE, jid $sim_jid" \
+  test "$CODE" == 200 -a -n "$sim_jid"
+check "state connected as $sim_jid, session stored" \
+  wait_until 15 company_matches sim "d['state'] == 'connected' and d['jid'] == '$sim_jid' and d['has_session']"
+http /v1/companies/sim/qr
+check "no QR once connected (HTTP $CODE)" test "$CODE" == 409
+http /v1/companies/refused/simulate -X POST "${JSON[@]}" -d '{"action": "scan"}'
+check "simulate on a neonize company is 404 (HTTP $CODE)" test "$CODE" == 404
+
 # ------------------------------------------------------- restart under load (socket held)
 step "systemctl restart while a client keeps calling: requests queue on the socket, none fails"
 # requests back to back from inside the container; the restart includes stopping the worker
@@ -334,6 +436,7 @@ LOAD=$!
 sleep 2
 old=$PID
 c=$(cursor)
+c_restart=$c
 t=$SECONDS
 check "systemctl restart whatsappd succeeded" X systemctl restart whatsappd.service
 info "restart took $((SECONDS - t))s"
@@ -345,6 +448,68 @@ PID=$(prop whatsappd.service MainPID)
 check "a new daemon runs (MainPID $old -> $PID)" test "$PID" != "$old" -a "$PID" != 0
 sysd=$(journal_since "$c" UNIT=whatsappd.service _PID=1 2>&1 || true)
 check "systemd had to kill nothing during the stop" not has 'SIGKILL|Killing process|timed out|Failed with result' "$sysd"
+
+step "after the restart: the simulator company is restored from /var/lib/whatsappd, no QR"
+check "sim is connected again as $sim_jid" \
+  wait_until 20 company_matches sim "d['state'] == 'connected' and d['jid'] == '$sim_jid'"
+info "${BODY:0:300}"
+sj=$(journal_since "$c_restart" unit=whatsappd.service 2>&1 | grep 'company=sim ' || true)
+grep -E 'worker started|state changed' <<<"$sj" | cut -c1-200 | sed 's/^/   | /'
+restored() { has 'restoring the stored session at daemon start' "$sj" && has 'worker started.*mode=restore' "$sj"; }
+check "restored at daemon start by a worker in restore mode" restored
+check "no pairing after the restart (no QR shown)" not has 'new=pairing|mode=pairing|company\.pairing' "$sj"
+http /v1/companies/sim/qr
+check "GET /v1/companies/sim/qr: no QR code (HTTP $CODE)" test "$CODE" == 409
+wp=$(worker_pid sim || true)
+check "its worker (pid ${wp:-none}) runs as whatsappd" \
+  test -n "$wp" -a "$(X ps -o user= -p "${wp:-0}" | tr -d ' ')" == whatsappd
+perms=$(X find /var/lib/whatsappd/sessions/session-sim -printf '%y %m %u:%g %p\n' 2>&1)
+sed 's/^/   /' <<<"$perms"
+bad=$(awk '!(($1 == "d" && $2 == "700") || ($1 == "f" && $2 == "600")) || $3 != "whatsappd:whatsappd"' <<<"$perms")
+check "session dir 0700 and its files 0600, all owned by whatsappd${bad:+: $bad}" \
+  test -n "$perms" -a -z "$bad"
+http /v1/companies/refused
+info "refused (no session to restore): state $(json 'd["state"]' 2>/dev/null), worker $(json 'd["worker"]["pid"]' 2>/dev/null)"
+
+# ------------------------------------------------------------ messages + events (issue 4)
+step "a text message through the simulator company, and the event journal (issue 4 preview)"
+http /v1/companies/sim/messages -X POST "${JSON[@]}" -d '{"to": "+5511988887777", "text": "hi"}'
+mid=$(json 'd["id"]' 2>/dev/null || true)
+check "POST /v1/companies/sim/messages: HTTP $CODE, id ${mid:-none}, status $(json 'd["status"]' 2>/dev/null)" \
+  test "$CODE" == 202 -a -n "$mid"
+sent() { http "/v1/companies/sim/messages/$mid"; [[ $(json 'd["status"]' 2>/dev/null) =~ ^(sent|delivered|read)$ ]]; }
+check "the message is sent" wait_until 20 sent
+info "${BODY:0:300}"
+check "it has a WhatsApp id ($(json 'd["wa_id"]' 2>/dev/null))" json_true 'd["wa_id"]'
+# the stream stays open (heartbeats), so curl ends on its --max-time with what it got
+ev=$(X curl -sS -N --max-time 2 --unix-socket "$SOCK" 'http://localhost/v1/events?since=0' 2>/dev/null || true)
+evs=$(python3 -c '
+import json, sys
+mid = sys.argv[1]
+seqs, sent, bad = [], False, 0
+for line in sys.stdin:
+    if not line.strip():
+        continue
+    try:
+        e = json.loads(line)
+    except ValueError:
+        bad += 1
+        continue
+    if e.get("type") == "heartbeat":
+        continue
+    if not isinstance(e.get("seq"), int):
+        bad += 1
+        continue
+    seqs.append(e["seq"])
+    sent = sent or (e.get("type") == "message.status" and e.get("message_id") == mid and e.get("status") == "sent")
+increasing = all(a < b for a, b in zip(seqs, seqs[1:]))
+print(len(seqs), seqs[0] if seqs else "-", seqs[-1] if seqs else "-", bad, increasing, sent)
+' "$mid" <<<"$ev")
+read -r ev_n ev_first ev_last ev_bad ev_inc ev_sent <<<"$evs"
+info "GET /v1/events?since=0 (--max-time 2): $ev_n events, seq $ev_first..$ev_last"
+check "every event line is JSON with a seq ($ev_bad without)" test "$ev_n" -ge 1 -a "$ev_bad" == 0
+check "seqs strictly increasing" test "$ev_inc" == True
+check "the journal has the message's status 'sent' event" test "$ev_sent" == True
 
 # --------------------------------------------------------------------- exit 78, no restart loop
 step "a bad config: exit 78 and no restart loop (RestartPreventExitStatus=78)"
