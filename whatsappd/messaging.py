@@ -3,6 +3,8 @@
 - Every supervisor event (state changes, pairing progress, incoming messages, receipts) is
   appended to the journal; outbox status changes too. Readers see an event only once it is
   committed (see store.py).
+- Outbox status changes are journaled by the store in the same transaction as the change
+  (a crash cannot separate them); they reach live readers like every other event.
 - One sender task per company sends its queued messages in order while it is connected.
   A message is marked `sending` before the worker is asked; after a crash the worker's send
   log settles it (see docs/INTERNALS.md): sent once, or reported failed, never sent twice.
@@ -132,6 +134,10 @@ class Messaging:
                 self._ensure_sender(runner)
                 if data.get("new") == State.CONNECTED:
                     self._wake[runner.id].set()
+                elif data.get("new") == State.LOGGED_OUT:
+                    # The wiped session took the worker's send log with it: what was in flight
+                    # can no longer be settled, and must not be resent from a future pairing.
+                    self._spawn(self._fail_in_flight(runner.id))
         self.store.append(company, kind, data, secret)
 
     def _on_committed(self, event: Event, secret: dict[str, Any] | None) -> None:
@@ -157,19 +163,11 @@ class Messaging:
 
     # ----------------------------------------------------------------------------- outbox
 
-    def _status_event(self, message: dict[str, Any]) -> None:
-        data = {"message_id": message["id"], "status": message["status"], "wa_id": message.get("wa_id"),
-                "to": message.get("to")}
-        if message.get("error"):
-            data["error"] = message["error"]
-        self.store.append(message["company"], "message.status", data)
-
     async def enqueue(self, runner: Runner, idem_key: str | None, body: Any, recipient: str, to_input: str,
                       kind: str, payload: dict[str, Any], media: bytes | None, ttl: float) -> tuple[bool, dict[str, Any]]:
         created, message = await self.store.enqueue(runner.id, idem_key, body, recipient, to_input, kind,
                                                     payload, media, ttl, self.config.outbox_idempotency_window)
-        if created:
-            self._status_event(message)
+        if created:  # its `queued` event was journaled with it (store.py)
             self._ensure_sender(runner)
             self._wake[runner.id].set()
         return created, message
@@ -196,9 +194,7 @@ class Messaging:
         ids = [str(i) for i in data.get("ids") or []]
         if status is None or not ids:
             return
-        changed, unknown = await self.store.receipt(company, ids, status)
-        for message in changed:
-            self._status_event(message)
+        _, unknown = await self.store.receipt(company, ids, status)
         # A receipt can overtake the reply to its send (they travel separately): keep it until
         # the message is recorded as sent, then apply it.
         now = time.monotonic()
@@ -213,9 +209,7 @@ class Messaging:
     async def _apply_early_receipt(self, company: str, wa_id: str | None) -> None:
         early = self._early_receipts.pop((company, str(wa_id)), None) if wa_id else None
         if early is not None:
-            changed, _ = await self.store.receipt(company, [str(wa_id)], early[0])
-            for message in changed:
-                self._status_event(message)
+            await self.store.receipt(company, [str(wa_id)], early[0])
 
     async def _sender(self, company: str) -> None:
         """Send this company's queued messages, one at a time, in order, while connected."""
@@ -268,7 +262,6 @@ class Messaging:
             if status.get("state") == "sent":
                 changed = await self.store.set_status(message["id"], "sent", wa_id=status.get("wa_id"))
                 if changed is not None:
-                    self._status_event(changed)
                     await self._apply_early_receipt(runner.id, changed.get("wa_id"))
                     continue
             elif status.get("state") == "attempted":
@@ -281,13 +274,20 @@ class Messaging:
             if changed is not None:
                 log.info("settled an interrupted send", company=runner.id, message_id=message["id"],
                          status=changed["status"])
-                self._status_event(changed)
+
+    async def _fail_in_flight(self, company: str) -> None:
+        for message in await self.store.in_flight(company):
+            failed = await self.store.set_status(
+                message["id"], "failed", error_code="send_interrupted",
+                error="the session was logged out while this message was being sent; it may or may not "
+                      "have been delivered")
+            if failed is not None:
+                self._status_event(failed)
 
     async def _send_one(self, runner: Runner, message: dict[str, Any]) -> bool:
         sending = await self.store.set_status(message["id"], "sending")
         if sending is None:
             return True  # expired or changed meanwhile
-        self._status_event(sending)
         media_path: Path | None = None
         args: dict[str, Any] = {
             "outbox_id": message["id"], "to": message["jid"], "kind": message["kind"],
@@ -310,20 +310,15 @@ class Messaging:
                     runner.worker.kill("send_timeout")  # its send log will settle the message
                 return False
             if getattr(exc, "permanent", False) or exc.code == "media_invalid":
-                failed = await self.store.set_status(message["id"], "failed", error_code=exc.code, error=exc.message)
-                if failed:
-                    self._status_event(failed)
+                await self.store.set_status(message["id"], "failed", error_code=exc.code, error=exc.message)
                 return True
-            queued = await self.store.set_status(message["id"], "queued", error_code=exc.code, error=exc.message)
-            if queued:
-                self._status_event(queued)
+            await self.store.set_status(message["id"], "queued", error_code=exc.code, error=exc.message)
             return False
         finally:
             if media_path is not None:
                 media_path.unlink(missing_ok=True)
         sent = await self.store.set_status(message["id"], "sent", wa_id=result.get("wa_id"))
         if sent:
-            self._status_event(sent)
             await self._apply_early_receipt(runner.id, sent.get("wa_id"))
         return True
 
@@ -331,12 +326,11 @@ class Messaging:
 
     async def _maintain(self) -> None:
         """Expire messages past their ttl; prune the journal by age and size."""
-        last_prune = 0.0
+        last_prune: float | None = None  # None: prune at start, then at most once a minute
         while not self.closed:
             try:
-                for message in await self.store.expire():
-                    self._status_event(message)
-                if time.monotonic() - last_prune > 60:
+                await self.store.expire()  # each with its message.status event
+                if last_prune is None or time.monotonic() - last_prune > 60:
                     last_prune = time.monotonic()
                     pruned = await self.store.prune(self.config.journal_max_age, self.config.journal_max_events)
                     if pruned:
