@@ -305,6 +305,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "pairing_timeout", _duration_range(10, 3600), "170s",
             "Hard deadline for a QR or phone-code pairing; then the worker is killed.",
             render=format_duration),
+    Setting("workers", "paired_connect_timeout", _duration_range(1, 600), "30s",
+            "After a successful pairing the server forces one reconnect; if the company is not "
+            "connected within this, its worker is restarted.", render=format_duration),
     Setting("workers", "crash_limit", _int_range(1, 1000), 5,
             "Crashes within crash_window that put a company in `failed` until an operator acts."),
     Setting("workers", "crash_window", _duration_range(1, 86400), "10m",
@@ -393,6 +396,7 @@ class Config:
     workers_heartbeat_timeout: float
     workers_stop_grace: float
     workers_pairing_timeout: float
+    workers_paired_connect_timeout: float
     workers_crash_limit: int
     workers_crash_window: float
     journal_max_age: float

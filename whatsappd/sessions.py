@@ -7,6 +7,7 @@ files 0600; the worker holds `whatsappd.lock` while it runs the session, so no t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -18,7 +19,7 @@ from pathlib import Path
 from whatsappd.ids import InvalidCompanyId, check_company_id, session_dir
 from whatsappd.logs import get_logger
 from whatsappd.worker.simulator import SESSION_FILE as SIMULATOR_FILE
-from whatsappd.worker.simulator import has_session as simulator_has_session
+from whatsappd.worker.simulator import session_state as simulator_session_state
 
 __all__ = [
     "LOCK_FILE",
@@ -28,6 +29,7 @@ __all__ = [
     "ensure_root",
     "fix_permissions",
     "has_session",
+    "session_state",
     "quarantine",
     "wipe",
 ]
@@ -83,20 +85,35 @@ def fix_permissions(directory: Path) -> list[str]:
     return fixed
 
 
-def has_session(directory: Path) -> bool:
-    """True if the directory holds paired credentials (simulator or neonize). Never raises."""
+def session_state(directory: Path) -> str:
+    """'paired', 'none' or 'corrupt' (a store that exists but cannot be read). Never raises.
+
+    A corrupt store still counts as a session: the company is started, its worker reports the
+    store unusable, and the session is quarantined with a clear `failed` state, instead of the
+    company silently looking as if it had never been paired.
+    """
     if (directory / SIMULATOR_FILE).exists():
-        return simulator_has_session(directory)
+        return simulator_session_state(directory)
     store = directory / NEONIZE_STORE
     if not store.exists():
-        return False
+        return "none"
     try:
         # Read-only, so this never creates or changes anything; WAL readers do not block the worker.
-        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=2) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=2)) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "whatsmeow_device" not in tables:
+                return "none"  # created but never initialised by the library
             row = db.execute("SELECT count(*) FROM whatsmeow_device").fetchone()
-        return bool(row and row[0])
+        return "paired" if row and row[0] else "none"
+    except sqlite3.DatabaseError:
+        return "corrupt"
     except sqlite3.Error:
-        return False
+        return "none"  # locked or similar: not evidence of damage
+
+
+def has_session(directory: Path) -> bool:
+    """True if the directory holds paired credentials (simulator or neonize). Never raises."""
+    return session_state(directory) == "paired"
 
 
 def engine_of(directory: Path) -> str:
@@ -121,7 +138,7 @@ def discover(sessions_root: Path) -> list[Discovered]:
             company = check_company_id(child.name.removeprefix("session-"))
         except InvalidCompanyId:
             continue
-        if has_session(child):
+        if session_state(child) != "none":
             found.append(Discovered(company, engine_of(child)))
     return found
 

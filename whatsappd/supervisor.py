@@ -34,9 +34,6 @@ __all__ = ["Runner", "Supervisor"]
 
 log = get_logger()
 
-#: After a successful pairing the server forces one reconnect; if `connected` does not follow
-#: within this, the worker is restarted (the library tries the reconnect only once).
-PAIRED_CONNECT_TIMEOUT = 30.0
 #: A worker that stays `reconnecting` (keep-alive timeouts, drops) this long is restarted.
 KEEPALIVE_RESTART_AFTER = 240.0
 #: A ban without a known expiry is retried after this.
@@ -214,6 +211,9 @@ class Runner:
             if self.state in (State.FAILED, State.REPLACED, State.OUTDATED, State.LOGGED_OUT):
                 self.crashes.clear()
                 self.backoff.reset()
+            # Now, not when the task first runs: the answer to the call that started it (a
+            # status call restoring a session) must not still say `stopped`.
+            self.transition(State.STARTING, reason)
             self._task = asyncio.get_running_loop().create_task(self._loop(reason), name=f"runner-{self.id}")
         else:
             self.retry_at = None
@@ -511,7 +511,7 @@ class Runner:
                 self._on_qr(message)
             elif kind == "paired":
                 pairing_deadline = None
-                paired_deadline = time.monotonic() + PAIRED_CONNECT_TIMEOUT
+                paired_deadline = time.monotonic() + cfg.workers_paired_connect_timeout
                 self.jid = message.get("jid") or self.jid
                 log.info("paired", company=self.id, jid=self.jid)
                 self.sup.publish({"type": "company.paired", "company": self.id, "jid": self.jid})
@@ -590,8 +590,10 @@ class Supervisor:
                 self.companies[found.company] = Runner(
                     self, CompanyConfig(id=found.company, engine=found.engine), "discovered")
         for runner in self.companies.values():
-            if runner.has_session():
-                runner.start("restoring the stored session at daemon start")
+            state = sessions.session_state(runner.session_dir)
+            if state != "none":
+                runner.start("restoring the stored session at daemon start" if state == "paired"
+                             else "checking a session store that cannot be read")
 
     async def shutdown(self, timeout: float) -> None:
         grace = min(self.config.workers_stop_grace, timeout)

@@ -16,7 +16,8 @@ channel, the same exit codes. It is driven with the `simulate` command, args {"a
     receipt ids [receipt="delivered"] [chat] [sender]
                                            emit message.receipt (ids: WhatsApp or outbox ids)
     stats                                  {"sent", "duplicate_requests", "by_recipient"}
-    burst count [text] [from]              count incoming text events at full speed; {"emitted"}
+    burst count [text] [from] [rate]       count incoming text events at full speed, or paced at
+                                           `rate` events/s; each carries emitted_at_ns; {"emitted"}
 
 plus the real commands `pair_phone` {"phone"} and `logout` {}, and the messaging commands of
 docs/INTERNALS.md: `send`, `send_status`, `check_number`, `download`.
@@ -131,6 +132,7 @@ __all__ = [
     "SimulatorConfig",
     "SimulatorEngine",
     "has_session",
+    "session_state",
     "read_send_log",
     "send_log_stats",
 ]
@@ -190,10 +192,15 @@ _MEDIA_NAME = re.compile(r"[0-9a-f]{32}\.bin")
 
 def has_session(session_dir: Path) -> bool:
     """True if session_dir holds a simulator store with a paired device (never raises)."""
+    return session_state(session_dir) == "paired"
+
+
+def session_state(session_dir: Path) -> str:
+    """'paired', 'none' (no store, or no device in it) or 'corrupt' (never raises)."""
     try:
-        return _read_store(session_dir / SESSION_FILE) is not None
+        return "paired" if _read_store(session_dir / SESSION_FILE) is not None else "none"
     except (OSError, ValueError):
-        return False
+        return "corrupt"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -1129,19 +1136,34 @@ class SimulatorEngine(Engine):
             raise EngineError("invalid_argument", "'text' must be a non-empty string")
         sender = _contact_jid(args.get("from", DEFAULT_CONTACT), "from")
         push_name = _optional_str(args, "push_name", max_len=64) or _DEFAULT_CONTACT_NAME
+        rate = args.get("rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not 0 < rate <= 1_000_000 or not math.isfinite(rate)):
+            raise EngineError("invalid_argument", "'rate' must be a number of events per second (0 < rate <= 1e6)")
         with self._cond:
             if self._phase == _DONE:
                 raise EngineError("not_running", "the engine has already ended")
             self._require_connected("a message can only arrive on a live connection")
         prefix = "3EB0" + secrets.token_hex(4).upper()  # + 8 hex digits of the counter: unique ids
         emitted = 0
+        started = time.monotonic()
         for n in range(count):
             if n % 1024 == 0 and self._phase != _CONNECTED:  # dropped or stopped: the burst ends
                 break
+            if rate is not None:
+                # Event n is due at started + n/rate; sleep only when more than 1 ms ahead, so the
+                # schedule is kept to about a millisecond without a sleep per event. Sleeps are cut
+                # into 0.1 s slices so that a drop or stop still ends a slow burst promptly.
+                while (ahead := started + n / rate - time.monotonic()) > 0.001 and self._phase == _CONNECTED:
+                    time.sleep(min(ahead, 0.1))
+                if self._phase != _CONNECTED:
+                    break
+            # emitted_at_ns: the wall clock (time.time_ns) just before the event is written to the
+            # channel, for a worker-to-reader latency finer than `timestamp`'s milliseconds.
             self.emit({"type": "event", "event": {
                 "type": "message.incoming", "id": f"{prefix}{n:08X}", "chat": sender, "sender": sender,
                 "push_name": push_name, "timestamp": _iso(_now()), "is_group": False, "from_me": False,
-                "kind": "text", "text": f"{text} {n + 1}", "media": None}})
+                "kind": "text", "text": f"{text} {n + 1}", "media": None, "emitted_at_ns": time.time_ns()}})
             emitted += 1
         return {"emitted": emitted}
 

@@ -1,0 +1,175 @@
+"""Crash isolation and process hygiene: one company's trouble never reaches another, no worker
+outlives the daemon, and two daemons never run the same credentials.
+
+Real daemons, real worker processes, real signals; liveness is read from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from whatsappd.testing.daemon import wait_until
+from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, process_state, sim_config
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
+    """Make SimDaemons under tmp_path; any still running at teardown is killed."""
+    with daemon_pool(tmp_path) as make:
+        yield make
+
+
+COMPANIES = ("acme", "bob", "carol")
+
+
+def paired_daemon(make: Callable[..., SimDaemon], companies: tuple[str, ...] = COMPANIES) -> SimDaemon:
+    daemon = make(sim_config(*companies))
+    daemon.start()
+    for company in companies:
+        daemon.pair(company)
+    return daemon
+
+
+class Watcher:
+    """Polls the daemon's companies in a thread and records every snapshot it sees."""
+
+    def __init__(self, daemon: SimDaemon) -> None:
+        self.daemon = daemon
+        self.seen: list[dict[str, dict]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.seen.append(self.daemon.companies())
+            time.sleep(0.02)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_kill_9_of_one_worker_restarts_it_and_the_others_never_notice(daemons):
+    """kill -9 of one worker: it comes back; the others' states and pids never change."""
+    d = paired_daemon(daemons)
+    before = d.companies()
+    victim = before["acme"]["worker"]["pid"]
+    others = {cid: (before[cid]["state"], before[cid]["worker"]["pid"]) for cid in ("bob", "carol")}
+    with Watcher(d) as watcher:
+        os.kill(victim, signal.SIGKILL)
+        snap = d.wait_state("acme", "connected", check=lambda s: s["worker"]["pid"] not in (None, victim))
+        time.sleep(0.5)
+    assert snap["worker"]["restarts"] == 1
+    assert [e["reason"] for e in d.log_lines("state changed", company="acme", new="reconnecting")] == [
+        "worker killed by signal 9"]
+    assert process_gone(victim)
+    assert len(watcher.seen) > 10
+    assert {s["acme"]["state"] for s in watcher.seen} & {"reconnecting", "starting", "connecting"}
+    for seen in watcher.seen:
+        for cid, (state, pid) in others.items():
+            assert (seen[cid]["state"], seen[cid]["worker"]["pid"]) == (state, pid), seen[cid]
+            assert seen[cid]["worker"]["restarts"] == 0
+    for _, pid in others.values():
+        assert not process_gone(pid)
+    exits = d.log_lines("worker exited")
+    assert [e["company"] for e in exits] == ["acme"] and exits[0]["exit_code"] == -9
+
+
+def test_a_crash_loop_in_one_company_leaves_the_others_connected(daemons):
+    """One company crash-looping to `failed` never disturbs another company's worker."""
+    d = daemons(sim_config("acme", "bob", workers={"crash_limit": 2}))
+    d.start()
+    d.pair("acme")
+    bob = d.pair("bob")["worker"]["pid"]
+    with Watcher(d) as watcher:
+        pid = None
+        for _ in range(2):
+            snap = d.wait_state("acme", "connected", check=lambda s, p=pid: s["worker"]["pid"] != p)
+            pid = snap["worker"]["pid"]
+            d.simulate("acme", "crash")
+            wait_until(lambda p=pid: process_gone(p), 5)
+        d.wait_state("acme", "failed", timeout=10)
+    assert all(s["bob"]["state"] == "connected" and s["bob"]["worker"]["pid"] == bob for s in watcher.seen)
+
+
+def test_kill_9_of_the_daemon_leaves_no_worker_and_restart_restores_every_company(daemons):
+    """kill -9 of the daemon: no worker survives; the restart restores every company."""
+    d = paired_daemon(daemons)
+    pids = [d.worker_pid(cid) for cid in COMPANIES]
+    assert all(pids) and not any(process_gone(p) for p in pids)  # type: ignore[arg-type]
+    d.kill()
+    wait_until(lambda: all(process_gone(p) for p in pids), 5, what="every worker to die with the daemon")  # type: ignore[arg-type]
+    mark = d.log_mark()
+    d.start()
+    for cid in COMPANIES:
+        snap = d.wait_state(cid, "connected")
+        assert snap["worker"]["pid"] not in pids
+    starts = d.log_lines("worker started", mark)
+    assert sorted(e["company"] for e in starts) == sorted(COMPANIES)
+    assert {e["mode"] for e in starts} == {"restore"}
+    assert not [e for e in d.log_lines("state changed", mark) if e["new"] == "pairing"]
+
+
+def test_two_daemons_on_one_state_dir_never_share_a_session(daemons, tmp_path):
+    """A second daemon on the same state dir gets session_locked; the first stays connected."""
+    first = daemons(sim_config("acme"))
+    first.start()
+    pid = first.pair("acme")["worker"]["pid"]
+    second = daemons(f'[daemon]\nstate_dir = "{first.state_dir}"\n' + sim_config("acme"))
+    second.start()
+    snap = second.wait_state("acme", "failed", timeout=10)
+    assert snap["last_error"]["code"] == "session_locked"
+    assert "another process" in snap["last_error"]["message"]
+    assert second.log_lines("worker exited", company="acme", exit_code=17)
+    time.sleep(0.5)
+    snap = first.snapshot("acme")
+    assert snap["state"] == "connected" and snap["worker"]["pid"] == pid
+    assert first.session_dir("acme").joinpath("whatsappd.lock").read_text().strip() == str(pid)
+    # Once the first lets go, the second may take over (an operator acts).
+    first.stop()
+    assert second.post("acme", "connect").status == 202
+    second.wait_state("acme", "connected")
+
+
+def test_sigterm_asks_every_worker_to_stop_and_leaves_none_behind(daemons):
+    """SIGTERM: every worker exits 0 on request, none is left behind, the daemon exits 0."""
+    d = paired_daemon(daemons, (*COMPANIES, "dave"))
+    d.simulate("dave", "logged_out")
+    d.wait_state("dave", "logged_out")
+    d.connect_pairing("dave")  # one company is pairing, the others connected
+    pids = [d.worker_pid(cid) for cid in (*COMPANIES, "dave")]
+    mark = d.log_mark()
+    assert d.stop() == 0
+    assert all(process_gone(p) for p in pids)  # type: ignore[arg-type]
+    exits = d.log_lines("worker exited", mark)
+    assert sorted(e["company"] for e in exits) == sorted((*COMPANIES, "dave"))
+    assert all(e["exit_code"] == 0 and e["killed"] is None for e in exits)
+    assert not d.log_lines("worker did not stop in time; killing it", mark)
+
+
+def test_sigterm_kills_a_hung_worker_after_stop_grace(daemons):
+    """SIGTERM with a frozen worker: SIGKILLed after stop_grace; exit 0, nothing left."""
+    d = daemons(sim_config("acme", "bob", workers={"heartbeat_timeout": "30s", "stop_grace": "1s"}))
+    d.start()
+    hung = d.pair("acme")["worker"]["pid"]
+    fine = d.pair("bob")["worker"]["pid"]
+    d.simulate("acme", "hang")
+    wait_until(lambda: process_state(hung) == "T", 5, what="the worker to be stopped (SIGSTOP)")
+    mark = d.log_mark()
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert 0.8 <= time.monotonic() - started < 8
+    assert process_gone(hung) and process_gone(fine)
+    assert d.log_lines("worker did not stop in time; killing it", mark, pid=hung)
+    assert d.log_lines("worker exited", mark, company="bob", exit_code=0)
