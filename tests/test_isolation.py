@@ -173,3 +173,26 @@ def test_sigterm_kills_a_hung_worker_after_stop_grace(daemons):
     assert process_gone(hung) and process_gone(fine)
     assert d.log_lines("worker did not stop in time; killing it", mark, pid=hung)
     assert d.log_lines("worker exited", mark, company="bob", exit_code=0)
+
+
+def test_a_second_sigterm_during_shutdown_exits_at_once(daemons):
+    """A second SIGTERM while a hung worker holds up the shutdown kills what is left and exits at once."""
+    d = daemons(sim_config("acme", workers={"heartbeat_timeout": "60s", "stop_grace": "30s"},
+                           daemon={"shutdown_timeout": "60s"}))
+    d.start()
+    hung = d.pair("acme")["worker"]["pid"]
+    d.simulate("acme", "hang")
+    wait_until(lambda: process_state(hung) == "T", 5, what="the worker to be stopped (SIGSTOP)")
+    mark = d.log_mark()
+    d.signal(signal.SIGTERM)
+    wait_until(lambda: d.log_lines("stopping", mark), 5, what="the shutdown to begin")
+    time.sleep(0.5)
+    assert d.proc is not None and d.proc.poll() is None  # still waiting for the hung worker
+    started = time.monotonic()
+    d.signal(signal.SIGTERM)
+    d.proc.wait(5)
+    assert time.monotonic() - started < 3
+    assert d.proc.returncode == 1
+    assert process_gone(hung)
+    assert d.log_lines("forcing shutdown", mark, reason="second signal")
+    assert not d.socket_path.exists()
