@@ -315,11 +315,15 @@ class Runner:
         except TimeoutError:
             pass
 
-    def _fail(self, code: str, message: str) -> str:
+    def _rest(self, state: State, code: str, message: str, reason: str) -> str:
+        """End up in a resting state that only an operator (or a ban's expiry) leaves."""
         self.want_running = False
         self._error(code, message)
-        self.transition(State.FAILED, message)
-        return message
+        self.transition(state, reason)
+        return "stopped"
+
+    def _fail(self, code: str, message: str) -> str:
+        return self._rest(State.FAILED, code, message, message)
 
     def _retry_later(self, code: str, message: str) -> str:
         self._error(code, message)
@@ -340,10 +344,9 @@ class Runner:
         if not self.want_running:
             return "stopped"
         if killed == "pairing_timeout" or code == ExitCode.PAIRING_TIMEOUT:
-            self.want_running = False
-            self._error("qr_timeout", "nobody scanned the QR code in time; connect again to get a new one")
-            self.transition(State.STOPPED, "pairing timed out")
-            return "stopped"
+            return self._rest(State.STOPPED, "qr_timeout",
+                              "nobody scanned the QR code in time; connect again to get a new one",
+                              "pairing timed out")
         if killed == "paired_without_connect":
             return "paired; restarting for the server's forced reconnect"
         if killed in ("connect_timeout", "keepalive") or code in (ExitCode.TRANSIENT, ExitCode.STOPPED):
@@ -353,17 +356,15 @@ class Runner:
             }.get(killed or "", "connection failed")
             return self._retry_later(killed or "connection_failed", message)
         if code == ExitCode.LOGGED_OUT:
-            self.want_running = False
             sessions.wipe(self.sup.sessions_root, self.id)
             self.jid = self.push_name = None
-            self._error("logged_out", "the phone unlinked this device; the session was wiped. Connect to pair again")
-            self.transition(State.LOGGED_OUT, "logged out from the phone; session wiped")
-            return "stopped"
+            return self._rest(State.LOGGED_OUT, "logged_out",
+                              "the phone unlinked this device; the session was wiped. Connect to pair again",
+                              "logged out from the phone; session wiped")
         if code == ExitCode.REPLACED:
-            self.want_running = False
-            self._error("replaced", "another client took over these credentials; connect to take them back")
-            self.transition(State.REPLACED, "stream replaced by another client")
-            return "stopped"
+            return self._rest(State.REPLACED, "replaced",
+                              "another client took over these credentials; connect to take them back",
+                              "stream replaced by another client")
         if code == ExitCode.BANNED:
             until = self.ban_until or time.time() + DEFAULT_BAN_SECONDS
             self.ban_until = until
@@ -372,10 +373,8 @@ class Runner:
             self.transition(State.BANNED, f"temporary ban until {_iso(until)}")
             return "ban expired"
         if code == ExitCode.OUTDATED:
-            self.want_running = False
-            self._error("outdated", "WhatsApp refuses this client version; upgrade whatsappd")
-            self.transition(State.OUTDATED, "client outdated")
-            return "stopped"
+            return self._rest(State.OUTDATED, "outdated", "WhatsApp refuses this client version; upgrade whatsappd",
+                              "client outdated")
         if code == ExitCode.STORE_UNUSABLE:
             moved = sessions.quarantine(self.sup.sessions_root, self.id)
             return self._fail("store_unusable", f"the session store cannot be opened; moved to {moved}; "
