@@ -196,3 +196,24 @@ def test_a_second_sigterm_during_shutdown_exits_at_once(daemons):
     assert process_gone(hung)
     assert d.log_lines("forcing shutdown", mark, reason="second signal")
     assert not d.socket_path.exists()
+
+
+def test_sigterm_while_companies_wait_for_their_turn_to_connect_is_prompt(daemons):
+    """Companies queued behind the connect-rate limiter do not hold up a SIGTERM."""
+    d = daemons(sim_config(*COMPANIES, "dave", "erin", reconnect={"connect_rate": 50},
+                           daemon={"shutdown_timeout": "30s"}))
+    d.start()
+    for company in (*COMPANIES, "dave", "erin"):
+        d.pair(company)
+    assert d.stop() == 0
+    assert d.config_path is not None
+    text = d.config_path.read_text()
+    assert "connect_rate = 50" in text
+    d.config_path.write_text(text.replace("connect_rate = 50", "connect_rate = 0.2"))
+    d.start()  # five sessions to restore at 0.2/s: most wait for the limiter
+    time.sleep(0.5)
+    started = time.monotonic()
+    mark = d.log_mark()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 5
+    assert not d.log_lines("forcing shutdown", mark)

@@ -570,15 +570,19 @@ def test_status_line_summarises_the_states_through_the_notify_socket(daemons, tm
 def test_status_line_shows_the_retry_countdown(daemons, tmp_path):
     """A company waiting to retry shows in STATUS= as `acme reconnecting (retry in Ns)`."""
     notify = NotifySocket(tmp_path / "notify.sock")
+    failing = tmp_path / "fail-acme"
     try:
-        d = daemons(sim_config("acme", reconnect={"initial_delay": "5s", "max_delay": "5s"}), notify=notify)
+        # Every retry fails while the file exists, so some drawn delay is long enough to show
+        # (STATUS= is sent at most once a second, and refreshed each second while waiting).
+        d = daemons(sim_config("acme", reconnect={"initial_delay": "5s", "max_delay": "5s"}), notify=notify,
+                    env={"WHATSAPPD_SIM_FAIL_CONNECT_FILE": str(failing)})
         d.start()
         d.pair("acme")
+        index = notify.wait_for("STATUS", "1/1 connected")
+        failing.touch()
         d.simulate("acme", "crash")
-        index = notify.wait_for("STATUS", timeout=10,
-                                after=notify.wait_for("STATUS", "1/1 connected"))
         wait_until(lambda: any(re.fullmatch(r"0/1 connected; acme reconnecting \(retry in [0-5]s\)", text)
-                               for text in _statuses(notify, index)), 10)
+                               for text in _statuses(notify, index)), 30)
     finally:
         notify.close()
 

@@ -157,7 +157,22 @@ def _serve(config: Config, config_path: Path | None) -> int:
     faulthandler.enable()
 
     configure_logging(config.logging_format, config.logging_level)
-    return asyncio.run(Daemon(config, config_path).run())
+    return asyncio.run(_main(config, config_path))
+
+
+async def _main(config: Config, config_path: Path | None) -> int:
+    from whatsappd.daemon import Daemon
+
+    if sys.version_info < (3, 12) and hasattr(asyncio, "PidfdChildWatcher"):
+        # Python 3.11's default child watcher keeps one thread per worker process; a pidfd
+        # watcher waits for them all from the event loop (3.12 does this by itself).
+        try:
+            watcher = asyncio.PidfdChildWatcher()
+            watcher.attach_loop(asyncio.get_running_loop())
+            asyncio.get_event_loop_policy().set_child_watcher(watcher)
+        except OSError:
+            pass  # a kernel without pidfd_open: keep the default
+    return await Daemon(config, config_path).run()
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -143,6 +143,7 @@ class Daemon:
                  state_dir=str(self.config.daemon_state_dir), config=self.config.source,
                  companies=len(self.supervisor.companies))
         watchdog = self._start_watchdog()
+        ticker = loop.create_task(self._tick_status())
         try:
             while True:
                 sig = await self._signals.get()
@@ -152,10 +153,18 @@ class Daemon:
                 log.info("stopping", signal=sig.name, budget_seconds=self.config.daemon_shutdown_timeout)
                 return await self._shutdown(site)
         finally:
+            ticker.cancel()
             if watchdog is not None:
                 watchdog.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    async def _tick_status(self) -> None:
+        """While a company waits to retry, its countdown in STATUS= moves each second."""
+        while True:
+            await asyncio.sleep(1.0)
+            if any(r.retry_at is not None and r.worker is None for r in self.supervisor.companies.values()):
+                self._status_changed()
 
     def _start_watchdog(self) -> asyncio.Task[None] | None:
         interval = watchdog_interval()

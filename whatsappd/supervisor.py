@@ -34,6 +34,8 @@ __all__ = ["Runner", "Supervisor"]
 
 log = get_logger()
 
+#: Workers that may be booting (spawned, not yet heard from) at once.
+MAX_BOOTING_WORKERS = 8
 #: A worker that stays `reconnecting` (keep-alive timeouts, drops) this long is restarted.
 KEEPALIVE_RESTART_AFTER = 240.0
 #: A ban without a known expiry is retried after this.
@@ -76,6 +78,7 @@ class _Worker:
         self.reader = reader
         self.writer = writer
         self.kill_reason: str | None = None
+        self.booted = False  # has said anything yet (holds a start slot until then)
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.next_id = 1
 
@@ -133,6 +136,7 @@ class Runner:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._restart_now = False
+        self._waiting = False  # in a wait that stop() may simply cancel
 
     @property
     def id(self) -> str:
@@ -223,6 +227,10 @@ class Runner:
         self.want_running = False
         grace = self.sup.config.workers_stop_grace if grace is None else grace
         self._wake.set()
+        if self._waiting and self._task is not None:
+            # Waiting for a backoff, the connect-rate limiter or a start slot: nothing to stop
+            # but the wait itself (cancelling is safe there: no process exists yet).
+            self._task.cancel()
         if self.worker is not None:
             await self.worker.stop(grace)
         if self._task is not None:
@@ -288,13 +296,19 @@ class Runner:
                         break
                 self.retry_at = None
                 self.transition(State.STARTING, reason)
-                await self.sup.limiter.acquire()
+                self._waiting = True
+                try:
+                    await self.sup.limiter.acquire()
+                finally:
+                    self._waiting = False
                 if not self.want_running:
                     break
                 outcome = await self._run_worker()
                 reason = self._decide(outcome)
         except asyncio.CancelledError:
-            raise
+            if self.want_running:
+                raise
+            # stop() cancelled a wait: a normal end.
         except Exception as exc:  # a bug here must stay in this company
             log.exception("runner failed", company=self.id)
             self.want_running = False
@@ -310,10 +324,13 @@ class Runner:
     async def _sleep_until(self, wall: float) -> None:
         self._wake.clear()
         delay = max(0.0, wall - time.time())
+        self._waiting = True
         try:
             await asyncio.wait_for(self._wake.wait(), delay)
         except TimeoutError:
             pass
+        finally:
+            self._waiting = False
 
     def _rest(self, state: State, code: str, message: str, reason: str) -> str:
         """End up in a resting state that only an operator (or a ban's expiry) leaves."""
@@ -429,7 +446,20 @@ class Runner:
             self._fail("session_permissions", str(exc))
             return _Outcome(None, None)
         pair = not self.has_session()
-        worker = await self._spawn(pair)
+        # A start slot bounds how many workers boot at once: each start costs a Python process
+        # importing its engine, and a hundred at once would starve the event loop of CPU.
+        self._waiting = True
+        try:
+            await self.sup.start_slots.acquire()
+        finally:
+            self._waiting = False
+        try:
+            worker = await self._spawn(pair)
+        except BaseException:
+            self.sup.start_slots.release()
+            raise
+        if not self.want_running or self._restart_now:
+            worker.send({"type": "stop"})  # stop() came while it was being spawned
         if self.starts:
             self.restarts += 1
         self.starts += 1
@@ -439,6 +469,8 @@ class Runner:
         try:
             await self._serve(worker)
         finally:
+            if not worker.booted:
+                self.sup.start_slots.release()
             code = await worker.proc.wait()
             worker.writer.close()
             for future in worker.pending.values():
@@ -476,7 +508,9 @@ class Runner:
                 # Keep reading: EOF comes once the process is gone.
                 due = now + 5.0
             try:
-                line = await asyncio.wait_for(worker.reader.readline(), max(0.0, due - now))
+                # asyncio.timeout, not wait_for: no extra task per heartbeat (idle CPU).
+                async with asyncio.timeout(max(0.0, due - now)):
+                    line = await worker.reader.readline()
             except TimeoutError:
                 continue
             except (ValueError, asyncio.LimitOverrunError):
@@ -484,6 +518,9 @@ class Runner:
                 continue
             if not line:
                 return
+            if not worker.booted:
+                worker.booted = True  # it runs and speaks: its start slot is free for the next
+                self.sup.start_slots.release()
             last_seen = time.monotonic()
             try:
                 message = decode(line)
@@ -554,6 +591,7 @@ class Supervisor:
         self.on_change = on_change
         self.listeners: list[Callable[[dict[str, Any], dict[str, Any] | None], None]] = []
         self.limiter = RateLimiter(config.reconnect_connect_rate)
+        self.start_slots = asyncio.Semaphore(MAX_BOOTING_WORKERS)
         self.registry = RuntimeRegistry(config.daemon_state_dir / "companies.json")
         self.companies: dict[str, Runner] = {}
         for company in config.companies:

@@ -5,6 +5,7 @@ Everything here is a no-op without systemd, so the daemon code calls it uncondit
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -15,6 +16,8 @@ import sdnotify
 __all__ = ["SD_LISTEN_FDS_START", "Notifier", "listen_sockets", "scrub_environment", "watchdog_interval"]
 
 SD_LISTEN_FDS_START = 3
+STATUS_INTERVAL = 1.0  # seconds between two STATUS= updates at most
+SEND_TIMEOUT = 1.0  # seconds a notification may wait for room in the notify socket
 
 #: Variables that belong to this process alone: a worker subprocess must never inherit them
 #: (it would notify systemd in our name, or believe it was socket-activated).
@@ -29,21 +32,52 @@ class Notifier:
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
         # sdnotify reads NOTIFY_SOCKET itself (and handles abstract '@' addresses).
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._notifier is not None and self._notifier.socket is not None:
+            # Never let a notify socket nobody drains freeze the event loop: a datagram that
+            # cannot be queued within this is dropped (sdnotify swallows the error).
+            self._notifier.socket.settimeout(SEND_TIMEOUT)
         self._last_status: str | None = None
+        self._pending_status: str | None = None
+        self._status_sent_at = 0.0
+        self._status_timer: asyncio.TimerHandle | None = None
 
     def send(self, *fields: str) -> None:
         if self._notifier is not None:
             self._notifier.notify("\n".join(fields))
 
     def ready(self, status: str) -> None:
+        self._cancel_status()
         self._last_status = status
+        self._status_sent_at = time.monotonic()
         self.send("READY=1", f"STATUS={status}")
 
     def status(self, status: str) -> None:
-        # STATUS must be one line; only send when it changes (the watchdog already proves life).
+        """Send STATUS= when it changes, at most once per STATUS_INTERVAL (the last one wins).
+
+        A hundred companies connecting change the summary hundreds of times in a few seconds;
+        systemd needs only the latest.
+        """
         status = status.replace("\n", " ")
-        if status != self._last_status:
+        self._pending_status = status
+        if self._status_timer is not None:
+            return
+        wait = self._status_sent_at + STATUS_INTERVAL - time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            wait = 0.0
+            loop = None
+        if wait > 0 and loop is not None:
+            self._status_timer = loop.call_later(wait, self._flush_status)
+        else:
+            self._flush_status()
+
+    def _flush_status(self) -> None:
+        self._status_timer = None
+        status, self._pending_status = self._pending_status, None
+        if status is not None and status != self._last_status:
             self._last_status = status
+            self._status_sent_at = time.monotonic()
             self.send(f"STATUS={status}")
 
     def reloading(self) -> None:
@@ -53,7 +87,15 @@ class Notifier:
         self.send("RELOADING=1", f"MONOTONIC_USEC={now_us}", "STATUS=reloading configuration")
 
     def stopping(self) -> None:
+        self._cancel_status()
+        self._last_status = "stopping"
         self.send("STOPPING=1", "STATUS=stopping")
+
+    def _cancel_status(self) -> None:
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+            self._status_timer = None
+        self._pending_status = None
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -124,48 +125,61 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 
 
 class NotifySocket:
-    """A bound AF_UNIX datagram socket standing in for systemd's notify socket."""
+    """A bound AF_UNIX datagram socket standing in for systemd's notify socket.
+
+    A thread drains it all the time, as systemd does, so a daemon under test is never held up
+    by a full socket queue; the tests read what arrived from `received`.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
         self.received: list[tuple[float, dict[str, str]]] = []  # (monotonic time, fields)
+        self._arrived = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._drain, name="notify-socket", daemon=True)
+        self._thread.start()
 
-    def _drain(self, timeout: float) -> None:
-        self.sock.settimeout(timeout)
-        try:
-            while True:
+    def _drain(self) -> None:
+        while not self._closed:
+            try:
                 data = self.sock.recv(65536)
-                fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self._arrived:
                 self.received.append((time.monotonic(), fields))
-                self.sock.settimeout(0)
-        except (BlockingIOError, TimeoutError):
-            pass
+                self._arrived.notify_all()
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0, after: int = 0) -> int:
         """Index (in self.received) of the first message at or after `after` with key (=value)."""
         deadline = time.monotonic() + timeout
-        while True:
-            for i in range(after, len(self.received)):
-                fields = self.received[i][1]
-                if key in fields and (value is None or fields[key] == value):
-                    return i
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no {key}={value or '*'} notification within {timeout}s; got {self.keys()}")
-            self._drain(min(remaining, 0.1))
+        with self._arrived:
+            while True:
+                for i in range(after, len(self.received)):
+                    fields = self.received[i][1]
+                    if key in fields and (value is None or fields[key] == value):
+                        return i
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no {key}={value or '*'} notification within {timeout}s; got {self.keys()}")
+                self._arrived.wait(remaining)
 
     def collect(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            self._drain(min(remaining, 0.1))
+        """Let `seconds` pass (notifications keep arriving in the background)."""
+        time.sleep(seconds)
 
     def keys(self) -> list[str]:
         """Every notification as 'KEY=VALUE' strings, in order (STATUS text kept)."""
-        return [f"{k}={v}" for _, fields in self.received for k, v in fields.items()]
+        return [f"{k}={v}" for _, fields in list(self.received) for k, v in fields.items()]
 
     def close(self) -> None:
+        self._closed = True
+        self._thread.join(1)
         self.sock.close()
 
 
