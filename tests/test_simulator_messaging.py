@@ -551,6 +551,22 @@ def test_burst_emits_count_numbered_text_events_with_unique_ids(sims, session_di
         assert error_of(lambda bad=bad: sim.simulate("burst", **bad)).code == "invalid_argument"
 
 
+def test_a_paced_burst_keeps_its_rate_and_stamps_each_event(sims, session_dir):
+    """burst rate=R: events follow the schedule n/R; each carries emitted_at_ns (time.time_ns)."""
+    sim = connected(sims, session_dir)
+    before = time.time_ns()
+    started = time.monotonic()
+    assert sim.simulate("burst", count=300, rate=1000) == {"emitted": 300}
+    took = time.monotonic() - started
+    assert 0.29 <= took < 2.0
+    burst = events(sim, "message.incoming")
+    stamps = [e["emitted_at_ns"] for e in burst]
+    assert len(stamps) == 300 and stamps == sorted(stamps) and before <= stamps[0] <= time.time_ns()
+    assert (stamps[-1] - stamps[0]) / 1e9 >= 0.29  # 299 intervals of 1 ms
+    for bad in (0, -1, True, "fast", float("inf")):
+        assert error_of(lambda bad=bad: sim.simulate("burst", count=2, rate=bad)).code == "invalid_argument"
+
+
 # ------------------------------------------------------------------------------- the log on disk
 
 

@@ -551,8 +551,10 @@ async def events(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         timeout = daemon.config.events_write_timeout
 
-        async def write(item: dict[str, Any]) -> None:
-            await asyncio.wait_for(response.write(json.dumps(item, separators=(",", ":")).encode() + b"\n"), timeout)
+        async def write(*items: dict[str, Any]) -> None:
+            # Several lines go out in one write (one send, one timeout), not one per event.
+            data = b"".join(json.dumps(item, separators=(",", ":")).encode() + b"\n" for item in items)
+            await asyncio.wait_for(response.write(data), timeout)
 
         last = since
         try:
@@ -560,29 +562,43 @@ async def events(request: web.Request) -> web.StreamResponse:
                 batch = await store.events_after(last, 1000, companies, types, until=top)
                 if not batch:
                     break
-                for event in batch:
-                    await write(event.as_dict())
+                await write(*(event.as_dict() for event in batch))
                 last = batch[-1].seq
             last = max(last, top)
             heartbeat = daemon.config.events_heartbeat_interval
             while True:
-                if sub.overflowed and sub.queue.empty():
-                    item = None  # everything buffered before the cut was written: end it now
-                else:
+                try:
+                    item = sub.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    if sub.overflowed:
+                        # Cut off: everything buffered has been written, so say so now (not after
+                        # a heartbeat interval of silence); it resumes from `last`.
+                        item = None
+                    else:
+                        try:
+                            item = await asyncio.wait_for(sub.queue.get(), heartbeat)
+                        except TimeoutError:
+                            await write({"type": "heartbeat", "at": _now_iso(), "last_seq": last})
+                            continue
+                # Take what else is already queued (up to a bound) and write it with this one.
+                lines = []
+                while item is not None:
+                    if item["seq"] > last:
+                        lines.append(item)
+                        last = item["seq"]
+                    if len(lines) >= _STREAM_BATCH:
+                        break
                     try:
-                        item = await asyncio.wait_for(sub.queue.get(), heartbeat)
-                    except TimeoutError:
-                        await write({"type": "heartbeat", "at": _now_iso(), "last_seq": last})
-                        continue
+                        item = sub.queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                if lines:
+                    await write(*lines)
                 if item is None:
                     why = "this reader fell too far behind" if sub.overflowed else "the daemon is stopping"
                     await write({"type": "stream.end", "reason": "too_slow" if sub.overflowed else "daemon_stopping",
                                  "resume_from": last, "message": f"{why}; reconnect with since={last}"})
                     break
-                if item["seq"] <= last:
-                    continue
-                await write(item)
-                last = item["seq"]
         except (TimeoutError, ConnectionResetError):
             # A stalled reader (or one that went away): drop it, never wait for it.
             if request.transport is not None:
@@ -590,6 +606,10 @@ async def events(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         messaging.unsubscribe(sub)
+
+
+#: Live events written to a stream reader in one go, at most.
+_STREAM_BATCH = 1000
 
 
 def _now_iso() -> str:

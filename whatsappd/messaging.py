@@ -277,12 +277,10 @@ class Messaging:
 
     async def _fail_in_flight(self, company: str) -> None:
         for message in await self.store.in_flight(company):
-            failed = await self.store.set_status(
+            await self.store.set_status(  # journals its message.status event itself (store.py)
                 message["id"], "failed", error_code="send_interrupted",
                 error="the session was logged out while this message was being sent; it may or may not "
                       "have been delivered")
-            if failed is not None:
-                self._status_event(failed)
 
     async def _send_one(self, runner: Runner, message: dict[str, Any]) -> bool:
         sending = await self.store.set_status(message["id"], "sending")

@@ -27,8 +27,8 @@ def normalize_phone(text: str) -> str:
     candidate = raw if raw.startswith("+") else "+" + raw
     try:
         number = phonenumbers.parse(candidate, None)
-    except phonenumbers.NumberParseException as exc:
-        raise InvalidRecipient(f"{raw!r} is not a phone number ; "
+    except phonenumbers.NumberParseException:
+        raise InvalidRecipient(f"{raw!r} is not a phone number; "
                                "write it in international format, e.g. +55 11 99999-9999") from None
     if not phonenumbers.is_possible_number(number):
         raise InvalidRecipient(f"{raw!r} has the wrong number of digits for country code +{number.country_code}")

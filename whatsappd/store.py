@@ -5,6 +5,15 @@ writes are serialised in the order they were asked for. Events are appended in b
 commit): everything published during one loop tick goes into one transaction, and readers see
 an event only after its transaction committed, so a `seq` a reader saw is never lost.
 
+An outbox status change and its `message.status` event are one transaction (the operations
+that change a message insert the event themselves), so a crash can never leave a status the
+journal does not tell. They are delivered in seq order with the batches: every write runs on
+the one writer thread, and deliveries happen in the order the writes finished.
+
+Outbox enqueues are group-committed too: the messages that arrive while a commit is under way
+share the next transaction (one fsync), and each caller gets its answer only once that
+transaction committed, so a 202 still means the message is on disk.
+
 Reads (event backlog, message lookups) use their own connections from worker threads; WAL lets
 them run beside the writer.
 """
@@ -152,6 +161,9 @@ class Store:
         self._flush_scheduled = False
         self._flushing: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[Event, dict[str, Any] | None], None]] = []
+        # Outbox enqueues waiting for the next group commit, and the task committing them
+        self._enqueues: list[tuple[tuple[Any, ...], asyncio.Future[tuple[bool, dict[str, Any]]]]] = []
+        self._enqueuing: asyncio.Task[None] | None = None
         self.last_seq = 0
 
     # ------------------------------------------------------------------------ open / close
@@ -242,11 +254,35 @@ class Store:
             self._pending, self._pending_secrets = [], []
             self._flush_scheduled = False
             events = await self.run(_insert_events, batch)
-            self.last_seq = events[-1].seq
-            for event, secret in zip(events, secrets_, strict=True):
-                for listener in list(self._listeners):
-                    listener(event, secret)
+            self._deliver(events, secrets_)
         self._flush_scheduled = False
+
+    def _deliver(self, events: list[Event], secrets_: list[dict[str, Any] | None] | None = None) -> None:
+        if not events:
+            return
+        self.last_seq = max(self.last_seq, events[-1].seq)
+        for n, event in enumerate(events):
+            secret = secrets_[n] if secrets_ is not None else None
+            for listener in list(self._listeners):
+                listener(event, secret)
+
+    async def _run_journaled(self, fn: Callable[..., tuple[T, list[Event]]], *args: Any) -> T:
+        """Run fn(db, *args) -> (result, events it inserted) on the writer thread; return result.
+
+        The events are delivered from the future's done callback, so they reach listeners in
+        seq order (futures of the one writer thread complete in order) even if the caller is
+        cancelled meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, lambda: fn(self._writer(), *args))
+
+        def deliver(done: asyncio.Future[tuple[T, list[Event]]]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._deliver(done.result()[1])
+
+        future.add_done_callback(deliver)
+        result, _ = await asyncio.shield(future)
+        return result
 
     async def flush(self) -> None:
         """Wait until every appended event is committed and delivered."""
@@ -271,9 +307,40 @@ class Store:
     async def enqueue(self, company: str, idem_key: str | None, body: Any, recipient: str, to_input: str,
                       kind: str, payload: dict[str, Any], media: bytes | None, ttl: float,
                       idem_window: float) -> tuple[bool, dict[str, Any]]:
-        """Store a message durably. Returns (created, message); a replayed key gives the first."""
-        return await self.run(_enqueue, company, idem_key, body_hash(body), recipient, to_input, kind,
-                              payload, media, ttl, idem_window)
+        """Store a message durably. Returns (created, message); a replayed key gives the first.
+
+        Group commit: the messages that arrive while a commit is under way go into the next
+        transaction together (one fsync for all of them); each still returns only once the
+        transaction holding it committed, and one that fails alone is rolled back alone.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, dict[str, Any]]] = loop.create_future()
+        self._enqueues.append(((company, idem_key, body_hash(body), recipient, to_input, kind, payload, media,
+                                ttl, idem_window), future))
+        if self._enqueuing is None or self._enqueuing.done():
+            self._enqueuing = loop.create_task(self._enqueue_loop())
+        # shield: a caller that goes away does not take the others' commit with it
+        return await asyncio.shield(future)
+
+    async def _enqueue_loop(self) -> None:
+        while self._enqueues:
+            batch, self._enqueues = self._enqueues, []
+            try:
+                outcomes = await self._run_journaled(_enqueue_batch, [args for args, _ in batch])
+            except BaseException as exc:  # nothing of this batch committed
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
 
     async def message(self, company: str, message_id: str) -> dict[str, Any] | None:
         return await self.read(_select_message, company, message_id)
@@ -288,17 +355,17 @@ class Store:
 
     async def set_status(self, message_id: str, status: str, **fields: Any) -> dict[str, Any] | None:
         """Move a message to a status; None if that move is not allowed (e.g. read -> sent)."""
-        return await self.run(_set_status, message_id, status, fields)
+        return await self._run_journaled(_set_status, message_id, status, fields)
 
     async def receipt(self, company: str, wa_ids: list[str], status: str) -> tuple[list[dict[str, Any]], list[str]]:
-        return await self.run(_receipt, company, wa_ids, status)
+        return await self._run_journaled(_receipt, company, wa_ids, status)
 
     async def in_flight(self, company: str) -> list[dict[str, Any]]:
         return await self.read(lambda db: [_row_message(r) for r in db.execute(
             "SELECT * FROM messages WHERE company = ? AND status = 'sending' ORDER BY n", (company,))])
 
     async def expire(self) -> list[dict[str, Any]]:
-        return await self.run(_expire, time.time())
+        return await self._run_journaled(_expire, time.time())
 
     async def counts(self) -> dict[str, int]:
         return await self.read(lambda db: dict(db.execute(
@@ -366,6 +433,18 @@ def _prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
     return n
 
 
+def _insert_status_event(db: sqlite3.Connection, message: dict[str, Any]) -> Event:
+    """The message.status event for message's new status, inside the caller's transaction."""
+    data: dict[str, Any] = {"message_id": message["id"], "status": message["status"],
+                            "wa_id": message.get("wa_id"), "to": message.get("to")}
+    if message.get("error"):
+        data["error"] = message["error"]
+    at = time.time()
+    cur = db.execute("INSERT INTO events (at, company, type, data) VALUES (?, ?, 'message.status', ?)",
+                     (at, message["company"], json.dumps(data, separators=(",", ":"))))
+    return Event(int(cur.lastrowid or 0), at, message["company"], "message.status", data)
+
+
 def _row_message(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     (n, mid, company, idem_key, _idem_at, _hash, recipient, to_input, kind, payload, status, wa_id,
      error_code, error, attempts, created, updated, expires, sent, delivered, read) = row
@@ -395,40 +474,60 @@ def _next_pending(db: sqlite3.Connection, company: str) -> dict[str, Any] | None
     return message
 
 
-def _enqueue(db: sqlite3.Connection, company: str, idem_key: str | None, digest: str, recipient: str,
-             to_input: str, kind: str, payload: dict[str, Any], media: bytes | None, ttl: float,
-             idem_window: float) -> tuple[bool, dict[str, Any]]:
-    now = time.time()
+def _enqueue_batch(db: sqlite3.Connection, batch: list[tuple[Any, ...]]
+                   ) -> tuple[list[tuple[bool, dict[str, Any]] | Exception], list[Event]]:
+    """Enqueue each message of batch in one transaction (one fsync); each in its own savepoint,
+    so that one that fails (IdempotencyConflict, ...) is undone alone and its exception returned
+    in its place. If the transaction itself fails, nothing is committed and it raises."""
+    outcomes: list[tuple[bool, dict[str, Any]] | Exception] = []
+    events: list[Event] = []
     db.execute("BEGIN IMMEDIATE")
     try:
-        if idem_key is not None:
-            row = db.execute("SELECT * FROM messages WHERE company = ? AND idem_key = ?",
-                             (company, idem_key)).fetchone()
-            if row is not None:
-                if now - row[4] < idem_window:
-                    db.execute("COMMIT")
-                    if row[5] != digest:
-                        raise IdempotencyConflict(row[1])
-                    return False, _row_message(row)
-                # The key is older than the window: it may be used again for a new message.
-                db.execute("UPDATE messages SET idem_key = NULL WHERE n = ?", (row[0],))
-        mid = new_message_id()
-        db.execute(
-            "INSERT INTO messages (id, company, idem_key, idem_at, body_hash, recipient, to_input, kind, payload, "
-            "status, created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-            (mid, company, idem_key, now if idem_key else None, digest, recipient, to_input, kind,
-             json.dumps(payload), now, now, now + ttl))
-        if media is not None:
-            db.execute("INSERT INTO media VALUES (?, ?)", (mid, media))
-        row = db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
+        for args in batch:
+            db.execute("SAVEPOINT enqueue")
+            try:
+                outcome, inserted = _enqueue(db, *args)
+            except Exception as exc:
+                db.execute("ROLLBACK TO enqueue")
+                db.execute("RELEASE enqueue")
+                outcomes.append(exc)
+                continue
+            db.execute("RELEASE enqueue")
+            outcomes.append(outcome)
+            events.extend(inserted)
         db.execute("COMMIT")
-    except IdempotencyConflict:
-        raise
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return True, _row_message(row)
+    return outcomes, events
+
+
+def _enqueue(db: sqlite3.Connection, company: str, idem_key: str | None, digest: str, recipient: str,
+             to_input: str, kind: str, payload: dict[str, Any], media: bytes | None, ttl: float,
+             idem_window: float) -> tuple[tuple[bool, dict[str, Any]], list[Event]]:
+    """One message, inside the caller's transaction (see _enqueue_batch)."""
+    now = time.time()
+    if idem_key is not None:
+        row = db.execute("SELECT * FROM messages WHERE company = ? AND idem_key = ?",
+                         (company, idem_key)).fetchone()
+        if row is not None:
+            if now - row[4] < idem_window:
+                if row[5] != digest:
+                    raise IdempotencyConflict(row[1])
+                return (False, _row_message(row)), []
+            # The key is older than the window: it may be used again for a new message.
+            db.execute("UPDATE messages SET idem_key = NULL WHERE n = ?", (row[0],))
+    mid = new_message_id()
+    db.execute(
+        "INSERT INTO messages (id, company, idem_key, idem_at, body_hash, recipient, to_input, kind, payload, "
+        "status, created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+        (mid, company, idem_key, now if idem_key else None, digest, recipient, to_input, kind,
+         json.dumps(payload), now, now, now + ttl))
+    if media is not None:
+        db.execute("INSERT INTO media VALUES (?, ?)", (mid, media))
+    message = _row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone())
+    return (True, message), [_insert_status_event(db, message)]
 
 
 _ALLOWED = {
@@ -442,20 +541,22 @@ _ALLOWED = {
 }
 
 
-def _set_status(db: sqlite3.Connection, message_id: str, status: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+def _set_status(db: sqlite3.Connection, message_id: str, status: str,
+                fields: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Event]]:
     now = time.time()
     db.execute("BEGIN IMMEDIATE")
     try:
         row = db.execute("SELECT status FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None or status not in _ALLOWED[row[0]]:
             db.execute("COMMIT")
-            return None
+            return None, []
         sets = {"status": status, "updated_at": now}
         if status == "sending":
             db.execute("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", (message_id,))
         if status == "sent":
             sets["sent_at"] = fields.get("sent_at", now)
             sets["wa_id"] = fields["wa_id"]
+            sets["error_code"] = sets["error"] = None  # an earlier transient failure is history
         if status in ("failed", "expired", "queued"):
             sets["error_code"] = fields.get("error_code")
             sets["error"] = fields.get("error")
@@ -463,23 +564,25 @@ def _set_status(db: sqlite3.Connection, message_id: str, status: str, fields: di
             db.execute("DELETE FROM media WHERE message_id = ?", (message_id,))
         db.execute(f"UPDATE messages SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
                    (*sets.values(), message_id))
-        out = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        message = _row_message(db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone())
+        event = _insert_status_event(db, message)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return _row_message(out)
+    return message, [event]
 
 
 def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
-             status: str) -> tuple[list[dict[str, Any]], list[str]]:
+             status: str) -> tuple[tuple[list[dict[str, Any]], list[str]], list[Event]]:
     """Apply a delivered/read receipt; only forward moves (a late 'delivered' after 'read' is dropped).
 
     Returns the messages changed and the WhatsApp ids no message carries (yet)."""
     now = time.time()
     changed = []
     unknown = []
+    events = []
     column = {"delivered": "delivered_at", "read": "read_at"}[status]
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -495,18 +598,19 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
             args: tuple[Any, ...] = (status, now, now, now, row[0]) if extra else (status, now, now, row[0])
             db.execute(f"UPDATE messages SET status = ?, updated_at = ?, {column} = ?{extra} WHERE id = ?", args)
             changed.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (row[0],)).fetchone()))
+            events.append(_insert_status_event(db, changed[-1]))
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return changed, unknown
+    return (changed, unknown), events
 
 
-def _expire(db: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+def _expire(db: sqlite3.Connection, now: float) -> tuple[list[dict[str, Any]], list[Event]]:
     # Read first: the usual answer is "nothing", and that needs no write transaction.
     if db.execute("SELECT 1 FROM messages WHERE status = 'queued' AND expires_at <= ? LIMIT 1", (now,)).fetchone() is None:
-        return []
+        return [], []
     db.execute("BEGIN IMMEDIATE")
     try:
         rows = db.execute("SELECT id FROM messages WHERE status = 'queued' AND expires_at <= ?", (now,)).fetchall()
@@ -516,9 +620,10 @@ def _expire(db: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
                        "error = 'not sent before its ttl ran out' WHERE id = ?", (now, mid))
             db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
             out.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()))
+        events = [_insert_status_event(db, message) for message in out]
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return out
+    return out, events

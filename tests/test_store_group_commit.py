@@ -1,0 +1,134 @@
+"""Outbox enqueues are group-committed (whatsappd/store.py): concurrent enqueues share one
+transaction, each answers only once it is committed, and one that fails is undone alone.
+
+In-process on a real SQLite file, like test_store.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from whatsappd import store as store_module
+from whatsappd.store import IdempotencyConflict, Store
+
+DAY = 86400.0
+JID = "5511999990001@s.whatsapp.net"
+
+
+def enqueue(store: Store, text: str, key: str | None = None) -> Any:
+    body = {"to": "+5511999990001", "text": text}
+    return store.enqueue("acme", key, body, JID, "+5511999990001", "text", {"text": text}, None, DAY, DAY)
+
+
+def committed_texts(path: Path) -> list[str]:
+    """What another connection sees: only committed rows, in send order."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in db.execute("SELECT json_extract(payload, '$.text') FROM messages ORDER BY n")]
+    finally:
+        db.close()
+
+
+def test_concurrent_enqueues_share_transactions_and_keep_their_order(tmp_path, monkeypatch):
+    """50 enqueues at once: fewer transactions than messages, every message committed when its
+    enqueue returns, send order = call order, one queued event each."""
+    path = tmp_path / "store.sqlite"
+    batches: list[int] = []
+    real = store_module._enqueue_batch
+
+    def counting(db: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> Any:
+        batches.append(len(batch))
+        return real(db, batch)
+
+    monkeypatch.setattr(store_module, "_enqueue_batch", counting)
+
+    async def main() -> list[tuple[bool, dict[str, Any]]]:
+        store = Store(path)
+        store.open()
+        seen: list[str] = []
+        store.subscribe(lambda event, secret: seen.append(event.data["message_id"]))
+        try:
+            async def one(n: int) -> tuple[bool, dict[str, Any]]:
+                result = await enqueue(store, f"m{n}")
+                assert f"m{n}" in committed_texts(path)  # on disk (committed) by the time it returns
+                assert result[1]["id"] in seen  # and its queued event delivered
+                return result
+
+            return await asyncio.gather(*(one(n) for n in range(50)))
+        finally:
+            await store.close()
+
+    results = asyncio.run(main())
+    assert all(created for created, _ in results)
+    assert len({m["id"] for _, m in results}) == 50
+    assert sum(batches) == 50 and len(batches) < 50
+    assert committed_texts(path) == [f"m{n}" for n in range(50)]
+
+
+def test_a_conflict_in_a_batch_fails_alone_and_a_replay_in_the_same_batch_gets_the_first(tmp_path):
+    """Same Idempotency-Key in one batch: the same body replays the first message (not created),
+    a different body gets IdempotencyConflict; the other messages of the batch are committed."""
+    path = tmp_path / "store.sqlite"
+
+    async def main() -> list[Any]:
+        store = Store(path)
+        store.open()
+        try:
+            return await asyncio.gather(
+                enqueue(store, "a"), enqueue(store, "keyed", key="k1"), enqueue(store, "keyed", key="k1"),
+                enqueue(store, "other body", key="k1"), enqueue(store, "b"), return_exceptions=True)
+        finally:
+            await store.close()
+
+    a, first, replay, conflict, b = asyncio.run(main())
+    assert a[0] and b[0] and first[0]
+    assert replay == (False, first[1])
+    assert isinstance(conflict, IdempotencyConflict) and conflict.args[0] == first[1]["id"]
+    assert committed_texts(path) == ["a", "keyed", "b"]
+
+
+def test_a_failed_transaction_answers_every_enqueue_of_its_batch_with_the_error(tmp_path, monkeypatch):
+    """If the batch's transaction fails, nothing of it is committed and every caller gets the error."""
+    path = tmp_path / "store.sqlite"
+
+    def broken(db: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> Any:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def main() -> list[Any]:
+        store = Store(path)
+        store.open()
+        try:
+            monkeypatch.setattr(store_module, "_enqueue_batch", broken)
+            failed = await asyncio.gather(*(enqueue(store, f"x{n}") for n in range(5)), return_exceptions=True)
+            monkeypatch.undo()
+            after = await enqueue(store, "after")  # the store goes on working
+            return [*failed, after]
+        finally:
+            await store.close()
+
+    *failed, after = asyncio.run(main())
+    assert all(isinstance(f, sqlite3.OperationalError) for f in failed)
+    assert after[0]
+    assert committed_texts(path) == ["after"]
+
+
+def test_a_single_enqueue_is_a_batch_of_one(tmp_path):
+    """No waiting for company: a lone enqueue commits at once."""
+    path = tmp_path / "store.sqlite"
+
+    async def main() -> tuple[bool, dict[str, Any]]:
+        store = Store(path)
+        store.open()
+        try:
+            return await asyncio.wait_for(enqueue(store, "alone"), 5)
+        finally:
+            await store.close()
+
+    created, message = asyncio.run(main())
+    assert created and message["status"] == "queued"
+    assert committed_texts(path) == ["alone"]
