@@ -551,10 +551,12 @@ async def events(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         timeout = daemon.config.events_write_timeout
 
-        async def write(*items: dict[str, Any]) -> None:
+        async def write(*lines: bytes) -> None:
             # Several lines go out in one write (one send, one timeout), not one per event.
-            data = b"".join(json.dumps(item, separators=(",", ":")).encode() + b"\n" for item in items)
-            await asyncio.wait_for(response.write(data), timeout)
+            await asyncio.wait_for(response.write(b"".join(lines)), timeout)
+
+        def line(item: dict[str, Any]) -> bytes:
+            return json.dumps(item, separators=(",", ":")).encode() + b"\n"
 
         last = since
         try:
@@ -562,7 +564,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                 batch = await store.events_after(last, 1000, companies, types, until=top)
                 if not batch:
                     break
-                await write(*(event.as_dict() for event in batch))
+                await write(*(event.line() for event in batch))
                 last = batch[-1].seq
             last = max(last, top)
             heartbeat = daemon.config.events_heartbeat_interval
@@ -578,14 +580,15 @@ async def events(request: web.Request) -> web.StreamResponse:
                         try:
                             item = await asyncio.wait_for(sub.queue.get(), heartbeat)
                         except TimeoutError:
-                            await write({"type": "heartbeat", "at": _now_iso(), "last_seq": last})
+                            await write(line({"type": "heartbeat", "at": _now_iso(), "last_seq": last}))
                             continue
                 # Take what else is already queued (up to a bound) and write it with this one.
                 lines = []
                 while item is not None:
-                    if item["seq"] > last:
-                        lines.append(item)
-                        last = item["seq"]
+                    seq, encoded = item
+                    if seq > last:
+                        lines.append(encoded)
+                        last = seq
                     if len(lines) >= _STREAM_BATCH:
                         break
                     try:
@@ -596,8 +599,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                     await write(*lines)
                 if item is None:
                     why = "this reader fell too far behind" if sub.overflowed else "the daemon is stopping"
-                    await write({"type": "stream.end", "reason": "too_slow" if sub.overflowed else "daemon_stopping",
-                                 "resume_from": last, "message": f"{why}; reconnect with since={last}"})
+                    await write(line({"type": "stream.end", "reason": "too_slow" if sub.overflowed else "daemon_stopping",
+                                      "resume_from": last, "message": f"{why}; reconnect with since={last}"}))
                     break
         except (TimeoutError, ConnectionResetError):
             # A stalled reader (or one that went away): drop it, never wait for it.

@@ -50,7 +50,7 @@ class Subscriber:
     companies: frozenset[str]
     types: frozenset[str]
     maxsize: int
-    queue: asyncio.Queue[dict[str, Any] | None] = field(init=False)
+    queue: asyncio.Queue[tuple[int, bytes] | None] = field(init=False)  # (seq, NDJSON line); None ends
     overflowed: bool = False
 
     def __post_init__(self) -> None:
@@ -60,7 +60,7 @@ class Subscriber:
         return ((not self.companies or event.company in self.companies)
                 and (not self.types or event.type in self.types))
 
-    def offer(self, item: dict[str, Any] | None) -> None:
+    def offer(self, item: tuple[int, bytes] | None) -> None:
         if self.overflowed:
             return
         try:
@@ -141,11 +141,13 @@ class Messaging:
         self.store.append(company, kind, data, secret)
 
     def _on_committed(self, event: Event, secret: dict[str, Any] | None) -> None:
-        line = event.as_dict()
+        encoded: tuple[int, bytes] | None = None
         for sub in list(self.subscribers):
             if sub.wants(event):
-                # QR codes reach live readers only; the journal on disk never holds them.
-                sub.offer({**line, **secret} if secret else line)
+                if encoded is None:
+                    # QR codes reach live readers only; the journal on disk never holds them.
+                    encoded = (event.seq, event.line(secret))
+                sub.offer(encoded)
         if event.type == "message.status":
             for future in self._status_waiters.pop(str(event.data.get("message_id")), []):
                 if not future.done():

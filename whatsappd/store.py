@@ -137,6 +137,13 @@ class Event:
         out.update(self.data)
         return out
 
+    def line(self, extra: dict[str, Any] | None = None) -> bytes:
+        """The event as one NDJSON line (encoded once, shared by every reader)."""
+        item = self.as_dict()
+        if extra:
+            item.update(extra)
+        return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
 
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
