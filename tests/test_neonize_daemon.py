@@ -1,0 +1,76 @@
+"""The real neonize engine under the real daemon, pointed at a fault-injecting SOCKS5 listener.
+
+Nothing leaves the machine: every neonize company has `proxy = "socks5://127.0.0.1:PORT"`, a
+local listener that never forwards anything, and the listener's log shows every destination
+the client asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from whatsappd.testing.daemon import wait_until
+from whatsappd.testing.scenario import SimDaemon, daemon_pool
+from whatsappd.testing.socks5 import Socks5FaultProxy
+
+pytestmark = [pytest.mark.neonize, pytest.mark.slow]
+
+WHATSAPP = ("web.whatsapp.com", 443)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
+    with daemon_pool(tmp_path) as make:
+        yield make
+
+
+def _config(proxy: Socks5FaultProxy, **reconnect: str) -> str:
+    settings = {"initial_delay": '"200ms"', "max_delay": '"1s"', **{k: f'"{v}"' for k, v in reconnect.items()}}
+    return ("[reconnect]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+            + f'[[companies]]\nid = "real"\nengine = "neonize"\nproxy = "{proxy.url}"\n')
+
+
+def _retries(daemon: SimDaemon) -> list[dict]:
+    return [line for line in daemon.log_lines("state changed", company="real") if line.get("new") == "reconnecting"]
+
+
+@pytest.mark.parametrize("mode", ["refuse", "close"])
+def test_a_failing_proxy_puts_the_company_in_reconnecting_with_growing_jittered_capped_delays(daemons, mode):
+    """Refused or closed by the proxy: `reconnecting`, attempts grow, delays jittered under the cap."""
+    with Socks5FaultProxy(mode=mode) as proxy:
+        d = daemons(_config(proxy))
+        d.start()
+        assert d.post("real", "connect").status == 202
+        wait_until(lambda: len(_retries(d)) >= 5, 40, what="five failed attempts")
+        snap = d.snapshot("real")
+        assert snap["state"] in ("reconnecting", "starting", "connecting")
+        assert snap["last_error"]["code"] == "connection_failed"
+        retries = _retries(d)[:5]
+        attempts = [r["attempt"] for r in retries]
+        assert attempts == list(range(attempts[0], attempts[0] + 5))  # one more each time
+        delays = [r["retry_in_seconds"] for r in retries]
+        caps = [min(1.0, 0.2 * 2 ** (a - 1)) for a in attempts]
+        assert all(0 <= delay <= cap for delay, cap in zip(delays, caps, strict=True)), (delays, caps)
+        assert len(set(delays)) > 1  # drawn, not fixed
+        exits = d.log_lines("worker exited", company="real")
+        assert exits and all(e["exit_code"] == 10 for e in exits)  # transient, never a crash
+        assert proxy.requests and set(proxy.requests) == {WHATSAPP}
+        assert d.stop() == 0
+
+
+def test_a_silent_proxy_is_abandoned_at_the_connect_deadline_and_retried(daemons):
+    """A proxy that accepts and never answers: the worker is killed at connect_timeout, then retried."""
+    with Socks5FaultProxy(mode="silent") as proxy:
+        d = daemons(_config(proxy, connect_timeout="2s"))
+        d.start()
+        first = d.post("real", "connect").json()["worker"]["pid"]
+        snap = d.wait_state("real", "reconnecting", timeout=15, check=lambda s: s["last_error"])
+        assert snap["last_error"]["code"] == "connect_timeout"
+        assert d.log_lines("killing worker", company="real", reason="connect_timeout")
+        d.wait_state("real", "starting", "connecting", "reconnecting", timeout=10,
+                     check=lambda s: s["worker"]["pid"] not in (None, first))
+        assert proxy.wait_for_connections(2, timeout=10)  # the new worker dials through it too
+        assert d.stop() == 0
