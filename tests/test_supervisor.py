@@ -590,3 +590,15 @@ def test_status_line_shows_the_retry_countdown(daemons, tmp_path):
 def _statuses(notify: NotifySocket, after: int) -> list[str]:
     notify.collect(0.1)
     return [fields["STATUS"] for _, fields in notify.received[after:] if "STATUS" in fields]
+
+
+def test_a_worker_stuck_reconnecting_is_restarted(daemons):
+    """`reconnecting` reported by the worker for longer than stuck_reconnecting_after: a fresh worker."""
+    d = started(daemons, "acme", workers={"stuck_reconnecting_after": "2s"})
+    pid = d.pair("acme")["worker"]["pid"]
+    assert d.simulate("acme", "drop", reason="keep-alive timeout").status == 200
+    d.wait_state("acme", "reconnecting")
+    snap = d.wait_state("acme", "connected", timeout=15, check=lambda s: s["worker"]["pid"] != pid)
+    assert snap["worker"]["restarts"] == 1
+    assert d.log_lines("killing worker", company="acme", reason="keepalive")
+    assert process_gone(pid)

@@ -308,6 +308,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "paired_connect_timeout", _duration_range(1, 600), "30s",
             "After a successful pairing the server forces one reconnect; if the company is not "
             "connected within this, its worker is restarted.", render=format_duration),
+    Setting("workers", "stuck_reconnecting_after", _duration_range(1, 86400), "4m",
+            "A worker that stays `reconnecting` this long (keep-alive timeouts the library keeps "
+            "retrying by itself) is restarted.", render=format_duration),
     Setting("workers", "crash_limit", _int_range(1, 1000), 5,
             "Crashes within crash_window that put a company in `failed` until an operator acts."),
     Setting("workers", "crash_window", _duration_range(1, 86400), "10m",
@@ -397,6 +400,7 @@ class Config:
     workers_stop_grace: float
     workers_pairing_timeout: float
     workers_paired_connect_timeout: float
+    workers_stuck_reconnecting_after: float
     workers_crash_limit: int
     workers_crash_window: float
     journal_max_age: float

@@ -36,8 +36,6 @@ log = get_logger()
 
 #: Workers that may be booting (spawned, not yet heard from) at once.
 MAX_BOOTING_WORKERS = 8
-#: A worker that stays `reconnecting` (keep-alive timeouts, drops) this long is restarted.
-KEEPALIVE_RESTART_AFTER = 240.0
 #: A ban without a known expiry is retried after this.
 DEFAULT_BAN_SECONDS = 3600.0
 
@@ -369,7 +367,7 @@ class Runner:
         if killed in ("connect_timeout", "keepalive") or code in (ExitCode.TRANSIENT, ExitCode.STOPPED):
             message = {
                 "connect_timeout": f"no connection within {self.sup.config.reconnect_connect_timeout:g}s",
-                "keepalive": f"reconnecting for over {KEEPALIVE_RESTART_AFTER:g}s",
+                "keepalive": f"reconnecting for over {self.sup.config.workers_stuck_reconnecting_after:g}s",
             }.get(killed or "", "connection failed")
             return self._retry_later(killed or "connection_failed", message)
         if code == ExitCode.LOGGED_OUT:
@@ -498,7 +496,7 @@ class Runner:
                 "connect_timeout": connect_deadline,
                 "pairing_timeout": pairing_deadline,
                 "paired_without_connect": paired_deadline,
-                "keepalive": reconnecting_since + KEEPALIVE_RESTART_AFTER if reconnecting_since else None,
+                "keepalive": reconnecting_since + cfg.workers_stuck_reconnecting_after if reconnecting_since else None,
             }
             name, due = min(((k, v) for k, v in deadlines.items() if v is not None), key=lambda kv: kv[1])
             if due <= now:
