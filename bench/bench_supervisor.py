@@ -49,8 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from whatsappd.client import Client, DaemonUnavailable  # noqa: E402
-from whatsappd.testing.daemon import DaemonProcess, NotifySocket, clean_env, wait_until  # noqa: E402
+from whatsappd.client import Client  # noqa: E402
+from whatsappd.testing.daemon import DaemonProcess, NotifySocket, clean_env  # noqa: E402
 from whatsappd.worker import simulator  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -179,9 +179,8 @@ def test_unknown_group_is_refused(tmp_path: Path) -> None:
 def test_client_reaches_a_bound_socket(tmp_path: Path) -> None:
     """Sanity of the test client itself against a plain listener: an unanswered socket is a timeout."""
     path = tmp_path / "control.sock"
-    with bind_control_socket(path, 0o600):
-        with pytest.raises(TimeoutError):
-            Client(str(path), timeout=0.2).get("/v1/health")
+    with bind_control_socket(path, 0o600), pytest.raises(TimeoutError):
+        Client(str(path), timeout=0.2).get("/v1/health")
 
 
 def test_handed_socket_is_closed_on_exec(daemon_factory: Callable[..., DaemonProcess],

@@ -13,9 +13,9 @@ import binascii
 import json
 import mimetypes
 import os
-import secrets
 import pwd
 import re
+import secrets
 import socket
 import stat
 import struct
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["CappedSockSite", "PeerCred", "build_app", "peer_credentials"]
 
 log = get_logger()
-DAEMON: web.AppKey["Daemon"] = web.AppKey("daemon")
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _STATUS_CODES = {
@@ -433,13 +433,14 @@ async def send_message(request: web.Request) -> web.Response:
     media: bytes | None = None
     if kinds:
         kind = kinds[0]
-        media, filename, mimetype = await asyncio.to_thread(
+        data, filename, mimetype = await asyncio.to_thread(
             _media_bytes, body[kind], kind, daemon.config.outbox_max_file_size)
+        media = data
         filename = body.get("filename") or filename
         payload: dict[str, Any] = {
             "caption": body.get("caption"), "filename": filename,
-            "mimetype": body.get("mimetype") or mimetype or _guess_mimetype(kind, filename, media),
-            "size": len(media),
+            "mimetype": body.get("mimetype") or mimetype or _guess_mimetype(kind, filename, data),
+            "size": len(data),
         }
     else:
         kind = "text"

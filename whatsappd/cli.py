@@ -150,7 +150,6 @@ def _daemonize(config: Config, args: argparse.Namespace) -> int:
 def _serve(config: Config, config_path: Path | None) -> int:
     import faulthandler
 
-    from whatsappd.daemon import Daemon
     from whatsappd.logs import configure_logging
 
     # If the watchdog ever aborts us (SIGABRT), the journal shows where the event loop hung.

@@ -641,7 +641,8 @@ class ConfigDiff:
 def diff_configs(old: Config, new: Config) -> ConfigDiff:
     old_c = {c.id: c for c in old.companies}
     new_c = {c.id: c for c in new.companies}
-    settings, restart = [], []
+    settings: list[str] = []
+    restart: list[str] = []
     for setting in SETTINGS:
         if getattr(old, setting.attr) != getattr(new, setting.attr):
             (settings if setting.reloadable else restart).append(setting.dotted)

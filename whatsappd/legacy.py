@@ -12,7 +12,8 @@ Intended output of `whatsappd clean-sessions` (written by the CLI on top of this
     $ whatsappd clean-sessions --dry-run
     would remove /var/lib/whatsappd/sessions/session-acme (browser profile, 212.4 MiB)
     would remove /var/lib/whatsappd/sessions/session-42 (Baileys session, 8.1 KiB)
-    skipped /var/lib/whatsappd/sessions/session-7: it has both legacy files (creds.json) and whatsappd files (whatsappd.lock); it is treated as whatsappd's and left alone
+    skipped /var/lib/whatsappd/sessions/session-7: it has both legacy files (creds.json) and whatsappd
+        files (whatsappd.lock); it is treated as whatsappd's and left alone
     2 legacy sessions, 212.5 MiB in all; dry run, nothing removed
 
     $ whatsappd clean-sessions
@@ -300,7 +301,7 @@ def _tree_size(path: Path) -> int:
     total = 0
     # followlinks=False keeps the walk inside the directory; errors only make the size a lower
     # bound, which is fine for a number shown to a person.
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+    for dirpath, _dirnames, filenames in os.walk(path, followlinks=False):
         for name in filenames:
             try:
                 st = os.lstat(os.path.join(dirpath, name))

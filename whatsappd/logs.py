@@ -40,7 +40,8 @@ def current_format() -> str:
     return _current["format"]
 
 
-def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:
+def get_logger(**bound: Any) -> Any:
+    """The daemon's logger (a structlog bound logger; `company=` binds a company)."""
     return structlog.get_logger("whatsappd", **bound)
 
 

@@ -128,7 +128,7 @@ class Discovered:
 
 def discover(sessions_root: Path) -> list[Discovered]:
     """Companies that have a paired session on disk (session-{id} with valid ids only)."""
-    found = []
+    found: list[Discovered] = []
     if not sessions_root.is_dir():
         return found
     for child in sorted(sessions_root.iterdir()):

@@ -661,9 +661,9 @@ class Supervisor:
         for cid in diff.added:
             company = config.company(cid)
             assert company is not None
-            runner = self.companies.get(cid)
-            if runner is not None:  # was runtime or discovered: the config now owns it
-                runner.config, runner.source = company, "config"
+            existing = self.companies.get(cid)
+            if existing is not None:  # was runtime or discovered: the config now owns it
+                existing.config, existing.source = company, "config"
                 continue
             runner = self.companies[cid] = Runner(self, company, "config")
             log.info("company added by reload", company=cid)

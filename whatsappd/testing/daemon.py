@@ -54,7 +54,7 @@ def exec_wrapper(pid_vars: Iterable[str] = (), fd: int | None = None) -> list[st
     return [sys.executable, "-c", _WRAPPER, str(-1 if fd is None else fd), ",".join(pid_vars)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def user_switch(uid: int = NOBODY, gid: int = NOBODY) -> tuple[tuple[str, ...], dict[str, Any]] | None:
     """How to run this Python as uid/gid with no supplementary groups: (command prefix, Popen
     keyword arguments), or None when it cannot be done here (not root, or no way found).
