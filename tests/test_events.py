@@ -134,7 +134,8 @@ def test_bad_stream_requests_are_refused_with_clear_errors(sim):
     ahead = EventReader(sim.socket_path, f"since={top + 100}")
     assert ahead.status == 409
     assert error_of(ahead)["code"] == "cursor_ahead" and error_of(ahead)["last_seq"] >= top
-    for query, code in (("since=-1", "bad_request"), ("since=abc", "bad_request"),
+    for query, code in (("since=-1", "bad_request"), ("since=abc", "bad_request"), ("since=%C2%B2", "bad_request"),
+                        ("since=" + "9" * 5000, "bad_request"),
                         ("type=message.sent", "bad_request"), ("company=Not_Valid", "invalid_company_id")):
         reader = EventReader(sim.socket_path, query)
         assert (reader.status, error_of(reader)["code"]) == (400, code), query

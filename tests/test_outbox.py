@@ -43,7 +43,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimDaemon]:
     base = tmp_path_factory.mktemp("outbox")
     with daemon_pool(base) as make:
         d = make(sim_config("acme", workers=SLOW_BOOT, control={"max_body_size": MAX_BODY},
-                            outbox={"max_file_size": MAX_FILE}),
+                            outbox={"max_file_size": MAX_FILE, "media_dirs": ["/tmp"]}),
                  env={"WHATSAPPD_SIM_SEND_FAIL_FILE": str(base / "send-fail-{company}")})
         d.start(timeout=30)
         d.pair("acme", timeout=30)
@@ -372,6 +372,40 @@ def test_unreadable_file_paths_are_400_unreadable_file(sim, tmp_path):
         assert time.monotonic() - started < 5
 
 
+def test_file_paths_are_confined_to_outbox_media_dirs(sim, daemons_for_paths, tmp_path):
+    """Paths outside outbox.media_dirs, in the state dir, or through a symlink out are refused; none by default."""
+    allowed = tmp_path / "uploads"
+    allowed.mkdir()
+    (allowed / "house.png").write_bytes(PNG)
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(PNG)
+    (allowed / "escape.png").symlink_to(outside)
+    d = daemons_for_paths(sim_config("acme", workers=SLOW_BOOT, outbox={"media_dirs": [str(allowed)]}))
+    d.start(timeout=30)
+    ok = post(d, "acme", {"to": "+5511999991207", "image": {"path": str(allowed / "house.png")}})
+    assert ok.status == 202, ok.body
+    for path in (outside, allowed / "escape.png", allowed / ".." / "elsewhere.png"):
+        response = post(d, "acme", {"to": "+5511999991207", "image": {"path": str(path)}})
+        assert response.status == 400 and error(response)["code"] == "unreadable_file", (path, response.body)
+        assert "outbox.media_dirs" in error(response)["message"]
+    state = d.state_dir / "whatsappd.sqlite"
+    d2 = daemons_for_paths(sim_config("bob", workers=SLOW_BOOT, outbox={"media_dirs": [str(d.state_dir)]}))
+    d2.start(timeout=30)
+    response = post(d2, "bob", {"to": "+5511999991207", "document": {"path": str(d2.state_dir / "whatsappd.sqlite")}})
+    assert response.status == 400 and "state directory is never allowed" in error(response)["message"]
+    d3 = daemons_for_paths(sim_config("carol", workers=SLOW_BOOT))
+    d3.start(timeout=30)
+    response = post(d3, "carol", {"to": "+5511999991207", "image": {"path": str(allowed / "house.png")}})
+    assert response.status == 400 and "sending files by path is off" in error(response)["message"]
+    assert state.exists()
+
+
+@pytest.fixture
+def daemons_for_paths(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
+    with daemon_pool(tmp_path / "daemons") as make:
+        yield make
+
+
 def test_a_relative_file_path_is_400_unreadable_file(sim):
     """Only absolute paths are accepted (the daemon's working directory is not the client's)."""
     response = post(sim, "acme", {"to": "+5511999991205", "image": {"path": "photos/house.png"}})
@@ -402,7 +436,8 @@ def test_a_file_the_daemon_may_not_read_is_400_unreadable_file_as_a_second_user(
     secret.write_bytes(PNG)
     secret.chmod(0o600)
     with daemon_pool(shared_dir / "unused") as make:
-        d = make(sim_config("acme", workers=SLOW_BOOT), root=root, prefix=prefix, **popen)
+        d = make(sim_config("acme", workers=SLOW_BOOT, outbox={"media_dirs": [str(shared_dir)]}), root=root,
+                 prefix=prefix, **popen)
         d.start(timeout=30)
         response = post(d, "acme", {"to": "+5511999991206", "image": {"path": str(secret)}})
         assert response.status == 400, response.body
@@ -504,3 +539,16 @@ def test_metrics_count_outbox_messages_by_status(sim):
     text = sim.client.get("/v1/metrics").body.decode()
     assert f'whatsappd_outbox_messages{{status="sent"}} {before + 1}' in text
     assert re.search(r"^whatsappd_journal_last_seq \d+$", text, re.M)
+
+
+def test_a_bad_wait_or_timeout_is_refused_before_anything_is_stored(sim, fresh):
+    """?wait=bogus or a bad timeout is a 400 and queues nothing (a retry cannot then send twice)."""
+    cid = fresh(connect=False)
+    before = sim.client.get("/v1/metrics").body
+    for query in ("wait=bogus", "wait=sent&timeout=abc", "wait=sent&timeout=-1", "timeout=3"):
+        response = sim.client.post(f"/v1/companies/{cid}/messages?{query}", {"to": "+5511999991301", "text": "x"})
+        assert response.status == 400 and error(response)["code"] == "bad_request", (query, response.body)
+    after = sim.client.get("/v1/metrics").body
+    queued = [line for line in after.decode().splitlines() if line.startswith('whatsappd_outbox_messages{status="queued"}')]
+    assert queued == [line for line in before.decode().splitlines()
+                      if line.startswith('whatsappd_outbox_messages{status="queued"}')]

@@ -602,3 +602,13 @@ def test_a_worker_stuck_reconnecting_is_restarted(daemons):
     assert snap["worker"]["restarts"] == 1
     assert d.log_lines("killing worker", company="acme", reason="keepalive")
     assert process_gone(pid)
+
+
+def test_an_engine_error_about_the_request_is_400_and_about_the_state_409(daemons):
+    """simulate with an unknown action is 400 (the request); scan when not pairing is 409 (the state)."""
+    d = started(daemons, "acme")
+    d.pair("acme")
+    unknown = d.simulate("acme", "no-such-action")
+    assert unknown.status == 400 and error_code(unknown) == "unknown_action"
+    not_pairing = d.simulate("acme", "scan")
+    assert not_pairing.status == 409 and error_code(not_pairing) == "not_pairing"

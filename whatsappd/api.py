@@ -22,6 +22,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -225,7 +226,8 @@ def _bool_param(request: web.Request, name: str) -> bool:
 
 async def get_company(request: web.Request) -> web.Response:
     runner = _runner(request)
-    if runner.state is State.STOPPED and not runner.stopped_by_operator and runner.has_session():
+    if (runner.state is State.STOPPED and not runner.stopped_by_operator and not runner.busy
+            and runner.has_session()):
         # The old CRM's promise: a status call (a page refresh) brings a stored session back.
         runner.start("status call on a stopped company with a stored session")
     return web.json_response(runner.snapshot())
@@ -256,9 +258,8 @@ async def delete_company(request: web.Request) -> web.Response:
 
 async def connect(request: web.Request) -> web.Response:
     runner = _runner(request)
-    if runner.state in (State.CONNECTED, State.PAIRING, State.CONNECTING):
+    if not await runner.connect("connect requested"):
         return web.json_response(runner.snapshot())
-    runner.start("connect requested")
     # Answer once it is clear how it goes: pairing (a QR is ready), connected, or a failure;
     # within a bound, since a silent network can keep it `connecting` for long.
     await runner.wait_for(lambda r: r.state not in (State.STARTING, State.STOPPED, State.CONNECTING), 10.0)
@@ -337,7 +338,28 @@ _MESSAGE_FIELDS = {"to", "text", "caption", "filename", "mimetype", "ttl", *_MED
 _MAX_TEXT = 65536
 
 
-def _media_bytes(spec: object, kind: str, limit: int) -> tuple[bytes, str | None, str | None]:
+def _allowed_path(path: str, kind: str, media_dirs: tuple[Path, ...], state_dir: Path) -> str:
+    """The path, resolved, if it lies inside one of outbox.media_dirs and not in the state dir.
+
+    The daemon can read every company's credentials; a client must not be able to send any
+    file it can read, so paths are confined to directories the sysadmin chose.
+    """
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise ApiError(400, "unreadable_file", f"{kind}.path must be an absolute path")
+    if not media_dirs:
+        raise ApiError(400, "unreadable_file", "sending files by path is off: list the directories the CRM may "
+                       "send from in outbox.media_dirs, or send the content as base64")
+    real = os.path.realpath(path)
+    state = os.path.realpath(state_dir)
+    inside = [d for d in media_dirs if os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d)]
+    if not inside or os.path.commonpath([real, state]) == state:
+        raise ApiError(400, "unreadable_file", f"{path} is not inside outbox.media_dirs "
+                       f"({', '.join(str(d) for d in media_dirs)}); the state directory is never allowed")
+    return real
+
+
+def _media_bytes(spec: object, kind: str, limit: int, media_dirs: tuple[Path, ...] = (),
+                 state_dir: Path = Path("/nonexistent")) -> tuple[bytes, str | None, str | None]:
     """(bytes, filename, mimetype) from {"path": ...} or {"base64": ...}; clear 400s otherwise."""
     if isinstance(spec, str):
         spec = {"path": spec}
@@ -348,11 +370,11 @@ def _media_bytes(spec: object, kind: str, limit: int) -> tuple[bytes, str | None
         raise ApiError(400, "invalid_message", f'unknown fields in "{kind}": {", ".join(unknown)}')
     if "path" in spec:
         path = spec["path"]
-        if not isinstance(path, str) or not os.path.isabs(path):
-            raise ApiError(400, "unreadable_file", f"{kind}.path must be an absolute path to a file the daemon can read")
+        real = _allowed_path(path, kind, media_dirs, state_dir)
         try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
-            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below);
+            # O_NOFOLLOW: the checked, resolved path is the file that is read.
+            with open(os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW), "rb") as f:
                 st = os.fstat(f.fileno())
                 if not stat.S_ISREG(st.st_mode):
                     raise ApiError(400, "unreadable_file", f"{path} is not a regular file; give the path of "
@@ -392,6 +414,26 @@ def _guess_mimetype(kind: str, filename: str | None, data: bytes) -> str:
     return {"image": "image/jpeg", "audio": "audio/ogg"}.get(kind, "application/octet-stream")
 
 
+def _wait_bound(request: web.Request, max_wait: float) -> float | None:
+    """Seconds to hold the answer for ?wait=sent (None: answer at once)."""
+    wait = request.query.get("wait")
+    if wait is None:
+        if "timeout" in request.query:
+            raise ApiError(400, "bad_request", "timeout goes with wait=sent")
+        return None
+    if wait != "sent":
+        raise ApiError(400, "bad_request", "wait accepts only 'sent'")
+    if "timeout" not in request.query:
+        return max_wait
+    try:
+        timeout = float(request.query["timeout"])
+    except ValueError:
+        raise ApiError(400, "bad_request", "timeout must be a number of seconds") from None
+    if not 0 <= timeout < float("inf"):
+        raise ApiError(400, "bad_request", "timeout must be a number of seconds, 0 or more")
+    return min(max_wait, timeout)
+
+
 async def send_message(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     runner = _runner(request)
@@ -402,6 +444,7 @@ async def send_message(request: web.Request) -> web.Response:
     if unknown:
         raise ApiError(400, "invalid_message", f"unknown fields: {', '.join(unknown)}; allowed: "
                        f"{', '.join(sorted(_MESSAGE_FIELDS))}")
+    wait_bound = _wait_bound(request, daemon.config.outbox_max_wait)  # checked before anything is stored
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
         raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 printable characters")
@@ -434,7 +477,8 @@ async def send_message(request: web.Request) -> web.Response:
     if kinds:
         kind = kinds[0]
         data, filename, mimetype = await asyncio.to_thread(
-            _media_bytes, body[kind], kind, daemon.config.outbox_max_file_size)
+            _media_bytes, body[kind], kind, daemon.config.outbox_max_file_size, daemon.config.outbox_media_dirs,
+            daemon.config.daemon_state_dir)
         media = data
         filename = body.get("filename") or filename
         payload: dict[str, Any] = {
@@ -456,18 +500,9 @@ async def send_message(request: web.Request) -> web.Response:
     except IdempotencyConflict as exc:
         raise ApiError(422, "idempotency_key_reused", f"Idempotency-Key {key!r} was already used for message "
                        f"{exc.args[0]} with a different body; use a new key for a new message") from None
-    wait = request.query.get("wait")
-    if wait is not None:
-        if wait != "sent":
-            raise ApiError(400, "bad_request", "wait accepts only 'sent'")
-        bound = daemon.config.outbox_max_wait
-        if "timeout" in request.query:
-            try:
-                bound = min(bound, float(request.query["timeout"]))
-            except ValueError:
-                raise ApiError(400, "bad_request", "timeout must be a number of seconds") from None
+    if wait_bound is not None:
         message = await daemon.messaging.wait_status(
-            runner.id, message["id"], lambda m: m["status"] not in ("queued", "sending"), bound) or message
+            runner.id, message["id"], lambda m: m["status"] not in ("queued", "sending"), wait_bound) or message
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return web.json_response(message, status=202 if created else 200, headers=headers)
 
@@ -524,7 +559,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     store, messaging = daemon.store, daemon.messaging
     since_text = request.query.get("since")
-    if since_text is not None and not since_text.isdigit():
+    if since_text is not None and not re.fullmatch(r"[0-9]{1,18}", since_text):
         raise ApiError(400, "bad_request", "since must be a sequence number (0 for everything kept)")
     companies = frozenset(request.query.getall("company", []))
     for company in companies:

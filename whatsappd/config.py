@@ -151,6 +151,16 @@ def _group(value: object) -> str:
     return value
 
 
+def _dirs(value: object) -> tuple[Path, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("/") for v in value):
+        raise ValueError('expected a list of absolute directory paths, e.g. ["/srv/crm/uploads"]')
+    return tuple(Path(v) for v in value)
+
+
+def _render_dirs(value: tuple[Path, ...]) -> list[str]:
+    return [str(v) for v in value]
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if value not in options:
@@ -340,6 +350,9 @@ SETTINGS: tuple[Setting, ...] = (
             "fate is then settled from the worker's send log.", render=format_duration),
     Setting("outbox", "max_wait", _duration_range(0.1, 600), "60s",
             "The longest ?wait=sent may hold a request.", render=format_duration),
+    Setting("outbox", "media_dirs", _dirs, [],
+            "Directories whose files a message may attach by path (e.g. [\"/srv/crm/uploads\"]); "
+            "empty: only base64 content. The state directory is never allowed.", render=_render_dirs),
     Setting("outbox", "max_file_size", lambda v: _checked_size(v, 1024, 2 * 1024**3), "64MiB",
             "Largest media file a message may attach (by path or base64).", render=format_size),
 )
@@ -413,6 +426,7 @@ class Config:
     outbox_idempotency_window: float
     outbox_send_timeout: float
     outbox_max_wait: float
+    outbox_media_dirs: tuple[Path, ...]
     outbox_max_file_size: int
     companies: tuple[CompanyConfig, ...] = ()
 

@@ -34,6 +34,14 @@ __all__ = ["Daemon"]
 log = get_logger()
 
 
+def _sweep_tmp(directory: Path) -> None:
+    """Remove what a previous run left in STATE_DIR/tmp (media handed to workers, downloads)."""
+    if directory.is_dir() and not directory.is_symlink():
+        for child in directory.iterdir():
+            if child.is_file() or child.is_symlink():
+                child.unlink(missing_ok=True)
+
+
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
@@ -129,6 +137,7 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        _sweep_tmp(self.config.daemon_state_dir / "tmp")
         try:
             self.store.open()
             self.messaging.start()
@@ -191,6 +200,7 @@ class Daemon:
         except TimeoutError:
             log.warning("a reload is still running; stopping anyway")
         self.stopping = True
+        self.supervisor.stopping = True  # a status call on a keep-alive connection restarts nothing now
         self.notifier.stopping()
         graceful = asyncio.get_running_loop().create_task(self._graceful_stop(site, deadline))
         forced = asyncio.get_running_loop().create_task(self._next_stop_signal())
@@ -260,7 +270,12 @@ class Daemon:
                 configure_logging(new.logging_format, new.logging_level)
             self.config = new
             self.messaging.config = new
-            await self.supervisor.apply(new, diff)
+            try:
+                await self.supervisor.apply(new, diff)
+            except Exception as exc:  # a bug: say so, but never leave systemd "reloading"
+                log.exception("applying the reloaded configuration failed part-way")
+                self.notifier.ready(self.supervisor.status_line())
+                return {"ok": False, "source": new.source, "problems": [f"applying the change failed: {exc}"]}
             result = {"ok": True, "source": new.source, **diff.as_dict()}
             self.last_reload = {"at": _iso(time.time()), **result}
             log.info("configuration reloaded", **diff.as_dict())

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import tempfile
 import time
@@ -79,7 +80,9 @@ class Messaging:
         self._senders: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._status_waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._early_receipts: dict[tuple[str, str], tuple[str, float]] = {}
+        # Oldest first, so expired entries are dropped from the front (see _apply_receipt).
+        self._early_receipts: collections.OrderedDict[tuple[str, str], tuple[str, float]] = collections.OrderedDict()
+        self._sending: set[str] = set()  # message ids a sender has asked a worker to send, right now
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
         self.closed = False
@@ -134,9 +137,9 @@ class Messaging:
                 self._ensure_sender(runner)
                 if data.get("new") == State.CONNECTED:
                     self._wake[runner.id].set()
-                elif data.get("new") == State.LOGGED_OUT:
-                    # The wiped session took the worker's send log with it: what was in flight
-                    # can no longer be settled, and must not be resent from a future pairing.
+                elif data.get("new") in (State.LOGGED_OUT, State.FAILED) and not runner.session_dir.exists():
+                    # The wiped (or quarantined) session took the worker's send log with it: what
+                    # was in flight can no longer be settled, and must not be resent later.
                     self._spawn(self._fail_in_flight(runner.id))
         self.store.append(company, kind, data, secret)
 
@@ -179,17 +182,25 @@ class Messaging:
         deadline = time.monotonic() + timeout
         while True:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._status_waiters.setdefault(message_id, []).append(future)
-            message = await self.store.message(company, message_id)
-            if message is None or done(message):
-                return message
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return message
+            waiters = self._status_waiters.setdefault(message_id, [])
+            waiters.append(future)
             try:
-                await asyncio.wait_for(future, remaining)
-            except TimeoutError:
-                return await self.store.message(company, message_id)
+                message = await self.store.message(company, message_id)
+                if message is None or done(message):
+                    return message
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return message
+                try:
+                    await asyncio.wait_for(future, remaining)
+                except TimeoutError:
+                    return await self.store.message(company, message_id)
+            finally:
+                # Never leave a waiter behind: a message that is already final gets no event.
+                if future in waiters:
+                    waiters.remove(future)
+                if not waiters and self._status_waiters.get(message_id) is waiters:
+                    del self._status_waiters[message_id]
 
     async def _apply_receipt(self, company: str, data: dict[str, Any]) -> None:
         status = {"delivered": "delivered", "read": "read", "played": "read"}.get(str(data.get("receipt")))
@@ -203,10 +214,12 @@ class Messaging:
         for wa_id in unknown:
             previous = self._early_receipts.get((company, wa_id))
             if previous is None or _RECEIPT_RANK[status] > _RECEIPT_RANK[previous[0]]:
-                self._early_receipts[(company, wa_id)] = (status, now)
-        for key, (_, at) in list(self._early_receipts.items()):
-            if now - at > EARLY_RECEIPT_TTL:
-                del self._early_receipts[key]
+                self._early_receipts[(company, wa_id)] = (status, previous[1] if previous else now)
+        while self._early_receipts:
+            key, (_, at) = next(iter(self._early_receipts.items()))
+            if now - at <= EARLY_RECEIPT_TTL:
+                break
+            del self._early_receipts[key]
 
     async def _apply_early_receipt(self, company: str, wa_id: str | None) -> None:
         early = self._early_receipts.pop((company, str(wa_id)), None) if wa_id else None
@@ -281,13 +294,20 @@ class Messaging:
         for message in await self.store.in_flight(company):
             await self.store.set_status(  # journals its message.status event itself (store.py)
                 message["id"], "failed", error_code="send_interrupted",
-                error="the session was logged out while this message was being sent; it may or may not "
-                      "have been delivered")
+                error="the session was logged out or quarantined while this message was being sent; it "
+                      "may or may not have been delivered")
 
     async def _send_one(self, runner: Runner, message: dict[str, Any]) -> bool:
         sending = await self.store.set_status(message["id"], "sending")
         if sending is None:
             return True  # expired or changed meanwhile
+        self._sending.add(message["id"])
+        try:
+            return await self._send_sending(runner, message)
+        finally:
+            self._sending.discard(message["id"])
+
+    async def _send_sending(self, runner: Runner, message: dict[str, Any]) -> bool:
         media_path: Path | None = None
         args: dict[str, Any] = {
             "outbox_id": message["id"], "to": message["jid"], "kind": message["kind"],
@@ -330,6 +350,9 @@ class Messaging:
         while not self.closed:
             try:
                 await self.store.expire()  # each with its message.status event
+                # `sending` past its ttl, with no send under way: its company never came back to
+                # settle it from the worker's send log. Its fate is unknown; say so, never resend.
+                await self.store.fail_stale_sending(time.time(), frozenset(self._sending))
                 if last_prune is None or time.monotonic() - last_prune > 60:
                     last_prune = time.monotonic()
                     pruned = await self.store.prune(self.config.journal_max_age, self.config.journal_max_events)

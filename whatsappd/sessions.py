@@ -24,6 +24,7 @@ from whatsappd.worker.simulator import session_state as simulator_session_state
 __all__ = [
     "LOCK_FILE",
     "NEONIZE_STORE",
+    "SIMULATOR_FILE",
     "SessionProblem",
     "discover",
     "ensure_root",

@@ -34,9 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from whatsappd.logs import get_logger
+
 __all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "Store", "StoreError", "new_message_id"]
 
 T = TypeVar("T")
+log = get_logger()
 
 SCHEMA_VERSION = 1
 #: Seconds between two passive WAL checkpoints (see Store.open).
@@ -280,11 +283,23 @@ class Store:
             self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
+        failures = 0
         while self._pending:
             batch, secrets_ = self._pending, self._pending_secrets
             self._pending, self._pending_secrets = [], []
             self._flush_scheduled = False
-            events = await self.run(_insert_events, batch)
+            try:
+                events = await self.run(_insert_events, batch)
+            except (sqlite3.Error, OSError) as exc:
+                # Disk full, I/O error: keep the batch (ahead of newer events) and try again,
+                # rather than lose it. Readers simply see nothing new until it commits.
+                self._pending, self._pending_secrets = batch + self._pending, secrets_ + self._pending_secrets
+                failures += 1
+                log.error("cannot write events to the journal; retrying", error=str(exc), attempt=failures,
+                          path=str(self.path))
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                continue
+            failures = 0
             self._deliver(events, secrets_)
         self._flush_scheduled = False
 
@@ -397,6 +412,9 @@ class Store:
 
     async def expire(self) -> list[dict[str, Any]]:
         return await self._run_journaled(_expire, time.time())
+
+    async def fail_stale_sending(self, now: float, busy: frozenset[str]) -> list[dict[str, Any]]:
+        return await self._run_journaled(_fail_stale_sending, now, busy)
 
     async def counts(self) -> dict[str, int]:
         return await self.read(lambda db: dict(db.execute(
@@ -636,6 +654,30 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
             db.execute("ROLLBACK")
         raise
     return (changed, unknown), events
+
+
+def _fail_stale_sending(db: sqlite3.Connection, now: float,
+                        busy: frozenset[str]) -> tuple[list[dict[str, Any]], list[Event]]:
+    stale = [mid for (mid,) in db.execute(
+        "SELECT id FROM messages WHERE status = 'sending' AND expires_at <= ?", (now,)) if mid not in busy]
+    if not stale:
+        return [], []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        out = []
+        for mid in stale:
+            db.execute("UPDATE messages SET status = 'failed', updated_at = ?, error_code = 'send_interrupted', "
+                       "error = 'its send was interrupted and could not be settled before its ttl ran out; it may "
+                       "or may not have been delivered' WHERE id = ? AND status = 'sending'", (now, mid))
+            db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
+            out.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()))
+        events = [_insert_status_event(db, message) for message in out]
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return out, events
 
 
 def _expire(db: sqlite3.Connection, now: float) -> tuple[list[dict[str, Any]], list[Event]]:

@@ -27,7 +27,7 @@ from whatsappd.ids import session_dir
 from whatsappd.logs import current_format, get_logger
 from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
 from whatsappd.registry import RuntimeRegistry
-from whatsappd.states import State, check_transition
+from whatsappd.states import IllegalTransition, State, check_transition
 from whatsappd.systemd import scrub_environment
 
 __all__ = ["Runner", "Supervisor"]
@@ -59,6 +59,25 @@ def _parse_iso(text: object) -> float | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def _stamp(directory: Path) -> tuple[int, int, int]:
+    """What changes when a session's files do: the directory's and the store's mtimes and size."""
+    def one(path: Path) -> tuple[int, int]:
+        try:
+            st = path.stat()
+        except OSError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_size)
+
+    d = one(directory)
+    store = one(directory / sessions.NEONIZE_STORE)
+    sim = one(directory / sessions.SIMULATOR_FILE)
+    return (d[0], store[0] ^ sim[0], store[1] + sim[1])
+
+
+#: Engine error codes that mean the caller's request was wrong (HTTP 400), not the state (409).
+_CALLER_ERRORS = frozenset({"invalid_argument", "unknown_action", "unknown_op", "invalid_phone"})
 
 
 @dataclass
@@ -135,6 +154,11 @@ class Runner:
         self._changed = asyncio.Event()
         self._restart_now = False
         self._waiting = False  # in a wait that stop() may simply cancel
+        # Operator acts on one company (connect, stop, restart, logout) run one at a time: a
+        # connect arriving while a stop waits for its worker must not be undone by that stop.
+        self._op_lock = asyncio.Lock()
+        self._session_cache: tuple[tuple[int, int, int], str] | None = None
+        self.removed = False  # deleted or dropped by a reload: never to start again
 
     @property
     def id(self) -> str:
@@ -144,8 +168,24 @@ class Runner:
     def session_dir(self) -> Path:
         return session_dir(self.sup.sessions_root, self.id)
 
+    def session_state(self) -> str:
+        """'paired', 'none' or 'corrupt', cached until the session's files change.
+
+        Status calls ask this often; opening the store with SQLite each time would stall the
+        event loop behind a busy store. A stat of the directory and the store file is cheap.
+        """
+        key = _stamp(self.session_dir)
+        if self._session_cache is None or self._session_cache[0] != key:
+            self._session_cache = (key, sessions.session_state(self.session_dir))
+        return self._session_cache[1]
+
     def has_session(self) -> bool:
-        return sessions.has_session(self.session_dir)
+        return self.session_state() == "paired"
+
+    @property
+    def busy(self) -> bool:
+        """An operator act (stop, restart, logout) is under way."""
+        return self._op_lock.locked()
 
     # ------------------------------------------------------------------------------- state
 
@@ -207,6 +247,10 @@ class Runner:
 
     def start(self, reason: str) -> None:
         """Run the company (again): from any resting state, or retry now if waiting."""
+        if self.sup.stopping or self.removed:
+            log.info("not starting", company=self.id, reason=reason,
+                     why="the daemon is stopping" if self.sup.stopping else "the company was removed")
+            return
         self.stopped_by_operator = False
         self.want_running = True
         if self._task is None or self._task.done():
@@ -221,7 +265,20 @@ class Runner:
             self.retry_at = None
             self._wake.set()
 
+    async def connect(self, reason: str) -> bool:
+        """An operator's connect, after any stop or restart under way has finished: start it
+        unless it already runs. True if it was started (or a waiting retry was brought forward)."""
+        async with self._op_lock:
+            if self.want_running and self.state in (State.CONNECTED, State.PAIRING, State.CONNECTING):
+                return False
+            self.start(reason)
+            return True
+
     async def stop(self, reason: str, grace: float | None = None) -> None:
+        async with self._op_lock:
+            await self._stop(reason, grace)
+
+    async def _stop(self, reason: str, grace: float | None = None) -> None:
         self.want_running = False
         grace = self.sup.config.workers_stop_grace if grace is None else grace
         self._wake.set()
@@ -237,12 +294,13 @@ class Runner:
             self.transition(State.STOPPED, reason)
 
     async def restart(self, reason: str) -> None:
-        self.crashes.clear()
-        self.backoff.reset()
-        if self.worker is not None and self._task is not None and not self._task.done():
-            self._restart_now = True
-            await self.worker.stop(self.sup.config.workers_stop_grace)
-        self.start(reason)
+        async with self._op_lock:
+            self.crashes.clear()
+            self.backoff.reset()
+            if self.worker is not None and self._task is not None and not self._task.done():
+                self._restart_now = True
+                await self.worker.stop(self.sup.config.workers_stop_grace)
+            self.start(reason)
 
     async def command(self, op: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         worker = self.worker
@@ -263,18 +321,23 @@ class Runner:
             worker.pending.pop(request_id, None)
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            raise ApiError(409, str(error.get("code", "engine_error")), str(error.get("message", "failed")),
-                           permanent=bool(error.get("permanent")))
+            code = str(error.get("code", "engine_error"))
+            status = 400 if code in _CALLER_ERRORS else 409  # the request was wrong / the state is
+            raise ApiError(status, code, str(error.get("message", "failed")), permanent=bool(error.get("permanent")))
         return dict(reply.get("result") or {})
 
     async def logout(self) -> dict[str, Any]:
         """Unlink the device through the library when connected; otherwise wipe locally."""
+        async with self._op_lock:
+            return await self._logout()
+
+    async def _logout(self) -> dict[str, Any]:
         if self.state is State.CONNECTED and self.worker is not None:
             await self.command("logout", {})
             done = await self.wait_for(lambda r: r.state is State.LOGGED_OUT, 30)
             if done:
                 return {"unlinked": True, "wiped": True, "state": str(self.state)}
-        await self.stop("logout requested")
+        await self._stop("logout requested")
         wiped = sessions.wipe(self.sup.sessions_root, self.id)
         self.jid = self.push_name = None
         if self.state is not State.LOGGED_OUT:
@@ -422,13 +485,17 @@ class Runner:
             "--heartbeat", str(cfg.workers_heartbeat_interval),
             "--log-format", current_format(), "--log-level", cfg.logging_level,
         ]
+        env = scrub_environment(os.environ)
+        env.pop("WHATSAPPD_PROXY", None)  # only ever the company's own proxy
         if self.config.proxy:
-            args += ["--proxy", self.config.proxy]
+            # In the environment, not argv: a proxy URL may carry credentials, and any local user
+            # can read a process's argv, while its environment is the owner's alone.
+            env["WHATSAPPD_PROXY"] = self.config.proxy
         if pair:
             args.append("--pair")
         try:
             proc = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(child.fileno(),), env=scrub_environment(os.environ),
+                *args, pass_fds=(child.fileno(),), env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=None, stderr=None,
             )
         finally:
@@ -466,6 +533,9 @@ class Runner:
                  mode="pairing" if pair else "restore")
         try:
             await self._serve(worker)
+        except BaseException:
+            worker.kill("supervisor_error")  # never wait below for a worker nobody reads any more
+            raise
         finally:
             if not worker.booted:
                 self.sup.start_slots.release()
@@ -514,6 +584,10 @@ class Runner:
             except (ValueError, asyncio.LimitOverrunError):
                 worker.kill("protocol_violation")
                 continue
+            except OSError:
+                # Reset by a worker we killed while it had unread data: that is its end, and
+                # _decide classifies the exit like any other.
+                return
             if not line:
                 return
             if not worker.booted:
@@ -537,12 +611,12 @@ class Runner:
                     pairing_deadline = paired_deadline = reconnecting_since = None
                 elif state == "reconnecting":
                     reconnecting_since = reconnecting_since or time.monotonic()
-                self._on_state(message)
+                self._report(self._on_state, message)
             elif kind == "qr":
                 connect_deadline = None
                 if pairing_deadline is None:
                     pairing_deadline = started + cfg.workers_pairing_timeout
-                self._on_qr(message)
+                self._report(self._on_qr, message)
             elif kind == "paired":
                 pairing_deadline = None
                 paired_deadline = time.monotonic() + cfg.workers_paired_connect_timeout
@@ -555,6 +629,17 @@ class Runner:
                     future.set_result(message)
             elif kind == "event":
                 self.sup.publish({**message.get("event", {}), "company": self.id})
+
+    def _report(self, handler: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
+        """Apply a worker's report, unless the company is being stopped: a late report from a
+        worker on its way out must not move a stopped company (nor break the reading loop)."""
+        if not self.want_running:
+            return
+        try:
+            handler(message)
+        except IllegalTransition:
+            log.exception("ignored a worker report that does not fit the state", company=self.id,
+                          state=str(self.state), report=message.get("state") or message.get("type"))
 
     def _on_state(self, message: dict[str, Any]) -> None:
         state, reason = message.get("state"), str(message.get("reason") or "reported by the worker")
@@ -592,6 +677,7 @@ class Supervisor:
         self.start_slots = asyncio.Semaphore(MAX_BOOTING_WORKERS)
         self.registry = RuntimeRegistry(config.daemon_state_dir / "companies.json")
         self.companies: dict[str, Runner] = {}
+        self.stopping = False  # set at shutdown: nothing starts any more
         for company in config.companies:
             self.companies[company.id] = Runner(self, company, "config")
 
@@ -631,11 +717,14 @@ class Supervisor:
                              else "checking a session store that cannot be read")
 
     async def shutdown(self, timeout: float) -> None:
+        self.stopping = True
         grace = min(self.config.workers_stop_grace, timeout)
         await asyncio.gather(*(r.stop("daemon stopping", grace) for r in self.companies.values()),
                              return_exceptions=True)
+        await self.kill_all()  # whatever is still there (it should be nothing) does not outlive us
 
     async def kill_all(self) -> None:
+        self.stopping = True
         for runner in self.companies.values():
             runner.want_running = False
             if runner.worker is not None:
@@ -655,6 +744,7 @@ class Supervisor:
             if runtime is not None:
                 runner.config, runner.source = runtime, "runtime"
                 continue
+            runner.removed = True
             await runner.stop("removed from the config")
             del self.companies[cid]
             log.info("company removed by reload", company=cid)
@@ -714,6 +804,8 @@ class Supervisor:
         if runner.source != "config":
             self.registry.remove(company_id)
             if wipe or not runner.has_session():
+                runner.removed = True
+                await runner.stop("removed")  # a connect that slipped in meanwhile ends here
                 del self.companies[company_id]
                 result["removed"] = True
         result["state"] = str(runner.state)

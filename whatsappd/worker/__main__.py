@@ -82,7 +82,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--engine", choices=("neonize", "simulator"), required=True)
     p.add_argument("--channel-fd", type=int, required=True)
     p.add_argument("--parent-pid", type=int, required=True)
-    p.add_argument("--proxy")
+    p.add_argument("--proxy", default=os.environ.get("WHATSAPPD_PROXY"),
+                   help="proxy URL (default: $WHATSAPPD_PROXY, which the supervisor sets)")
     p.add_argument("--pair", action="store_true")
     p.add_argument("--heartbeat", type=float, default=5.0)
     p.add_argument("--log-format", default="json")
