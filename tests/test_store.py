@@ -319,6 +319,30 @@ def test_expire_turns_overdue_queued_messages_expired_and_drops_their_media(tmp_
     assert got["events"][-1] == (short_id, "expired")
 
 
+def test_a_sending_message_nobody_can_settle_fails_after_its_ttl_unless_a_send_is_under_way(tmp_path):
+    """`sending` past its ttl: failed with send_interrupted, journalled; one a sender holds is left alone."""
+
+    async def body(store: Store) -> dict[str, Any]:
+        recorder = Recorder(store)
+        _, stale = await enqueue(store, "stale", ttl=0.05)
+        _, busy = await enqueue(store, "busy", ttl=0.05)
+        _, young = await enqueue(store, "young")
+        for message in (stale, busy, young):
+            await store.set_status(message["id"], "sending")
+        await asyncio.sleep(0.1)
+        failed = await store.fail_stale_sending(time.time(), frozenset({busy["id"]}))
+        return {"failed": failed, "again": await store.fail_stale_sending(time.time(), frozenset()),
+                "busy": await store.message("acme", busy["id"]), "young": await store.message("acme", young["id"]),
+                "events": recorder.statuses(), "stale": stale["id"], "busy_id": busy["id"]}
+
+    got = run(tmp_path / "whatsappd.sqlite", body)
+    assert [(m["id"], m["status"], m["error"]["code"]) for m in got["failed"]] == [
+        (got["stale"], "failed", "send_interrupted")]
+    assert [m["id"] for m in got["again"]] == [got["busy_id"]]  # once nobody holds it any more
+    assert got["young"]["status"] == "sending"
+    assert (got["stale"], "failed") in got["events"]
+
+
 def test_idempotency_key_replays_within_the_window_and_is_reusable_after_it(tmp_path):
     """A key replays within the window, conflicts on another body, is per company, and is free after it."""
 

@@ -660,39 +660,31 @@ def _fail_stale_sending(db: sqlite3.Connection, now: float,
                         busy: frozenset[str]) -> tuple[list[dict[str, Any]], list[Event]]:
     stale = [mid for (mid,) in db.execute(
         "SELECT id FROM messages WHERE status = 'sending' AND expires_at <= ?", (now,)) if mid not in busy]
-    if not stale:
-        return [], []
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        out = []
-        for mid in stale:
-            db.execute("UPDATE messages SET status = 'failed', updated_at = ?, error_code = 'send_interrupted', "
-                       "error = 'its send was interrupted and could not be settled before its ttl ran out; it may "
-                       "or may not have been delivered' WHERE id = ? AND status = 'sending'", (now, mid))
-            db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
-            out.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()))
-        events = [_insert_status_event(db, message) for message in out]
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return out, events
+    return _finish(db, stale, "sending", "failed", "send_interrupted",
+                   "its send was interrupted and could not be settled before its ttl ran out; it may or may "
+                   "not have been delivered", now)
 
 
 def _expire(db: sqlite3.Connection, now: float) -> tuple[list[dict[str, Any]], list[Event]]:
-    # Read first: the usual answer is "nothing", and that needs no write transaction.
-    if db.execute("SELECT 1 FROM messages WHERE status = 'queued' AND expires_at <= ? LIMIT 1", (now,)).fetchone() is None:
+    # Read first (no write transaction): the usual answer is "nothing".
+    due = [mid for (mid,) in db.execute("SELECT id FROM messages WHERE status = 'queued' AND expires_at <= ?", (now,))]
+    return _finish(db, due, "queued", "expired", "ttl_expired", "not sent before its ttl ran out", now)
+
+
+def _finish(db: sqlite3.Connection, ids: list[str], from_status: str, status: str, code: str, error: str,
+            now: float) -> tuple[list[dict[str, Any]], list[Event]]:
+    """Move messages still in from_status to a final status, with their events, in one transaction."""
+    if not ids:
         return [], []
     db.execute("BEGIN IMMEDIATE")
     try:
-        rows = db.execute("SELECT id FROM messages WHERE status = 'queued' AND expires_at <= ?", (now,)).fetchall()
         out = []
-        for (mid,) in rows:
-            db.execute("UPDATE messages SET status = 'expired', updated_at = ?, error_code = 'ttl_expired', "
-                       "error = 'not sent before its ttl ran out' WHERE id = ?", (now, mid))
-            db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
-            out.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()))
+        for mid in ids:
+            changed = db.execute("UPDATE messages SET status = ?, updated_at = ?, error_code = ?, error = ? "
+                                 "WHERE id = ? AND status = ?", (status, now, code, error, mid, from_status)).rowcount
+            if changed:
+                db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
+                out.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()))
         events = [_insert_status_event(db, message) for message in out]
         db.execute("COMMIT")
     except BaseException:

@@ -67,6 +67,7 @@ from typing import Any
 import structlog
 
 from whatsappd.protocol import ExitCode
+from whatsappd.worker.durable import append_record, fsync_dir
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
 
 
@@ -357,40 +358,6 @@ def read_send_log(session_dir: Path) -> list[dict[str, Any]]:
     return _parse_send_log(data, path)[0]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line, fsync it (and the directory when the file is new); 0600.
-
-    A failed write is cut back off, so no half line is left for the next append to glue onto.
-    """
-    line = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            os.fchmod(fd, 0o600)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise
-    finally:
-        os.close(fd)
-    if size == 0:
-        _fsync_dir(path.parent)
-
-
 def _status_of(record: dict[str, Any] | None) -> dict[str, Any]:
     if record is None or record["state"] == "not_sent":
         return {"state": "unknown"}
@@ -468,7 +435,7 @@ class SendLog:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -531,7 +498,7 @@ class SendLog:
         record = {"outbox_id": outbox_id, "state": "attempted", "at": _iso_ms(self._clock())}
         with self._lock:
             try:
-                _append_record(self.path, record)
+                append_record(self.path, record)
             except OSError as exc:
                 raise EngineError("send_failed", f"could not record the attempt; nothing was sent: {exc}") from None
             self._state[outbox_id] = record
@@ -542,7 +509,7 @@ class SendLog:
         with self._lock:
             self._state[outbox_id] = record
             try:
-                _append_record(self.path, record)
+                append_record(self.path, record)
             except OSError as exc:
                 self._log.error("send_log_write_failed", outbox_id=outbox_id, wa_id=wa_id, error=str(exc))
         return record
@@ -552,7 +519,7 @@ class SendLog:
         record = {"outbox_id": outbox_id, "state": "not_sent", "code": code, "at": _iso_ms(self._clock())}
         with self._lock:
             try:
-                _append_record(self.path, record)
+                append_record(self.path, record)
             except OSError as exc:  # "attempted" stays: a retry is refused rather than risked
                 self._log.error("send_log_write_failed", outbox_id=outbox_id, error=str(exc))
                 return

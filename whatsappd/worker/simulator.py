@@ -114,6 +114,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.protocol import ExitCode
+from whatsappd.worker.durable import append_record
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
 
 __all__ = [
@@ -401,41 +402,6 @@ def _parse_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, complete
 
 
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it (and the directory when the file is new); 0600.
-
-    A failed write is cut back off, so the file never keeps half a line that the next append
-    would glue itself to.
-    """
-    line = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            os.fchmod(fd, 0o600)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise
-    finally:
-        os.close(fd)
-    if size == 0:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class _SendLog:
     """The simulator's "server": one fsync'ed JSON line per unique outbox id it sent.
 
@@ -507,7 +473,7 @@ class _SendLog:
         if original is None:
             return None
         try:
-            _append_line(self.duplicates_path, {"outbox_id": outbox_id, "wa_id": original["wa_id"],
+            append_record(self.duplicates_path, {"outbox_id": outbox_id, "wa_id": original["wa_id"],
                                                 "timestamp": _iso(_now())})
         except OSError as exc:  # the send itself is answered correctly; only the count suffers
             log.warning("simulator: could not note a duplicate send request: %s", exc)
@@ -523,7 +489,7 @@ class _SendLog:
             if original is not None:
                 return original, True
             try:
-                _append_line(self.path, record)
+                append_record(self.path, record)
             except OSError as exc:
                 raise EngineError("send_failed", f"could not record the send: {exc}") from None
             self._index(record)
