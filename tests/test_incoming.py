@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.events import EventReader, message_statuses, wait_message
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, sim_config
 from whatsappd.worker.simulator import DEFAULT_GROUP
@@ -161,3 +162,19 @@ def test_a_late_delivered_receipt_after_read_does_not_move_the_message_back(sim)
     now = sim.client.get(f"/v1/companies/acme/messages/{mid}").json()
     assert now["status"] == "read" and now["read_at"] == read["read_at"]
     assert WA_ID.fullmatch(wa_id)
+
+
+def test_a_receipt_that_overtakes_its_send_reply_is_applied_once_the_message_is_sent(tmp_path):
+    """Receipts emitted before the send's reply reach the supervisor first; the message still ends `read`."""
+    with daemon_pool(tmp_path) as make:
+        d = make(sim_config("acme"), env={"WHATSAPPD_SIM_AUTO_RECEIPTS": "delivered,read",
+                                          "WHATSAPPD_SIM_RECEIPTS_FIRST": "1"})
+        d.start()
+        d.pair("acme")
+        message = d.client.post("/v1/companies/acme/messages?wait=sent&timeout=10",
+                                {"to": "+5511999990202", "text": "hi"}).json()
+        assert message["status"] in ("sent", "delivered", "read"), message
+        wait_until(lambda: d.client.get(f"/v1/companies/acme/messages/{message['id']}").json()["status"] == "read",
+                   10, what="the early receipts to be applied")
+        final = d.client.get(f"/v1/companies/acme/messages/{message['id']}").json()
+        assert final["delivered_at"] and final["read_at"]

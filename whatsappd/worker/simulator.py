@@ -62,6 +62,8 @@ Choices (documented for the worker main and the supervisor):
                                  message.receipt events follow, always in the order delivered,
                                  read, played, each RECEIPT_DELAY after the one before
     WHATSAPPD_SIM_RECEIPT_DELAY  seconds between automatic receipts (0.05)
+    WHATSAPPD_SIM_RECEIPTS_FIRST  "1": the automatic receipts go out before the send's reply
+                                 (a receipt overtaking its send, which a real network can do)
 
 Messaging (issue 4):
 
@@ -220,6 +222,7 @@ class SimulatorConfig:
     send_fail_file: str | None = None
     auto_receipts: tuple[str, ...] = ()
     receipt_delay: float = 0.05
+    receipts_first: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SimulatorConfig:
@@ -240,6 +243,7 @@ class SimulatorConfig:
             receipt_delay=_env_seconds(
                 env, "WHATSAPPD_SIM_RECEIPT_DELAY", default.receipt_delay, allow_inf=False
             ),
+            receipts_first=env.get("WHATSAPPD_SIM_RECEIPTS_FIRST", "") == "1",
         )
 
     @property
@@ -1296,6 +1300,11 @@ class SimulatorEngine(Engine):
     def _schedule_receipts(self, wa_id: str, to: str) -> None:
         """WHATSAPPD_SIM_AUTO_RECEIPTS: each receipt RECEIPT_DELAY after the one before, in order."""
         if not self.config.auto_receipts:
+            return
+        if self.config.receipts_first:
+            for receipt in self.config.auto_receipts:
+                self.emit({"type": "event", "event": {"type": "message.receipt", "ids": [wa_id], "chat": to,
+                                                      "sender": to, "receipt": receipt, "timestamp": _iso(_now())}})
             return
         with self._receipt_cond:
             due = time.monotonic()
