@@ -154,7 +154,7 @@ def receipt_ev(kind: str | None, ids: list[str], *, chat: JID | None = None, sen
 
 
 IMAGE = ImageMessage(
-    URL="https://mmg.whatsapp.net/o1/v/t62.7118-24/f1/m231/abc.enc",
+    URL="https://example.com/o1/v/t62.7118-24/f1/m231/abc.enc",
     mimetype="image/jpeg",
     caption="Fachada do imóvel",
     fileSHA256=b"\x01" * 32,
@@ -192,7 +192,7 @@ def test_text_from_a_contact() -> None:
 def test_extended_text_in_a_lid_group_names_the_sender_by_phone() -> None:
     """A group in LID addressing: Sender is the hidden id (with device), SenderAlt the phone."""
     msg = Message(
-        extendedTextMessage=ExtendedTextMessage(text="Segue o link https://example.invalid/x", matchedText="x"),
+        extendedTextMessage=ExtendedTextMessage(text="Segue o link https://example.com/x", matchedText="x"),
         senderKeyDistributionMessage=SenderKeyDistributionMessage(groupID="120363025246125486@g.us",
                                                                   axolotlSenderKeyDistributionMessage=b"k"),
         messageContextInfo=MessageContextInfo(messageSecret=b"s" * 32),
@@ -203,7 +203,7 @@ def test_extended_text_in_a_lid_group_names_the_sender_by_phone() -> None:
     assert event is not None
     assert (event["chat"], event["sender"], event["is_group"]) == (
         "120363025246125486@g.us", "5511987654321@s.whatsapp.net", True)
-    assert (event["kind"], event["text"], event["media"]) == ("text", "Segue o link https://example.invalid/x", None)
+    assert (event["kind"], event["text"], event["media"]) == ("text", "Segue o link https://example.com/x", None)
     assert "raw" not in event
 
 
@@ -260,27 +260,27 @@ def test_image_with_caption() -> None:
     ("message", "kind", "media", "raw_field"),
     [
         (Message(documentMessage=DocumentMessage(
-            URL="https://mmg.whatsapp.net/d/f/doc.enc", mimetype="application/pdf", title="contrato",
+            URL="https://example.com/d/f/doc.enc", mimetype="application/pdf", title="contrato",
             fileLength=183_442, mediaKey=b"k" * 32, fileName="contrato.pdf", directPath="/v/t62.7119-24/doc.enc",
             caption="assinado")),
          "document", {"mimetype": "application/pdf", "size": 183_442, "caption": "assinado",
                       "filename": "contrato.pdf"}, "documentMessage"),
         (Message(audioMessage=AudioMessage(
-            URL="https://mmg.whatsapp.net/a.enc", mimetype="audio/ogg; codecs=opus", fileLength=9_876, seconds=7,
+            URL="https://example.com/a.enc", mimetype="audio/ogg; codecs=opus", fileLength=9_876, seconds=7,
             PTT=True, mediaKey=b"k" * 32, directPath="/v/t62.7117-24/a.enc", waveform=b"\x01" * 64)),
          "audio", {"mimetype": "audio/ogg; codecs=opus", "size": 9_876, "caption": None, "filename": None},
          "audioMessage"),
         (Message(videoMessage=VideoMessage(
-            URL="https://mmg.whatsapp.net/v.enc", mimetype="video/mp4", fileLength=2_000_000, seconds=12,
+            URL="https://example.com/v.enc", mimetype="video/mp4", fileLength=2_000_000, seconds=12,
             caption="tour", mediaKey=b"k" * 32, directPath="/v/t62.7161-24/v.enc", JPEGThumbnail=b"t" * 500)),
          "video", {"mimetype": "video/mp4", "size": 2_000_000, "caption": "tour", "filename": None},
          "videoMessage"),
         (Message(ptvMessage=VideoMessage(  # a round "video note" is downloadable as a video
-            URL="https://mmg.whatsapp.net/p.enc", mimetype="video/mp4", fileLength=500_000, seconds=5,
+            URL="https://example.com/p.enc", mimetype="video/mp4", fileLength=500_000, seconds=5,
             mediaKey=b"k" * 32, directPath="/v/t62.7161-24/p.enc")),
          "video", {"mimetype": "video/mp4", "size": 500_000, "caption": None, "filename": None}, "videoMessage"),
         (Message(stickerMessage=StickerMessage(
-            URL="https://mmg.whatsapp.net/s.enc", mimetype="image/webp", fileLength=15_000, mediaKey=b"k" * 32,
+            URL="https://example.com/s.enc", mimetype="image/webp", fileLength=15_000, mediaKey=b"k" * 32,
             directPath="/v/t62.15575-24/s.enc", isAnimated=False, pngThumbnail=b"p" * 300)),
          "sticker", {"mimetype": "image/webp", "size": 15_000, "caption": None, "filename": None},
          "stickerMessage"),
@@ -455,7 +455,7 @@ class FakeClient:
         self.uploads.append((len(binary), media_type))
         if self.upload_error is not None:
             raise self.upload_error
-        return UploadResponse(url="https://mmg.whatsapp.net/x.enc", DirectPath="/v/t62/x.enc", MediaKey=b"m" * 32,
+        return UploadResponse(url="https://example.com/x.enc", DirectPath="/v/t62/x.enc", MediaKey=b"m" * 32,
                               FileEncSHA256=b"e" * 32, FileSHA256=b"s" * 32, FileLength=len(binary))
 
     def send_message(self, to: JID, message: Message) -> SendResponse:

@@ -316,7 +316,7 @@ def test_an_invalid_recipient_is_400_with_the_reason(sim, body, reason):
     ({"to": "+5511999991201", "text": "x" * 65537}, "at most 65536"),
     ({"to": "+5511999991201", "image": {"base64": "not base64!"}}, "not valid base64"),
     ({"to": "+5511999991201", "image": {"path": "/x", "base64": "aGk="}}, '"image" must be'),
-    ({"to": "+5511999991201", "image": {"url": "http://x"}}, '"image" must be'),
+    ({"to": "+5511999991201", "image": {"url": "http://example.com/x"}}, '"image" must be'),
     ({"to": "+5511999991201", "text": "x", "ttl": "soon"}, "ttl must be"),
     ({"to": "+5511999991201", "text": "x", "ttl": 0}, "ttl must be between"),
     ({"to": "+5511999991201", "text": "x", "ttl": "400d"}, "ttl must be between"),

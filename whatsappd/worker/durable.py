@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_record", "fsync_dir"]
+__all__ = ["append_record", "fsync_dir", "write_private"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -45,3 +47,28 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
     if size == 0:
         fsync_dir(path.parent)
+
+
+def write_private(path: Path, chunks: Iterable[bytes], durable_name: bool = False) -> int:
+    """Write chunks to path as a 0600 file, atomically (temp file, fsync, rename); the size.
+
+    durable_name: also fsync the directory, so the new name survives a power cut (a store).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0600
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            for chunk in chunks:
+                f.write(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable_name:
+        fsync_dir(path.parent)
+    return size

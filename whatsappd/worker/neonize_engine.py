@@ -67,7 +67,7 @@ from typing import Any
 import structlog
 
 from whatsappd.protocol import ExitCode
-from whatsappd.worker.durable import append_record, fsync_dir
+from whatsappd.worker.durable import append_record, fsync_dir, write_private
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
 
 
@@ -842,23 +842,6 @@ def _decode_media_raw(raw: Any) -> tuple[WAMessage, Any]:
             if media.mediaKey and (media.directPath or media.URL):
                 return message, media
     raise unavailable
-
-
-def _write_private(path: Path, data: bytes) -> int:
-    """Write data to path as a 0600 file, atomically (temp file, fsync, rename); its size."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return len(data)
 
 
 def _neonize_magic_mime(data: bytes) -> str:
@@ -1686,7 +1669,7 @@ class NeonizeEngine(Engine):
         if not isinstance(data, bytes | bytearray):
             raise EngineError("media_unavailable", "WhatsApp returned no bytes for this media", permanent=True)
         try:
-            size = _write_private(Path(path), bytes(data))
+            size = write_private(Path(path), (bytes(data),))
         except OSError as exc:
             raise EngineError("download_failed", f"could not write the media to {path}: {exc}") from None
         return {"path": path, "size": size, "mimetype": media.mimetype or "application/octet-stream"}

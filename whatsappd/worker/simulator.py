@@ -94,7 +94,6 @@ Messaging (issue 4):
 from __future__ import annotations
 
 import base64
-import contextlib
 import heapq
 import itertools
 import json
@@ -106,7 +105,6 @@ import re
 import secrets
 import signal
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -116,7 +114,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.protocol import ExitCode
-from whatsappd.worker.durable import append_record
+from whatsappd.worker.durable import append_record, write_private
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
 
 __all__ = [
@@ -333,23 +331,7 @@ def _write_store(path: Path, device: _Device | None) -> None:
     if device is not None:
         data["device"] = {"jid": device.jid, "push_name": device.push_name, "paired_at": _iso(_now())}
     body = json.dumps(data, indent=2, ensure_ascii=False).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private(path, (body,), durable_name=True)
 
 
 # --------------------------------------------------------------------------- the send log
@@ -595,26 +577,6 @@ def _media_chunks(doc: dict[str, Any], session_dir: Path) -> Iterator[bytes]:
                 yield chunk
     except OSError:
         raise unavailable from None
-
-
-def _write_private(path: Path, chunks: Iterator[bytes]) -> int:
-    """Write chunks to path as a 0600 file, atomically (temp file, fsync, rename); the size."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0600
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            for chunk in chunks:
-                f.write(chunk)
-                size += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return size
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -947,7 +909,7 @@ class SimulatorEngine(Engine):
         with self._cond:
             self._require_connected("downloading media")
         try:
-            size = _write_private(Path(path), _media_chunks(doc, self.options.session_dir))
+            size = write_private(Path(path), _media_chunks(doc, self.options.session_dir))
         except OSError as exc:
             raise EngineError("download_failed", f"could not write the media to {path}: {exc}") from None
         return {"path": path, "size": size, "mimetype": doc["mimetype"]}
@@ -1292,7 +1254,7 @@ class SimulatorEngine(Engine):
         name = f"{secrets.token_hex(16)}.bin"
         try:
             directory.mkdir(mode=0o700, exist_ok=True)
-            _write_private(directory / name, iter((data,)))
+            write_private(directory / name, iter((data,)))
         except OSError as exc:
             raise EngineError("store_failed", f"could not keep the media: {exc}") from None
         return name
