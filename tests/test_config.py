@@ -270,7 +270,7 @@ def test_render_config_round_trips_every_value(tmp_path: Path) -> None:
                       "connect_rate": 0.25},
         "workers": {"heartbeat_interval": "0.1s", "stop_grace": "1.25s"},
         "companies": [{"id": "a", "name": 'new\nline "quoted" back\\slash \x7f', "engine": "simulator"},
-                      {"id": "b-2_x", "proxy": "http://proxy:3128"}],
+                      {"id": "b-2_x", "proxy": "http://127.0.0.1:3128"}],
     }
     config = build_config(data, "test")
     again = build_config(tomllib.loads(render_config(config)), "test")

@@ -427,7 +427,7 @@ def test_inspect_store(tmp_path: Path) -> None:
          'Get "https://web.whatsapp.com/ws/chat": socks connect tcp 127.0.0.1:1->web.whatsapp.com:443: '
          "unknown error connection refused", False),
         ('failed to dial whatsapp web websocket: failed to WebSocket dial: failed to send handshake request: '
-         'Get "https://web.whatsapp.com/ws/chat": EOF', False),
+         'Get "https://example.com/ws/chat": EOF', False),
     ],
 )
 def test_store_errors_are_told_from_network_errors(message: str, expected: bool) -> None:
