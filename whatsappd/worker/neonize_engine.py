@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import sqlite3
-import stat
 import subprocess
 import tempfile
 import threading
@@ -69,6 +68,7 @@ import structlog
 from whatsappd.protocol import ExitCode
 from whatsappd.worker.durable import append_record, fsync_dir, write_private
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
+from whatsappd.worker.media import MEDIA_LIMITS, media_chunks
 
 
 def _import_neonize() -> None:
@@ -301,7 +301,6 @@ SEND_LOG_FILE = "outbox-log.jsonl"
 SEND_LOG_COMPACT_BYTES = 4 * 1024 * 1024
 SEND_LOG_RETENTION_SECONDS = 30 * 86400
 #: The largest file `send` accepts per kind (the simulator's limits); bigger -> too_large.
-MEDIA_LIMITS = {"image": 16 * 1024 * 1024, "audio": 16 * 1024 * 1024, "document": 100 * 1024 * 1024}
 SEND_KINDS = ("text", "image", "document", "audio")
 MAX_TEXT = 65536
 MAX_STATUS_IDS = 100_000
@@ -799,31 +798,6 @@ def _recipient(to: Any) -> JID:
         f"{to!r} is not a recipient JID (<phone digits>@s.whatsapp.net or <group id>@g.us)",
         permanent=True,
     )
-
-
-def _read_media(media_path: str, kind: str) -> bytes:
-    """The bytes to send; media_invalid / too_large (permanent) if they cannot be sent."""
-    limit = MEDIA_LIMITS[kind]
-    too_large = EngineError("too_large", f"a {kind} may be at most {limit} bytes", permanent=True)
-    try:
-        fd = os.open(media_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise EngineError("media_invalid", f"cannot read the media file: {exc.strerror}", permanent=True) from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise EngineError("media_invalid", "the media path is not a regular file", permanent=True)
-            if st.st_size > limit:
-                raise too_large
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise EngineError("media_invalid", f"cannot read the media file: {exc.strerror}", permanent=True) from None
-    if not data:
-        raise EngineError("media_invalid", "the media file is empty", permanent=True)
-    if len(data) > limit:
-        raise too_large
-    return data
 
 
 def _decode_media_raw(raw: Any) -> tuple[WAMessage, Any]:
@@ -1507,7 +1481,7 @@ class NeonizeEngine(Engine):
             return {"wa_id": previous["wa_id"], "timestamp": previous["timestamp"]}
         try:
             self._connected_client("sending a message")  # before reading a big file for nothing
-            data = None if media_path is None else _read_media(media_path, kind)
+            data = None if media_path is None else b"".join(media_chunks(media_path, kind))
             with self._go_call("sending a message") as client:
                 message = self._build_message(client, kind, data, text, caption, filename, mimetype)
                 self._connected_client("sending a message")  # a stop may have come during the upload

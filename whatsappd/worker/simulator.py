@@ -104,7 +104,6 @@ import random
 import re
 import secrets
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -116,6 +115,7 @@ from typing import Any
 from whatsappd.protocol import ExitCode
 from whatsappd.worker.durable import append_record, write_private
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
+from whatsappd.worker.media import MEDIA_LIMITS, media_chunks
 
 __all__ = [
     "CRASH_EXIT_STATUS",
@@ -164,7 +164,6 @@ MEDIA_DIR = "simulator-media"
 #: Receipt kinds, in the order they happen.
 RECEIPTS = ("delivered", "read", "played")
 #: The largest file `send` accepts per kind (WhatsApp's classic limits); bigger -> too_large.
-MEDIA_LIMITS = {"image": 16 * 1024 * 1024, "audio": 16 * 1024 * 1024, "document": 100 * 1024 * 1024}
 #: Who `simulate incoming` comes from by default, and the group `group=true` means.
 DEFAULT_CONTACT = "5511987654321"
 DEFAULT_GROUP = "120363000000000001@g.us"
@@ -643,32 +642,6 @@ def _contact_jid(value: Any, key: str) -> str:
     raise EngineError("invalid_argument", f"'{key}' must be phone digits or a …@s.whatsapp.net JID")
 
 
-def _upload_size(media_path: str, kind: str) -> int:
-    """Read ("upload") the file to send; its size. media_invalid / too_large are permanent."""
-    limit = MEDIA_LIMITS[kind]
-    try:
-        fd = os.open(media_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise EngineError("media_invalid", f"cannot read the media file: {exc.strerror}", permanent=True) from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise EngineError("media_invalid", "the media path is not a regular file", permanent=True)
-            if st.st_size > limit:
-                raise EngineError("too_large", f"a {kind} may be at most {limit} bytes", permanent=True)
-            size = 0
-            while chunk := f.read(_CHUNK):
-                size += len(chunk)
-    except OSError as exc:
-        raise EngineError("media_invalid", f"cannot read the media file: {exc.strerror}", permanent=True) from None
-    if size == 0:
-        raise EngineError("media_invalid", "the media file is empty", permanent=True)
-    if size > limit:
-        raise EngineError("too_large", f"a {kind} may be at most {limit} bytes", permanent=True)
-    return size
-
-
 # --------------------------------------------------------------------------- the engine
 
 # Phases (the engine's own; the supervisor sees the `state` messages).
@@ -855,7 +828,7 @@ class SimulatorEngine(Engine):
             return {"wa_id": original["wa_id"], "timestamp": original["timestamp"]}
         if phone is not None and phone.endswith(_NOT_ON_WHATSAPP):
             raise EngineError("not_on_whatsapp", f"{phone} is not on WhatsApp", permanent=True)
-        size = None if media_path is None else _upload_size(media_path, kind)
+        size = None if media_path is None else sum(map(len, media_chunks(media_path, kind)))  # the "upload"
         record = {
             "outbox_id": outbox_id,
             "wa_id": _wa_id(),
