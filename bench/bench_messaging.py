@@ -59,6 +59,7 @@ for p in (str(REPO), str(HERE)):
 from bench_supervisor import (  # noqa: E402
     company_ids,
     machine,
+    print_rows,
     proc_cpu_seconds,
     wait_workers_gone,
     worker_pids_under,
@@ -674,8 +675,6 @@ def print_table(m: dict[str, Any], fs: dict[str, float], ev: dict[str, Any], pos
                  f"{post['daemon_health_get']['rate']:,.0f}/s (ceiling GET {post['ceiling_get']['rate']:,.0f}/s)", "-"))
     rows.append(("sent by the sender while accepting (connected case)",
                  f"{post['daemon_connected']['send_rate_during']:,.0f}/s", "-"))
-    width = max(len(r[0]) for r in rows)
-    vwidth = max(len(r[1]) for r in rows)
     print(f"whatsappd messaging benchmark - {m['date']}")
     print(f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}, "
           f"kernel {m['kernel']}")
@@ -683,10 +682,7 @@ def print_table(m: dict[str, Any], fs: dict[str, float], ev: dict[str, Any], pos
           f"SQLite WAL synchronous=FULL {fs['sqlite_full_commits_per_s']:,.0f} commits/s (one row each)")
     print(f"load average: start {' '.join(m['loadavg_start'])}, end {' '.join(loadavg())}")
     print()
-    print(f"{'figure'.ljust(width)}  {'measured'.ljust(vwidth)}  target")
-    print(f"{'-' * width}  {'-' * vwidth}  ------")
-    for name, value, target in rows:
-        print(f"{name.ljust(width)}  {value.ljust(vwidth)}  {target}")
+    print_rows(rows)
 
 
 def cleanup() -> None:

@@ -551,6 +551,16 @@ def fmt_ms(s: float) -> str:
     return f"{s * 1000:.0f} ms"
 
 
+def print_rows(rows: list[tuple[str, str, str]]) -> None:
+    """The figures as aligned columns: figure, measured, target (shared by every bench)."""
+    w1 = max(len(a) for a, _, _ in rows)
+    w2 = max(len(b) for _, b, _ in rows)
+    print(f"{'figure':<{w1}}  {'measured':<{w2}}  target")
+    print(f"{'-' * w1}  {'-' * w2}  ------")
+    for a, b, c in rows:
+        print(f"{a:<{w1}}  {b:<{w2}}  {c}")
+
+
 def print_table(m: dict[str, Any], r: dict[str, Any], n: int) -> None:
     rows: list[tuple[str, str, str]] = []
     rd = r["ready"]
@@ -609,13 +619,8 @@ def print_table(m: dict[str, Any], r: dict[str, Any], n: int) -> None:
         print(f"neonize phase: network namespace {nz['network_namespace']}; proxy connections "
               f"{nz['proxy_connections']}, SOCKS requests recorded {len(nz['proxy_requests'])}; "
               f"worker states {nz['states']}; measured {nz['seconds_after_dial']} s after the dials")
-    w1 = max(len(a) for a, _, _ in rows)
-    w2 = max(len(b) for _, b, _ in rows)
     print()
-    print(f"{'figure':<{w1}}  {'measured':<{w2}}  target")
-    print(f"{'-' * w1}  {'-' * w2}  ------")
-    for a, b, c in rows:
-        print(f"{a:<{w1}}  {b:<{w2}}  {c}")
+    print_rows(rows)
 
 
 # ------------------------------------------------------------------------------ main

@@ -616,20 +616,21 @@ def render_config(config: Config) -> str:
             lines += ["", f"[{section}]"]
         value = getattr(config, setting.attr)
         shown = setting.render(value) if setting.render else value
-        lines.append(f"{setting.key} = {_toml_value(shown)}")
+        lines.append(f"{setting.key} = {toml_value(shown)}")
     for company in config.companies:
         lines += ["", "[[companies]]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in company.to_toml().items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in company.to_toml().items()]
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value: object) -> str:
+def toml_value(value: object) -> str:
+    """A Python value as a TOML value (strings escaped, lists and numbers as TOML writes them)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     # A TOML basic string has JSON's escapes; DEL is the one control character JSON leaves raw.
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
@@ -688,7 +689,7 @@ def example_file(settings: Iterable[Setting] = SETTINGS) -> str:
         if default is None:  # computed: show what root gets without systemd
             state, sock = default_paths(env={}, uid=0)
             default = str(state if setting.key == "state_dir" else sock)
-        default = _toml_value(default)
+        default = toml_value(default)
         lines.append(f"#{setting.key} = {default}")
     lines += [
         "",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.client import Response
+from whatsappd.config import toml_value
 from whatsappd.testing.daemon import DaemonProcess, wait_until
 
 __all__ = [
@@ -41,16 +42,6 @@ _FAST_TABLES: dict[str, dict[str, Any]] = {
 }
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
 def sim_config(*companies: str, neonize: Iterable[str] = (), **tables: dict[str, Any]) -> str:
     """Config text for a SimDaemon: fast timings and one simulator company per id.
 
@@ -64,7 +55,7 @@ def sim_config(*companies: str, neonize: Iterable[str] = (), **tables: dict[str,
     lines: list[str] = []
     for name, values in merged.items():
         lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
     for cid in companies:
         lines += ["[[companies]]", f'id = "{cid}"', 'engine = "simulator"']
     for cid in neonize:
