@@ -38,6 +38,7 @@ from whatsappd.openapi import openapi_document
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import State
 from whatsappd.store import STATUSES, IdempotencyConflict
+from whatsappd.timefmt import iso
 
 if TYPE_CHECKING:
     from whatsappd.daemon import Daemon
@@ -616,7 +617,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                         try:
                             item = await asyncio.wait_for(sub.queue.get(), heartbeat)
                         except TimeoutError:
-                            await write(line({"type": "heartbeat", "at": _now_iso(), "last_seq": last}))
+                            await write(line({"type": "heartbeat", "at": iso(time.time()), "last_seq": last}))
                             continue
                 # Take what else is already queued (up to a bound) and write it with this one.
                 lines = []
@@ -649,11 +650,6 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 #: Live events written to a stream reader in one go, at most.
 _STREAM_BATCH = 1000
-
-
-def _now_iso() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
 
 
 # ----------------------------------------------------------------------------------- metrics

@@ -28,6 +28,7 @@ from whatsappd.registry import RegistryError
 from whatsappd.store import Store, StoreError
 from whatsappd.supervisor import Supervisor
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
+from whatsappd.timefmt import iso
 
 __all__ = ["Daemon"]
 
@@ -40,10 +41,6 @@ def _sweep_tmp(directory: Path) -> None:
         for child in directory.iterdir():
             if child.is_file() or child.is_symlink():
                 child.unlink(missing_ok=True)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class Daemon:
@@ -75,7 +72,7 @@ class Daemon:
             "status": "stopping" if self.stopping else "ok",
             "version": __version__,
             "pid": os.getpid(),
-            "started_at": _iso(self.started_at),
+            "started_at": iso(self.started_at),
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "socket": self.socket_path,
             "config": {"source": self.config.source, "last_reload": self.last_reload},
@@ -258,7 +255,7 @@ class Daemon:
             except ConfigError as exc:
                 log.error("reload failed; the previous configuration stays in force",
                           source=exc.source, problems=exc.problems)
-                self.last_reload = {"at": _iso(time.time()), "ok": False, "source": exc.source,
+                self.last_reload = {"at": iso(time.time()), "ok": False, "source": exc.source,
                                     "problems": exc.problems}
                 self.notifier.ready(self.supervisor.status_line())
                 return {"ok": False, "source": exc.source, "problems": exc.problems}
@@ -277,7 +274,7 @@ class Daemon:
                 self.notifier.ready(self.supervisor.status_line())
                 return {"ok": False, "source": new.source, "problems": [f"applying the change failed: {exc}"]}
             result = {"ok": True, "source": new.source, **diff.as_dict()}
-            self.last_reload = {"at": _iso(time.time()), **result}
+            self.last_reload = {"at": iso(time.time()), **result}
             log.info("configuration reloaded", **diff.as_dict())
             if diff.restart_required:
                 log.warning("some changed settings apply only after a restart",

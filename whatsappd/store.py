@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from whatsappd.logs import get_logger
+from whatsappd.timefmt import iso_or_none
 
 __all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "Store", "StoreError", "new_message_id"]
 
@@ -115,12 +116,6 @@ def new_message_id() -> str:
     return "msg_" + secrets.token_hex(12)
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int((ts % 1) * 1000):03d}Z"
-
-
 def body_hash(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -134,7 +129,7 @@ class Event:
     data: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"seq": self.seq, "at": _iso(self.at), "type": self.type}
+        out: dict[str, Any] = {"seq": self.seq, "at": iso_or_none(self.at), "type": self.type}
         if self.company is not None:
             out["company"] = self.company
         out.update(self.data)
@@ -499,9 +494,9 @@ def _row_message(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
      error_code, error, attempts, created, updated, expires, sent, delivered, read) = row
     out: dict[str, Any] = {
         "id": mid, "company": company, "to": to_input, "jid": recipient, "kind": kind, "status": status,
-        "wa_id": wa_id, "attempts": attempts, "created_at": _iso(created), "updated_at": _iso(updated),
-        "expires_at": _iso(expires), "sent_at": _iso(sent), "delivered_at": _iso(delivered),
-        "read_at": _iso(read), "error": {"code": error_code, "message": error} if error_code else None,
+        "wa_id": wa_id, "attempts": attempts, "created_at": iso_or_none(created), "updated_at": iso_or_none(updated),
+        "expires_at": iso_or_none(expires), "sent_at": iso_or_none(sent), "delivered_at": iso_or_none(delivered),
+        "read_at": iso_or_none(read), "error": {"code": error_code, "message": error} if error_code else None,
         "idempotency_key": idem_key,
     }
     out.update({k: v for k, v in json.loads(payload).items() if k != "text"})

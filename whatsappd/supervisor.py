@@ -29,6 +29,7 @@ from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
 from whatsappd.registry import RuntimeRegistry
 from whatsappd.states import IllegalTransition, State, check_transition
 from whatsappd.systemd import scrub_environment
+from whatsappd.timefmt import iso_or_none, parse_iso
 
 __all__ = ["Runner", "Supervisor"]
 
@@ -40,25 +41,6 @@ MAX_BOOTING_WORKERS = 8
 DEFAULT_BAN_SECONDS = 3600.0
 
 Listener = Callable[[dict[str, Any]], None]
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts == int(ts) else (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int((ts % 1) * 1000):03d}Z"
-    )
-
-
-def _parse_iso(text: object) -> float | None:
-    if not isinstance(text, str):
-        return None
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _stamp(directory: Path) -> tuple[int, int, int]:
@@ -218,7 +200,7 @@ class Runner:
         return True
 
     def _error(self, code: str, message: str) -> None:
-        self.last_error = {"code": code, "message": message, "at": _iso(time.time())}
+        self.last_error = {"code": code, "message": message, "at": iso_or_none(time.time())}
 
     def snapshot(self) -> dict[str, Any]:
         waiting = self.retry_at is not None and self.worker is None
@@ -228,7 +210,7 @@ class Runner:
             "engine": self.config.engine,
             "source": self.source,
             "state": str(self.state),
-            "since": _iso(self.since),
+            "since": iso_or_none(self.since),
             "reason": self.reason,
             "jid": self.jid,
             "push_name": self.push_name,
@@ -237,9 +219,9 @@ class Runner:
             "last_error": self.last_error,
             "reconnect": {
                 "attempt": self.backoff.attempt,
-                "next_retry_at": _iso(self.retry_at) if waiting else None,
+                "next_retry_at": iso_or_none(self.retry_at) if waiting else None,
             },
-            "banned_until": _iso(self.ban_until) if self.state is State.BANNED else None,
+            "banned_until": iso_or_none(self.ban_until) if self.state is State.BANNED else None,
             "worker": {"pid": self.worker.pid if self.worker else None, "restarts": self.restarts},
         }
 
@@ -447,8 +429,8 @@ class Runner:
             until = self.ban_until or time.time() + DEFAULT_BAN_SECONDS
             self.ban_until = until
             self.retry_at = until
-            self._error("banned", f"temporarily banned until {_iso(until)}; retried then")
-            self.transition(State.BANNED, f"temporary ban until {_iso(until)}")
+            self._error("banned", f"temporarily banned until {iso_or_none(until)}; retried then")
+            self.transition(State.BANNED, f"temporary ban until {iso_or_none(until)}")
             return "ban expired"
         if code == ExitCode.OUTDATED:
             return self._rest(State.OUTDATED, "outdated", "WhatsApp refuses this client version; upgrade whatsappd",
@@ -657,7 +639,7 @@ class Runner:
         elif state == "reconnecting" and self.state is not State.RECONNECTING:
             self.transition(State.RECONNECTING, reason)
         elif state == "banned":
-            self.ban_until = _parse_iso(message.get("until"))
+            self.ban_until = parse_iso(message.get("until"))
 
     def _on_qr(self, message: dict[str, Any]) -> None:
         self.qr = {"code": message.get("code"), "expires_at": message.get("expires_at")}
@@ -692,7 +674,7 @@ class Supervisor:
                              max_delay=c.reconnect_max_delay, stable_after=c.reconnect_stable_after)
 
     def publish(self, event: dict[str, Any], secret: dict[str, Any] | None = None) -> None:
-        event = {"at": _iso(time.time()), **event}
+        event = {"at": iso_or_none(time.time()), **event}
         for listener in list(self.listeners):
             try:
                 listener(event, secret)

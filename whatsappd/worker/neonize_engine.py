@@ -66,6 +66,7 @@ from typing import Any
 import structlog
 
 from whatsappd.protocol import ExitCode
+from whatsappd.timefmt import iso
 from whatsappd.worker.durable import append_record, fsync_dir, write_private
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
 from whatsappd.worker.media import MEDIA_LIMITS, media_chunks
@@ -494,7 +495,7 @@ class SendLog:
 
     def attempted(self, outbox_id: str) -> None:
         """Record (fsync'ed) that the network call is about to be made; send_failed if it cannot be."""
-        record = {"outbox_id": outbox_id, "state": "attempted", "at": _iso_ms(self._clock())}
+        record = {"outbox_id": outbox_id, "state": "attempted", "at": iso(self._clock())}
         with self._lock:
             try:
                 append_record(self.path, record)
@@ -515,7 +516,7 @@ class SendLog:
 
     def not_sent(self, outbox_id: str, code: str) -> None:
         """Record that the attempt provably failed before the message left (a retry may send it)."""
-        record = {"outbox_id": outbox_id, "state": "not_sent", "code": code, "at": _iso_ms(self._clock())}
+        record = {"outbox_id": outbox_id, "state": "not_sent", "code": code, "at": iso(self._clock())}
         with self._lock:
             try:
                 append_record(self.path, record)
@@ -627,12 +628,6 @@ _RECEIPT_NAMES = {
 }
 
 
-def _iso_ms(timestamp: float) -> str:
-    """ISO 8601 UTC with milliseconds and a Z, as the simulator writes them."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _has_jid(message: Any, field: str) -> bool:
     return bool(message.HasField(field) and getattr(message, field).User)
 
@@ -725,7 +720,7 @@ def incoming_event(ev: MessageEv, now: float | None = None) -> dict[str, Any] | 
         "chat": chat,
         "sender": sender,
         "push_name": info.Pushname or None,
-        "timestamp": _iso_ms(when),
+        "timestamp": iso(when),
         "is_group": bool(source.IsGroup),
         "from_me": bool(source.IsFromMe),
         "kind": kind,
@@ -766,7 +761,7 @@ def receipt_event(ev: ReceiptEv, now: float | None = None) -> dict[str, Any] | N
         "chat": chat,
         "sender": sender,
         "receipt": _RECEIPT_NAMES[ev.Type],
-        "timestamp": _iso_ms(seconds if seconds > 0 else (time.time() if now is None else now)),
+        "timestamp": iso(seconds if seconds > 0 else (time.time() if now is None else now)),
     }
 
 
@@ -1509,7 +1504,7 @@ class NeonizeEngine(Engine):
                     ) from None
             wa_id = str(response.ID)
             seconds = response.Timestamp if response.Timestamp > 0 else self._clock()
-            record = self._send_log.sent(outbox_id, wa_id, _iso_ms(seconds))
+            record = self._send_log.sent(outbox_id, wa_id, iso(seconds))
             self._log.info("message_sent", outbox_id=outbox_id, wa_id=wa_id, kind=kind)
             return {"wa_id": record["wa_id"], "timestamp": record["timestamp"]}
         finally:
