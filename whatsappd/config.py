@@ -124,10 +124,6 @@ def _path(value: object) -> Path:
     return path
 
 
-def _optional_path(value: object) -> Path | None:
-    return None if value == "" else _path(value)
-
-
 def _mode(value: object) -> int:
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
         mode = int(value, 8)

@@ -40,9 +40,6 @@ MAX_BOOTING_WORKERS = 8
 #: A ban without a known expiry is retried after this.
 DEFAULT_BAN_SECONDS = 3600.0
 
-Listener = Callable[[dict[str, Any]], None]
-
-
 def _stamp(directory: Path) -> tuple[int, int, int]:
     """What changes when a session's files do: the directory's and the store's mtimes and size."""
     def one(path: Path) -> tuple[int, int]:
@@ -121,8 +118,7 @@ class Runner:
         self.jid: str | None = None
         self.push_name: str | None = None
         self.last_error: dict[str, Any] | None = None
-        self.restarts = 0  # worker starts after the first
-        self.starts = 0
+        self.starts = 0  # worker processes started for this company
         self.qr: dict[str, Any] | None = None
         self.ban_until: float | None = None
         self.retry_at: float | None = None  # wall clock of the next attempt, when waiting
@@ -163,6 +159,11 @@ class Runner:
 
     def has_session(self) -> bool:
         return self.session_state() == "paired"
+
+    @property
+    def restarts(self) -> int:
+        """Worker starts after the first."""
+        return max(0, self.starts - 1)
 
     @property
     def busy(self) -> bool:
@@ -507,8 +508,6 @@ class Runner:
             raise
         if not self.want_running or self._restart_now:
             worker.send({"type": "stop"})  # stop() came while it was being spawned
-        if self.starts:
-            self.restarts += 1
         self.starts += 1
         self.worker = worker
         log.info("worker started", company=self.id, pid=worker.pid, engine=self.config.engine,
