@@ -31,6 +31,7 @@ __all__ = [
     "fix_permissions",
     "has_session",
     "session_state",
+    "stamp",
     "quarantine",
     "wipe",
 ]
@@ -110,6 +111,21 @@ def session_state(directory: Path) -> str:
         return "corrupt"
     except sqlite3.Error:
         return "none"  # locked or similar: not evidence of damage
+
+
+def stamp(directory: Path) -> tuple[int, int, int]:
+    """What changes when a session's files do: the directory's and the store's mtimes and size."""
+    def one(path: Path) -> tuple[int, int]:
+        try:
+            st = path.stat()
+        except OSError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_size)
+
+    d = one(directory)
+    store = one(directory / NEONIZE_STORE)
+    sim = one(directory / SIMULATOR_FILE)
+    return (d[0], store[0] ^ sim[0], store[1] + sim[1])
 
 
 def has_session(directory: Path) -> bool:

@@ -40,21 +40,6 @@ MAX_BOOTING_WORKERS = 8
 #: A ban without a known expiry is retried after this.
 DEFAULT_BAN_SECONDS = 3600.0
 
-def _stamp(directory: Path) -> tuple[int, int, int]:
-    """What changes when a session's files do: the directory's and the store's mtimes and size."""
-    def one(path: Path) -> tuple[int, int]:
-        try:
-            st = path.stat()
-        except OSError:
-            return (0, 0)
-        return (st.st_mtime_ns, st.st_size)
-
-    d = one(directory)
-    store = one(directory / sessions.NEONIZE_STORE)
-    sim = one(directory / sessions.SIMULATOR_FILE)
-    return (d[0], store[0] ^ sim[0], store[1] + sim[1])
-
-
 #: Engine error codes that mean the caller's request was wrong (HTTP 400), not the state (409).
 _CALLER_ERRORS = frozenset({"invalid_argument", "unknown_action", "unknown_op", "invalid_phone"})
 
@@ -152,7 +137,7 @@ class Runner:
         Status calls ask this often; opening the store with SQLite each time would stall the
         event loop behind a busy store. A stat of the directory and the store file is cheap.
         """
-        key = _stamp(self.session_dir)
+        key = sessions.stamp(self.session_dir)
         if self._session_cache is None or self._session_cache[0] != key:
             self._session_cache = (key, sessions.session_state(self.session_dir))
         return self._session_cache[1]
