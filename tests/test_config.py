@@ -109,6 +109,11 @@ ERROR_KINDS: dict[str, tuple[str, list[str]]] = {
         '{head}[[companies]]\nid = "acme"\nproxy = "ftp://proxy.example"\n',
         ["companies[0] (id 'acme').proxy = 'ftp://proxy.example'", 'such as "socks5://127.0.0.1:1080"'],
     ),
+    "control character in a name": (
+        '{head}[[companies]]\nid = "acme"\nname = "ACME\\u001b]0;pwned\\u0007"\n',
+        ["companies[0] (id 'acme').name = 'ACME\\x1b]0;pwned\\x07'", "character 5 is U+001B, a control "
+         "or formatting character; a name may not contain those"],
+    ),
     "syntax error": (
         "{head}control.max_connections = \n",
         ["TOML syntax error", "line 3"],
@@ -192,6 +197,27 @@ def test_cross_field_checks(tmp_path: Path) -> None:
     assert "workers.heartbeat_timeout: must be more than twice workers.heartbeat_interval" in problems
 
 
+@pytest.mark.parametrize("name", [
+    "ACME\x1b[2J", "ACME\x9b31m", "ACME\x07", "ACME\x7f", "ACME\nforged line", "ACME\rX", "ACME\tSP",
+    "ACME \u202eevil", "ACME \u2066x\u2069", "ACME\u200b", "ACME\u2028X", "\ufeffACME", "ACME\U000e0041",
+])
+def test_company_names_refuse_control_and_format_characters(name: str) -> None:
+    """A name with a C0/C1 control, DEL, a bidi or zero-width format character or a line separator is refused."""
+    with pytest.raises(ConfigError, match="a control or formatting character; a name may not contain those") as info:
+        build_config({"companies": [{"id": "a", "name": name}]}, "test")
+    assert info.value.problems[0].startswith(f"companies[0] (id 'a').name = {name!r}: character ")
+
+
+@pytest.mark.parametrize("name", [
+    "ACME Imóveis", "Imobiliária São João", "\U0001f468\u200d\U0001f469\u200d\U0001f467 Família",
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "東京不動産", "A \\ B \"quoted\"",
+])
+def test_company_names_in_any_script_are_accepted(name: str) -> None:
+    """Accents, CJK, emoji sequences and Persian (zero-width joiners included) are ordinary names."""
+    config = build_config({"companies": [{"id": "a", "name": name}]}, "test")
+    assert config.companies[0].name == name
+
+
 def test_relative_paths_are_refused(tmp_path: Path) -> None:
     """state_dir and socket_path must be absolute (the daemon changes directory when detached)."""
     path = tmp_path / "c.toml"
@@ -245,7 +271,7 @@ def test_check_config_prints_the_effective_config_as_toml(tmp_path: Path) -> Non
         f'[daemon]\nstate_dir = "{tmp_path}/state"\n[control]\nsocket_path = "{tmp_path}/c.sock"\n'
         'max_body_size = "1KiB"\nallowed_uids = [0, 1001]\n[reconnect]\ninitial_delay = "1.5s"\n'
         'max_delay = "90500ms"\n'
-        '[[companies]]\nid = "acme"\nname = "ACME \\"Imóveis\\"\\tSP\\\\"\nengine = "simulator"\n'
+        '[[companies]]\nid = "acme"\nname = "ACME \\"Imóveis\\" SP\\\\"\nengine = "simulator"\n'
         '[[companies]]\nid = "beta"\nproxy = "socks5://127.0.0.1:1080"\n'
     )
     result = subprocess.run([*whatsappd_command(), "check-config", "--config", str(path)],
@@ -269,7 +295,7 @@ def test_render_config_round_trips_every_value(tmp_path: Path) -> None:
         "reconnect": {"initial_delay": "250ms", "max_delay": "1h0m1s", "multiplier": 1.5,
                       "connect_rate": 0.25},
         "workers": {"heartbeat_interval": "0.1s", "stop_grace": "1.25s"},
-        "companies": [{"id": "a", "name": 'new\nline "quoted" back\\slash \x7f', "engine": "simulator"},
+        "companies": [{"id": "a", "name": 'a "quoted" back\\slash, ünïcode', "engine": "simulator"},
                       {"id": "b-2_x", "proxy": "http://127.0.0.1:3128"}],
     }
     config = build_config(data, "test")

@@ -90,6 +90,25 @@ def test_put_with_a_bad_body_is_400_and_writes_nothing(daemons):
     assert d.companies() == {}
 
 
+@pytest.mark.parametrize("name", ["\x1b]0;pwned\x07\x1b[2J", "ACME\x9b31m", "ACME\nforged line",
+                                  "ACME \u202eevil", "ACME\u2028X"])
+def test_put_with_control_characters_in_the_name_is_400_and_writes_nothing(daemons, name):
+    """A PUT name with terminal escapes, C1 controls, newlines, bidi overrides or line separators is 400."""
+    d = daemons(sim_config())
+    d.start()
+    response = d.client.request("PUT", "/v1/companies/newco", body={"name": name, "engine": "simulator"})
+    assert response.status == 400, response.body
+    error = response.json()["error"]
+    assert error["code"] == "bad_request"
+    assert error["message"].startswith(f"body (id 'newco').name = {name!r}: character ")
+    assert "a control or formatting character; a name may not contain those" in error["message"]
+    assert not (d.state_dir / "companies.json").exists()
+    assert d.companies() == {}
+    good = "Imobiliária \U0001f3e0 São João"
+    response = d.client.request("PUT", "/v1/companies/newco", body={"name": good, "engine": "simulator"})
+    assert response.status == 201 and response.json()["name"] == good
+
+
 def test_delete_of_a_runtime_company_removes_it_for_good(daemons):
     """DELETE of a runtime company without a session removes it, also from companies.json."""
     d = daemons(sim_config())
@@ -109,6 +128,7 @@ def test_delete_of_a_runtime_company_removes_it_for_good(daemons):
     b"{not json", b'{"format": "something-else", "companies": []}',
     b'{"format": "whatsappd-companies", "companies": [{"id": "../etc"}]}',
     b'{"format": "whatsappd-companies", "companies": [{"id": "x", "engine": "bogus"}]}',
+    b'{"format": "whatsappd-companies", "companies": [{"id": "x", "name": "\\u001b]0;pwned\\u0007"}]}',
     b"\xff\xfe",
 ])
 def test_a_corrupt_registry_stops_the_daemon_from_starting_and_is_left_unchanged(daemons, content):

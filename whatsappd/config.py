@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.ids import InvalidCompanyId, check_company_id
+from whatsappd.terminal import describe, first_unsafe
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -362,6 +363,20 @@ def _checked_size(value: object, lo: int, hi: int) -> int:
 
 
 _COMPANY_KEYS = ("id", "name", "engine", "proxy")
+MAX_NAME_LENGTH = 200
+
+
+def check_company_name(value: object) -> str:
+    """A company's display name, or ValueError saying why not: at most 200 characters, none of
+    them a control or format character (a name is printed by whatsappctl and in logs, where such
+    a character could rewrite the screen or forge a line; see whatsappd.terminal)."""
+    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"expected a string of at most {MAX_NAME_LENGTH} characters")
+    index = first_unsafe(value)
+    if index is not None:
+        raise ValueError(f"character {index + 1} is {describe(value[index])}, a control or formatting character; "
+                         "a name may not contain those (they could rewrite a terminal or forge a line)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -490,9 +505,10 @@ def parse_companies(raw: object, problems: list[str]) -> tuple[CompanyConfig, ..
             problems.append(f"{where}: duplicate company id; each id may appear once")
             continue
         seen.add(cid)
-        name = item.get("name", "")
-        if not isinstance(name, str) or len(name) > 200:
-            problems.append(f"{where}.name = {name!r}: expected a string of at most 200 characters")
+        try:
+            name = check_company_name(item.get("name", ""))
+        except ValueError as exc:
+            problems.append(f"{where}.name = {item.get('name')!r}: {exc}")
             continue
         engine = item.get("engine", "neonize")
         if engine not in ENGINES:

@@ -91,7 +91,8 @@ SCHEMAS: dict[str, Any] = {
     "CompanyInput": {
         "type": "object",
         "properties": {
-            "name": {"type": "string", "maxLength": 200},
+            "name": {"type": "string", "maxLength": 200,
+                     "description": "No control or format characters (ESC, newline, bidi overrides...): 400."},
             "engine": {"type": "string", "enum": ["neonize", "simulator"], "default": "neonize"},
             "proxy": {"type": "string", "description": 'e.g. "socks5://127.0.0.1:1080"'},
         },

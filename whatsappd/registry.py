@@ -2,7 +2,8 @@
 
 Written atomically (temporary file, fsync, rename) with mode 0600, so a crash leaves either
 the old file or the new one. An unreadable file is never overwritten: the daemon refuses to
-start and says which file and why, so no company is silently forgotten.
+start and says which file and why, so no company is silently forgotten. Its companies pass
+the same checks as the config file's.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from whatsappd.config import ENGINES, CompanyConfig
-from whatsappd.ids import InvalidCompanyId, check_company_id
+from whatsappd.config import CompanyConfig, parse_companies
 
 __all__ = ["RegistryError", "RuntimeRegistry"]
 
@@ -39,23 +39,24 @@ class RuntimeRegistry:
             raise RegistryError(f"cannot read {self.path}: {exc}; fix or move the file") from exc
         try:
             data = json.loads(raw)
-            if data.get("format") != _FORMAT or not isinstance(data.get("companies"), list):
+            if not isinstance(data, dict) or data.get("format") != _FORMAT:
                 raise ValueError("not a whatsappd companies file")
-            companies = {}
-            for item in data["companies"]:
-                cid = check_company_id(item["id"])
-                engine = item.get("engine", "neonize")
-                if engine not in ENGINES:
-                    raise ValueError(f"company {cid!r}: unknown engine {engine!r}")
-                companies[cid] = CompanyConfig(id=cid, name=str(item.get("name", "")), engine=engine,
-                                               proxy=item.get("proxy") or None)
-        except (ValueError, KeyError, TypeError, AttributeError, InvalidCompanyId) as exc:
-            raise RegistryError(
-                f"{self.path} is corrupt ({exc}); it lists the companies added with PUT /v1/companies. "
-                "Fix it or move it aside, then start again"
-            ) from exc
-        self._companies = companies
-        return list(companies.values())
+        except ValueError as exc:
+            raise self._unusable(str(exc)) from exc
+        problems: list[str] = []
+        # The checks of [[companies]] in the config file: a company is valid the same way
+        # wherever it comes from (ids, names without control characters, engines, proxies).
+        parsed = parse_companies(data.get("companies"), problems)
+        if problems:
+            raise self._unusable("; ".join(problems))
+        self._companies = {company.id: company for company in parsed}
+        return list(parsed)
+
+    def _unusable(self, why: str) -> RegistryError:
+        return RegistryError(
+            f"{self.path} is unusable ({why}); it lists the companies added with PUT /v1/companies. "
+            "Fix it or move it aside, then start again"
+        )
 
     def get(self, company_id: str) -> CompanyConfig | None:
         return self._companies.get(company_id)
