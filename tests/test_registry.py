@@ -109,6 +109,38 @@ def test_put_with_control_characters_in_the_name_is_400_and_writes_nothing(daemo
     assert response.status == 201 and response.json()["name"] == good
 
 
+def test_temporary_files_of_killed_writes_are_removed_at_start_and_nothing_else(daemons):
+    """Leftover .companies-XXXXXXXX.tmp files are removed at start; other names, links and dirs stay."""
+    d = daemons(sim_config())
+    d.start()
+    assert d.client.request("PUT", "/v1/companies/newco", body={"engine": "simulator"}).status == 201
+    d.kill()  # as if killed in the middle of a later write: its temporary file stays behind
+    state = d.state_dir
+    companies = (state / "companies.json").read_bytes()
+    leftovers = [state / ".companies-k1ll_9xy.tmp", state / ".companies-abcdefgh.tmp"]
+    for path in leftovers:
+        path.write_text('{"format": "whatsappd-compa')
+    kept = [state / ".companies-short.tmp", state / ".companies-abcdefgh.tmp.bak", state / "companies-abcdefgh.tmp",
+            state / ".companies-ABCDEFGH.tmp", state / "x.companies-abcdefgh.tmp"]
+    for path in kept:
+        path.write_text("not ours")
+    target = state / "precious"
+    target.write_text("never touched")
+    (state / ".companies-link0000.tmp").symlink_to(target)
+    (state / ".companies-dir00000.tmp").mkdir()
+    kept += [state / ".companies-link0000.tmp", state / ".companies-dir00000.tmp", target]
+
+    mark = d.log_mark()
+    d.start()
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.exists() or path.is_symlink() for path in kept)
+    assert target.read_text() == "never touched"
+    assert (state / "companies.json").read_bytes() == companies
+    assert sorted(d.companies()) == ["newco"]
+    removed = d.log_lines("removed a temporary file left by an interrupted write", mark)
+    assert sorted(line["path"] for line in removed) == sorted(str(path) for path in leftovers)
+
+
 def test_delete_of_a_runtime_company_removes_it_for_good(daemons):
     """DELETE of a runtime company without a session removes it, also from companies.json."""
     d = daemons(sim_config())

@@ -1,23 +1,32 @@
 """Companies added at runtime (PUT /v1/companies/{id}), kept in STATE_DIR/companies.json.
 
 Written atomically (temporary file, fsync, rename) with mode 0600, so a crash leaves either
-the old file or the new one. An unreadable file is never overwritten: the daemon refuses to
-start and says which file and why, so no company is silently forgotten. Its companies pass
-the same checks as the config file's.
+the old file or the new one (and at worst a temporary file, removed at the next start). An
+unreadable file is never overwritten: the daemon refuses to start and says which file and why,
+so no company is silently forgotten. Its companies pass the same checks as the config file's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
 from whatsappd.config import CompanyConfig, parse_companies
+from whatsappd.logs import get_logger
 
 __all__ = ["RegistryError", "RuntimeRegistry"]
 
 _FORMAT = "whatsappd-companies"
+# A write's temporary file: mkstemp's name, prefix + 8 characters of [a-z0-9_] + suffix. Only
+# names of exactly this shape are ours to remove when a killed write left one behind.
+_TMP_PREFIX, _TMP_SUFFIX = ".companies-", ".tmp"
+_TMP_NAME = re.compile(re.escape(_TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX))
+
+log = get_logger()
 
 
 class RegistryError(Exception):
@@ -30,6 +39,8 @@ class RuntimeRegistry:
         self._companies: dict[str, CompanyConfig] = {}
 
     def load(self) -> list[CompanyConfig]:
+        """Read the file (at start, before any write) and remove what killed writes left."""
+        self._remove_leftovers()
         try:
             raw = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -58,6 +69,18 @@ class RuntimeRegistry:
             "Fix it or move it aside, then start again"
         )
 
+    def _remove_leftovers(self) -> None:
+        """Remove the temporary files of writes killed before their rename: regular files named
+        exactly as _write names them, in this file's directory; nothing else is touched."""
+        try:
+            entries = list(os.scandir(self.path.parent))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if _TMP_NAME.fullmatch(entry.name) and stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                Path(entry.path).unlink(missing_ok=True)
+                log.info("removed a temporary file left by an interrupted write", path=entry.path)
+
     def get(self, company_id: str) -> CompanyConfig | None:
         return self._companies.get(company_id)
 
@@ -76,7 +99,7 @@ class RuntimeRegistry:
         data = {"format": _FORMAT, "version": 1,
                 "companies": [companies[k].to_toml() for k in sorted(companies)]}
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".companies-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=2)
