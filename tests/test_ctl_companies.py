@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from whatsappd.terminal import first_unsafe
 from whatsappd.testing.daemon import clean_env, ctl_command, run_ctl, wait_until
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
 
@@ -115,3 +117,57 @@ def test_events_follows_the_stream_from_a_cursor(d):
     assert seqs == sorted(seqs)
     assert all(" acme company.state " in line for line in lines)
     assert 'new="pairing"' in "".join(lines)
+
+
+# Window title, screen clear, a C1 CSI, a bidi override, a forged line, a carriage return, DEL.
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil\nforged line\r\x7f"
+
+
+def _printed_safely(out: str) -> list[str]:
+    """The output's lines, after checking that none holds a character a terminal would obey."""
+    lines = out.split("\n")
+    for line in lines:
+        assert first_unsafe(line) is None, line
+    assert not any(line.startswith("forged line") for line in lines)
+    return lines
+
+
+def test_hostile_values_from_the_daemon_are_printed_escaped(d):
+    """Control and format characters in any field the daemon returns (jid, push name, reason,
+    event text) are printed escaped by whatsappctl, and --json keeps the values exact."""
+    d.pair("acme", jid=f"5511999990001{HOSTILE}@s.whatsapp.net", push_name=HOSTILE[:64])
+    assert d.simulate("acme", "incoming", text=HOSTILE, push_name=HOSTILE[:64]).status == 200
+    assert d.simulate("acme", "drop", reason=HOSTILE).status == 200
+    d.wait_state("acme", "reconnecting")
+
+    status = ctl(d, "status", "acme")
+    assert status.returncode == 0, status.stderr
+    lines = _printed_safely(status.stdout)
+    escaped = r"\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil\nforged line\r\x7f"
+    assert f"  reason:     {escaped}" in lines, lines
+    assert any(line.startswith("  jid:        5511999990001\\x1b]0;pwned") for line in lines)
+
+    as_json = ctl(d, "--json", "status", "acme")
+    assert as_json.returncode == 0 and first_unsafe(as_json.stdout.replace("\n", "")) is None
+    assert json.loads(as_json.stdout)["reason"] == HOSTILE
+
+    for args in (("events", "--since", "0", "--type", "message.incoming"),
+                 ("--json", "events", "--since", "0", "--type", "message.incoming")):
+        proc = subprocess.Popen([*ctl_command(), "--socket", str(d.socket_path), *args], env=clean_env(),
+                                stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        timer = threading.Timer(20, proc.kill)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+        finally:
+            timer.cancel()
+            proc.kill()
+            proc.communicate()
+        _printed_safely(line.rstrip("\n"))
+        if "--json" in args:
+            event = json.loads(line)
+            assert (event["text"], event["push_name"]) == (HOSTILE, HOSTILE[:64])
+        else:
+            assert " message.incoming " in line
+            assert r'text="\u001b]0;pwned\u0007\u001b[2J\x9b31m\u202eevil\nforged line\r\x7f"' in line, line

@@ -2,6 +2,10 @@
 
 Human output by default, `--json` for scripts. Exit codes: 0 success, 1 the daemon answered
 with an error, 2 usage error, 3 the daemon cannot be reached.
+
+Everything the daemon answers is data, never terminal commands: human output is built from a
+copy of the answer with every control and format character escaped (whatsappd.terminal), and
+the QR code is drawn here from its payload.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from whatsappd.client import Client, DaemonUnavailable, Response, StreamRefused
 from whatsappd.config import DEFAULT_CONFIG_PATH, ConfigError, default_paths, load_config
+from whatsappd.terminal import escape, escape_all
 
 __all__ = ["main"]
 
@@ -59,22 +64,25 @@ def _duration(seconds: float) -> str:
     return "".join(parts[:2])
 
 
-def _check(resp: Response) -> Any:
+def _check(resp: Response) -> tuple[Any, Any]:
+    """(the answer as sent, for --json; a copy with its strings escaped, for human output), or
+    Failure carrying the daemon's error sentence (escaped too)."""
     try:
         body = resp.json()
     except ValueError:
-        raise Failure(f"HTTP {resp.status}: {resp.body[:200].decode(errors='replace')}") from None
+        raise Failure(f"HTTP {resp.status}: {escape(resp.body[:200].decode(errors='replace'))}") from None
+    shown = escape_all(body)
     if not resp.ok:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
+        error = shown.get("error", {}) if isinstance(shown, dict) else {}
         message = error.get("message", f"HTTP {resp.status}")
         problems = error.get("problems") or []
         detail = "".join(f"\n  - {p}" for p in problems)
         raise Failure(f"{message} [{error.get('code', resp.status)}]{detail}", body=body)
-    return body
+    return body, shown
 
 
 def cmd_health(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    body = _check(client.get("/v1/health"))
+    raw, body = _check(client.get("/v1/health"))
     by_state = body["companies"]["by_state"]
     states = ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())) or "none"
     text = (f"whatsappd {body['version']}: {body['status']}, up {_duration(body['uptime_seconds'])}, "
@@ -85,30 +93,30 @@ def cmd_health(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     last = body["config"].get("last_reload")
     if last and not last.get("ok"):
         text += f"\nlast reload FAILED at {last['at']}: " + "; ".join(last.get("problems", []))
-    return body, text
+    return raw, text
 
 
 def cmd_list(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    body = _check(client.get("/v1/companies"))
+    raw, body = _check(client.get("/v1/companies"))
     rows = [("ID", "STATE", "SINCE", "NAME")]
     for c in body["companies"]:
         rows.append((c["id"], c["state"], c["since"], c.get("name", "")))
     if len(rows) == 1:
-        return body, "no companies (add [[companies]] to the config, or PUT /v1/companies/ID)"
+        return raw, "no companies (add [[companies]] to the config, or PUT /v1/companies/ID)"
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-    return body, "\n".join(line.rstrip() for line in lines)
+    return raw, "\n".join(line.rstrip() for line in lines)
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    body = _check(client.post("/v1/reload"))
+    raw, body = _check(client.post("/v1/reload"))
     parts = [f"{key} {', '.join(body[key])}" for key in ("added", "removed", "changed") if body[key]]
     if body["settings"]:
         parts.append(f"settings {', '.join(body['settings'])}")
     text = f"configuration reloaded from {body['source']}: " + ("; ".join(parts) if parts else "no changes")
     if body["restart_required"]:
         text += f"\nnote: {', '.join(body['restart_required'])} apply only after a restart"
-    return body, text
+    return raw, text
 
 
 def _ago(iso: str | None) -> str:
@@ -149,8 +157,8 @@ def _company_text(c: dict[str, Any]) -> str:
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    body = _check(client.get(f"/v1/companies/{args.id}"))
-    return body, _company_text(body)
+    raw, body = _check(client.get(f"/v1/companies/{args.id}"))
+    return raw, _company_text(body)
 
 
 def cmd_qr(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
@@ -160,57 +168,63 @@ def cmd_qr(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
             _check(resp)
         Path(args.png).write_bytes(resp.body)
         return {"png": args.png}, f"QR code written to {args.png}"
-    body = _check(client.get(f"/v1/companies/{args.id}/qr"))
+    raw, body = _check(client.get(f"/v1/companies/{args.id}/qr"))
     if args.json:
-        return body, ""
-    text = client.get(f"/v1/companies/{args.id}/qr?format=text&ansi={'true' if _tty() else 'false'}")
-    return body, text.body.decode() + f"scan with WhatsApp > Linked devices > Link a device (expires {body['expires_at']})"
+        return raw, ""
+    return raw, _qr_text(raw["code"]) + f"scan with WhatsApp > Linked devices > Link a device (expires {body['expires_at']})"
+
+
+def _qr_text(code: str) -> str:
+    """The QR code drawn here from its payload: the payload is encoded, never printed."""
+    from whatsappd.qr import to_text  # segno: only for the commands that draw a code
+
+    return to_text(code, ansi=_tty())
 
 
 def cmd_pair_code(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    body = _check(client.post(f"/v1/companies/{args.id}/pair-code", {"phone": args.phone}))
-    return body, (f"pairing code: {body['code']} (valid until {body['expires_at']})\n"
+    raw, body = _check(client.post(f"/v1/companies/{args.id}/pair-code", {"phone": args.phone}))
+    return raw, (f"pairing code: {body['code']} (valid until {body['expires_at']})\n"
                   "On the phone: WhatsApp > Linked devices > Link a device > Link with phone number "
                   "instead, then type the code.")
 
 
 def cmd_logout(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    body = _check(client.post(f"/v1/companies/{args.id}/logout"))
+    raw, body = _check(client.post(f"/v1/companies/{args.id}/logout"))
     text = (f"{args.id}: unlinked on WhatsApp and session wiped" if body.get("unlinked")
             else f"{args.id}: session wiped locally. {body.get('note', '')}".rstrip())
-    return body, text
+    return raw, text
 
 
 def cmd_restart(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    body = _check(client.post(f"/v1/companies/{args.id}/restart"))
-    return body, f"{args.id}: worker restarted; now {body['state']}"
+    raw, body = _check(client.post(f"/v1/companies/{args.id}/restart"))
+    return raw, f"{args.id}: worker restarted; now {body['state']}"
 
 
 def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     """Start the company; while pairing, draw each new QR code; return once connected."""
-    body = _check(client.post(f"/v1/companies/{args.id}/connect"))
+    raw, body = _check(client.post(f"/v1/companies/{args.id}/connect"))
     if args.no_wait or args.json:
-        return body, f"{args.id}: {body['state']}"
+        return raw, f"{args.id}: {body['state']}"
     deadline = time.monotonic() + args.wait
-    shown = None
+    drawn = None
     while time.monotonic() < deadline:
-        body = _check(client.get(f"/v1/companies/{args.id}"))
+        raw, body = _check(client.get(f"/v1/companies/{args.id}"))
         state = body["state"]
         if state == "connected":
-            return body, f"{args.id}: connected as {body.get('jid')}"
+            return raw, f"{args.id}: connected as {body.get('jid')}"
         if state in ("stopped", "failed", "logged_out", "replaced", "outdated", "banned"):
             error = body.get("last_error") or {}
             raise Failure(f"{args.id}: {state}: {error.get('message') or body.get('reason')}")
         if state == "pairing":
             resp = client.get(f"/v1/companies/{args.id}/qr")
-            if resp.ok and resp.json()["code"] != shown:
-                shown = resp.json()["code"]
-                text = client.get(f"/v1/companies/{args.id}/qr?format=text&ansi={'true' if _tty() else 'false'}")
+            if resp.ok and resp.json()["code"] != drawn:
+                qr, qr_shown = _check(resp)
+                drawn = qr["code"]
                 if _tty():
                     sys.stdout.write("\x1b[2J\x1b[H")
-                sys.stdout.write(text.body.decode())
+                sys.stdout.write(_qr_text(qr["code"]))
                 print(f"Scan with WhatsApp > Linked devices > Link a device (expires "
-                      f"{resp.json()['expires_at']}); waiting...", flush=True)
+                      f"{qr_shown['expires_at']}); waiting...", flush=True)
         time.sleep(0.5)
     raise Failure(f"{args.id}: not connected within {args.wait:g}s (state {body['state']})")
 
@@ -218,15 +232,15 @@ def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
 def cmd_send(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     path = f"/v1/companies/{args.id}/messages" + ("?wait=sent" if args.wait else "")
-    body = _check(client.post(path, {"to": args.to, "text": args.text}, headers=headers))
+    raw, body = _check(client.post(path, {"to": args.to, "text": args.text}, headers=headers))
     text = f"{body['id']}: {body['status']}"
     if body.get("wa_id"):
         text += f" (WhatsApp id {body['wa_id']})"
     if body.get("error"):
         text += f": {body['error']['message']}"
     if body["status"] in ("failed", "expired"):
-        raise Failure(text, body=body)
-    return body, text
+        raise Failure(text, body=raw)
+    return raw, text
 
 
 def cmd_events(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
@@ -240,16 +254,16 @@ def cmd_events(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     client.timeout = None  # a stream may be quiet for long; heartbeats keep it alive
     try:
         for line in client.stream_lines(path):
-            if args.json:
-                print(line.decode(), flush=True)
-                continue
             event = json.loads(line)
+            if args.json:
+                print(_json(event, separators=(",", ":")), flush=True)
+                continue
             if event.get("type") == "heartbeat":
                 continue
-            extra = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in event.items()
+            extra = " ".join(f"{escape(k)}={escape(json.dumps(v, ensure_ascii=False))}" for k, v in event.items()
                              if k not in ("seq", "at", "type", "company"))
-            print(f"{event.get('seq', '-'):>8} {event.get('at', '')} {event.get('company', '-')} "
-                  f"{event['type']} {extra}", flush=True)
+            print(f"{escape(event.get('seq', '-')):>8} {escape(event.get('at', ''))} "
+                  f"{escape(event.get('company', '-'))} {escape(event.get('type'))} {extra}", flush=True)
     except StreamRefused as exc:
         _check(exc.response)
     except KeyboardInterrupt:
@@ -259,6 +273,11 @@ def cmd_events(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
 
 def _tty() -> bool:
     return sys.stdout.isatty()
+
+
+def _json(value: Any, **kw: Any) -> str:
+    """JSON for --json: ASCII only (every control character escaped), DEL too."""
+    return json.dumps(value, **kw).replace("\x7f", "\\u007f")
 
 
 COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any, str]]]] = {
@@ -322,11 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     except Failure as exc:
         if args.json and exc.body is not None:
-            print(json.dumps(exc.body, indent=2))
+            print(_json(exc.body, indent=2))
         print(f"whatsappctl: {exc}", file=sys.stderr)
         return exc.code
     if args.json and body is not None:
-        print(json.dumps(body, indent=2))
+        print(_json(body, indent=2))
     elif text:
         print(text)
     return 0
