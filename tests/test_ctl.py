@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from whatsappd import __version__
-from whatsappd.testing.daemon import DaemonProcess, clean_env, run_ctl
+from whatsappd.testing.daemon import NOBODY, DaemonProcess, clean_env, ctl_command, run_ctl
 
 COMPANIES = ('[[companies]]\nid = "acme"\nname = "ACME Imóveis"\nengine = "simulator"\n'
              '[[companies]]\nid = "beta"\nengine = "simulator"\n')
@@ -181,3 +187,116 @@ def test_daemon_at_its_connection_cap_is_a_clear_error(daemon_factory: Callable[
             assert err == ("whatsappctl: the daemon has reached control.max_connections open connections; "
                            "retry shortly [too_many_connections]\n")
     assert daemon.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the socket: a CRM user in the socket's group runs plain `whatsappctl health`.
+#
+# The system layout (/run/whatsappd/control.sock in a 0750 directory of group whatsappd, and
+# /etc/whatsappd/whatsappd.toml readable by that group) is built in a private mount namespace,
+# so the machine's own /run and /etc are never touched: /run is a fresh tmpfs there with the
+# test daemon's socket directory bound on /run/whatsappd, and /etc an overlay that adds the
+# config file and the group. whatsappctl then runs there as uid 65534, in or out of the group.
+
+GROUP = 4242
+_SYSTEM_LAYOUT = r"""
+set -e
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir /run/whatsappd
+mount --bind "$1" /run/whatsappd
+mkdir "$2/upper" "$2/work"
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$2/upper,workdir=$2/work" /etc
+echo "whatsappd:x:$3:" >> /etc/group
+mkdir -p /etc/whatsappd
+install -m 0640 -g "$3" "$2/whatsappd.toml" /etc/whatsappd/whatsappd.toml
+shift 3
+exec "$@"
+"""
+
+
+def _in_system_layout(shared: Path, run_dir: Path, member: bool, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run whatsappctl ARGS as uid 65534 (in group whatsappd if member) with run_dir as /run/whatsappd."""
+    work = Path(tempfile.mkdtemp(dir=shared))
+    (work / "whatsappd.toml").write_text('[logging]\nlevel = "info"\n')  # no socket_path: the default
+    groups = f"--groups={GROUP}" if member else "--clear-groups"
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _SYSTEM_LAYOUT, "sh",
+               str(run_dir), str(work), str(GROUP),
+               "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", groups, "--", *ctl_command(), *args]
+    env = clean_env(HOME=str(shared / "nobody-home"), XDG_RUNTIME_DIR=str(shared / "nobody-xdg"))
+    env.pop("XDG_STATE_HOME", None)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd="/",
+                          stdin=subprocess.DEVNULL)
+
+
+def _system_run_dir(path: Path) -> Path:
+    """Make path what systemd's RuntimeDirectory= makes /run/whatsappd: root:whatsappd 0750."""
+    path.mkdir(exist_ok=True)
+    os.chown(path, 0, GROUP)
+    path.chmod(0o750)
+    return path
+
+
+@pytest.fixture
+def system_layout(shared_dir: Path, second_user: Callable[..., Any]) -> Path:
+    """shared_dir, once a private mount namespace with the system layout works here (else skip)."""
+    second_user()
+    if not shutil.which("unshare") or not shutil.which("setpriv"):
+        pytest.skip("needs unshare and setpriv (util-linux) to build /run/whatsappd in a mount namespace")
+    probe = _in_system_layout(shared_dir, _system_run_dir(shared_dir / "probe"), True, "--help")
+    if probe.returncode != 0:
+        pytest.skip(f"cannot build the system layout in a private mount namespace here: {probe.stderr.strip()}")
+    return shared_dir
+
+
+@pytest.mark.root
+def test_a_member_of_the_group_finds_the_system_socket_by_default(
+    daemon_factory: Callable[..., DaemonProcess], system_layout: Path
+) -> None:
+    """In group whatsappd, plain `whatsappctl health` reaches /run/whatsappd/control.sock, though
+    the config file (readable, no socket_path) exists; a daemon of the user's own comes first."""
+    run_dir = system_layout / "run"
+    daemon = daemon_factory("", socket_path=run_dir / "control.sock").start()
+    _system_run_dir(run_dir)
+    os.chown(daemon.socket_path, 0, GROUP)
+    result = _in_system_layout(system_layout, run_dir, True, "health")
+    assert result.returncode == 0, result.stderr
+    assert f"pid {daemon.pid}" in result.stdout.splitlines()[0]
+
+    # The user's own daemon (where their `whatsappd run` puts its socket) wins when it is there.
+    own_socket = system_layout / "nobody-xdg" / "whatsappd" / "control.sock"
+    own = daemon_factory('[control]\nsocket_mode = "0666"\n', socket_path=own_socket).start()
+    (system_layout / "nobody-xdg").chmod(0o755)
+    result = _in_system_layout(system_layout, run_dir, True, "health")
+    assert result.returncode == 0, result.stderr
+    assert f"pid {own.pid}" in result.stdout.splitlines()[0]
+    assert own.stop() == 0 and daemon.stop() == 0
+
+
+@pytest.mark.root
+def test_a_user_outside_the_group_is_told_to_join_it_in_one_sentence(
+    daemon_factory: Callable[..., DaemonProcess], system_layout: Path
+) -> None:
+    """Not in group whatsappd: exit 3 and one line naming the socket and the group to join, no traceback."""
+    run_dir = system_layout / "run"
+    daemon = daemon_factory("", socket_path=run_dir / "control.sock").start()
+    _system_run_dir(run_dir)
+    os.chown(daemon.socket_path, 0, GROUP)
+    result = _in_system_layout(system_layout, run_dir, False, "health")
+    user = pwd.getpwuid(NOBODY).pw_name
+    assert (result.returncode, result.stdout) == (3, "")
+    assert result.stderr == (
+        "whatsappctl: permission denied on /run/whatsappd/control.sock: add yourself to group whatsappd "
+        f"(usermod -aG whatsappd {user}, then log in again) or run as root\n")
+    assert daemon.stop() == 0
+
+
+@pytest.mark.root
+def test_no_daemon_anywhere_names_both_sockets_looked_for(system_layout: Path) -> None:
+    """Neither the system socket nor the user's own exists: exit 3, one line naming both."""
+    result = _in_system_layout(system_layout, _system_run_dir(system_layout / "empty"), True, "health")
+    own = system_layout / "nobody-xdg" / "whatsappd" / "control.sock"
+    assert (result.returncode, result.stdout) == (3, "")
+    assert result.stderr == (
+        "whatsappctl: the daemon is not running: no socket at /run/whatsappd/control.sock (the system "
+        f"service) nor at {own} (a whatsappd run started by you). Start it (systemctl start whatsappd, "
+        "or whatsappd run) or point --socket at its socket\n")

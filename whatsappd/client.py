@@ -5,11 +5,15 @@ Used by whatsappctl and by the tests; stdlib only, so whatsappctl starts fast.
 
 from __future__ import annotations
 
+import grp
 import http.client
 import json
+import os
+import pwd
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Client", "DaemonUnavailable", "Response", "StreamRefused"]
@@ -41,6 +45,28 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
+
+
+def _gatekeeper_group(path: Path) -> str:
+    """The group whose members get through to path: the socket's own group if this user may see
+    the socket, else that of the directory on the way this user may not search."""
+    for candidate in (path, *path.parents):
+        try:
+            gid = os.stat(candidate).st_gid
+        except OSError:
+            continue
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return str(gid)
+    return "whatsappd"
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 @dataclass
@@ -80,9 +106,10 @@ class Client:
             ) from None
         except PermissionError:
             conn.close()
+            group = _gatekeeper_group(Path(self.socket_path))
             raise DaemonUnavailable(
-                f"permission denied on {self.socket_path}: run as a member of the socket's group "
-                "(see control.socket_group) or as root"
+                f"permission denied on {self.socket_path}: add yourself to group {group} "
+                f"(usermod -aG {group} {_user_name()}, then log in again) or run as root"
             ) from None
         except (BrokenPipeError, ConnectionResetError):
             # The daemon answered and closed before reading the request (its 503 at the

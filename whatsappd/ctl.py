@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.client import Client, DaemonUnavailable, Response, StreamRefused
-from whatsappd.config import DEFAULT_CONFIG_PATH, ConfigError, default_paths, load_config
+from whatsappd.config import ConfigError, default_paths, load_config
 from whatsappd.terminal import escape, escape_all
 
 __all__ = ["main"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
-SYSTEM_SOCKET = Path("/run/whatsappd/control.sock")
 
 
 class Failure(Exception):
@@ -36,21 +35,47 @@ class Failure(Exception):
         self.body = body
 
 
-def default_socket() -> str:
-    """--socket's default: $WHATSAPPD_SOCKET, else the config file's, else the system service's
-    socket if it exists, else the built-in default for this user."""
-    if os.environ.get("WHATSAPPD_SOCKET"):
-        return os.environ["WHATSAPPD_SOCKET"]
+def system_socket() -> Path:
+    """The system service's socket: control.socket_path in /etc/whatsappd/whatsappd.toml, read as
+    the service reads it, or its default /run/whatsappd/control.sock (also when this user may
+    not read the file)."""
     try:
-        if DEFAULT_CONFIG_PATH.exists():
-            return str(load_config().control_socket_path)
+        return load_config(env={}, uid=0).control_socket_path
     except (ConfigError, OSError):
-        pass
-    # The service's socket, when there is one: a member of the whatsappd group is not root, but
-    # it is the system daemon they mean to talk to, not a per-user one.
-    if SYSTEM_SOCKET.exists():
-        return str(SYSTEM_SOCKET)
-    return str(default_paths()[1])
+        return default_paths(env={}, uid=0)[1]
+
+
+def _exists(path: Path) -> bool | None:
+    """Whether something is at path; None when a directory on the way may not be searched."""
+    try:
+        path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def default_socket(env: dict[str, str] | None = None) -> str:
+    """--socket's default, the first of: $WHATSAPPD_SOCKET; your own daemon's socket (where a
+    `whatsappd run` started by you without a config puts it) if it exists; the system service's.
+
+    A member of the socket's group is not root, but it is the system daemon they mean; the
+    per-user socket comes first only because it exists only if they started one themselves.
+    Raises Failure when neither socket is there, naming both.
+    """
+    env = dict(os.environ) if env is None else env
+    if env.get("WHATSAPPD_SOCKET"):
+        return env["WHATSAPPD_SOCKET"]
+    own, system = default_paths(env)[1], system_socket()
+    if own != system and _exists(own):
+        return str(own)
+    if own != system and _exists(system) is False:
+        raise Failure(
+            f"the daemon is not running: no socket at {system} (the system service) nor at {own} (a "
+            "whatsappd run started by you). Start it (systemctl start whatsappd, or whatsappd run) or "
+            "point --socket at its socket", EXIT_UNAVAILABLE)
+    return str(system)
 
 
 def _duration(seconds: float) -> str:
@@ -298,7 +323,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any,
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whatsappctl", description="Control a running whatsappd.")
     parser.add_argument("--socket", metavar="PATH",
-                        help="control socket (default: $WHATSAPPD_SOCKET, else the config's control.socket_path)")
+                        help="control socket (default: $WHATSAPPD_SOCKET, else your own daemon's socket if there "
+                             "is one, else the system service's, /run/whatsappd/control.sock)")
     parser.add_argument("--json", action="store_true", help="print the daemon's JSON answer (for scripts)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -328,9 +354,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    socket_path = args.socket or default_socket()
-    client = Client(socket_path, timeout=args.timeout)
     _, handler = COMMANDS[args.command]
+    try:
+        socket_path = args.socket or default_socket()
+    except Failure as exc:
+        print(f"whatsappctl: {exc}", file=sys.stderr)
+        return exc.code
+    client = Client(socket_path, timeout=args.timeout)
     try:
         body, text = handler(client, args)
     except DaemonUnavailable as exc:
