@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from whatsappd import __version__
-from whatsappd.testing.daemon import NOBODY, DaemonProcess, clean_env, ctl_command, run_ctl
+from whatsappd.testing.daemon import NOBODY, DaemonProcess, clean_env, ctl_command, run_ctl, whatsappd_command
 
 COMPANIES = ('[[companies]]\nid = "acme"\nname = "ACME Imóveis"\nengine = "simulator"\n'
              '[[companies]]\nid = "beta"\nengine = "simulator"\n')
@@ -187,6 +187,28 @@ def test_daemon_at_its_connection_cap_is_a_clear_error(daemon_factory: Callable[
             assert err == ("whatsappctl: the daemon has reached control.max_connections open connections; "
                            "retry shortly [too_many_connections]\n")
     assert daemon.stop() == 0
+
+
+def test_global_options_may_follow_the_command(module_daemon: DaemonProcess) -> None:
+    """--json, --socket and --timeout work after the command as well as before it."""
+    result = run_ctl("health", "--json", "--socket", str(module_daemon.socket_path), "--timeout", "10")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pid"] == module_daemon.pid
+    result = run_ctl("--socket", str(module_daemon.socket_path), "list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [c["id"] for c in json.loads(result.stdout)["companies"]] == ["acme", "beta"]
+    # Given before the command, an option is not reset by the command's own copy of it.
+    result = run_ctl("--json", "--socket", str(module_daemon.socket_path), "health")
+    assert result.returncode == 0 and json.loads(result.stdout)["status"] == "ok"
+
+
+def test_both_programs_print_their_version() -> None:
+    """`whatsappctl --version` and `whatsappd --version` print the package version and exit 0."""
+    ctl = run_ctl("--version")
+    assert (ctl.returncode, ctl.stdout) == (0, f"whatsappctl {__version__}\n")
+    daemon = subprocess.run([*whatsappd_command(), "--version"], env=clean_env(), capture_output=True,
+                            text=True, timeout=30)
+    assert (daemon.returncode, daemon.stdout) == (0, f"whatsappd {__version__}\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from whatsappd import __version__
 from whatsappd.client import Client, DaemonUnavailable, Response, StreamRefused
 from whatsappd.config import ConfigError, default_paths, load_config
 from whatsappd.terminal import escape, escape_all
@@ -320,16 +321,27 @@ COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any,
 }
 
 
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """--socket, --json, --timeout: on the main parser and again on each command, so that they
+    may come before or after the command (`whatsappctl health --json`). The commands' copies
+    default to SUPPRESS, so they never overwrite a value given before the command."""
+    parser.add_argument("--socket", metavar="PATH", default=default(None),
+                        help="control socket (default: $WHATSAPPD_SOCKET, else your own daemon's socket if "
+                             "there is one, else the system service's, /run/whatsappd/control.sock)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the daemon's JSON answer (for scripts)")
+    parser.add_argument("--timeout", type=float, default=default(30.0), metavar="SECONDS",
+                        help="seconds to wait for an answer (default 30)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whatsappctl", description="Control a running whatsappd.")
-    parser.add_argument("--socket", metavar="PATH",
-                        help="control socket (default: $WHATSAPPD_SOCKET, else your own daemon's socket if there "
-                             "is one, else the system service's, /run/whatsappd/control.sock)")
-    parser.add_argument("--json", action="store_true", help="print the daemon's JSON answer (for scripts)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
+    parser.add_argument("--version", action="version", version=f"whatsappctl {__version__}")
+    _global_options(parser, lambda value: value)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
+        _global_options(cmd, lambda value: argparse.SUPPRESS)
         if name in ("status", "connect", "qr", "pair-code", "logout", "restart", "send"):
             cmd.add_argument("id", help="company id")
         if name == "pair-code":
