@@ -258,6 +258,27 @@ def test_a_replayed_idempotency_key_returns_the_first_message_and_sends_once(sim
     assert stats["by_recipient"]["5511999991101@s.whatsapp.net"] == 1 and stats["duplicate_requests"] == 0
 
 
+def test_a_replay_answers_the_message_as_it_is_now_as_readme_and_openapi_say(sim):
+    """A replay answers the message's current status (`delivered`, not the first answer's `queued`),
+    which is what the README and the served OpenAPI document promise."""
+    body = {"to": "+55 11 99999-1105", "text": "how is it going"}
+    first = post(sim, "acme", body, key="order-1105")
+    assert first.status == 202 and first.json()["status"] == "queued"
+    message_id = first.json()["id"]
+    wait_message(sim.socket_path, "acme", message_id, "sent")
+    assert sim.simulate("acme", "receipt", ids=[message_id], receipt="delivered").status == 200
+    wait_message(sim.socket_path, "acme", message_id, "delivered")
+    again = post(sim, "acme", body, key="order-1105")
+    assert (again.status, again.json()["id"], again.json()["status"]) == (200, message_id, "delivered")
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    promise = readme.split("- `Idempotency-Key`:", 1)[1].split("\n- ", 1)[0]
+    assert "current status" in promise and "first answer" not in promise
+    operation = sim.client.get("/v1/openapi.json").json()["paths"]["/v1/companies/{id}/messages"]["post"]
+    assert "current status" in operation["description"] and "first result" not in operation["description"]
+    assert "current status" in operation["responses"]["200"]["description"]
+
+
 def test_a_reused_idempotency_key_with_a_different_body_is_422(sim):
     """A key reused with another body is 422 idempotency_key_reused naming the first message."""
     first = post(sim, "acme", {"to": "+55 11 99999-1102", "text": "one"}, key="order-1102", query="?wait=sent")

@@ -341,7 +341,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outbox", "max_ttl", _duration_range(1, 365 * 86400), "7d",
             "The largest ttl a message may ask for.", render=format_duration),
     Setting("outbox", "idempotency_window", _duration_range(60, 30 * 86400), "24h",
-            "An Idempotency-Key repeated within this returns the first result.", render=format_duration),
+            "An Idempotency-Key repeated within this never sends twice; the replay answers the "
+            "message with its current status.", render=format_duration),
     Setting("outbox", "send_timeout", _duration_range(1, 600), "60s",
             "A send the worker does not answer within this restarts the worker; the message's "
             "fate is then settled from the worker's send log.", render=format_duration),

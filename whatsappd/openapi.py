@@ -318,8 +318,9 @@ PATHS: dict[str, dict[str, Any]] = {
             "summary": "Queue a message; it is stored durably before the answer",
             "description": "Sent in order per company while connected; kept while disconnected; after `ttl` "
                            "it becomes `expired`. `Idempotency-Key`: the same key within "
-                           "outbox.idempotency_window returns the first result (200, `Idempotent-Replayed: "
-                           "true`) and never sends twice; with a different body it is 422. `?wait=sent` holds "
+                           "outbox.idempotency_window never sends twice: it answers 200, `Idempotent-Replayed: "
+                           "true`, with the message as it is now (its current status); with a different body "
+                           "it is 422. `?wait=sent` holds "
                            "the answer until the message is sent, failed or expired (at most outbox.max_wait, "
                            "or `timeout` seconds).",
             "operationId": "sendMessage",
@@ -330,7 +331,8 @@ PATHS: dict[str, dict[str, Any]] = {
             ],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("MessageInput")}}},
             "responses": {
-                "200": _json(_ref("Message"), "A replay of an earlier request with the same Idempotency-Key."),
+                "200": _json(_ref("Message"), "A replay of an earlier request with the same Idempotency-Key: "
+                             "that message with its current status."),
                 "202": _json(_ref("Message"), "Stored; status `queued` (or later with ?wait=sent)."),
                 "400": _error("Invalid recipient (invalid_recipient), message (invalid_message) or file "
                               "(unreadable_file)."),
