@@ -218,6 +218,15 @@ def test_company_names_in_any_script_are_accepted(name: str) -> None:
     assert config.companies[0].name == name
 
 
+def test_default_country_is_an_iso_code_or_empty() -> None:
+    """outbox.default_country takes a known ISO country code (any case) or "" (none, the default)."""
+    assert build_config({}, "test").outbox_default_country == ""
+    assert build_config({"outbox": {"default_country": "br"}}, "test").outbox_default_country == "BR"
+    for bad in ("XX", "Brazil", 55):
+        with pytest.raises(ConfigError, match=r'outbox.default_country = .*: expected an ISO country code such as "BR"'):
+            build_config({"outbox": {"default_country": bad}}, "test")
+
+
 def test_relative_paths_are_refused(tmp_path: Path) -> None:
     """state_dir and socket_path must be absolute (the daemon changes directory when detached)."""
     path = tmp_path / "c.toml"

@@ -314,6 +314,8 @@ def test_a_malformed_idempotency_key_is_400(sim):
 @pytest.mark.parametrize(("body", "reason"), [
     ({"to": "+55 11 9999", "text": "x"}, "wrong number of digits"),
     ({"to": "not a number", "text": "x"}, "not a phone number"),
+    ({"to": "11 99999-9999", "text": "x"}, "'11 99999-9999' has no '+', so its first digits were taken as the "
+                                           "country code: it was read as +1 1999999999"),
     ({"to": "5511999999999@c.us", "text": "x"}, "not a WhatsApp JID"),
     ({"to": "", "text": "x"}, "empty"),
     ({"to": "   ", "text": "x"}, "empty"),
@@ -326,6 +328,21 @@ def test_an_invalid_recipient_is_400_with_the_reason(sim, body, reason):
     assert response.status == 400
     assert error(response)["code"] == "invalid_recipient"
     assert reason in error(response)["message"]
+
+
+def test_default_country_applies_to_numbers_without_plus(tmp_path):
+    """With outbox.default_country = "BR", a national "(11) 99999-1106" is queued for +55 11 99999-1106,
+    and a number that does not fit says it was read as a Brazilian one."""
+    with daemon_pool(tmp_path) as make:
+        d = make(sim_config("acme", workers=SLOW_BOOT, outbox={"default_country": "BR"}))
+        d.start(timeout=30)
+        response = post(d, "acme", {"to": "(11) 99999-1106", "text": "oi"})
+        assert response.status == 202, response.body
+        assert response.json()["jid"] == "5511999991106@s.whatsapp.net"
+        response = post(d, "acme", {"to": "99999-1106", "text": "oi"})
+        assert response.status == 400 and error(response)["code"] == "invalid_recipient"
+        assert "so it was read as a number of BR (outbox.default_country)" in error(response)["message"]
+        assert d.stop() == 0
 
 
 @pytest.mark.parametrize(("body", "fragment"), [

@@ -74,6 +74,63 @@ def test_invalid_recipients_are_refused_with_the_reason(text, reason):
         assert repr(text) in str(caught.value)
 
 
+@pytest.mark.parametrize(("text", "read_as"), [
+    ("11 99999-9999", "+1 1999999999, country code +1 (US and others), which is not a valid number there"),
+    ("(11) 99999-9999", "+1 1999999999, country code +1 (US and others), which is not a valid number there"),
+    ("1199999999", "+1 199999999, country code +1 (US and others), which has the wrong number of digits there"),
+    ("44 9999 9999", "+44 99999999, country code +44 (GB and others), which "),
+])
+def test_a_number_without_plus_says_how_it_was_read_and_how_to_write_it(text, read_as):
+    """Without '+', the error says the first digits were taken as the country code, what that gave,
+    and how to write the number (no country is guessed: a national number never silently passes)."""
+    with pytest.raises(InvalidRecipient) as caught:
+        normalize_recipient(text)
+    message = str(caught.value)
+    assert message.startswith(f"{text!r} has no '+', so its first digits were taken as the country code: "
+                              f"it was read as {read_as}"), message
+    assert message.endswith("If it is a national number, write it with '+' and its country code, "
+                            "e.g. +55 11 99999-9999 for a mobile in São Paulo, Brazil")
+
+
+@pytest.mark.parametrize("text", ["011 99999-9999", "21 98765 4321"])
+def test_digits_that_start_with_no_country_code_say_so(text):
+    """Bare digits whose start is no country code (a trunk 0, a Brazilian area code) say how to write them."""
+    with pytest.raises(InvalidRecipient) as caught:
+        normalize_recipient(text)
+    assert str(caught.value) == (
+        f"{text!r} is not a phone number in international format: without '+', its first digits must be a "
+        "country code, and they are not one; write it with '+' and its country code, e.g. +55 11 99999-9999 "
+        "for a mobile in São Paulo, Brazil")
+
+
+@pytest.mark.parametrize(("text", "without", "with_br"), [
+    ("(11) 99999-9999", None, "5511999999999"),
+    ("011 99999-9999", None, "5511999999999"),
+    ("5511999999999", "5511999999999", "5511999999999"),
+    ("51 99123-4567", "51991234567", "5551991234567"),  # Porto Alegre, or Peru with a country code
+    ("+51 99123-4567", "51991234567", "51991234567"),
+])
+def test_default_country_reads_numbers_without_plus_as_that_countrys(text, without, with_br):
+    """With outbox.default_country "BR", digits without '+' are a Brazilian number (national or with
+    55); without it they start with the country code; a '+' always wins."""
+    assert normalize_phone(text, "BR") == with_br
+    if without is None:
+        with pytest.raises(InvalidRecipient):
+            normalize_phone(text)
+    else:
+        assert normalize_phone(text) == without
+
+
+def test_with_a_default_country_the_error_names_it():
+    """An invalid number without '+' under outbox.default_country says it was read as that country's."""
+    with pytest.raises(InvalidRecipient) as caught:
+        normalize_recipient("99999-9999", "BR")
+    assert str(caught.value) == (
+        "'99999-9999' has no '+', so it was read as a number of BR (outbox.default_country): +55 999999999, "
+        "which is not a valid number there. If it is a number of another country, write it with '+' and its "
+        "country code, e.g. +55 11 99999-9999 for a mobile in São Paulo, Brazil")
+
+
 @pytest.mark.parametrize("value", [None, 5511999999999, ["+5511999999999"]])
 def test_a_recipient_that_is_not_a_string_is_refused(value):
     """Only strings are recipients; anything else is an InvalidRecipient, never a crash."""

@@ -454,7 +454,7 @@ async def send_message(request: web.Request) -> web.Response:
                        "sent until it is connected again (connect, and pair if needed)")
     to = body.get("to")
     try:
-        recipient = normalize_recipient(to) if isinstance(to, str) else None
+        recipient = normalize_recipient(to, daemon.config.outbox_default_country) if isinstance(to, str) else None
     except InvalidRecipient as exc:
         raise ApiError(400, "invalid_recipient", str(exc)) from None
     if recipient is None:
@@ -520,7 +520,7 @@ async def get_message(request: web.Request) -> web.Response:
 async def check_contact(request: web.Request) -> web.Response:
     runner = _runner(request)
     try:
-        phone = normalize_phone(request.match_info["phone"])
+        phone = normalize_phone(request.match_info["phone"], request.app[DAEMON].config.outbox_default_country)
     except InvalidRecipient as exc:
         raise ApiError(400, "invalid_recipient", str(exc)) from None
     if runner.state is not State.CONNECTED:

@@ -148,6 +148,18 @@ def _group(value: object) -> str:
     return value
 
 
+def _country(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError('expected an ISO country code such as "BR", or "" for none')
+    if not value:
+        return ""
+    import phonenumbers  # here only: whatsappctl reads this module too, and must start fast
+
+    if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError('expected an ISO country code such as "BR", or "" for none')
+    return value.upper()
+
+
 def _dirs(value: object) -> tuple[Path, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("/") for v in value):
         raise ValueError('expected a list of absolute directory paths, e.g. ["/srv/crm/uploads"]')
@@ -353,6 +365,11 @@ SETTINGS: tuple[Setting, ...] = (
             "empty: only base64 content. The state directory is never allowed.", render=_render_dirs),
     Setting("outbox", "max_file_size", lambda v: _checked_size(v, 1024, 2 * 1024**3), "64MiB",
             "Largest media file a message may attach (by path or base64).", render=format_size),
+    Setting("outbox", "default_country", _country, "",
+            "The country of phone numbers written without '+' (ISO code, e.g. \"BR\": \"(11) 99999-9999\" "
+            "is then +55 11 99999-9999). Empty: digits without '+' must start with the country code "
+            "(5511999999999). Set it if your users type national numbers: read with a country code, "
+            "one such as 51 99123-4567 (Porto Alegre) is a valid number in Peru."),
 )
 
 
@@ -440,6 +457,7 @@ class Config:
     outbox_max_wait: float
     outbox_media_dirs: tuple[Path, ...]
     outbox_max_file_size: int
+    outbox_default_country: str
     companies: tuple[CompanyConfig, ...] = ()
 
     @property
