@@ -25,7 +25,7 @@ from whatsappd.baileys.report import Refused, Unmapped
 from whatsappd.baileys.signal import convert_sender_key, convert_session
 from whatsappd.baileys.source import Snapshot, SourceFile, as_bytes, as_int, sized
 
-__all__ = ["Conversion", "Device", "convert"]
+__all__ = ["Conversion", "Device", "convert", "fingerprint_proto"]
 
 _PN_JID = re.compile(r"([1-9][0-9]{4,19}):([0-9]{1,5})@s\.whatsapp\.net")
 _LID_JID = re.compile(r"([1-9][0-9]{0,19})(?::([0-9]{1,5}))?@lid")
@@ -340,7 +340,7 @@ def _sender_keys(snapshot: Snapshot, conversion: Conversion) -> None:
         conversion.sender_keys.append((group, sender, converted.record))
 
 
-def _fingerprint(value: Any) -> bytes:
+def fingerprint_proto(value: Any) -> bytes:
     """The protobuf bytes of an AppStateSyncKeyFingerprint {rawID=1, currentIndex=2, deviceIndexes=3 packed},
     as whatsmeow stores it (proto.Marshal of the fingerprint the phone sent)."""
     if not isinstance(value, Mapping):
@@ -381,7 +381,7 @@ def _app_state_sync_keys(snapshot: Snapshot, conversion: Conversion) -> None:
             if not key_data:
                 raise ValueError("keyData is empty")
             timestamp = as_int(value.get("timestamp", 0), "timestamp", 0, 2**63 - 1)
-            conversion.app_state_sync_keys.append((key_id, key_data, timestamp, _fingerprint(value.get("fingerprint"))))
+            conversion.app_state_sync_keys.append((key_id, key_data, timestamp, fingerprint_proto(value.get("fingerprint"))))
 
 
 def _app_state_versions(snapshot: Snapshot, conversion: Conversion) -> None:

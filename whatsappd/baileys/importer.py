@@ -181,7 +181,11 @@ def _fsync(path: Path) -> None:
 
 
 def _place(work: Path, target: Path, names: tuple[str, ...]) -> None:
-    """Link the finished files into target under its session lock; never replace anything."""
+    """Link the finished files into target under its session lock; never replace anything.
+
+    Run as root, the files are given to the owner of the sessions directory (the daemon's user),
+    who must be able to open them: the daemon refuses session files owned by another user.
+    """
     created = False
     try:
         target.mkdir(mode=0o700)
@@ -189,7 +193,14 @@ def _place(work: Path, target: Path, names: tuple[str, ...]) -> None:
     except FileExistsError:
         pass
     os.chmod(target, 0o700)
+    owner = target.parent.stat()
+    if os.geteuid() == 0:
+        for path in [*(work / name for name in names), *([target] if created else [])]:
+            os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    lock_existed = (target / LOCK_FILE).exists()
     lock = lock_session(target)
+    if lock is not None and not lock_existed and os.geteuid() == 0:
+        os.chown(target / LOCK_FILE, owner.st_uid, owner.st_gid, follow_symlinks=False)
     if lock is None:
         raise Refused("company_running", f"the company's worker started during the import (it holds "
                       f"{target / LOCK_FILE}); nothing was put in place")
