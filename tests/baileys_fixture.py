@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "baileys"
+FIXTURE7 = Path(__file__).resolve().parent / "fixtures" / "baileys7"  # made by Baileys 7
 JID = "5511999990000:12@s.whatsapp.net"
 PEER_A = "session-5511888880001.0.json"
 
@@ -26,11 +27,11 @@ def age(path: Path, seconds: float = 3600) -> None:
         os.utime(p, (when, when), follow_symlinks=False)
 
 
-def baileys_copy(root: Path, name: str = "session-7") -> Path:
-    """A copy of the fixture folder under root, aged an hour."""
+def baileys_copy(root: Path, name: str = "session-7", fixture: Path = FIXTURE / "session-7") -> Path:
+    """A copy of a fixture folder (Baileys 6 by default) under root, aged an hour."""
     root.mkdir(parents=True, exist_ok=True)
     dest = root / name
-    shutil.copytree(FIXTURE / "session-7", dest)
+    shutil.copytree(fixture, dest)
     for p in dest.iterdir():
         p.chmod(0o600)
     age(dest)
@@ -63,27 +64,5 @@ def flip_bit(b64: str, byte: int = 10, bit: int = 3) -> str:
 
 
 def baileys7(root: Path) -> Path:
-    """The fixture in Baileys 7's layout (from Baileys 7's sources): contact A addressed by LID,
-    LID mappings, identity-key files, device lists, privacy tokens, sender keys stored as a
-    Buffer of their JSON."""
-    source = baileys_copy(root)
-    (source / PEER_A).rename(source / "session-987654321_1.0.json")
-    record = json.loads((source / "session-987654321_1.0.json").read_text())
-    remote = next(iter(record["_sessions"].values()))["indexInfo"]["remoteIdentityKey"]
-    files: dict[str, Any] = {
-        "lid-mapping-5511888880001.json": "987654321",
-        "lid-mapping-987654321_reverse.json": "5511888880001",
-        "identity-key-987654321_1.0.json": {"type": "Buffer", "data": remote},
-        "device-list-5511888880001.json": ["0"],
-        "tctoken-987654321@lid.json": {"token": {"type": "Buffer", "data": base64.b64encode(b"tc-token").decode()},
-                                       "timestamp": "1796100000"},
-        "tctoken-__index.json": {"token": {"type": "Buffer", "data": base64.b64encode(b'["987654321@lid"]').decode()}},
-    }
-    for name, value in files.items():
-        (source / name).write_text(json.dumps(value))
-    sender = source / "sender-key-120363025555555555@g.us--5511999990000--12.json"
-    sender.write_text(json.dumps({"type": "Buffer", "data": base64.b64encode(sender.read_bytes()).decode()}))
-    age(source)
-    return source
-
-
+    """A copy of the Baileys 7 fixture folder (session-8) under root, aged an hour."""
+    return baileys_copy(root, "session-8", FIXTURE7 / "session-8")

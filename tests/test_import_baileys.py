@@ -353,17 +353,32 @@ def test_bad_argument_combinations_are_usage_errors(tmp_path: Path, args: list[s
 # ------------------------------------------------------------------ Baileys 7
 
 
-def test_baileys_7_layout_maps_lids_identities_and_privacy_tokens(tmp_path: Path) -> None:
-    """Baileys 7 files: LID sessions, lid-mapping (both directions), identity-key, tctoken and Buffer-wrapped sender keys."""
+def test_baileys_7_dry_run_maps_lids_identities_and_privacy_tokens(tmp_path: Path) -> None:
+    """The Baileys 7 fixture: LID-addressed session, identity-key, lid-mapping, tctoken, Buffer-wrapped sender key."""
     source = baileys7(tmp_path / "crm")
-    report = import_company(source, "seven", tmp_path / "sessions", dry_run=True, min_idle=60)
+    before = tree(source)
+    report = import_company(source, "eight", tmp_path / "sessions", dry_run=True, min_idle=60)
     assert report.ok, report.error
-    assert report.baileys_layout == "7"
-    assert report.counts["sessions"] == 3 and report.counts["sender_keys"] == 1
-    assert report.counts["lid_mappings"] == 2  # ours (from me.lid) and contact A's
-    assert report.counts["privacy_tokens"] == 1  # Baileys' own __index is not a token
-    unmapped = {u.item for u in report.unmapped}
-    assert "device-list-*.json (1 files)" in unmapped and "tctoken-__index.json" in unmapped
+    files = [p.name for p in source.iterdir()]
+    assert report.baileys_layout == "7" and report.jid == JID and report.lid == "123456789012345:12@lid"
+    assert report.counts["pre_keys"] == len([n for n in files if n.startswith("pre-key-")]) == 22
+    assert report.counts["pre_keys_uploaded"] == 19  # ids 2..20
+    assert report.counts["sessions"] == 2 and report.counts["sender_keys"] == 1
+    assert report.counts["lid_mappings"] == 2  # ours (me.lid) and contact A's
+    assert report.counts["privacy_tokens"] == 1
+    # both contacts, our primary phone under its number and under its LID
+    assert report.counts["identity_keys"] == 4
+    assert report.checks == {"key_pairs": 3 + 22 + 2 + 1, "signatures": 3}
+    assert "device-list-*.json (2 files)" in {u.item for u in report.unmapped}
+    assert tree(source) == before
+    assert not (tmp_path / "sessions").exists()
+
+
+@pytest.mark.neonize
+def test_baileys_7_import_opens_in_neonize(tmp_path: Path) -> None:
+    """The Baileys 7 fixture imports and neonize lists its JID."""
+    report = import_company(baileys7(tmp_path / "crm"), "eight", tmp_path / "sessions", min_idle=60)
+    assert report.ok and report.neonize_jid == JID, report.error
 
 
 def test_the_fingerprint_is_encoded_as_neonize_s_protobuf_does(tmp_path: Path) -> None:
@@ -389,3 +404,24 @@ def test_run_as_root_the_new_session_belongs_to_the_sessions_directory_owner(tmp
     target = sessions_root / "session-seven"
     for path in [target, *target.iterdir()]:
         assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534), path
+
+
+def test_a_deleted_file_counts_as_a_recent_change(tmp_path: Path) -> None:
+    """Baileys deletes used pre-keys: a folder whose file list changed within --min-idle is refused too."""
+    source = baileys_copy(tmp_path / "crm")
+    (source / "pre-key-2.json").unlink()  # the directory's mtime is now
+    report = import_company(source, "seven", tmp_path / "sessions", dry_run=True)
+    assert report.error is not None and report.error["code"] == "source_busy"
+    assert "the list of files" in report.error["message"]
+
+
+def test_a_session_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    """session-{id} as a symbolic link: refused, nothing written through it."""
+    source = baileys_copy(tmp_path / "crm")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "sessions").mkdir()
+    (tmp_path / "sessions" / "session-seven").symlink_to(elsewhere)
+    report = import_company(source, "seven", tmp_path / "sessions", min_idle=60)
+    assert report.error is not None and report.error["code"] == "session_exists" and "symbolic link" in report.error["message"]
+    assert list(elsewhere.iterdir()) == []

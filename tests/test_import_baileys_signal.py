@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from baileys_fixture import FIXTURE, baileys7, baileys_copy
+from baileys_fixture import FIXTURE, FIXTURE7, baileys7, baileys_copy
 from go_session_cipher import DecryptError, decrypt, encrypt, load_session, node_peer_decrypt, store_session
 
 from whatsappd.baileys.convert import convert
@@ -95,12 +95,15 @@ def test_seed_control_fails(tmp_path: Path, store: sqlite3.Connection) -> None:
         decrypt(store, A, _body(POST["A_undelivered"][0]))
 
 
-def test_a_lid_addressed_session_decrypts_under_its_lid(tmp_path: Path) -> None:
-    """Baileys 7: a session stored under a LID address (user_1.device) continues under whatsmeow's user_1:device."""
+def test_baileys_7_sessions_decrypt_under_the_lid_and_the_phone_address(tmp_path: Path) -> None:
+    """Baileys 7 fixture: A's session, kept under its LID (user_1.0), continues as whatsmeow's 987654321_1:0; B's too."""
+    post = json.loads((FIXTURE7 / "post-migration.json").read_text())
     with converted(baileys7(tmp_path / "crm"), tmp_path / "store.db") as db:
-        assert decrypt(db, "987654321_1:0", _body(POST["A"]["body"])) == b"post-migration message from A"
-        identity = db.execute("SELECT identity FROM whatsmeow_identity_keys WHERE their_id = ?", ("987654321_1:0",)).fetchone()
-        assert identity is not None and len(identity[0]) == 32
+        lid_a = "987654321_1:0"
+        assert [decrypt(db, lid_a, _body(m)) for m in post["A_undelivered"]] == [b"hello from A #2", b"hello from A #3"]
+        assert decrypt(db, lid_a, _body(post["A"]["body"])) == b"post-migration message from A"
+        assert decrypt(db, B, _body(post["B"]["body"])) == b"post-migration message from B"
+        assert db.execute("SELECT pn FROM whatsmeow_lid_map WHERE lid = '987654321'").fetchone() == ("5511888880001",)
 
 
 def test_messages_encrypted_with_a_converted_session_decrypt_at_the_contact(store: sqlite3.Connection) -> None:

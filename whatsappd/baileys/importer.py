@@ -74,6 +74,9 @@ def import_company(source: Path, company: str, sessions_root: Path, *, dry_run: 
 
 
 def _check_target(target: Path, source: Path) -> None:
+    if target.is_symlink():
+        raise Refused("session_exists", f"{target} is a symbolic link; a session directory may not be one, and an "
+                      "import never writes through a link: remove it first")
     if not target.exists():
         return
     with contextlib.suppress(OSError):
@@ -191,7 +194,9 @@ def _place(work: Path, target: Path, names: tuple[str, ...]) -> None:
         target.mkdir(mode=0o700)
         created = True
     except FileExistsError:
-        pass
+        if target.is_symlink() or not target.is_dir():
+            raise Refused("session_exists", f"{target} became something other than a directory during the import; "
+                          "nothing was put in place") from None
     os.chmod(target, 0o700)
     owner = target.parent.stat()
     if os.geteuid() == 0:

@@ -101,12 +101,15 @@ def read_snapshot(directory: Path, min_idle: float) -> Snapshot:
     snapshot = _scan(directory)
     if "creds.json" not in snapshot.files:
         raise Refused("not_baileys", f"{directory} has no creds.json, so it is not a Baileys session folder")
-    newest = max(snapshot.files.values(), key=lambda f: f.mtime_ns)
-    age = time.time() - newest.mtime_ns / 1e9
+    # the directory's own mtime moves when Baileys deletes a file (a used pre-key, a reset session)
+    changes = [(f.mtime_ns, f.name) for f in snapshot.files.values()] + [(st.st_mtime_ns, "")]
+    newest_ns, newest = max(changes)
+    age = time.time() - newest_ns / 1e9
     if age < min_idle:
+        what = f"{directory}/{newest}" if newest else f"the list of files in {directory}"
         raise Refused(
             "source_busy",
-            f"{directory}/{newest.name} changed {max(age, 0):.0f} s ago, so Baileys may still be running: "
+            f"{what} changed {max(age, 0):.0f} s ago, so Baileys may still be running: "
             f"stop the CRM's WhatsApp module and try again once nothing changed for {min_idle:g} s (--min-idle)",
         )
     return snapshot
