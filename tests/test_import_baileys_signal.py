@@ -18,9 +18,12 @@ from typing import Any
 
 import pytest
 from baileys_fixture import FIXTURE, FIXTURE7, baileys7, baileys_copy
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from go_session_cipher import DecryptError, decrypt, encrypt, load_session, node_peer_decrypt, store_session
 
 from whatsappd.baileys.convert import convert
+from whatsappd.baileys.signal import convert_sender_key
 from whatsappd.baileys.source import read_snapshot
 from whatsappd.baileys.whatsmeow import write_store
 
@@ -121,3 +124,19 @@ def test_a_session_still_waiting_for_its_first_answer_keeps_its_pending_pre_key(
     state = load_session(store, "5511888880003:0")["SessionState"]
     assert state["PendingPreKey"]["PreKeyID"] == {"Value": 77, "IsEmpty": False}
     assert state["PendingPreKey"]["SignedPreKeyID"] == 1
+
+
+def test_sender_key_states_turn_newest_first_with_derived_skipped_keys() -> None:
+    """Baileys keeps sender-key states oldest first and skipped keys as seeds; Go wants newest first and IV‖CipherKey."""
+    seed = bytes(range(32))
+    public = "BQsVBAomYrbMjOGc6L0QAjQxvvvcqvq8sxLCweiJOfNx"
+    states = [{"senderKeyId": n, "senderChainKey": {"iteration": 5, "seed": base64.b64encode(bytes(32)).decode()},
+               "senderSigningKey": {"public": public},
+               "senderMessageKeys": [{"iteration": 3, "seed": base64.b64encode(seed).decode()}]} for n in (1, 2)]
+    record = json.loads(convert_sender_key(states, "test").record)
+    assert [s["KeyID"] for s in record["SenderKeyStates"]] == [2, 1]
+    (key,) = record["SenderKeyStates"][0]["Keys"]
+    material = HKDF(algorithm=hashes.SHA256(), length=48, salt=bytes(32), info=b"WhisperGroup").derive(seed)
+    assert (key["Iteration"], base64.b64decode(key["IV"]), base64.b64decode(key["CipherKey"]), base64.b64decode(key["Seed"])) == (
+        3, material[:16], material[16:], seed)
+    assert record["SenderKeyStates"][0]["SigningKeyPrivate"] is None  # a contact's key: public only

@@ -38,7 +38,7 @@ from whatsappd.baileys.verify import listed_jids
 from whatsappd.baileys.whatsmeow import build_in_memory, check_store, write_store
 from whatsappd.ids import InvalidCompanyId, check_company_id, session_dir
 from whatsappd.legacy import LegacyError, scan_legacy
-from whatsappd.sessions import LOCK_FILE, NEONIZE_STORE, SIMULATOR_FILE, ensure_root, lock_session
+from whatsappd.sessions import LOCK_FILE, NEONIZE_STORE, SIMULATOR_FILE, lock_session
 from whatsappd.timefmt import iso
 
 __all__ = ["DEFAULT_MIN_IDLE", "PROVENANCE_FILE", "RootReport", "import_company", "import_root"]
@@ -127,7 +127,7 @@ def _unchanged(snapshot: Snapshot) -> None:
 
 def _write(snapshot: Snapshot, conversion: Conversion, sessions_root: Path, target: Path, report: ImportReport) -> None:
     try:
-        ensure_root(sessions_root)
+        sessions_root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as sessions.ensure_root, without logging
         work = Path(tempfile.mkdtemp(prefix=f".import-{target.name}-", dir=sessions_root))
     except OSError as exc:
         raise Refused("write_failed", f"cannot write in {sessions_root} ({exc.strerror})") from None
@@ -145,8 +145,8 @@ def _write(snapshot: Snapshot, conversion: Conversion, sessions_root: Path, targ
         provenance = work / PROVENANCE_FILE
         _write_file(provenance, json.dumps(_provenance(snapshot, report), indent=1, ensure_ascii=False).encode() + b"\n")
         _unchanged(snapshot)
-        report.provenance = str(target / PROVENANCE_FILE)
         _place(work, target, (NEONIZE_STORE, PROVENANCE_FILE))
+        report.provenance = str(target / PROVENANCE_FILE)
     except OSError as exc:
         raise Refused("write_failed", f"the store could not be written ({exc.strerror or exc}); nothing was "
                       "put in place") from None

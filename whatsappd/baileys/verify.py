@@ -33,7 +33,10 @@ def listed_jids(store: Path, timeout: float = 60.0) -> list[str]:
         raise RuntimeError(f"neonize did not open the store within {timeout:g} s") from None
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_MARK):
-            result = json.loads(line[len(_MARK):])
+            try:
+                result = json.loads(line[len(_MARK):])
+            except ValueError:
+                raise RuntimeError(f"the neonize check printed an unreadable result: {line[:200]}") from None
             if "error" in result:
                 raise RuntimeError(f"neonize could not open the store: {result['error']}")
             return [str(jid) for jid in result["devices"]]
