@@ -1,4 +1,4 @@
-"""`whatsappd`: run | check-config | clean-sessions."""
+"""`whatsappd`: run | check-config | clean-sessions | import-baileys."""
 
 from __future__ import annotations
 
@@ -50,6 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     clean.add_argument("--path", type=Path, metavar="DIR",
                        help="directory to scan (default: STATE_DIR/sessions), e.g. the old CRM's sessions/")
+
+    imp = sub.add_parser("import-baileys",
+                         help="move companies from the old CRM's Baileys sessions to whatsappd, without a new QR scan")
+    add_config(imp)
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source", type=Path, metavar="DIR",
+                        help="one Baileys folder (the one holding creds.json); needs exactly one --company")
+    source.add_argument("--from-root", type=Path, metavar="DIR",
+                        help="the CRM's sessions directory, holding session-<id>/ folders")
+    imp.add_argument("--company", action="append", metavar="ID",
+                     help="the company to import (repeatable with --from-root)")
+    imp.add_argument("--all", action="store_true", help="with --from-root: every Baileys folder in it")
+    imp.add_argument("--dry-run", action="store_true", help="check and convert everything, write nothing")
+    imp.add_argument("--json", action="store_true", help="print the report as JSON")
+    imp.add_argument("--min-idle", type=float, default=120.0, metavar="SECONDS",
+                     help="refuse a folder with a file changed less than this long ago (default 120: "
+                          "Baileys may still be running)")
     return parser
 
 
@@ -221,9 +238,50 @@ def _clean_sessions(args: argparse.Namespace) -> int:
     return 0 if removed == len(results) else 1
 
 
+def _import_baileys(args: argparse.Namespace) -> int:
+    import json
+
+    from whatsappd.baileys import Refused, RootReport, import_company, import_root
+
+    config = _load(args.config, sys.stderr)
+    if config is None:
+        return EX_CONFIG
+    if args.source is not None:
+        if args.all or not args.company or len(args.company) != 1:
+            print("whatsappd: --from DIR imports one company: give exactly one --company ID (and no --all)",
+                  file=sys.stderr)
+            return 2
+        result = RootReport(str(args.source))
+        result.reports.append(import_company(args.source, args.company[0], config.sessions_dir,
+                                             dry_run=args.dry_run, min_idle=args.min_idle))
+    else:
+        if bool(args.all) == bool(args.company):
+            print("whatsappd: --from-root needs either --company ID (repeatable) or --all", file=sys.stderr)
+            return 2
+        try:
+            result = import_root(args.from_root, config.sessions_dir, None if args.all else args.company,
+                                 dry_run=args.dry_run, min_idle=args.min_idle)
+        except Refused as exc:
+            print(f"whatsappd: {exc.message}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps({"companies": [r.as_json() for r in result.reports], "skipped": result.skipped},
+                         indent=1, ensure_ascii=False))
+    else:
+        for skipped in result.skipped:
+            print(f"skipped {skipped['path']}: {skipped['reason']}")
+        for report in result.reports:
+            print("\n".join(report.lines()))
+        done = sum(1 for r in result.reports if r.ok)
+        verb = "would import" if args.dry_run else "imported"
+        print(f"{verb} {done} of {len(result.reports)} companies" + ("; dry run, nothing written" if args.dry_run else ""))
+    return 0 if result.ok and result.reports else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "check-config": _check_config, "clean-sessions": _clean_sessions}[args.command]
+    handler = {"run": _run, "check-config": _check_config, "clean-sessions": _clean_sessions,
+               "import-baileys": _import_baileys}[args.command]
     return handler(args)
 
 

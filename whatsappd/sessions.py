@@ -8,6 +8,7 @@ files 0600; the worker holds `whatsappd.lock` while it runs the session, so no t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import sqlite3
@@ -30,6 +31,7 @@ __all__ = [
     "ensure_root",
     "fix_permissions",
     "has_session",
+    "lock_session",
     "session_state",
     "stamp",
     "quarantine",
@@ -85,6 +87,24 @@ def fix_permissions(directory: Path) -> list[str]:
     for line in fixed:
         log.warning("fixed session file permissions", change=line)
     return fixed
+
+
+def lock_session(directory: Path) -> int | None:
+    """Take the session's exclusive lock (`whatsappd.lock`, created 0600 if missing) and return its
+    fd, to hold for as long as the session is in use; None when another process holds it.
+
+    The worker holds it for its whole life; `whatsappd import-baileys` holds it while it puts a
+    converted store in place. Closing the fd (or dying) releases it.
+    """
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def session_state(directory: Path) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import logging
 import os
 import signal
@@ -91,19 +90,6 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _lock_session(session_dir: str) -> int | None:
-    """Hold an exclusive lock on the session for this process's life (None: someone else has it)."""
-    fd = os.open(os.path.join(session_dir, "whatsappd.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # session files 0600, dirs 0700, whatever the library creates
     args = _parse_args(sys.argv[1:] if argv is None else argv)
@@ -127,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("worker started with a bad company id", error=str(exc))
         return ExitCode.BAD_INVOCATION
     os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
-    if _lock_session(args.session_dir) is None:
+    from whatsappd.sessions import lock_session
+
+    if lock_session(Path(args.session_dir)) is None:
         log.error("session is locked by another process; not starting a second client on it",
                   session_dir=args.session_dir)
         return ExitCode.SESSION_LOCKED
