@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from whatsappd import pidlock
 from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
 
 PR_SET_PDEATHSIG = 1
@@ -93,15 +93,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _lock_session(session_dir: str) -> int | None:
     """Hold an exclusive lock on the session for this process's life (None: someone else has it)."""
-    fd = os.open(os.path.join(session_dir, "whatsappd.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        return pidlock.acquire(Path(session_dir) / "whatsappd.lock")
+    except pidlock.Held:
         return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 def main(argv: list[str] | None = None) -> int:
