@@ -462,8 +462,11 @@ class Runner:
         if pair:
             args.append("--pair")
         try:
+            # Its own session: Ctrl-C (SIGINT to the terminal's foreground process group) or a
+            # terminal hangup reaches the daemon only, which then stops its workers in order. The
+            # worker's parent-death signal still ends it if the daemon dies (even by kill -9).
             proc = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(child.fileno(),), env=env,
+                *args, pass_fds=(child.fileno(),), env=env, start_new_session=True,
                 stdin=asyncio.subprocess.DEVNULL, stdout=None, stderr=None,
             )
         finally:
