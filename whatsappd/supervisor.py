@@ -425,9 +425,15 @@ class Runner:
                 "keepalive": f"reconnecting for over {self.sup.config.workers_stuck_reconnecting_after:g}s",
             }.get(killed or "", "connection failed")
             return self._retry_later(killed or "connection_failed", message)
-        if code == ExitCode.LOGGED_OUT:
+        if code in (ExitCode.LOGGED_OUT, ExitCode.SESSION_DELETED):
+            # The credentials are gone (unlinked by the phone, or their files deleted under the
+            # worker, which then ended at once): wipe what is left, so no half session remains.
             sessions.wipe(self.sup.sessions_root, self.id)
             self.jid = self.push_name = None
+            if code == ExitCode.SESSION_DELETED:
+                return self._rest(State.LOGGED_OUT, "session_deleted",
+                                  "the session's files were deleted while it ran; connect to pair again",
+                                  "session_deleted")
             return self._rest(State.LOGGED_OUT, "logged_out",
                               "the phone unlinked this device; the session was wiped. Connect to pair again",
                               "logged out from the phone; session wiped")

@@ -25,6 +25,9 @@ from whatsappd import pidlock
 from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
 
 PR_SET_PDEATHSIG = 1
+LOCK_FILE = "whatsappd.lock"
+#: How often the worker checks that its session's files are still there.
+SESSION_CHECK_SECONDS = 1.0
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -94,8 +97,57 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 def _lock_session(session_dir: str) -> int | None:
     """Hold an exclusive lock on the session for this process's life (None: someone else has it)."""
     try:
-        return pidlock.acquire(Path(session_dir) / "whatsappd.lock")
+        return pidlock.acquire(Path(session_dir) / LOCK_FILE)
     except pidlock.Held:
+        return None
+
+
+class SessionWatch:
+    """Notices a session deleted under the running worker (rm -rf of its directory, its files).
+
+    Deleted credentials mean the connection is lost: the worker must not go on serving them
+    from open file descriptors, nor let the library create fresh store files beside a half
+    session. What counts: the directory itself (same inode as at start), our lock file, and
+    the engine's credential files once they existed or the engine said it is paired or
+    connected (the simulator replaces its file by rename when it saves, so existence is
+    checked, not the inode).
+    """
+
+    def __init__(self, session_dir: Path, lock_fd: int, session_files: tuple[str, ...]) -> None:
+        self.dir = session_dir
+        self._dir_id = self._identity(os.stat(session_dir))
+        self._lock_id = self._identity(os.fstat(lock_fd))
+        self._files = session_files
+        self._seen: set[str] = set()
+        self._paired = False
+
+    def note(self, message: dict[str, Any]) -> None:
+        """See what the engine tells the supervisor: once paired or connected, the credential
+        files must exist (even if they came and went between two checks)."""
+        if message.get("type") == "paired" or (message.get("type") == "state" and message.get("state") == "connected"):
+            self._paired = True
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple[int, int]:
+        return (st.st_dev, st.st_ino)
+
+    def _same(self, path: Path, identity: tuple[int, int]) -> bool:
+        try:
+            return self._identity(os.stat(path)) == identity
+        except FileNotFoundError:
+            return False
+
+    def missing(self) -> str | None:
+        """What of the session is gone, or None while it is whole."""
+        if not self._same(self.dir, self._dir_id):
+            return str(self.dir)
+        if not self._same(self.dir / LOCK_FILE, self._lock_id):
+            return str(self.dir / LOCK_FILE)
+        for name in self._files:
+            if (self.dir / name).exists():
+                self._seen.add(name)
+            elif name in self._seen or self._paired:
+                return str(self.dir / name)
         return None
 
 
@@ -122,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("worker started with a bad company id", error=str(exc))
         return ExitCode.BAD_INVOCATION
     os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
-    if _lock_session(args.session_dir) is None:
+    lock = _lock_session(args.session_dir)
+    if lock is None:
         log.error("session is locked by another process; not starting a second client on it",
                   session_dir=args.session_dir)
         return ExitCode.SESSION_LOCKED
@@ -135,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         from whatsappd.worker.simulator import SimulatorEngine as EngineClass
     else:
         from whatsappd.worker.neonize_engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
-    engine = EngineClass(options, channel.send)
+    watch = SessionWatch(Path(args.session_dir), lock, EngineClass.session_files)
+
+    def emit(message: dict[str, Any]) -> None:
+        watch.note(message)
+        channel.send(message)
+
+    engine = EngineClass(options, emit)
     channel.send({"type": "hello", "pid": os.getpid(), "engine": args.engine})
 
     def run_command(message: dict[str, Any]) -> None:
@@ -172,10 +231,22 @@ def main(argv: list[str] | None = None) -> int:
             channel.send({"type": "heartbeat"})
             stop_beating.wait(args.heartbeat)
 
+    def watch_session() -> None:
+        while not stop_beating.wait(SESSION_CHECK_SECONDS):
+            gone = watch.missing()
+            if gone is not None:
+                # At once, without a clean disconnect: that would give the library one more
+                # chance to write, and to re-create store files in a half-deleted session. The
+                # supervisor wipes whatever is left once we are gone.
+                log.error("session deleted while the worker ran; ending it", missing=gone)
+                logging.shutdown()
+                os._exit(ExitCode.SESSION_DELETED)
+
     stop_beating = threading.Event()
     commands: list[threading.Thread] = []
     threading.Thread(target=read_commands, name="channel", daemon=True).start()
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
+    threading.Thread(target=watch_session, name="session-watch", daemon=True).start()
     try:
         code = int(engine.run())
     except Exception:

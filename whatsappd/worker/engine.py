@@ -10,7 +10,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["Emit", "Engine", "EngineError", "EngineOptions"]
 
@@ -40,6 +40,10 @@ class EngineOptions:
 
 class Engine(abc.ABC):
     """One WhatsApp client. run() blocks in the worker's main thread."""
+
+    #: The files in the session directory that hold the credentials. Once one existed, its
+    #: disappearing means the session was deleted under the worker (the worker main watches).
+    session_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: EngineOptions, emit: Emit) -> None:
         self.options = options

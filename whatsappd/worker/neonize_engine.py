@@ -891,6 +891,8 @@ class _GoGate:
 class NeonizeEngine(Engine):
     """One neonize client; see the module docstring for the threading rules it follows."""
 
+    session_files = (STORE_FILE,)
+
     def __init__(
         self,
         options: EngineOptions,

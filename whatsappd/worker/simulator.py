@@ -664,6 +664,7 @@ class SimulatorEngine(Engine):
     """
 
     name = "simulator"
+    session_files = (SESSION_FILE,)
 
     def __init__(self, options: EngineOptions, emit: Emit, env: Mapping[str, str] | None = None) -> None:
         super().__init__(options, emit)
