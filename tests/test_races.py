@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from whatsappd.testing.daemon import wait_until
+from whatsappd.testing.daemon import at_once, wait_until
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, process_state, sim_config
 
 
@@ -84,23 +84,6 @@ def test_a_send_to_a_frozen_worker_restarts_it_and_the_message_is_settled(daemon
     assert stats["sent"] == 1 and stats["duplicate_requests"] == 0
 
 
-def _at_once(calls: list[Callable[[], int]]) -> list[int]:
-    """Run the calls in threads released together; their results in order."""
-    barrier = threading.Barrier(len(calls))
-    results: list[int] = [0] * len(calls)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = calls[i]()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
-
-
 def test_parallel_deletes_with_wipe_both_succeed_and_remove_the_company_once(daemons):
     """Two DELETE ?wipe=true at once on one company, round after round: both 200 with one answer, company and session gone."""
     d = daemons(sim_config())
@@ -116,7 +99,7 @@ def test_parallel_deletes_with_wipe_both_succeed_and_remove_the_company_once(dae
             bodies[i] = response.json()
             return response.status
 
-        assert _at_once([lambda: delete(0), lambda: delete(1)]) == [200, 200], bodies
+        assert at_once([lambda: delete(0), lambda: delete(1)]) == [200, 200], bodies
         assert bodies[0] == bodies[1] and bodies[0]["removed"] is True, bodies  # type: ignore[index]
         assert d.client.get(f"/v1/companies/{cid}").status == 404
         assert not d.session_dir(cid).exists()
@@ -141,7 +124,7 @@ def test_every_operator_act_at_once_on_one_company_never_answers_500(daemons, ro
         body = {"engine": "simulator"} if method == "PUT" else None
         return d.client.request(method, path, body).status
 
-    statuses = _at_once([lambda m=m, p=p: call(m, p) for m, p in acts])
+    statuses = at_once([lambda m=m, p=p: call(m, p) for m, p in acts])
     assert all(s in (200, 201, 202, 404, 409) for s in statuses), list(zip(acts, statuses, strict=True))
     assert "Traceback" not in d.logs() and not d.log_lines("runner failed")
     # Whatever won, the daemon still obeys: the company can be (re)created, paired and deleted.

@@ -63,6 +63,14 @@ class _Worker:
         self.booted = False  # has said anything yet (holds a start slot until then)
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.next_id = 1
+        # A reconnect attempt the worker asked a token for (connect_request), and the seconds
+        # its reconnects spent waiting for tokens since it last lost its connection.
+        self.grant: asyncio.Task[None] | None = None
+        self.paced = 0.0
+
+    @property
+    def waiting_for_grant(self) -> bool:
+        return self.grant is not None and not self.grant.done()
 
     @property
     def pid(self) -> int:
@@ -536,6 +544,8 @@ class Runner:
             worker.kill("supervisor_error")  # never wait below for a worker nobody reads any more
             raise
         finally:
+            if worker.grant is not None:
+                worker.grant.cancel()  # a token granted but not yet handed over goes back
             if not worker.booted:
                 self.sup.start_slots.release()
             code = await worker.proc.wait()
@@ -565,7 +575,7 @@ class Runner:
                 "connect_timeout": connect_deadline,
                 "pairing_timeout": pairing_deadline,
                 "paired_without_connect": paired_deadline,
-                "keepalive": reconnecting_since + cfg.workers_stuck_reconnecting_after if reconnecting_since else None,
+                "keepalive": self._stuck_deadline(worker, reconnecting_since),
             }
             name, due = min(((k, v) for k, v in deadlines.items() if v is not None), key=lambda kv: kv[1])
             if due <= now:
@@ -608,8 +618,8 @@ class Runner:
                     pairing_deadline = started + cfg.workers_pairing_timeout
                 if state == "connected":
                     pairing_deadline = paired_deadline = reconnecting_since = None
-                elif state == "reconnecting":
-                    reconnecting_since = reconnecting_since or time.monotonic()
+                elif state == "reconnecting" and reconnecting_since is None:
+                    reconnecting_since, worker.paced = time.monotonic(), 0.0
                 self._report(self._on_state, message)
             elif kind == "qr":
                 connect_deadline = None
@@ -628,6 +638,25 @@ class Runner:
                     future.set_result(message)
             elif kind == "event":
                 self.sup.publish({**message.get("event", {}), "company": self.id})
+            elif kind == "connect_request" and not worker.waiting_for_grant:
+                worker.grant = asyncio.get_running_loop().create_task(self._grant_connect(worker))
+
+    async def _grant_connect(self, worker: _Worker) -> None:
+        """A token for one more connection attempt of a live worker (the library's reconnect):
+        from the same limiter, in the same first-come queue, as every worker start."""
+        started = time.monotonic()
+        try:
+            await self.sup.limiter.acquire()
+        finally:
+            worker.paced += time.monotonic() - started
+        worker.send({"type": "connect_grant"})
+
+    def _stuck_deadline(self, worker: _Worker, reconnecting_since: float | None) -> float | None:
+        """When a worker reconnecting in vain is killed (keepalive). Time its reconnects spent
+        waiting for our own connect-rate limiter does not count: that is pacing, not being stuck."""
+        if reconnecting_since is None or worker.waiting_for_grant:
+            return None
+        return reconnecting_since + worker.paced + self.sup.config.workers_stuck_reconnecting_after
 
     def _report(self, handler: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
         """Apply a worker's report, unless the company is being stopped: a late report from a

@@ -181,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.SESSION_LOCKED
 
     from whatsappd.worker.engine import EngineError, EngineOptions
+    from whatsappd.worker.gate import ConnectGate
 
+    # The supervisor took a token before spawning us: the first attempt needs no request.
+    gate = ConnectGate(lambda: channel.send({"type": "connect_request"}), tokens=1, company=args.company)
     options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
-                            proxy=args.proxy, pair=args.pair)
+                            proxy=args.proxy, pair=args.pair, gate=gate)
     if args.engine == "simulator":
         from whatsappd.worker.simulator import SimulatorEngine as EngineClass
     else:
@@ -217,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if message["type"] == "stop":
                 engine.stop()
+                gate.close()
+            elif message["type"] == "connect_grant":
+                gate.grant()
             elif message["type"] == "command":
                 thread = threading.Thread(target=run_command, args=(message,), daemon=True)
                 commands.append(thread)
@@ -224,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # EOF: the supervisor is gone or wants us gone. Stop, and make sure we do end.
         channel.closed = True
         engine.stop()
+        gate.close()
         threading.Timer(3.0, os._exit, args=(ExitCode.STOPPED,)).start()
 
     def heartbeat() -> None:
@@ -252,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("engine crashed")
         code = 70  # EX_SOFTWARE: a crash, restarted with backoff
+    gate.close()
     # A command that ended the engine (logout) still owes its reply: let it go out first.
     for thread in list(commands):
         thread.join(timeout=2.0)
