@@ -990,6 +990,8 @@ class NeonizeEngine(Engine):
         while not self._done.wait(0.25):
             self._check_deadlines()
         self._shutdown_client()
+        if self._relay is not None:
+            self._relay.close()  # no new connections; open tunnels end with the process
         with self._lock:
             self._returned = True
             code = self._exit if self._exit is not None else ExitCode.TRANSIENT
