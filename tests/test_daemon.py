@@ -153,6 +153,30 @@ def test_second_daemon_on_the_same_socket_refuses(daemon_factory: Callable[..., 
     assert first.stop() == 0
 
 
+def test_second_daemon_on_the_same_state_dir_refuses_naming_the_first_pid(
+        daemon_factory: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    """A second daemon on a live daemon's state dir (its own socket) exits 1 naming the first's pid, opening nothing."""
+    first = daemon_factory(TWO).start()
+    second = daemon_factory(TWO, socket_path=tmp_path / "other" / "control.sock")
+    assert second.config_path is not None
+    second.config_path.write_text(second.config_path.read_text().replace(str(second.state_dir), str(first.state_dir)))
+    before = sorted(p.name for p in first.state_dir.iterdir())
+    second.start(wait=False)
+    assert second.proc is not None and second.proc.wait(15) == 1
+    refusal = next(e for e in second.log_events() if e["level"] == "error")
+    assert refusal["event"] == "cannot start: another whatsappd uses this state directory"
+    assert refusal["pid"] == first.pid and refusal["state_dir"] == str(first.state_dir)
+    assert f"pid {first.pid}" in refusal["hint"]
+    assert not second.socket_path.exists() and not second.socket_path.parent.exists()
+    assert sorted(p.name for p in first.state_dir.iterdir()) == before
+    health = first.client.get("/v1/health").json()
+    assert health["pid"] == first.pid and health["companies"]["total"] == 2
+    assert first.stop() == 0
+    second.start()  # the lock died with the first daemon
+    assert second.client.get("/v1/health").json()["pid"] == second.pid
+    assert second.stop() == 0
+
+
 def test_non_socket_file_at_socket_path_is_refused_and_kept(daemon_factory: Callable[..., DaemonProcess]) -> None:
     """A regular file where the socket should be: exit 1 with a clear reason, the file untouched."""
     daemon = daemon_factory("")

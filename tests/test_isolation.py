@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from whatsappd import pidlock
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, process_state, sim_config
 
@@ -121,25 +122,42 @@ def test_kill_9_of_the_daemon_leaves_no_worker_and_restart_restores_every_compan
     assert not [e for e in d.log_lines("state changed", mark) if e["new"] == "pairing"]
 
 
-def test_two_daemons_on_one_state_dir_never_share_a_session(daemons, tmp_path):
-    """A second daemon on the same state dir gets session_locked; the first stays connected."""
-    first = daemons(sim_config("acme"))
-    first.start()
-    pid = first.pair("acme")["worker"]["pid"]
-    second = daemons(f'[daemon]\nstate_dir = "{first.state_dir}"\n' + sim_config("acme"))
-    second.start()
-    snap = second.wait_state("acme", "failed", timeout=10)
-    assert snap["last_error"]["code"] == "session_locked"
-    assert "another process" in snap["last_error"]["message"]
-    assert second.log_lines("worker exited", company="acme", exit_code=17)
-    time.sleep(0.5)
-    snap = first.snapshot("acme")
-    assert snap["state"] == "connected" and snap["worker"]["pid"] == pid
-    assert first.session_dir("acme").joinpath("whatsappd.lock").read_text().strip() == str(pid)
-    # Once the first lets go, the second may take over (an operator acts).
-    first.stop()
-    assert second.post("acme", "connect").status == 202
-    second.wait_state("acme", "connected")
+def test_a_session_locked_by_another_process_is_never_shared(daemons):
+    """A session whose lock another process holds gets session_locked, not a second client; once released it connects."""
+    d = daemons(sim_config("acme"))
+    d.start()
+    d.pair("acme")
+    d.stop()
+    holder = pidlock.acquire(d.session_dir("acme") / "whatsappd.lock")  # a leftover client, say
+    try:
+        d.start()
+        snap = d.wait_state("acme", "failed", timeout=10)
+        assert snap["last_error"]["code"] == "session_locked"
+        assert "another process" in snap["last_error"]["message"]
+        assert d.log_lines("worker exited", company="acme", exit_code=17)
+        assert d.session_dir("acme").joinpath("whatsappd.lock").read_text().strip() == str(os.getpid())
+    finally:
+        os.close(holder)
+    assert d.post("acme", "connect").status == 202
+    d.wait_state("acme", "connected")
+
+
+def test_ctrl_c_reaches_the_daemon_only_and_it_stops_its_workers_cleanly(daemons):
+    """SIGINT to the daemon's whole process group (Ctrl-C): workers exit 0 by the daemon's stop, not the signal."""
+    d = daemons(sim_config(*COMPANIES), start_new_session=True)  # its own group, as in a terminal
+    d.start()
+    for company in COMPANIES:
+        d.pair(company)
+    pids = [d.worker_pid(cid) for cid in COMPANIES]
+    mark = d.log_mark()
+    os.killpg(d.pid, signal.SIGINT)
+    assert d.proc is not None and d.proc.wait(20) == 0
+    assert all(process_gone(p) for p in pids)  # type: ignore[arg-type]
+    assert d.log_lines("stopping", mark, signal="SIGINT")
+    exits = d.log_lines("worker exited", mark)
+    assert sorted(e["company"] for e in exits) == sorted(COMPANIES)
+    assert all(e["exit_code"] == 0 and e["killed"] is None for e in exits), exits
+    assert not [e for e in d.log_lines("state changed", mark) if e["new"] != "stopped"]
 
 
 def test_sigterm_asks_every_worker_to_stop_and_leaves_none_behind(daemons):

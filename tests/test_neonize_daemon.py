@@ -7,13 +7,15 @@ the client asked for.
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from whatsappd.testing.daemon import wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool
+from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone
 from whatsappd.testing.socks5 import Socks5FaultProxy
 
 pytestmark = [pytest.mark.neonize, pytest.mark.slow]
@@ -73,4 +75,23 @@ def test_a_silent_proxy_is_abandoned_at_the_connect_deadline_and_retried(daemons
         d.wait_state("real", "starting", "connecting", "reconnecting", timeout=10,
                      check=lambda s: s["worker"]["pid"] not in (None, first))
         assert proxy.wait_for_connections(2, timeout=10)  # the new worker dials through it too
+        assert d.stop() == 0
+
+
+def test_a_session_directory_deleted_under_a_dialing_worker_ends_it_and_is_not_recreated(daemons):
+    """rm -rf of the session while the real client dials: worker ended, `logged_out` (session_deleted), nothing re-created."""
+    with Socks5FaultProxy(mode="stall") as proxy:
+        d = daemons(_config(proxy, connect_timeout="60s"))
+        d.start()
+        pid = d.post("real", "connect").json()["worker"]["pid"]
+        session = d.session_dir("real")
+        wait_until(lambda: proxy.requests and (session / "store.db").exists(), 15, what="the client to dial")
+        mark = d.log_mark()
+        shutil.rmtree(session)
+        snap = d.wait_state("real", "logged_out", timeout=10)
+        assert snap["reason"] == "session_deleted" and snap["worker"]["pid"] is None, snap
+        assert d.log_lines("worker exited", mark, company="real", exit_code=18)
+        assert process_gone(pid)
+        time.sleep(1.5)
+        assert not session.exists()
         assert d.stop() == 0

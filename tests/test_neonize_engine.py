@@ -450,7 +450,14 @@ CHILD = textwrap.dedent(
         sys.stdout.write("MSG " + json.dumps(message) + "\\n")
         sys.stdout.flush()
 
-    engine = NeonizeEngine(EngineOptions(company="acme", session_dir=session, proxy=proxy, pair=pair), emit)
+    from whatsappd.worker.gate import ConnectGate
+    gate = ConnectGate.unlimited()
+    if "gated" in sys.argv[4:]:
+        # No token to start with: every dial asks (REQUEST on stdout); a line on stdin grants one.
+        import threading
+        gate = ConnectGate(lambda: (sys.stdout.write("REQUEST\\n"), sys.stdout.flush()), tokens=0)
+        threading.Thread(target=lambda: [gate.grant() for _ in sys.stdin], daemon=True).start()
+    engine = NeonizeEngine(EngineOptions(company="acme", session_dir=session, proxy=proxy, pair=pair, gate=gate), emit)
     signal.signal(signal.SIGTERM, lambda *_: engine.stop())
 
     def play_go_callbacks():
@@ -486,6 +493,7 @@ class Child:
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(session), proxy_url, "pair" if pair else "restore", *extra],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -507,8 +515,9 @@ class Child:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.mark.parametrize(("mode", "pair"), [("refuse", True), ("close", True), ("refuse", False)])
@@ -525,6 +534,27 @@ def test_real_client_fails_fast_through_a_failing_proxy(tmp_path: Path, mode: st
         assert proxy.connections == 1
     files = sorted(p.name for p in (tmp_path / "session-acme").iterdir())
     assert set(files) <= set(STORE_FILES) and "store.db" in files
+
+
+def test_the_real_clients_dial_is_held_at_the_connect_gate_until_a_token_comes(tmp_path: Path) -> None:
+    """whatsmeow dials through the worker's relay: with no token its CONNECT waits (nothing reaches the proxy) until granted."""
+    with Socks5FaultProxy(mode="refuse") as proxy:
+        child = Child(tmp_path / "session-acme", proxy.url, True, "gated")
+        assert child.proc.stdout is not None and child.proc.stdin is not None
+        try:
+            line = ""
+            while "REQUEST" not in line:
+                line = child.proc.stdout.readline()
+                assert line, "the child ended without asking for a token"
+            time.sleep(1.0)
+            assert proxy.connections == 0 and child.proc.poll() is None  # held, not dialed
+            child.proc.stdin.write("grant\n")
+            child.proc.stdin.flush()
+            code, _, _ = child.wait(timeout=20)
+        finally:
+            child.kill()
+        assert code == ExitCode.TRANSIENT
+        assert proxy.requests == [("web.whatsapp.com", 443)] and proxy.connections == 1
 
 
 def test_real_client_fails_fast_on_a_refused_port(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from whatsappd.testing.daemon import wait_until
+from whatsappd.testing.daemon import at_once, wait_until
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, process_state, sim_config
 
 
@@ -82,3 +82,53 @@ def test_a_send_to_a_frozen_worker_restarts_it_and_the_message_is_settled(daemon
                15, what="the message to be sent")
     stats = d.simulate("acme", "stats").json()
     assert stats["sent"] == 1 and stats["duplicate_requests"] == 0
+
+
+def test_parallel_deletes_with_wipe_both_succeed_and_remove_the_company_once(daemons):
+    """Two DELETE ?wipe=true at once on one company, round after round: both 200 with one answer, company and session gone."""
+    d = daemons(sim_config())
+    d.start()
+    for round_ in range(4):
+        cid = f"r{round_}"
+        assert d.client.request("PUT", f"/v1/companies/{cid}", {"engine": "simulator"}).status == 201
+        d.pair(cid)
+        bodies: list[object] = [None, None]
+
+        def delete(i: int, cid: str = cid, bodies: list[object] = bodies) -> int:
+            response = d.client.request("DELETE", f"/v1/companies/{cid}?wipe=true")
+            bodies[i] = response.json()
+            return response.status
+
+        assert at_once([lambda: delete(0), lambda: delete(1)]) == [200, 200], bodies
+        assert bodies[0] == bodies[1] and bodies[0]["removed"] is True, bodies  # type: ignore[index]
+        assert d.client.get(f"/v1/companies/{cid}").status == 404
+        assert not d.session_dir(cid).exists()
+    assert not d.log_lines("request failed") and not d.log_lines("runner failed")
+    assert "Traceback" not in d.logs()
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_every_operator_act_at_once_on_one_company_never_answers_500(daemons, round_):
+    """connect, restart, logout, delete, delete ?wipe at once: only 2xx/404/409 answers, and a consistent end."""
+    d = daemons(sim_config())
+    d.start()
+    assert d.client.request("PUT", "/v1/companies/acme", {"engine": "simulator"}).status == 201
+    d.pair("acme")
+    acts = [("POST", "/v1/companies/acme/connect"), ("POST", "/v1/companies/acme/restart"),
+            ("POST", "/v1/companies/acme/logout"), ("DELETE", "/v1/companies/acme?wipe=true"),
+            ("DELETE", "/v1/companies/acme"), ("POST", "/v1/companies/acme/connect"),
+            ("PUT", "/v1/companies/acme")]
+    acts = acts[round_:] + acts[:round_]  # a different order of arrival each round
+
+    def call(method: str, path: str) -> int:
+        body = {"engine": "simulator"} if method == "PUT" else None
+        return d.client.request(method, path, body).status
+
+    statuses = at_once([lambda m=m, p=p: call(m, p) for m, p in acts])
+    assert all(s in (200, 201, 202, 404, 409) for s in statuses), list(zip(acts, statuses, strict=True))
+    assert "Traceback" not in d.logs() and not d.log_lines("runner failed")
+    # Whatever won, the daemon still obeys: the company can be (re)created, paired and deleted.
+    d.client.request("PUT", "/v1/companies/acme", {"engine": "simulator"})
+    response = d.client.request("DELETE", "/v1/companies/acme?wipe=true")
+    assert response.status == 200 and response.json()["removed"] is True, response.body
+    assert d.client.get("/v1/companies/acme").status == 404

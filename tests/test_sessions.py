@@ -11,13 +11,14 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from whatsappd.testing.daemon import clean_env, whatsappd_command
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, sim_config, tree_state
+from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, process_gone, sim_config, tree_state
 
 
 @pytest.fixture
@@ -143,6 +144,31 @@ def test_a_session_corrupted_while_the_daemon_was_down_is_reported_at_start(daem
 
 
 # ------------------------------------------------------------------------------ restore
+
+
+@pytest.mark.parametrize("what", ["directory", "credentials"])
+def test_a_session_deleted_while_connected_logs_out_with_session_deleted_and_leaves_nothing(daemons, what):
+    """rm -rf of a connected company's session (or of its credentials file): worker ended, `logged_out`
+    with reason session_deleted, and no half session is re-created."""
+    d = daemons(sim_config("acme", "bob"))
+    d.start()
+    pid = d.pair("acme")["worker"]["pid"]
+    bob = d.pair("bob")["worker"]["pid"]
+    mark = d.log_mark()
+    if what == "directory":
+        shutil.rmtree(d.session_dir("acme"))
+    else:
+        (d.session_dir("acme") / "simulator.json").unlink()
+    snap = d.wait_state("acme", "logged_out", timeout=10)
+    assert snap["reason"] == "session_deleted" and snap["last_error"]["code"] == "session_deleted", snap
+    assert snap["has_session"] is False and snap["jid"] is None and snap["worker"]["pid"] is None
+    assert process_gone(pid)
+    assert d.log_lines("worker exited", mark, company="acme", exit_code=18)
+    time.sleep(1.5)  # nothing comes back: no restart, no store file written anew
+    assert d.snapshot("acme")["state"] == "logged_out"
+    assert not d.session_dir("acme").exists()
+    assert d.snapshot("bob")["state"] == "connected" and d.worker_pid("bob") == bob
+    d.connect_pairing("acme")  # connect starts a fresh pairing
 
 
 def test_a_paired_company_comes_back_connected_without_a_qr_after_a_restart(daemons):

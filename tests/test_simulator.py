@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import stat
@@ -20,7 +21,9 @@ from typing import Any
 import pytest
 
 from whatsappd.protocol import ExitCode
+from whatsappd.testing.daemon import wait_until
 from whatsappd.worker.engine import EngineError, EngineOptions
+from whatsappd.worker.gate import ConnectGate
 from whatsappd.worker.simulator import (
     CRASH_EXIT_STATUS,
     PAIRING_CODE_ALPHABET,
@@ -52,11 +55,12 @@ class Sim:
     """One engine with a list-collecting emit and run() in a background thread."""
 
     def __init__(self, session_dir: Path, *, pair: bool = True, env: dict[str, str] | None = None,
-                 company: str = "acme") -> None:
+                 company: str = "acme", gate: ConnectGate | None = None) -> None:
         self.messages: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self.engine = SimulatorEngine(
-            EngineOptions(company=company, session_dir=session_dir, proxy=None, pair=pair),
+            EngineOptions(company=company, session_dir=session_dir, proxy=None, pair=pair,
+                          gate=gate or ConnectGate.unlimited()),
             self._emit,
             env={**FAST, **(env or {})},
         )
@@ -328,15 +332,65 @@ def test_corrupt_store_makes_run_return_store_unusable(sims, session_dir, conten
 
 
 def test_drop_goes_reconnecting_with_a_reason_until_restore(sims, session_dir):
-    """drop emits reconnecting with a reason and stays there; restore emits connected again."""
+    """drop emits reconnecting with a reason and stays there (the network is down); restore reconnects."""
     sim = pair_and_connect(sims, session_dir, jid="1555000111:2@s.whatsapp.net")
-    assert sim.simulate("drop", reason="wifi off") == {"action": "drop", "state": "reconnecting"}
+    assert sim.simulate("drop", reason="wifi off") == {"action": "drop", "state": "reconnecting", "down": True}
     assert sim.messages[-1] == {"type": "state", "state": "reconnecting", "reason": "wifi off"}
     time.sleep(0.1)
     assert sim.types()[-1] == "reconnecting"
-    assert sim.simulate("restore") == {"action": "restore", "state": "connected"}
-    assert sim.messages[-1]["state"] == "connected"
+    count = len(sim.messages)
+    assert sim.simulate("restore") == {"action": "restore", "state": "reconnecting"}
+    wait_until(lambda: sim.types()[count:] == ["connected"], WAIT)
     assert sim.messages[-1]["jid"] == "1555000111:2@s.whatsapp.net"
+
+
+def test_every_connection_attempt_waits_for_a_token_of_the_gate(sims, session_dir):
+    """The first connect uses the token the worker starts with; the reconnect after a drop asks for one and waits."""
+    requests: list[float] = []
+    gate = ConnectGate(lambda: requests.append(time.monotonic()), tokens=1)
+    (session_dir / SESSION_FILE).write_text(json.dumps(
+        {"format": "whatsappd-simulator", "version": 1, "device": {"jid": "1555:1@s.whatsapp.net", "push_name": "x"}}))
+    sim = sims(session_dir, pair=False, gate=gate)
+    sim.wait_state("connected")
+    assert requests == []  # the first attempt needed no request
+    count = len(sim.messages)
+    sim.simulate("drop", down=False)
+    wait_until(lambda: len(requests) == 1)
+    time.sleep(0.3)
+    assert sim.types()[-1] == "reconnecting"  # no attempt without a token
+    gate.grant()
+    wait_until(lambda: sim.types()[count:] == ["reconnecting", "connected"], WAIT)
+    assert len(requests) == 1 and gate.attempts == 2
+
+
+def test_a_down_network_is_retried_with_growing_delays_each_attempt_through_the_gate(sims, session_dir):
+    """drop (network down): reconnect attempts at once, then 1x, 2x the reconnect delay, each granted; restore connects."""
+    requests: queue.SimpleQueue[None] = queue.SimpleQueue()
+    grants: list[float] = []
+    gate = ConnectGate(lambda: requests.put(None), tokens=1)
+
+    def grant_all() -> None:  # a supervisor that grants each request at once
+        while True:
+            requests.get()
+            grants.append(time.monotonic())
+            gate.grant()
+
+    threading.Thread(target=grant_all, daemon=True).start()
+    sim = sims(session_dir, gate=gate, env={"WHATSAPPD_SIM_RECONNECT_DELAY": "0.3"})
+    sim.wait_for(lambda m: m["type"] == "qr")
+    sim.simulate("scan")
+    sim.wait_state("connected")
+    before = gate.attempts  # the first connect and the one after pairing
+    sim.simulate("drop")
+    wait_until(lambda: gate.attempts >= before + 3, timeout=5)
+    assert sim.types()[-1] == "reconnecting"
+    times = grants[-3:]
+    assert 0.25 <= times[1] - times[0] < 0.6 and 0.55 <= times[2] - times[1] < 1.0, times
+    count = len(sim.messages)
+    sim.simulate("restore")
+    wait_until(lambda: sim.types()[count:] == ["connected"], WAIT)
+    sim.stop()
+    assert gate.closed
 
 
 def test_drop_and_restore_are_refused_in_the_wrong_state(sims, session_dir):

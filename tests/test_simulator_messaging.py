@@ -171,6 +171,7 @@ def test_send_refused_while_not_connected_is_transient_and_logs_nothing(sims, se
     assert (err.code, err.permanent) == ("not_connected", False)
     assert not (session_dir / SEND_LOG_FILE).exists()
     sim.simulate("restore")
+    sim.wait_for(lambda m: m.get("state") == "connected" and m is sim.messages[-1])
     assert WA_ID.fullmatch(send(sim)["wa_id"])
 
 

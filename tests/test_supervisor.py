@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from whatsappd.testing.daemon import NotifySocket, wait_until
+from whatsappd.testing.daemon import NotifySocket, at_once, wait_until
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, process_gone, sim_config, tree_state
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -612,3 +612,27 @@ def test_an_engine_error_about_the_request_is_400_and_about_the_state_409(daemon
     assert unknown.status == 400 and error_code(unknown) == "unknown_action"
     not_pairing = d.simulate("acme", "scan")
     assert not_pairing.status == 409 and error_code(not_pairing) == "not_pairing"
+
+
+@pytest.mark.slow
+def test_reconnects_after_a_network_loss_are_paced_by_the_global_connect_rate(daemons):
+    """Six connected companies lose their connection at once: the library's own reconnect attempts
+    pass at no more than connect_rate (a token bucket of burst 1), in the same worker processes."""
+    ids = [f"c{i}" for i in range(6)]
+    rate = 2.0
+    d = started(daemons, *ids, reconnect={"connect_rate": rate})
+    pids = {cid: d.pair(cid)["worker"]["pid"] for cid in ids}
+    time.sleep(1.5)  # the bucket is full again (one token)
+    mark = d.log_mark()
+    answers = at_once([lambda cid=cid: d.simulate(cid, "drop", down=False).status for cid in ids])
+    assert answers == [200] * len(ids)
+    for cid in ids:
+        d.wait_state(cid, "connected", timeout=20, check=lambda s, cid=cid: s["worker"]["pid"] == pids[cid])
+    attempts = sorted(parse_iso(e["timestamp"]) for e in d.log_lines("connection attempt", mark, kind="reconnect"))
+    assert len(attempts) == len(ids)
+    # In any span of time, a token bucket of burst 1 lets through 1 + rate * span attempts at
+    # the most; 0.25 s allows for a grant's trip to the worker and the log's clock.
+    for i, first in enumerate(attempts):
+        for j in range(i + 1, len(attempts)):
+            assert j - i + 1 <= 1 + rate * (attempts[j] - first + 0.25), attempts
+    assert not d.log_lines("worker started", mark)  # reconnected by the library, not by restarts

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
-import fcntl
 import os
 import sys
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from whatsappd import __version__
+from whatsappd import __version__, pidlock
 from whatsappd.config import Config, ConfigError, load_config, render_config
 
 __all__ = ["EX_CONFIG", "main"]
@@ -89,32 +87,14 @@ class PidFile:
 
     def holder(self) -> int | None:
         """The pid of a live process holding the lock, or None."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        finally:
-            os.close(fd)
-        return None
+        return pidlock.holder(self.path)
 
     def __enter__(self) -> PidFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise SystemExit(f"whatsappd: another instance holds {self.path}") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+            self._fd = pidlock.acquire(self.path, 0o644)
+        except pidlock.Held:
+            raise SystemExit(f"whatsappd: another instance holds {self.path}") from None
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from whatsappd import __version__
+from whatsappd import __version__, pidlock
 from whatsappd.api import CappedSockSite, build_app
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control_socket import SocketSetupError, bind_control_socket
@@ -33,6 +33,9 @@ from whatsappd.timefmt import iso
 __all__ = ["Daemon"]
 
 log = get_logger()
+
+#: In STATE_DIR, held (flock) by the running daemon and naming its pid: one daemon per state dir.
+STATE_LOCK_FILE = "whatsappd.lock"
 
 
 def _sweep_tmp(directory: Path) -> None:
@@ -110,13 +113,33 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the process exit code."""
-        loop = asyncio.get_running_loop()
         try:
             self.config.daemon_state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             log.error("cannot create the state directory", path=str(self.config.daemon_state_dir),
                       error=exc.strerror, hint="create it or set daemon.state_dir")
             return 1
+        # Before anything else is opened: a second daemon on this state directory would serve the
+        # same outbox and journal beside the first (only the sessions have locks of their own).
+        lock_path = self.config.daemon_state_dir / STATE_LOCK_FILE
+        try:
+            lock = pidlock.acquire(lock_path)
+        except pidlock.Held as held:
+            log.error("cannot start: another whatsappd uses this state directory",
+                      pid=held.pid, state_dir=str(self.config.daemon_state_dir), lock=str(lock_path),
+                      hint=f"stop that daemon (pid {held.pid or 'unknown'}) first, or give this one "
+                           "another daemon.state_dir")
+            return 1
+        except OSError as exc:
+            log.error("cannot lock the state directory", path=str(lock_path), error=exc.strerror)
+            return 1
+        try:
+            return await self._run_locked()
+        finally:
+            os.close(lock)  # the last thing: everything in the state directory is closed by now
+
+    async def _run_locked(self) -> int:
+        loop = asyncio.get_running_loop()
         try:
             sock = self._open_socket()
         except SocketSetupError as exc:

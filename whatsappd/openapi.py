@@ -226,6 +226,8 @@ PATHS: dict[str, dict[str, Any]] = {
         },
         "delete": {
             "summary": "Stop the company; with ?wipe=true also unlink it and wipe its session",
+            "description": "Operator acts on one company run one at a time. A DELETE that waited for "
+                           "another DELETE which removed the company answers that one's result.",
             "operationId": "deleteCompany",
             "parameters": [{"name": "wipe", "in": "query", "schema": {"type": "boolean", "default": False}}],
             "responses": {"200": _json({"type": "object"}, "Stopped (and wiped)."), **_ID_ERRORS,

@@ -28,6 +28,7 @@ class ExitCode(enum.IntEnum):
     PAIRING_TIMEOUT = 15  # nobody scanned the QR in time
     STORE_UNUSABLE = 16  # the session store cannot be opened: quarantine it
     SESSION_LOCKED = 17  # another process holds this session's lock
+    SESSION_DELETED = 18  # the session's files were deleted under the running worker
     BAD_INVOCATION = 64  # wrong arguments: a bug in the supervisor, never retried quickly
 
 

@@ -8,7 +8,6 @@ files 0600; the worker holds `whatsappd.lock` while it runs the session, so no t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import sqlite3
@@ -17,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from whatsappd import pidlock
 from whatsappd.ids import InvalidCompanyId, check_company_id, session_dir
 from whatsappd.logs import get_logger
 from whatsappd.worker.simulator import SESSION_FILE as SIMULATOR_FILE
@@ -96,15 +96,10 @@ def lock_session(directory: Path) -> int | None:
     The worker holds it for its whole life; `whatsappd import-baileys` holds it while it puts a
     converted store in place. Closing the fd (or dying) releases it.
     """
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        return pidlock.acquire(directory / LOCK_FILE)
+    except pidlock.Held:
         return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 def session_state(directory: Path) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,14 @@ class _Worker:
         self.booted = False  # has said anything yet (holds a start slot until then)
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.next_id = 1
+        # A reconnect attempt the worker asked a token for (connect_request), and the seconds
+        # its reconnects spent waiting for tokens since it last lost its connection.
+        self.grant: asyncio.Task[None] | None = None
+        self.paced = 0.0
+
+    @property
+    def waiting_for_grant(self) -> bool:
+        return self.grant is not None and not self.grant.done()
 
     @property
     def pid(self) -> int:
@@ -117,11 +126,13 @@ class Runner:
         self._changed = asyncio.Event()
         self._restart_now = False
         self._waiting = False  # in a wait that stop() may simply cancel
-        # Operator acts on one company (connect, stop, restart, logout) run one at a time: a
-        # connect arriving while a stop waits for its worker must not be undone by that stop.
+        # Operator acts on one company (connect, stop, restart, logout, delete, put) run one at
+        # a time: a connect arriving while a stop waits for its worker must not be undone by
+        # that stop, and two deletes must not both remove it. See act().
         self._op_lock = asyncio.Lock()
         self._session_cache: tuple[tuple[int, int, int], str] | None = None
         self.removed = False  # deleted or dropped by a reload: never to start again
+        self.removal: dict[str, Any] | None = None  # the answer of the delete that removed it
 
     @property
     def id(self) -> str:
@@ -213,6 +224,21 @@ class Runner:
 
     # ------------------------------------------------------------------------ operator acts
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold this company for one operator act; acts queue here, first come first served."""
+        async with self._op_lock:
+            yield
+
+    @contextlib.asynccontextmanager
+    async def act(self) -> AsyncIterator[None]:
+        """exclusive(), for an act on a company that must still exist once its turn comes: one
+        that waited for a delete is answered company_not_found, as if it had come after it."""
+        async with self.exclusive():
+            if self.removed:
+                raise ApiError(404, "company_not_found", f"company {self.id!r} was deleted meanwhile")
+            yield
+
     def start(self, reason: str) -> None:
         """Run the company (again): from any resting state, or retry now if waiting."""
         if self.sup.stopping or self.removed:
@@ -236,17 +262,18 @@ class Runner:
     async def connect(self, reason: str) -> bool:
         """An operator's connect, after any stop or restart under way has finished: start it
         unless it already runs. True if it was started (or a waiting retry was brought forward)."""
-        async with self._op_lock:
+        async with self.act():
             if self.want_running and self.state in (State.CONNECTED, State.PAIRING, State.CONNECTING):
                 return False
             self.start(reason)
             return True
 
     async def stop(self, reason: str, grace: float | None = None) -> None:
-        async with self._op_lock:
-            await self._stop(reason, grace)
+        async with self.act():
+            await self.stop_unlocked(reason, grace)
 
-    async def _stop(self, reason: str, grace: float | None = None) -> None:
+    async def stop_unlocked(self, reason: str, grace: float | None = None) -> None:
+        """stop() for a caller that already holds exclusive()."""
         self.want_running = False
         grace = self.sup.config.workers_stop_grace if grace is None else grace
         self._wake.set()
@@ -262,13 +289,17 @@ class Runner:
             self.transition(State.STOPPED, reason)
 
     async def restart(self, reason: str) -> None:
-        async with self._op_lock:
-            self.crashes.clear()
-            self.backoff.reset()
-            if self.worker is not None and self._task is not None and not self._task.done():
-                self._restart_now = True
-                await self.worker.stop(self.sup.config.workers_stop_grace)
-            self.start(reason)
+        async with self.act():
+            await self.restart_unlocked(reason)
+
+    async def restart_unlocked(self, reason: str) -> None:
+        """restart() for a caller that already holds exclusive()."""
+        self.crashes.clear()
+        self.backoff.reset()
+        if self.worker is not None and self._task is not None and not self._task.done():
+            self._restart_now = True
+            await self.worker.stop(self.sup.config.workers_stop_grace)
+        self.start(reason)
 
     async def command(self, op: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         worker = self.worker
@@ -296,16 +327,17 @@ class Runner:
 
     async def logout(self) -> dict[str, Any]:
         """Unlink the device through the library when connected; otherwise wipe locally."""
-        async with self._op_lock:
-            return await self._logout()
+        async with self.act():
+            return await self.logout_unlocked()
 
-    async def _logout(self) -> dict[str, Any]:
+    async def logout_unlocked(self) -> dict[str, Any]:
+        """logout() for a caller that already holds exclusive()."""
         if self.state is State.CONNECTED and self.worker is not None:
             await self.command("logout", {})
             done = await self.wait_for(lambda r: r.state is State.LOGGED_OUT, 30)
             if done:
                 return {"unlinked": True, "wiped": True, "state": str(self.state)}
-        await self._stop("logout requested")
+        await self.stop_unlocked("logout requested")
         wiped = sessions.wipe(self.sup.sessions_root, self.id)
         self.jid = self.push_name = None
         if self.state is not State.LOGGED_OUT:
@@ -401,9 +433,15 @@ class Runner:
                 "keepalive": f"reconnecting for over {self.sup.config.workers_stuck_reconnecting_after:g}s",
             }.get(killed or "", "connection failed")
             return self._retry_later(killed or "connection_failed", message)
-        if code == ExitCode.LOGGED_OUT:
+        if code in (ExitCode.LOGGED_OUT, ExitCode.SESSION_DELETED):
+            # The credentials are gone (unlinked by the phone, or their files deleted under the
+            # worker, which then ended at once): wipe what is left, so no half session remains.
             sessions.wipe(self.sup.sessions_root, self.id)
             self.jid = self.push_name = None
+            if code == ExitCode.SESSION_DELETED:
+                return self._rest(State.LOGGED_OUT, "session_deleted",
+                                  "the session's files were deleted while it ran; connect to pair again",
+                                  "session_deleted")
             return self._rest(State.LOGGED_OUT, "logged_out",
                               "the phone unlinked this device; the session was wiped. Connect to pair again",
                               "logged out from the phone; session wiped")
@@ -462,8 +500,11 @@ class Runner:
         if pair:
             args.append("--pair")
         try:
+            # Its own session: Ctrl-C (SIGINT to the terminal's foreground process group) or a
+            # terminal hangup reaches the daemon only, which then stops its workers in order. The
+            # worker's parent-death signal still ends it if the daemon dies (even by kill -9).
             proc = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(child.fileno(),), env=env,
+                *args, pass_fds=(child.fileno(),), env=env, start_new_session=True,
                 stdin=asyncio.subprocess.DEVNULL, stdout=None, stderr=None,
             )
         finally:
@@ -503,6 +544,8 @@ class Runner:
             worker.kill("supervisor_error")  # never wait below for a worker nobody reads any more
             raise
         finally:
+            if worker.grant is not None:
+                worker.grant.cancel()  # a token granted but not yet handed over goes back
             if not worker.booted:
                 self.sup.start_slots.release()
             code = await worker.proc.wait()
@@ -532,7 +575,7 @@ class Runner:
                 "connect_timeout": connect_deadline,
                 "pairing_timeout": pairing_deadline,
                 "paired_without_connect": paired_deadline,
-                "keepalive": reconnecting_since + cfg.workers_stuck_reconnecting_after if reconnecting_since else None,
+                "keepalive": self._stuck_deadline(worker, reconnecting_since),
             }
             name, due = min(((k, v) for k, v in deadlines.items() if v is not None), key=lambda kv: kv[1])
             if due <= now:
@@ -575,8 +618,8 @@ class Runner:
                     pairing_deadline = started + cfg.workers_pairing_timeout
                 if state == "connected":
                     pairing_deadline = paired_deadline = reconnecting_since = None
-                elif state == "reconnecting":
-                    reconnecting_since = reconnecting_since or time.monotonic()
+                elif state == "reconnecting" and reconnecting_since is None:
+                    reconnecting_since, worker.paced = time.monotonic(), 0.0
                 self._report(self._on_state, message)
             elif kind == "qr":
                 connect_deadline = None
@@ -595,6 +638,25 @@ class Runner:
                     future.set_result(message)
             elif kind == "event":
                 self.sup.publish({**message.get("event", {}), "company": self.id})
+            elif kind == "connect_request" and not worker.waiting_for_grant:
+                worker.grant = asyncio.get_running_loop().create_task(self._grant_connect(worker))
+
+    async def _grant_connect(self, worker: _Worker) -> None:
+        """A token for one more connection attempt of a live worker (the library's reconnect):
+        from the same limiter, in the same first-come queue, as every worker start."""
+        started = time.monotonic()
+        try:
+            await self.sup.limiter.acquire()
+        finally:
+            worker.paced += time.monotonic() - started
+        worker.send({"type": "connect_grant"})
+
+    def _stuck_deadline(self, worker: _Worker, reconnecting_since: float | None) -> float | None:
+        """When a worker reconnecting in vain is killed (keepalive). Time its reconnects spent
+        waiting for our own connect-rate limiter does not count: that is pacing, not being stuck."""
+        if reconnecting_since is None or worker.waiting_for_grant:
+            return None
+        return reconnecting_since + worker.paced + self.sup.config.workers_stuck_reconnecting_after
 
     def _report(self, handler: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
         """Apply a worker's report, unless the company is being stopped: a late report from a
@@ -705,15 +767,16 @@ class Supervisor:
         for runner in self.companies.values():
             runner.backoff.policy = self.backoff_policy
         for cid in diff.removed:
-            runner = self.companies[cid]
-            runtime = self.registry.get(cid)
-            if runtime is not None:
-                runner.config, runner.source = runtime, "runtime"
+            dropped = self.companies.get(cid)
+            if dropped is None:  # deleted through the API meanwhile
                 continue
-            runner.removed = True
-            await runner.stop("removed from the config")
-            del self.companies[cid]
-            log.info("company removed by reload", company=cid)
+            async with dropped.exclusive():
+                runtime = self.registry.get(cid)
+                if runtime is not None:
+                    dropped.config, dropped.source = runtime, "runtime"
+                    continue
+                if await self._remove(dropped, "removed from the config"):
+                    log.info("company removed by reload", company=cid)
         for cid in diff.added:
             company = config.company(cid)
             assert company is not None
@@ -728,11 +791,14 @@ class Supervisor:
         for cid in diff.changed:
             company = config.company(cid)
             assert company is not None
-            runner = self.companies[cid]
-            old, runner.config = runner.config, company
+            changed = self.companies.get(cid)
+            if changed is None:
+                continue
+            old, changed.config = changed.config, company
             log.info("company changed by reload", company=cid)
-            if runner.worker is not None and (old.engine != company.engine or old.proxy != company.proxy):
-                await runner.restart("engine or proxy changed by reload")
+            if changed.worker is not None and (old.engine != company.engine or old.proxy != company.proxy):
+                with contextlib.suppress(ApiError):  # deleted while the restart waited its turn
+                    await changed.restart("engine or proxy changed by reload")
 
     def get(self, company_id: str) -> Runner:
         runner = self.companies.get(company_id)
@@ -742,16 +808,19 @@ class Supervisor:
         return runner
 
     async def put_company(self, company: CompanyConfig) -> tuple[bool, Runner]:
-        existing = self.companies.get(company.id)
-        if existing is not None and existing.source == "config":
-            raise ApiError(409, "defined_in_config", f"company {company.id!r} is defined in the config "
-                           f"file ({self.config.source}); change it there and reload")
+        while (existing := self.companies.get(company.id)) is not None:
+            async with existing.exclusive():
+                if existing.removed:
+                    continue  # deleted while this waited its turn: create it anew
+                if existing.source == "config":
+                    raise ApiError(409, "defined_in_config", f"company {company.id!r} is defined in the "
+                                   f"config file ({self.config.source}); change it there and reload")
+                self.registry.put(company)
+                old, existing.config, existing.source = existing.config, company, "runtime"
+                if existing.worker is not None and (old.engine != company.engine or old.proxy != company.proxy):
+                    await existing.restart_unlocked("engine or proxy changed")
+                return False, existing
         self.registry.put(company)
-        if existing is not None:
-            old, existing.config, existing.source = existing.config, company, "runtime"
-            if existing.worker is not None and (old.engine != company.engine or old.proxy != company.proxy):
-                await existing.restart("engine or proxy changed")
-            return False, existing
         runner = self.companies[company.id] = Runner(self, company, "runtime")
         log.info("company added at runtime", company=company.id)
         if runner.has_session():
@@ -760,23 +829,41 @@ class Supervisor:
         return True, runner
 
     async def delete_company(self, company_id: str, wipe: bool) -> dict[str, Any]:
+        """Stop (wipe=False) or log out and wipe (wipe=True) a company; a runtime one is then
+        removed. Idempotent under concurrency: a delete that waited for another one that
+        removed the company gets that one's answer."""
         runner = self.get(company_id)
-        result: dict[str, Any] = {"id": company_id}
-        if wipe:
-            result |= await runner.logout()
-        else:
-            runner.stopped_by_operator = True
-            await runner.stop("stopped by the operator")
-        if runner.source != "config":
-            self.registry.remove(company_id)
-            if wipe or not runner.has_session():
-                runner.removed = True
-                await runner.stop("removed")  # a connect that slipped in meanwhile ends here
-                del self.companies[company_id]
-                result["removed"] = True
-        result["state"] = str(runner.state)
+        async with runner.exclusive():
+            if runner.removed:
+                if runner.removal is not None:
+                    return dict(runner.removal)
+                raise ApiError(404, "company_not_found", f"company {company_id!r} was removed meanwhile")
+            result: dict[str, Any] = {"id": company_id}
+            if wipe:
+                result |= await runner.logout_unlocked()
+            else:
+                runner.stopped_by_operator = True
+                await runner.stop_unlocked("stopped by the operator")
+            if runner.source != "config":
+                self.registry.remove(company_id)
+                if wipe or not runner.has_session():
+                    await self._remove(runner, "removed")
+                    result["removed"] = True
+            result["state"] = str(runner.state)
+            if runner.removed:
+                runner.removal = dict(result)
         self.on_change()
         return result
+
+    async def _remove(self, runner: Runner, reason: str) -> bool:
+        """Stop a company for good and forget it (its act lock held). False if already gone."""
+        if runner.removed:
+            return False
+        runner.removed = True
+        await runner.stop_unlocked(reason)
+        if self.companies.get(runner.id) is runner:
+            del self.companies[runner.id]
+        return True
 
     def counts(self) -> dict[str, int]:
         return dict(collections.Counter(str(r.state) for r in self.companies.values()))

@@ -23,7 +23,7 @@ from typing import Any
 from whatsappd.client import Client, DaemonUnavailable
 
 __all__ = [
-    "NOBODY", "DaemonProcess", "NotifySocket", "clean_env", "ctl_command", "exec_wrapper",
+    "NOBODY", "DaemonProcess", "NotifySocket", "at_once", "clean_env", "ctl_command", "exec_wrapper",
     "run_ctl", "user_switch", "wait_until", "whatsappd_command",
 ]
 
@@ -122,6 +122,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def at_once(calls: list[Callable[[], Any]], timeout: float = 60.0) -> list[Any]:
+    """Run the calls in threads released together (a barrier); their results, in order."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return results
 
 
 class NotifySocket:

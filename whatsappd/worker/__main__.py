@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
+from whatsappd.sessions import LOCK_FILE
 
 PR_SET_PDEATHSIG = 1
+#: How often the worker checks that its session's files are still there.
+SESSION_CHECK_SECONDS = 1.0
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -90,6 +93,55 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class SessionWatch:
+    """Notices a session deleted under the running worker (rm -rf of its directory, its files).
+
+    Deleted credentials mean the connection is lost: the worker must not go on serving them
+    from open file descriptors, nor let the library create fresh store files beside a half
+    session. What counts: the directory itself (same inode as at start), our lock file, and
+    the engine's credential files once they existed or the engine said it is paired or
+    connected (the simulator replaces its file by rename when it saves, so existence is
+    checked, not the inode).
+    """
+
+    def __init__(self, session_dir: Path, lock_fd: int, session_files: tuple[str, ...]) -> None:
+        self.dir = session_dir
+        self._dir_id = self._identity(os.stat(session_dir))
+        self._lock_id = self._identity(os.fstat(lock_fd))
+        self._files = session_files
+        self._seen: set[str] = set()
+        self._paired = False
+
+    def note(self, message: dict[str, Any]) -> None:
+        """See what the engine tells the supervisor: once paired or connected, the credential
+        files must exist (even if they came and went between two checks)."""
+        if message.get("type") == "paired" or (message.get("type") == "state" and message.get("state") == "connected"):
+            self._paired = True
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple[int, int]:
+        return (st.st_dev, st.st_ino)
+
+    def _same(self, path: Path, identity: tuple[int, int]) -> bool:
+        try:
+            return self._identity(os.stat(path)) == identity
+        except FileNotFoundError:
+            return False
+
+    def missing(self) -> str | None:
+        """What of the session is gone, or None while it is whole."""
+        if not self._same(self.dir, self._dir_id):
+            return str(self.dir)
+        if not self._same(self.dir / LOCK_FILE, self._lock_id):
+            return str(self.dir / LOCK_FILE)
+        for name in self._files:
+            if (self.dir / name).exists():
+                self._seen.add(name)
+            elif name in self._seen or self._paired:
+                return str(self.dir / name)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # session files 0600, dirs 0700, whatever the library creates
     args = _parse_args(sys.argv[1:] if argv is None else argv)
@@ -115,20 +167,30 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
     from whatsappd.sessions import lock_session
 
-    if lock_session(Path(args.session_dir)) is None:
+    lock = lock_session(Path(args.session_dir))
+    if lock is None:
         log.error("session is locked by another process; not starting a second client on it",
                   session_dir=args.session_dir)
         return ExitCode.SESSION_LOCKED
 
     from whatsappd.worker.engine import EngineError, EngineOptions
+    from whatsappd.worker.gate import ConnectGate
 
+    # The supervisor took a token before spawning us: the first attempt needs no request.
+    gate = ConnectGate(lambda: channel.send({"type": "connect_request"}), tokens=1, company=args.company)
     options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
-                            proxy=args.proxy, pair=args.pair)
+                            proxy=args.proxy, pair=args.pair, gate=gate)
     if args.engine == "simulator":
         from whatsappd.worker.simulator import SimulatorEngine as EngineClass
     else:
         from whatsappd.worker.neonize_engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
-    engine = EngineClass(options, channel.send)
+    watch = SessionWatch(Path(args.session_dir), lock, EngineClass.session_files)
+
+    def emit(message: dict[str, Any]) -> None:
+        watch.note(message)
+        channel.send(message)
+
+    engine = EngineClass(options, emit)
     channel.send({"type": "hello", "pid": os.getpid(), "engine": args.engine})
 
     def run_command(message: dict[str, Any]) -> None:
@@ -151,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if message["type"] == "stop":
                 engine.stop()
+                gate.close()
+            elif message["type"] == "connect_grant":
+                gate.grant()
             elif message["type"] == "command":
                 thread = threading.Thread(target=run_command, args=(message,), daemon=True)
                 commands.append(thread)
@@ -158,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         # EOF: the supervisor is gone or wants us gone. Stop, and make sure we do end.
         channel.closed = True
         engine.stop()
+        gate.close()
         threading.Timer(3.0, os._exit, args=(ExitCode.STOPPED,)).start()
 
     def heartbeat() -> None:
@@ -165,15 +231,28 @@ def main(argv: list[str] | None = None) -> int:
             channel.send({"type": "heartbeat"})
             stop_beating.wait(args.heartbeat)
 
+    def watch_session() -> None:
+        while not stop_beating.wait(SESSION_CHECK_SECONDS):
+            gone = watch.missing()
+            if gone is not None:
+                # At once, without a clean disconnect: that would give the library one more
+                # chance to write, and to re-create store files in a half-deleted session. The
+                # supervisor wipes whatever is left once we are gone.
+                log.error("session deleted while the worker ran; ending it", missing=gone)
+                logging.shutdown()
+                os._exit(ExitCode.SESSION_DELETED)
+
     stop_beating = threading.Event()
     commands: list[threading.Thread] = []
     threading.Thread(target=read_commands, name="channel", daemon=True).start()
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
+    threading.Thread(target=watch_session, name="session-watch", daemon=True).start()
     try:
         code = int(engine.run())
     except Exception:
         log.exception("engine crashed")
         code = 70  # EX_SOFTWARE: a crash, restarted with backoff
+    gate.close()
     # A command that ended the engine (logout) still owes its reply: let it go out first.
     for thread in list(commands):
         thread.join(timeout=2.0)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from whatsappd.worker.gate import ConnectGate
 
 __all__ = ["Emit", "Engine", "EngineError", "EngineOptions"]
 
@@ -36,10 +38,17 @@ class EngineOptions:
     session_dir: Path  # exists, 0700, locked by this process
     proxy: str | None  # e.g. "socks5://127.0.0.1:1080"; None = direct
     pair: bool  # True: no session yet, start pairing (QR); False: restore the stored session
+    #: Every connection attempt (the first and every reconnect) passes it first; an engine that
+    #: ends closes it. The default lets every attempt through (no supervisor: unit tests).
+    gate: ConnectGate = field(default_factory=ConnectGate.unlimited)
 
 
 class Engine(abc.ABC):
     """One WhatsApp client. run() blocks in the worker's main thread."""
+
+    #: The files in the session directory that hold the credentials. Once one existed, its
+    #: disappearing means the session was deleted under the worker (the worker main watches).
+    session_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: EngineOptions, emit: Emit) -> None:
         self.options = options

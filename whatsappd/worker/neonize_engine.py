@@ -17,6 +17,12 @@ neonize 0.5.2 this code relies on; the important ones:
 - After a QR timeout, a pairing error, or a stop() during pairing, neonize's ``Neonize()`` Go
   call never returns and its thread is not a daemon: the worker must leave with ``os._exit``.
 
+- whatsmeow's proxy is always the worker's SOCKS5 relay (relay.py), never the company's proxy
+  directly: the relay holds every connect to the chat server at the connect gate (gate.py), so
+  whatsmeow's own reconnects after a live drop are paced by the supervisor's global limiter
+  like any worker start (neonize 0.5.2 offers no hook on them). Deciding the end closes the
+  gate: a reconnect held there then fails at once.
+
 Every handler takes the real neonize event object, so the decisions (messages and exit code)
 are testable without a network: ``engine.on_logged_out(client, LoggedOutEv())``.
 
@@ -70,6 +76,7 @@ from whatsappd.timefmt import iso
 from whatsappd.worker.durable import append_record, fsync_dir, write_private
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
 from whatsappd.worker.media import MEDIA_LIMITS, media_chunks
+from whatsappd.worker.relay import Relay
 
 
 def _import_neonize() -> None:
@@ -891,6 +898,8 @@ class _GoGate:
 class NeonizeEngine(Engine):
     """One neonize client; see the module docstring for the threading rules it follows."""
 
+    session_files = (STORE_FILE,)
+
     def __init__(
         self,
         options: EngineOptions,
@@ -916,6 +925,7 @@ class NeonizeEngine(Engine):
         self._socket_up = False  # something came from the server: Go calls no longer block on the dial
         self._stop_requested = False
         self._client: NewClient | None = None
+        self._relay: Relay | None = None
         self._connect_thread: threading.Thread | None = None
         self._dial_started: float | None = None  # monotonic
         self._qr_count = 0
@@ -959,6 +969,14 @@ class NeonizeEngine(Engine):
         except (OSError, SendLogCorrupt) as exc:
             self._log.error("send_log_unusable", error=str(exc))
         if not self._done.is_set():
+            # whatsmeow dials only through the relay, which holds every attempt to the chat
+            # server at the connect gate: its own reconnects after a drop included (relay.py).
+            try:
+                self._relay = Relay(self.options.proxy, self.options.gate, self._log).start()
+            except (OSError, ValueError) as exc:
+                self._log.error("relay_failed", error=str(exc))
+                self._decide(ExitCode.TRANSIENT, "relay_failed")
+        if not self._done.is_set():
             client = self._make_client()
             with self._lock:
                 if not self._done.is_set():
@@ -972,6 +990,8 @@ class NeonizeEngine(Engine):
         while not self._done.wait(0.25):
             self._check_deadlines()
         self._shutdown_client()
+        if self._relay is not None:
+            self._relay.close()  # no new connections; open tunnels end with the process
         with self._lock:
             self._returned = True
             code = self._exit if self._exit is not None else ExitCode.TRANSIENT
@@ -1185,6 +1205,7 @@ class NeonizeEngine(Engine):
             if state is not None:
                 self._emit_state(state, reason=reason, **state_fields)
             self._done.set()
+            self.options.gate.close()  # a reconnect held at the relay now fails at once
         self._log.info("exit_decided", exit_code=int(code), exit_name=code.name, reason=reason)
         return True
 
@@ -1295,7 +1316,8 @@ class NeonizeEngine(Engine):
             self._decide(ExitCode.TRANSIENT, "engine_error")
 
     def _connect(self, client: NewClient) -> None:
-        proxy = ProxySettings(proxy_address=self.options.proxy) if self.options.proxy else None
+        assert self._relay is not None
+        proxy = ProxySettings(proxy_address=self._relay.url)
         self._log.info("dialing", proxy=_redact_proxy(self.options.proxy), pair=self.options.pair)
         try:
             client.connect(proxy)

@@ -4,7 +4,7 @@ From the supervisor's side it behaves like the real neonize engine: the same mes
 channel, the same exit codes. It is driven with the `simulate` command, args {"action": A, ...}:
 
     scan [jid] [push_name] [connect=true]  pairing -> paired, session saved, connected
-    drop [reason] / restore                connected -> reconnecting -> connected
+    drop [reason] [down=true] / restore    connected -> reconnecting -> connected (see below)
     logged_out | replaced | outdated       run() returns LOGGED_OUT | REPLACED | OUTDATED
     ban [seconds=3600] [reason]            state banned with until, then BANNED
     fail_connect                           run() returns TRANSIENT (before run(): its connect fails)
@@ -29,8 +29,18 @@ Life of one engine (one worker process):
     pairing: QR codes rotate (first 60 s, then 20 s each, 6 in all), then PAIRING_TIMEOUT;
              `simulate scan` -> paired, session saved -> connecting (the 515 reconnect)
              -> connected
-    connected <--drop/restore--> reconnecting
+    connected --drop--> reconnecting --(a reconnect attempt succeeds)--> connected
     any phase: logged_out / replaced / ban / outdated / fail_connect / stop() end run()
+
+Connection attempts, modelled on whatsmeow: every attempt (the first, the reconnect after
+pairing, each reconnect after a drop) first passes the worker's connect gate, which asks the
+supervisor for a token of its global connect-rate limiter (see whatsappd/worker/gate.py), then
+takes WHATSAPPD_SIM_CONNECT_DELAY. After `drop` the engine reconnects by itself, like
+whatsmeow: the first attempt at once, then after 1, 2, 3... times WHATSAPPD_SIM_RECONNECT_DELAY.
+With `down=true` (the default) the network is down: attempts fail until `restore`, which brings
+it back and starts the next attempt at once (still through the gate). `down=false` drops only
+the connection: the first reconnect attempt succeeds. The state stays `reconnecting` during
+attempts, as with whatsmeow.
 
 Choices (documented for the worker main and the supervisor):
 
@@ -50,6 +60,8 @@ Choices (documented for the worker main and the supervisor):
     WHATSAPPD_SIM_QR_COUNT       codes before the pairing times out (6)
     WHATSAPPD_SIM_CONNECT_DELAY  seconds "connecting" takes (0.05); "inf" never connects,
                                  like a proxy that accepts and stays silent (stop() still works)
+    WHATSAPPD_SIM_RECONNECT_DELAY  seconds added to the wait after each failed reconnect
+                                 attempt (2, whatsmeow's)
     WHATSAPPD_SIM_FAIL_CONNECT_FILE  a path ("{company}" is replaced by the company id): while
                                  that file exists every connect attempt fails (TRANSIENT). It is
                                  checked at each attempt, so a test can let a company fail a few
@@ -214,6 +226,7 @@ class SimulatorConfig:
     qr_next: float = 20.0
     qr_count: int = 6
     connect_delay: float = 0.05
+    reconnect_delay: float = 2.0
     fail_connect_file: str | None = None
     send_delay: float = 0.0
     send_fail_file: str | None = None
@@ -232,6 +245,9 @@ class SimulatorConfig:
             qr_count=_env_count(env, "WHATSAPPD_SIM_QR_COUNT", default.qr_count),
             connect_delay=_env_seconds(
                 env, "WHATSAPPD_SIM_CONNECT_DELAY", default.connect_delay, allow_inf=True
+            ),
+            reconnect_delay=_env_seconds(
+                env, "WHATSAPPD_SIM_RECONNECT_DELAY", default.reconnect_delay, allow_inf=False
             ),
             fail_connect_file=fail_file,
             send_delay=_env_seconds(env, "WHATSAPPD_SIM_SEND_DELAY", default.send_delay, allow_inf=False),
@@ -664,6 +680,7 @@ class SimulatorEngine(Engine):
     """
 
     name = "simulator"
+    session_files = (SESSION_FILE,)
 
     def __init__(self, options: EngineOptions, emit: Emit, env: Mapping[str, str] | None = None) -> None:
         super().__init__(options, emit)
@@ -678,8 +695,13 @@ class SimulatorEngine(Engine):
         self._phase = _STARTING
         self._exit: ExitCode | None = None
         self._device: _Device | None = None
-        self._connect_due: float | None = None  # monotonic; None = never (stalled)
+        self._connect_due: float | None = None  # monotonic; None = no dial under way (or stalled)
         self._fail_next_connect = False
+        # Connection attempts: each waits for the gate in a dialer thread (see _dial).
+        self._dial_episode = 0  # bumped when the phase moves on: a dialer of an older one quits
+        self._dial_now = False  # restore: the waiting dialer skips what is left of its delay
+        self._reconnect_errors = 0  # failed reconnect attempts since the drop (whatsmeow's count)
+        self._network_down = False  # drop: reconnect attempts fail until restore
         # pairing
         self._qr_keys = ""  # noise, identity, adv secret: fixed for one pairing, like whatsmeow
         self._qr_emitted = 0
@@ -924,15 +946,25 @@ class SimulatorEngine(Engine):
         if self._phase != _CONNECTED:
             raise EngineError("not_connected", "only a connected engine can drop its connection")
         reason = _optional_str(args, "reason") or "simulated connection drop"
+        down = args.get("down", True)
+        if not isinstance(down, bool):
+            raise EngineError("invalid_argument", "'down' must be true or false")
         self._phase = _RECONNECTING
+        self._network_down = down
+        self._reconnect_errors = 0
         self.emit({"type": "state", "state": "reconnecting", "reason": reason})
-        return {"action": "drop", "state": "reconnecting"}
+        # Like whatsmeow after a live drop: the first reconnect attempt goes at once (through
+        # the gate), later ones after 1, 2, 3... times the reconnect delay.
+        self._dial()
+        return {"action": "drop", "state": "reconnecting", "down": down}
 
     def _act_restore(self, args: dict[str, Any]) -> dict[str, Any]:
         if self._phase != _RECONNECTING:
             raise EngineError("not_reconnecting", "only a dropped connection can be restored")
-        self._enter_connected()
-        return {"action": "restore", "state": "connected"}
+        self._network_down = False
+        self._dial_now = True  # the next attempt starts now, once the gate lets it
+        self._cond.notify_all()
+        return {"action": "restore", "state": "reconnecting"}
 
     def _act_logged_out(self, args: dict[str, Any]) -> dict[str, Any]:
         self._forget_device()
@@ -1096,6 +1128,8 @@ class SimulatorEngine(Engine):
         if self._exit is None:
             self._exit = code
             self._phase = _DONE
+            self._dial_episode += 1
+            self.options.gate.close()
         self._cond.notify_all()
         with self._receipt_cond:  # the receipt thread ends with the engine
             self._receipt_cond.notify_all()
@@ -1120,11 +1154,42 @@ class SimulatorEngine(Engine):
     def _start_connecting(self, *, stall: bool = False) -> None:
         self._phase = _CONNECTING
         self.emit({"type": "state", "state": "connecting"})
-        delay = self.config.connect_delay
-        self._connect_due = None if stall or math.isinf(delay) else time.monotonic() + delay
+        self._dial(stall=stall)
+
+    def _dial(self, *, delay: float = 0.0, stall: bool = False) -> None:
+        """Start one connection attempt: after `delay`, once the gate grants it (a token of the
+        supervisor's connect-rate limiter), the dial takes connect_delay; run() then settles
+        it. The wait is a thread's (whatsmeow's reconnect goroutine), so the lock stays free."""
+        self._dial_episode += 1
+        self._connect_due = None
+        threading.Thread(target=self._dialer, args=(self._dial_episode, delay, stall),
+                         name="simulator-dial", daemon=True).start()
+
+    def _dialer(self, episode: int, delay: float, stall: bool) -> None:
+        deadline = time.monotonic() + delay
+        with self._cond:
+            while self._dial_episode == episode and not self._dial_now:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._dial_now = False
+            if self._dial_episode != episode:
+                return
+        if not self.options.gate.acquire("reconnect" if self._phase == _RECONNECTING else "connect"):
+            return  # the engine is ending
+        with self._cond:
+            if self._dial_episode != episode or stall:
+                return  # moved on meanwhile; or a dial that never completes (scan connect=false)
+            delay = self.config.connect_delay
+            self._connect_due = None if math.isinf(delay) else time.monotonic() + delay
+            self._cond.notify_all()  # run() settles the dial when it is due
 
     def _enter_connected(self) -> None:
         assert self._device is not None
+        self._dial_episode += 1
+        self._connect_due = None
+        self._reconnect_errors = 0
         self._phase = _CONNECTED
         self.emit(
             {
@@ -1275,7 +1340,15 @@ class SimulatorEngine(Engine):
 
     def _run_due_timers(self) -> None:
         now = time.monotonic()
-        if self._phase == _CONNECTING and self._connect_due is not None and now >= self._connect_due:
+        if self._phase == _RECONNECTING and self._connect_due is not None and now >= self._connect_due:
+            self._connect_due = None
+            if self._network_down or self._fail_file_exists():
+                self._reconnect_errors += 1
+                log.info("simulator: reconnect attempt %d failed (simulated)", self._reconnect_errors)
+                self._dial(delay=self._reconnect_errors * self.config.reconnect_delay)
+            else:
+                self._enter_connected()
+        elif self._phase == _CONNECTING and self._connect_due is not None and now >= self._connect_due:
             self._connect_due = None
             if self._fail_next_connect or self._fail_file_exists():
                 log.warning("simulator: connect failed (simulated)")
@@ -1293,7 +1366,7 @@ class SimulatorEngine(Engine):
 
     def _time_to_next_timer(self) -> float | None:
         """Seconds until the next timed transition; None to wait for a command or stop()."""
-        if self._phase == _CONNECTING and self._connect_due is not None:
+        if self._phase in (_CONNECTING, _RECONNECTING) and self._connect_due is not None:
             due = self._connect_due
         elif self._phase == _PAIRING:
             due = self._qr_due
