@@ -284,6 +284,9 @@ SETTINGS: tuple[Setting, ...] = (
             render=format_duration),
     Setting("control", "max_connections", _int_range(1, 10000), 256,
             "Open client connections at most; more are answered 503 and closed.", reloadable=False),
+    Setting("control", "max_connections_per_uid", _int_range(1, 10000), 128,
+            "Open client connections one peer uid may hold at most (its next ones are answered 503), "
+            "so one client cannot take every slot; keep it below max_connections.", reloadable=False),
     Setting("logging", "format", _choice(LOG_FORMATS), "auto",
             "auto: journald logfmt under systemd, console on a terminal, JSON otherwise."),
     Setting("logging", "level", _choice(LOG_LEVELS), "info", "Lowest level logged."),
@@ -396,6 +399,7 @@ class Config:
     control_max_body_size: int
     control_idle_timeout: float
     control_max_connections: int
+    control_max_connections_per_uid: int
     logging_format: str
     logging_level: str
     reconnect_initial_delay: float
