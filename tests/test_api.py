@@ -140,6 +140,49 @@ def test_form_body_gets_415(small: DaemonProcess) -> None:
     assert response.status == 415 and _error(response.body)["code"] == "unsupported_media_type"
 
 
+_JSON_ROUTES = [("POST", "/v1/reload"), ("PUT", "/v1/companies/acme"), ("POST", "/v1/companies/acme/pair-code"),
+                ("POST", "/v1/companies/acme/simulate"), ("POST", "/v1/companies/acme/messages")]
+
+
+@pytest.fixture
+def roomy(daemon_factory: Callable[..., DaemonProcess]) -> Iterator[DaemonProcess]:
+    """A daemon with the default 16 MiB body limit and one simulator company."""
+    daemon = daemon_factory(COMPANY).start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(("method", "path"), _JSON_ROUTES)
+def test_deeply_nested_json_gets_400_on_every_json_route(roomy: DaemonProcess, method: str, path: str) -> None:
+    """A 200 KB run of "[" (under the body limit) and a 40-level object are 400 invalid_json, never a 500."""
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 40 + b"1" + b"}" * 40):
+        response = roomy.client.request(method, path, body=body)
+        assert response.status == 400, response.body
+        error = _error(response.body)
+        assert error["code"] == "invalid_json" and error["message"] == "the body nests deeper than 32 levels"
+    assert not [e for e in roomy.log_events() if e["level"] == "error"]
+
+
+def test_json_constants_that_are_not_numbers_get_400(roomy: DaemonProcess) -> None:
+    """NaN and Infinity are not JSON: 400 invalid_json, whatever field they stand in."""
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        response = roomy.client.post("/v1/companies/acme/messages",
+                                     body=b'{"to": "+5511999999999", "text": "hi", "ttl": %s}' % constant)
+        assert response.status == 400 and _error(response.body)["code"] == "invalid_json", response.body
+
+
+@pytest.mark.parametrize("ttl", [True, False, [60], {"s": 60}, None])
+def test_ttl_must_be_a_duration_or_a_number_not_a_boolean(roomy: DaemonProcess, ttl: Any) -> None:
+    """"ttl": true is not 1 s: anything but a duration string or a number is 400 invalid_message, nothing queued."""
+    response = roomy.client.post("/v1/companies/acme/messages", body={"to": "+5511999999999", "text": "hi", "ttl": ttl})
+    assert response.status == 400, response.body
+    error = _error(response.body)
+    assert error["code"] == "invalid_message" and error["message"].startswith("ttl must be a duration")
+    assert 'whatsappd_outbox_messages{status="queued"} 0' in roomy.client.get("/v1/metrics").body.decode()
+    accepted = roomy.client.post("/v1/companies/acme/messages", body={"to": "+5511999999999", "text": "hi", "ttl": 60})
+    assert accepted.status == 202 and accepted.json()["expires_at"]
+
+
 _MALFORMED = {
     "bare CR in a header": b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
     "Content-Length with chunked": b"POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"

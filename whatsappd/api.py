@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import mimetypes
 import os
 import re
@@ -123,17 +124,57 @@ async def _body_limit_middleware(request: web.Request, handler: Handler) -> web.
     return await handler(request)
 
 
+#: How deep a JSON body may nest. Every body the API takes is a few levels deep; a deeper one (a
+#: run of "[" well under the size limit) would otherwise reach Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether value nests deeper than MAX_JSON_DEPTH (iteratively: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request's JSON body (an empty body is {})."""
+    """The request's JSON body (an empty body is {}): strict JSON (no NaN or Infinity), nested
+    at most MAX_JSON_DEPTH levels."""
     raw = await request.read()
     if not raw.strip():
         return {}
     if request.content_type.startswith("multipart/"):
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    too_deep = ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise too_deep from None
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    if _too_deep(value):
+        raise too_deep
+    return value
+
+
+def _json_seconds(value: object) -> float:
+    """Seconds from a JSON field: a duration string ("1h30m") or a finite number. A boolean is
+    not a number here, although Python counts it as one ("ttl": true is not 1 s)."""
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("expected a duration string or a number of seconds")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------- handlers
@@ -430,8 +471,8 @@ async def send_message(request: web.Request) -> web.Response:
     ttl = daemon.config.outbox_default_ttl
     if "ttl" in body:
         try:
-            ttl = parse_duration(body["ttl"]) if isinstance(body["ttl"], str) else float(body["ttl"])
-        except (ValueError, TypeError):
+            ttl = _json_seconds(body["ttl"])
+        except ValueError:
             raise ApiError(400, "invalid_message", 'ttl must be a duration such as "1h" or seconds') from None
         if not 1 <= ttl <= daemon.config.outbox_max_ttl:
             raise ApiError(400, "invalid_message", f"ttl must be between 1s and outbox.max_ttl "
