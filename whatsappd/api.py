@@ -34,7 +34,7 @@ from whatsappd.errors import ApiError
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.logs import get_logger
 from whatsappd.messaging import EVENT_TYPES
-from whatsappd.openapi import openapi_document
+from whatsappd.openapi import SIMULATE_ACTIONS, openapi_document
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import State
 from whatsappd.store import STATUSES, IdempotencyConflict
@@ -327,8 +327,7 @@ async def simulate(request: web.Request) -> web.Response:
                        'simulate exists only for engine = "simulator"')
     body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
-        raise ApiError(400, "bad_request", 'send {"action": "scan|drop|restore|logged_out|replaced|ban|'
-                       'outdated|crash|hang|fail_connect", ...}')
+        raise ApiError(400, "bad_request", f'send {{"action": "{"|".join(SIMULATE_ACTIONS)}", ...}}')
     if body["action"] in ("crash", "hang"):
         # The worker cannot answer these: it dies or freezes. Fire and forget.
         if runner.worker is None:
@@ -453,8 +452,8 @@ async def send_message(request: web.Request) -> web.Response:
                        f"{', '.join(sorted(_MESSAGE_FIELDS))}")
     wait_bound = _wait_bound(request, daemon.config.outbox_max_wait)  # checked before anything is stored
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
-        raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 printable characters")
+    if key is not None and not re.fullmatch(r"[ -~]{1,255}", key):
+        raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 printable ASCII characters")
     if runner.state in (State.LOGGED_OUT, State.REPLACED):
         raise ApiError(409, "company_unavailable", f"company {runner.id!r} is {runner.state}: messages cannot be "
                        "sent until it is connected again (connect, and pair if needed)")

@@ -37,6 +37,8 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/whatsappd/whatsappd.toml")
 ENGINES = ("neonize", "simulator")
+#: A company's proxy URL; the OpenAPI document uses it too (anchored for JSON Schema).
+PROXY_PATTERN = r"^(socks5|http|https)://[^\s/]+(:\d+)?/?$"
 LOG_FORMATS = ("auto", "journal", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -504,7 +506,7 @@ def parse_companies(raw: object, problems: list[str]) -> tuple[CompanyConfig, ..
             continue
         proxy = item.get("proxy")
         if proxy is not None and (
-            not isinstance(proxy, str) or not re.fullmatch(r"(socks5|http|https)://[^\s/]+(:\d+)?/?", proxy)
+            not isinstance(proxy, str) or not re.fullmatch(PROXY_PATTERN, proxy)
         ):
             problems.append(
                 f"{where}.proxy = {proxy!r}: expected a proxy URL such as \"socks5://127.0.0.1:1080\""
