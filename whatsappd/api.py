@@ -20,7 +20,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,16 +134,24 @@ def _not_json(constant: str) -> Any:
 
 
 def _too_deep(value: Any) -> bool:
-    """Whether value nests deeper than MAX_JSON_DEPTH (iteratively: no recursion to exhaust)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        if depth > MAX_JSON_DEPTH:
-            return True
-        stack.extend((child, depth + 1) for child in children)
+    """Whether value nests deeper than MAX_JSON_DEPTH. Iterative, holding one iterator per level,
+    so neither the stack nor memory grows with the body's size."""
+
+    def children(node: dict[str, Any] | list[Any]) -> Iterator[Any]:
+        return iter(node.values() if isinstance(node, dict) else node)
+
+    if not isinstance(value, dict | list):
+        return False
+    levels = [children(value)]
+    while levels:
+        for child in levels[-1]:
+            if isinstance(child, dict | list):
+                if len(levels) >= MAX_JSON_DEPTH:
+                    return True
+                levels.append(children(child))
+                break
+        else:
+            levels.pop()
     return False
 
 
