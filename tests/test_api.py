@@ -140,6 +140,76 @@ def test_form_body_gets_415(small: DaemonProcess) -> None:
     assert response.status == 415 and _error(response.body)["code"] == "unsupported_media_type"
 
 
+_JSON_ROUTES = [("POST", "/v1/reload"), ("PUT", "/v1/companies/acme"), ("POST", "/v1/companies/acme/pair-code"),
+                ("POST", "/v1/companies/acme/simulate"), ("POST", "/v1/companies/acme/messages")]
+
+
+@pytest.fixture
+def roomy(daemon_factory: Callable[..., DaemonProcess]) -> Iterator[DaemonProcess]:
+    """A daemon with the default 16 MiB body limit and one simulator company."""
+    daemon = daemon_factory(COMPANY).start()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(("method", "path"), _JSON_ROUTES)
+def test_deeply_nested_json_gets_400_on_every_json_route(roomy: DaemonProcess, method: str, path: str) -> None:
+    """A 200 KB run of "[" (under the body limit) and a 40-level object are 400 invalid_json, never a 500."""
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 40 + b"1" + b"}" * 40):
+        response = roomy.client.request(method, path, body=body)
+        assert response.status == 400, response.body
+        error = _error(response.body)
+        assert error["code"] == "invalid_json" and error["message"] == "the body nests deeper than 32 levels"
+    assert not [e for e in roomy.log_events() if e["level"] == "error"]
+
+
+def test_json_constants_that_are_not_numbers_get_400(roomy: DaemonProcess) -> None:
+    """NaN and Infinity are not JSON: 400 invalid_json, whatever field they stand in."""
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        response = roomy.client.post("/v1/companies/acme/messages",
+                                     body=b'{"to": "+5511999999999", "text": "hi", "ttl": %s}' % constant)
+        assert response.status == 400 and _error(response.body)["code"] == "invalid_json", response.body
+
+
+@pytest.mark.parametrize("ttl", [True, False, [60], {"s": 60}, None])
+def test_ttl_must_be_a_duration_or_a_number_not_a_boolean(roomy: DaemonProcess, ttl: Any) -> None:
+    """"ttl": true is not 1 s: anything but a duration string or a number is 400 invalid_message, nothing queued."""
+    response = roomy.client.post("/v1/companies/acme/messages", body={"to": "+5511999999999", "text": "hi", "ttl": ttl})
+    assert response.status == 400, response.body
+    error = _error(response.body)
+    assert error["code"] == "invalid_message" and error["message"].startswith("ttl must be a duration")
+    assert 'whatsappd_outbox_messages{status="queued"} 0' in roomy.client.get("/v1/metrics").body.decode()
+    accepted = roomy.client.post("/v1/companies/acme/messages", body={"to": "+5511999999999", "text": "hi", "ttl": 60})
+    assert accepted.status == 202 and accepted.json()["expires_at"]
+
+
+_MALFORMED = {
+    "bare CR in a header": b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    "Content-Length with chunked": b"POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "a 20 KB header": b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+    "not HTTP at all": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("request_bytes", list(_MALFORMED.values()), ids=list(_MALFORMED))
+def test_malformed_http_gets_a_json_400_and_one_warning(small: DaemonProcess, request_bytes: bytes) -> None:
+    """What aiohttp cannot parse is answered 400 bad_request as JSON, logged once at warning with the peer, no traceback."""
+    status, headers, body = _raw(small.socket_path, request_bytes)
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    error = _error(body)
+    assert error["code"] == "bad_request" and error["message"].startswith("the request is not valid HTTP/1.1: ")
+    assert small.client.get("/v1/health").status == 200
+
+    def refused() -> list[dict[str, Any]]:
+        return [e for e in small.log_events() if e["event"] == "malformed HTTP request refused"]
+
+    (line,) = wait_until(refused, timeout=5, what="the warning line")
+    assert line["level"] == "warning" and line["reason"] in error["message"]
+    assert line["peer_uid"] == os.getuid() and line["peer_pid"] == os.getpid()
+    assert not [e for e in small.log_events() if e["level"] == "error" or "exception" in e]
+
+
 def test_health_fields(small: DaemonProcess) -> None:
     """GET /v1/health: status, version, pid, start time, uptime, socket, config source, counts."""
     first = small.client.get("/v1/health")
@@ -252,6 +322,108 @@ def test_socket_mode_keeps_other_users_out(
     result = subprocess.run([*prefix, sys.executable, "-c", _CLIENT, str(sock)], env=clean_env(),
                             capture_output=True, text=True, timeout=30, cwd="/", **popen)
     assert result.returncode != 0 and f"permission denied on {sock}" in result.stderr
+    assert daemon.stop() == 0
+
+
+# A client running as the second user that opens `count` connections and holds them: "idle"
+# sends nothing; "request" sends one keep-alive request on each and reports the status line.
+# It prints those status lines, waits for a line on stdin, then (idle) reads each connection to
+# its end and prints what came, or (request) just closes them.
+_HOG = """
+import json, socket, sys
+path, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+held = []
+for _ in range(count):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(path)
+    held.append(sock)
+firsts = []
+if mode == "request":
+    for sock in held:
+        sock.sendall(b"GET /v1/health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        firsts.append(sock.recv(12).decode())
+print(json.dumps(firsts), flush=True)
+sys.stdin.readline()
+answers = []
+for sock in held:
+    data = b""
+    while mode == "idle" and (chunk := sock.recv(65536)):
+        data += chunk
+    answers.append(data.decode("latin-1"))
+    sock.close()
+print(json.dumps(answers), flush=True)
+"""
+
+
+class _Hog:
+    """_HOG running as uid 65534 against the socket at sock."""
+
+    def __init__(self, second_user: Callable[..., Any], sock: Path, count: int, mode: str) -> None:
+        prefix, popen = second_user()
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-c", _HOG, str(sock), str(count), mode],
+                                     env=clean_env(), cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, **popen)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.firsts: list[str] = json.loads(self.stdout.readline() or "null")
+
+    def release(self) -> list[str]:
+        """Let go of the connections; what each one received until the daemon closed it (idle)."""
+        self.stdin.write("\n")
+        self.stdin.flush()
+        answers: list[str] = json.loads(self.stdout.readline())
+        assert self.proc.wait(30) == 0
+        return answers
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stdin.close()
+        self.stdout.close()
+
+
+@pytest.mark.root
+def test_a_refused_uid_holds_no_connection_slot(
+    daemon_factory: Callable[..., DaemonProcess], shared_dir: Path, second_user: Callable[..., Any]
+) -> None:
+    """uid 65534, not allowed, holding twice max_connections idle connections locks nobody out: each gets 403, root 200."""
+    sock = shared_dir / "run" / "control.sock"
+    daemon = daemon_factory('[control]\nsocket_mode = "0666"\nallowed_uids = [12345]\nmax_connections = 3\n',
+                            socket_path=sock).start()
+    hog = _Hog(second_user, sock, 6, "idle")
+    try:
+        assert [daemon.client.get("/v1/health").status for _ in range(5)] == [200] * 5
+        answers = hog.release()
+    finally:
+        hog.kill()
+    assert len(answers) == 6
+    for answer in answers:
+        assert answer.startswith("HTTP/1.1 403 ") and "\r\nConnection: close\r\n" in answer, answer
+        assert _error(answer.partition("\r\n\r\n")[2].encode())["code"] == "forbidden"
+    refused = [e for e in daemon.log_events() if e["event"] == "request refused: peer not allowed"]
+    assert len(refused) == 6 and {(e["peer_uid"], e["level"]) for e in refused} == {(65534, "warning")}
+    assert daemon.stop() == 0
+
+
+@pytest.mark.root
+def test_one_uid_cannot_take_every_connection_slot(
+    daemon_factory: Callable[..., DaemonProcess], shared_dir: Path, second_user: Callable[..., Any]
+) -> None:
+    """With max_connections_per_uid = 2 of 4, uid 65534 gets 503 past its 2 held connections; root is still served."""
+    sock = shared_dir / "run" / "control.sock"
+    daemon = daemon_factory('[control]\nsocket_mode = "0666"\nmax_connections = 4\nmax_connections_per_uid = 2\n',
+                            socket_path=sock).start()
+    hog = _Hog(second_user, sock, 4, "request")
+    try:
+        assert hog.firsts == ["HTTP/1.1 200"] * 2 + ["HTTP/1.1 503"] * 2
+        assert [daemon.client.get("/v1/health").status for _ in range(10)] == [200] * 10
+        hog.release()
+    finally:
+        hog.kill()
+    refused = [e for e in daemon.log_events() if e["event"] == "connection refused: too many open connections for one uid"]
+    assert len(refused) == 2 and all(e["peer_uid"] == 65534 and e["limit"] == 2 for e in refused)
     assert daemon.stop() == 0
 
 
@@ -374,6 +546,38 @@ def test_stalled_body_is_cut_off_after_the_idle_timeout(daemon_factory: Callable
     error = _error(body)
     assert error["code"] == "request_timeout" and "control.idle_timeout (1s)" in error["message"]
     assert daemon.client.get("/v1/health").json()["config"]["last_reload"] is None
+    assert daemon.stop() == 0
+
+
+def test_refused_clients_read_their_503_instead_of_a_broken_pipe(daemon_factory: Callable[..., DaemonProcess]) -> None:
+    """Over the cap, a client that writes its request only after the daemon refused it still reads the 503."""
+    daemon = daemon_factory("[control]\nmax_connections = 1\n").start()
+    held = _hold(daemon.socket_path, 1)
+    refused = [_connect(daemon.socket_path) for _ in range(20)]
+    try:
+        time.sleep(0.3)  # the daemon has accepted and refused them all by now
+        for sock in refused:
+            sock.sendall(b"POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        answers = [_read_answer(sock) for sock in refused]
+    finally:
+        for sock in [*held, *refused]:
+            sock.close()
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert _error(answer.partition(b"\r\n\r\n")[2])["code"] == "too_many_connections"
+    assert daemon.stop() == 0
+
+
+def test_stalled_body_frees_its_slot_at_the_idle_timeout(daemon_factory: Callable[..., DaemonProcess]) -> None:
+    """After the 408 for a stalled body the connection closes at once (no 10 s of lingering), freeing its slot."""
+    daemon = daemon_factory('[control]\nidle_timeout = "1s"\nmax_connections = 1\n').start()
+    with _hold(daemon.socket_path, 1)[0] as stalled:
+        stalled.sendall(b"POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 10\r\n\r\n{")
+        assert _read_answer(stalled).startswith(b"HTTP/1.1 408 ")
+        stalled.settimeout(3)
+        assert stalled.recv(1) == b""  # closed by the daemon
+    wait_until(lambda: daemon.client.get("/v1/health").status == 200, timeout=2, what="the freed slot")
     assert daemon.stop() == 0
 
 

@@ -1,8 +1,10 @@
 """The control API: HTTP/1.1 with JSON bodies over the Unix control socket (aiohttp).
 
-Cross-cutting rules live in middlewares, in this order: peer credentials (log, allowed_uids /
-allowed_groups -> 403), errors (every failure becomes {"error": {...}} with a stable code),
-body limit (413 even for handlers that never read the body).
+Who may connect, and how many, is settled when a connection is accepted (control_socket.py).
+Cross-cutting rules of each request live in middlewares, in this order: peer credentials (log;
+allowed_uids / allowed_groups again, as a reload may have narrowed them -> 403), errors (every
+failure becomes {"error": {...}} with a stable code), body limit (413 even for handlers that
+never read the body, 408 for a body that stops arriving).
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import mimetypes
 import os
-import pwd
 import re
 import secrets
-import socket
 import stat
-import struct
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +29,12 @@ from aiohttp import web
 from whatsappd import __version__
 from whatsappd import qr as qr_render
 from whatsappd.config import parse_companies, parse_duration
+from whatsappd.control_socket import admits, forbidden, peer_of
 from whatsappd.errors import ApiError
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.logs import get_logger
 from whatsappd.messaging import EVENT_TYPES
-from whatsappd.openapi import openapi_document
+from whatsappd.openapi import SIMULATE_ACTIONS, openapi_document
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import State
 from whatsappd.store import STATUSES, IdempotencyConflict
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from whatsappd.daemon import Daemon
     from whatsappd.supervisor import Runner
 
-__all__ = ["CappedSockSite", "PeerCred", "build_app", "peer_credentials"]
+__all__ = ["build_app"]
 
 log = get_logger()
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
@@ -56,55 +56,15 @@ _STATUS_CODES = {
 }
 
 
-@dataclass(frozen=True)
-class PeerCred:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_credentials(request: web.BaseRequest) -> PeerCred | None:
-    """SO_PEERCRED of the connection (None on a socket that has no peer credentials)."""
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return PeerCred(*struct.unpack("3i", raw))
-
-
-def _user_groups(uid: int, gid: int) -> set[int]:
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        return {gid}
-    return {gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)}
-
-
-def _allowed(daemon: Daemon, cred: PeerCred | None) -> bool:
-    uids, gids = daemon.config.control_allowed_uids, daemon.config.control_allowed_groups
-    if not uids and not gids:
-        return True  # the socket file's mode and group are the only gate
-    if cred is None:
-        return False
-    if cred.uid in (0, os.getuid()) or cred.uid in uids:
-        return True
-    return bool(gids) and not _user_groups(cred.uid, cred.gid).isdisjoint(gids)
-
-
 @web.middleware
 async def _peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     daemon = request.app[DAEMON]
-    cred = peer_credentials(request)
+    cred = peer_of(request.transport)
     started = time.monotonic()
-    who = {"peer_pid": cred.pid, "peer_uid": cred.uid} if cred else {}
-    if not _allowed(daemon, cred):
+    who = cred.fields() if cred else {}
+    if not admits(daemon.config, cred):
         log.warning("request refused: peer not allowed", method=request.method, path=request.path, **who)
-        return _error_response(ApiError(
-            403, "forbidden",
-            f"uid {cred.uid if cred else '?'} may not use this API; add it to control.allowed_uids "
-            "or one of its groups to control.allowed_groups",
-        ))
+        return _error_response(forbidden(cred))
     response = await handler(request)
     log.debug("request", method=request.method, path=request.path, status=response.status,
               ms=round((time.monotonic() - started) * 1000, 1), **who)
@@ -153,22 +113,76 @@ async def _body_limit_middleware(request: web.Request, handler: Handler) -> web.
             async with asyncio.timeout(timeout):
                 await request.read()  # raises 413 past client_max_size, whether or not the handler reads
         except TimeoutError:
-            raise ApiError(408, "request_timeout", f"the request body did not arrive within "
-                           f"control.idle_timeout ({timeout:g}s)") from None
+            # Answer and close at once: aiohttp would otherwise linger (10 s) to drain a body
+            # that is not coming, holding the connection's slot past the idle timeout.
+            response = _error_response(ApiError(408, "request_timeout", f"the request body did not arrive "
+                                                f"within control.idle_timeout ({timeout:g}s)"))
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+            return response
     return await handler(request)
 
 
+#: How deep a JSON body may nest. Every body the API takes is a few levels deep; a deeper one (a
+#: run of "[" well under the size limit) would otherwise reach Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether value nests deeper than MAX_JSON_DEPTH. Iterative, holding one iterator per level,
+    so neither the stack nor memory grows with the body's size."""
+
+    def children(node: dict[str, Any] | list[Any]) -> Iterator[Any]:
+        return iter(node.values() if isinstance(node, dict) else node)
+
+    if not isinstance(value, dict | list):
+        return False
+    levels = [children(value)]
+    while levels:
+        for child in levels[-1]:
+            if isinstance(child, dict | list):
+                if len(levels) >= MAX_JSON_DEPTH:
+                    return True
+                levels.append(children(child))
+                break
+        else:
+            levels.pop()
+    return False
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request's JSON body (an empty body is {})."""
+    """The request's JSON body (an empty body is {}): strict JSON (no NaN or Infinity), nested
+    at most MAX_JSON_DEPTH levels."""
     raw = await request.read()
     if not raw.strip():
         return {}
     if request.content_type.startswith("multipart/"):
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    too_deep = ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise too_deep from None
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    if _too_deep(value):
+        raise too_deep
+    return value
+
+
+def _json_seconds(value: object) -> float:
+    """Seconds from a JSON field: a duration string ("1h30m") or a finite number. A boolean is
+    not a number here, although Python counts it as one ("ttl": true is not 1 s)."""
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("expected a duration string or a number of seconds")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------- handlers
@@ -321,8 +335,7 @@ async def simulate(request: web.Request) -> web.Response:
                        'simulate exists only for engine = "simulator"')
     body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
-        raise ApiError(400, "bad_request", 'send {"action": "scan|drop|restore|logged_out|replaced|ban|'
-                       'outdated|crash|hang|fail_connect", ...}')
+        raise ApiError(400, "bad_request", f'send {{"action": "{"|".join(SIMULATE_ACTIONS)}", ...}}')
     if body["action"] in ("crash", "hang"):
         # The worker cannot answer these: it dies or freezes. Fire and forget.
         if runner.worker is None:
@@ -447,8 +460,8 @@ async def send_message(request: web.Request) -> web.Response:
                        f"{', '.join(sorted(_MESSAGE_FIELDS))}")
     wait_bound = _wait_bound(request, daemon.config.outbox_max_wait)  # checked before anything is stored
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
-        raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 printable characters")
+    if key is not None and not re.fullmatch(r"[ -~]{1,255}", key):
+        raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 printable ASCII characters")
     if runner.state in (State.LOGGED_OUT, State.REPLACED):
         raise ApiError(409, "company_unavailable", f"company {runner.id!r} is {runner.state}: messages cannot be "
                        "sent until it is connected again (connect, and pair if needed)")
@@ -465,8 +478,8 @@ async def send_message(request: web.Request) -> web.Response:
     ttl = daemon.config.outbox_default_ttl
     if "ttl" in body:
         try:
-            ttl = parse_duration(body["ttl"]) if isinstance(body["ttl"], str) else float(body["ttl"])
-        except (ValueError, TypeError):
+            ttl = _json_seconds(body["ttl"])
+        except ValueError:
             raise ApiError(400, "invalid_message", 'ttl must be a duration such as "1h" or seconds') from None
         if not 1 <= ttl <= daemon.config.outbox_max_ttl:
             raise ApiError(400, "invalid_message", f"ttl must be between 1s and outbox.max_ttl "
@@ -712,56 +725,3 @@ def build_app(daemon: Daemon) -> web.Application:
     r.add_post("/v1/reload", reload)
     r.add_get("/v1/openapi.json", openapi)
     return app
-
-
-class _Refuser(asyncio.Protocol):
-    """Answers a connection over the cap with 503 and closes it, without reading a request."""
-
-    BODY = (
-        b'{"error":{"code":"too_many_connections","message":"the daemon has reached '
-        b'control.max_connections open connections; retry shortly"}}'
-    )
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nRetry-After: 1\r\nContent-Length: "
-            + str(len(self.BODY)).encode() + b"\r\n\r\n" + self.BODY
-        )
-        transport.close()
-
-
-class CappedSockSite(web.SockSite):
-    """SockSite that answers connections beyond max_connections with 503 (aiohttp has no cap)."""
-
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, max_connections: int, **kw: Any) -> None:
-        super().__init__(runner, sock, **kw)
-        self.max_connections = max_connections
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site with its runner
-        server = self._runner.server
-        assert server is not None
-
-        loop = asyncio.get_running_loop()
-        pending = 0  # handlers made whose connection_made has not run yet
-
-        def settled() -> None:
-            nonlocal pending
-            pending -= 1
-
-        def factory() -> asyncio.BaseProtocol:
-            nonlocal pending
-            # Connections accepted in one burst get their handlers before any of them runs
-            # connection_made (which adds it to server.connections): count those too.
-            if len(server.connections) + pending >= self.max_connections:
-                log.warning("connection refused: too many open connections", limit=self.max_connections)
-                return _Refuser()
-            pending += 1
-            # connection_made is scheduled with call_soon right after this factory returns;
-            # two hops make sure the handler is in server.connections before it leaves `pending`.
-            loop.call_soon(loop.call_soon, settled)
-            return server()
-
-        self._server = await loop.create_unix_server(factory, sock=self._sock, backlog=self._backlog)

@@ -38,6 +38,8 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/whatsappd/whatsappd.toml")
 ENGINES = ("neonize", "simulator")
+#: A company's proxy URL; the OpenAPI document uses it too (anchored for JSON Schema).
+PROXY_PATTERN = r"^(socks5|http|https)://[^\s/]+(:\d+)?/?$"
 LOG_FORMATS = ("auto", "journal", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -297,6 +299,9 @@ SETTINGS: tuple[Setting, ...] = (
             render=format_duration),
     Setting("control", "max_connections", _int_range(1, 10000), 256,
             "Open client connections at most; more are answered 503 and closed.", reloadable=False),
+    Setting("control", "max_connections_per_uid", _int_range(1, 10000), 128,
+            "Open client connections one peer uid may hold at most (its next ones are answered 503), "
+            "so one client cannot take every slot; keep it below max_connections.", reloadable=False),
     Setting("logging", "format", _choice(LOG_FORMATS), "auto",
             "auto: journald logfmt under systemd, console on a terminal, JSON otherwise."),
     Setting("logging", "level", _choice(LOG_LEVELS), "info", "Lowest level logged."),
@@ -429,6 +434,7 @@ class Config:
     control_max_body_size: int
     control_idle_timeout: float
     control_max_connections: int
+    control_max_connections_per_uid: int
     logging_format: str
     logging_level: str
     reconnect_initial_delay: float
@@ -535,7 +541,7 @@ def parse_companies(raw: object, problems: list[str]) -> tuple[CompanyConfig, ..
             continue
         proxy = item.get("proxy")
         if proxy is not None and (
-            not isinstance(proxy, str) or not re.fullmatch(r"(socks5|http|https)://[^\s/]+(:\d+)?/?", proxy)
+            not isinstance(proxy, str) or not re.fullmatch(PROXY_PATTERN, proxy)
         ):
             problems.append(
                 f"{where}.proxy = {proxy!r}: expected a proxy URL such as \"socks5://127.0.0.1:1080\""

@@ -19,9 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from whatsappd import __version__, pidlock
-from whatsappd.api import CappedSockSite, build_app
+from whatsappd.api import build_app
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
-from whatsappd.control_socket import SocketSetupError, bind_control_socket
+from whatsappd.control_socket import CappedSockSite, SocketSetupError, bind_control_socket
 from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging import Messaging
 from whatsappd.registry import RegistryError
@@ -151,7 +151,7 @@ class Daemon:
             keepalive_timeout=self.config.control_idle_timeout,
         )
         await self._runner.setup()
-        site = CappedSockSite(self._runner, sock, self.config.control_max_connections,
+        site = CappedSockSite(self._runner, sock, lambda: self.config,
                               shutdown_timeout=min(5.0, self.config.daemon_shutdown_timeout / 2))
         await site.start()
 

@@ -23,7 +23,9 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message, **self.details}}
 
 
-# The codes a client can meet, each with its HTTP status (the OpenAPI document lists them).
+# The codes a client can meet, each with its HTTP status (the OpenAPI document lists them, per
+# operation). A worker's failure of a command keeps the worker's code and gets its status here
+# (a code missing here would be 409); a test keeps every code the workers raise in this table.
 CODES: dict[str, int] = {
     "bad_request": 400,
     "invalid_json": 400,
@@ -41,6 +43,19 @@ CODES: dict[str, int] = {
     "not_pairing": 409,
     "not_running": 409,
     "not_connected": 409,
+    # Failures the worker reports for a command (pair-code, contacts, media, logout, simulate):
+    "invalid_argument": 400,
+    "unknown_action": 400,
+    "unknown_op": 400,
+    "not_reconnecting": 409,
+    "unknown_message": 409,
+    "store_failed": 409,
+    "pair_phone_failed": 409,
+    "check_failed": 409,
+    "media_unavailable": 409,
+    "download_failed": 409,
+    "logout_failed": 409,
+    "engine_error": 409,
     "invalid_recipient": 400,
     "unreadable_file": 400,
     "invalid_message": 400,

@@ -1,18 +1,28 @@
 """The OpenAPI 3.1 description of the control API, served at GET /v1/openapi.json.
 
-A test checks that every served route is documented here and every documented route is served.
+Tests check that every served route is documented here and every documented route is served,
+and run schemathesis against the served document: request schemas say what the daemon accepts
+(a value they allow is not refused for its shape), and each operation lists the error codes it
+can answer, per HTTP status, as an enum a response is checked against.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from whatsappd.config import ENGINES, PROXY_PATTERN
 from whatsappd.errors import CODES
 from whatsappd.ids import COMPANY_ID_PATTERN
+from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
 from whatsappd.states import State
-from whatsappd.store import EVENT_TYPES
+from whatsappd.store import EVENT_TYPES, STATUSES
 
-__all__ = ["openapi_document"]
+__all__ = ["SIMULATE_ACTIONS", "openapi_document"]
+
+#: What POST /v1/companies/{id}/simulate drives (the simulator engine's actions; a test keeps
+#: the two in step).
+SIMULATE_ACTIONS = ("scan", "drop", "restore", "logged_out", "replaced", "ban", "outdated", "fail_connect",
+                    "crash", "hang", "incoming", "receipt", "stats", "burst")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -23,24 +33,124 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return _json(_ref("Error"), description)
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"oneOf": [{"type": "null"}, schema]}
 
 
-_COMMON_ERRORS = {
-    "403": _error("The peer's uid is not allowed (control.allowed_uids / allowed_groups)."),
-    "413": _error("The body is larger than control.max_body_size."),
-}
+_TIME = {"type": "string", "format": "date-time"}
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+_JID = {"type": "string", "description": "A WhatsApp JID: <digits>@s.whatsapp.net for a person, …@g.us for a group."}
 
-_ID_ERRORS = {
-    "400": _error("The id is not a valid company id (invalid_company_id)."),
-    "404": _error("No such company (company_not_found)."),
-}
+# Error codes every operation can answer: malformed HTTP, a peer that may not use the API, a
+# body that stalls or is too large, a bug, and the connection caps.
+_ANY = ("bad_request", "forbidden", "request_timeout", "body_too_large", "internal_error", "too_many_connections")
+_BODY = ("invalid_json", "unsupported_media_type")  # routes that read a JSON body
+_COMPANY = ("invalid_company_id", "company_not_found")  # routes under /v1/companies/{id}
+_COMMAND = ("not_running", "worker_timeout", "engine_error")  # routes that ask the company's worker
+
+
+def _responses(ok: dict[str, Any], *codes: str) -> dict[str, Any]:
+    """ok plus one error response per HTTP status, listing (and allowing only) its codes."""
+    by_status: dict[int, list[str]] = {}
+    for code in dict.fromkeys((*codes, *_ANY)):
+        by_status.setdefault(CODES[code], []).append(code)
+    out = dict(ok)
+    for status, listed in sorted(by_status.items()):
+        schema = {"allOf": [_ref("Error"), {"type": "object", "properties": {"error": {
+            "type": "object", "properties": {"code": {"enum": listed}}}}}]}
+        out[str(status)] = _json(schema, "Error codes: " + ", ".join(f"`{code}`" for code in listed) + ".")
+    return out
+
 
 _COMPANY_ID = {
     "name": "id", "in": "path", "required": True,
     "schema": {"type": "string", "pattern": COMPANY_ID_PATTERN},
 }
+
+# The event stream's lines. Each is an object with a `type`; the journaled ones also have
+# `seq`, `at` and `company`, then the fields of their type.
+_JOURNALED = {"seq": {"type": "integer", "minimum": 1}, "at": _TIME,
+              "company": {"type": "string", "pattern": COMPANY_ID_PATTERN}}
+_EVENT_FIELDS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
+    "company.state": ("A company changed state.", {
+        "old": _ref("State"), "new": _ref("State"), "reason": {"type": "string"},
+        "jid": {"type": ["string", "null"], "description": "When it connected: its JID."},
+        "attempt": {"type": "integer", "description": "When it waits to reconnect: the attempt number."},
+        "retry_in_seconds": {"type": "number", "description": "When it waits to reconnect: the delay."},
+    }, ["old", "new", "reason"]),
+    "company.pairing": ("A new QR code is ready (GET /v1/companies/{id}/qr).", {
+        "expires_at": _TIME_OR_NULL,
+        "code": {"type": "string", "description": "The QR payload: on the live stream only, never stored or replayed."},
+    }, ["expires_at"]),
+    "company.paired": ("The phone scanned the QR code or typed the pairing code.", {
+        "jid": {"type": ["string", "null"]},
+    }, ["jid"]),
+    "message.incoming": ("A message someone sent to the company (or the company sent from its phone).", {
+        "id": {"type": "string", "description": "WhatsApp's message id; GET /v1/companies/{id}/media/{id} fetches media."},
+        "chat": _JID, "sender": _JID, "push_name": {"type": ["string", "null"]}, "timestamp": _TIME,
+        "is_group": {"type": "boolean"}, "from_me": {"type": "boolean"},
+        "kind": {"type": "string", "description": "text, image, document, audio, video, sticker, ..."},
+        "text": {"type": ["string", "null"], "description": "The text of a text message."},
+        "media": _nullable({"type": "object", "properties": {
+            "mimetype": {"type": ["string", "null"]}, "size": {"type": ["integer", "null"]},
+            "caption": {"type": ["string", "null"]}, "filename": {"type": ["string", "null"]}}}),
+    }, ["id", "chat", "sender", "timestamp", "is_group", "from_me", "kind"]),
+    "message.receipt": ("WhatsApp's receipts for messages the company sent, by WhatsApp id.", {
+        "ids": {"type": "array", "items": {"type": "string"}}, "chat": _JID, "sender": _JID,
+        "receipt": {"type": "string", "enum": ["delivered", "read", "played"]}, "timestamp": _TIME,
+    }, ["ids", "chat", "receipt", "timestamp"]),
+    "message.status": ("An outgoing message changed status (GET …/messages/{mid} has the whole message).", {
+        "message_id": {"type": "string", "description": "The message's `id` (msg_…) as POST …/messages gave it."},
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "wa_id": {"type": ["string", "null"]}, "to": {"type": ["string", "null"]},
+        "error": {"type": "object", "description": "When failed or expired: why.",
+                  "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+    }, ["message_id", "status"]),
+}
+_STREAM_LINES: dict[str, tuple[str, dict[str, Any], list[str]]] = {
+    "heartbeat": ("Written every events.heartbeat_interval when nothing else was.", {
+        "at": _TIME, "last_seq": {"type": "integer", "minimum": 0,
+                                  "description": "The seq to resume from (the newest event this reader was sent)."},
+    }, ["at", "last_seq"]),
+    "stream.end": ("The last line before the daemon ends the stream; reconnect with since=resume_from.", {
+        "reason": {"type": "string", "enum": ["too_slow", "daemon_stopping"]},
+        "resume_from": {"type": "integer", "minimum": 0}, "message": {"type": "string"},
+    }, ["reason", "resume_from", "message"]),
+}
+
+
+def _line_schema(kind: str, description: str, fields: dict[str, Any], required: list[str],
+                 journaled: bool) -> dict[str, Any]:
+    properties = {"type": {"const": kind}, **(_JOURNALED if journaled else {}), **fields}
+    return {"type": "object", "description": description, "properties": properties,
+            "required": ["type", *(["seq", "at", "company"] if journaled else []), *required],
+            "additionalProperties": True}
+
+
+def _event_schemas() -> dict[str, Any]:
+    out = {}
+    for kind, (description, fields, required) in _EVENT_FIELDS.items():
+        out[_event_name(kind)] = _line_schema(kind, description, fields, required, True)
+    for kind, (description, fields, required) in _STREAM_LINES.items():
+        out[_event_name(kind)] = _line_schema(kind, description, fields, required, False)
+    return out
+
+
+def _event_name(kind: str) -> str:
+    """'message.status' -> 'MessageStatusEvent' (the component's name)."""
+    return "".join(part.capitalize() for part in kind.replace(".", "_").split("_")) + "Event"
+
+
+_DURATION = "^([0-9]+(\\.[0-9]+)?(ms|s|m|h|d))+$"
+_BASE64 = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+# A phone number as pair-code takes it: 7 to 15 digits, the first not 0, with any spaces,
+# parentheses, dots, dashes and plus signs around them.
+_PHONE_SEPARATORS = "[\\s()+.-]*"
+_PHONE_DIGITS = f"^{_PHONE_SEPARATORS}[1-9]({_PHONE_SEPARATORS}[0-9]){{6,14}}{_PHONE_SEPARATORS}$"
+# A phone number as messages and contacts take it: digits and separators; whether it is a
+# number at all is the country's numbering plan (400 invalid_recipient otherwise).
+_PHONE = {"type": "string", "pattern": "^[\\s()+.-]*[0-9][\\s()0-9+.-]*$", "examples": ["+55 11 99999-9999"],
+          "description": "A phone number in international format, country code first (+55 11 99999-9999)."}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -67,22 +177,20 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "pattern": COMPANY_ID_PATTERN},
             "name": {"type": "string"},
-            "engine": {"type": "string", "enum": ["neonize", "simulator"]},
+            "engine": {"type": "string", "enum": list(ENGINES)},
             "state": _ref("State"),
-            "since": {"type": "string", "format": "date-time"},
+            "since": _TIME,
             "source": {"type": "string", "enum": ["config", "runtime", "discovered"]},
             "reason": {"type": "string", "description": "Why it is in this state."},
             "jid": {"type": ["string", "null"]},
             "push_name": {"type": ["string", "null"]},
             "has_session": {"type": "boolean"},
             "qr_available": {"type": "boolean"},
-            "last_error": {"oneOf": [{"type": "null"}, {
-                "type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                                                 "at": {"type": "string", "format": "date-time"}}}]},
+            "last_error": _nullable({"type": "object", "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"}, "at": _TIME_OR_NULL}}),
             "reconnect": {"type": "object", "properties": {
-                "attempt": {"type": "integer"},
-                "next_retry_at": {"type": ["string", "null"], "format": "date-time"}}},
-            "banned_until": {"type": ["string", "null"], "format": "date-time"},
+                "attempt": {"type": "integer"}, "next_retry_at": _TIME_OR_NULL}},
+            "banned_until": _TIME_OR_NULL,
             "worker": {"type": "object", "properties": {"pid": {"type": ["integer", "null"]},
                                                          "restarts": {"type": "integer"}}},
         },
@@ -91,32 +199,42 @@ SCHEMAS: dict[str, Any] = {
     "CompanyInput": {
         "type": "object",
         "properties": {
-            "name": {"type": "string", "maxLength": 200,
+            "name": {"type": "string", "maxLength": 200, "examples": ["ACME Imóveis"],
                      "description": "No control or format characters (ESC, newline, bidi overrides...): 400."},
-            "engine": {"type": "string", "enum": ["neonize", "simulator"], "default": "neonize"},
-            "proxy": {"type": "string", "description": 'e.g. "socks5://127.0.0.1:1080"'},
+            "engine": {"type": "string", "enum": list(ENGINES), "default": "neonize"},
+            "proxy": {"type": ["string", "null"], "pattern": PROXY_PATTERN,
+                      "description": 'e.g. "socks5://127.0.0.1:1080"; null or absent: none'},
         },
         "additionalProperties": False,
     },
     "MessageInput": {
         "type": "object",
+        "description": "Exactly one of text, image, document or audio.",
         "required": ["to"],
         "properties": {
-            "to": {"type": "string", "description": "A phone number in international format "
-                   "(\"+55 11 99999-9999\") or a JID (…@s.whatsapp.net, …@g.us)."},
-            "text": {"type": "string", "maxLength": 65536},
+            "to": {"oneOf": [_PHONE, {"type": "string", "pattern": USER_JID_PATTERN, "description": "A person's JID."},
+                             {"type": "string", "pattern": GROUP_JID_PATTERN, "description": "A group's JID."}],
+                   "examples": ["+55 11 99999-9999", "5511999999999@s.whatsapp.net"]},
+            "text": {"type": "string", "minLength": 1, "maxLength": 65536, "examples": ["Olá! Recebemos seu contato."]},
             "image": _ref("MediaInput"), "document": _ref("MediaInput"), "audio": _ref("MediaInput"),
             "caption": {"type": "string"}, "filename": {"type": "string"}, "mimetype": {"type": "string"},
-            "ttl": {"oneOf": [{"type": "string", "description": "e.g. \"1h\""}, {"type": "number"}]},
+            "ttl": {"oneOf": [{"type": "string", "pattern": _DURATION, "description": "e.g. \"1h\""},
+                              {"type": "number", "minimum": 1}],
+                    "description": "From 1 s to outbox.max_ttl; default outbox.default_ttl."},
         },
+        "oneOf": [{"required": [kind]} for kind in ("text", "image", "document", "audio")],
         "additionalProperties": False,
     },
     "MediaInput": {
-        "type": "object",
-        "description": "Exactly one of path (a file the daemon can read) or base64.",
-        "properties": {"path": {"type": "string"}, "base64": {"type": "string"},
-                       "filename": {"type": "string"}, "mimetype": {"type": "string"}},
-        "additionalProperties": False,
+        "oneOf": [
+            {"type": "string", "description": "Short for {\"path\": ...}."},
+            {"type": "object",
+             "description": "Exactly one of path (a file in one of outbox.media_dirs) or base64.",
+             "properties": {"path": {"type": "string"}, "base64": {"type": "string", "pattern": _BASE64},
+                            "filename": {"type": "string"}, "mimetype": {"type": "string"}},
+             "oneOf": [{"required": ["path"]}, {"required": ["base64"]}],
+             "additionalProperties": False},
+        ],
     },
     "Message": {
         "type": "object",
@@ -124,28 +242,31 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"}, "company": {"type": "string"}, "to": {"type": "string"},
             "jid": {"type": "string"}, "kind": {"type": "string", "enum": ["text", "image", "document", "audio"]},
-            "status": {"type": "string", "enum": ["queued", "sending", "sent", "delivered", "read", "failed",
-                                                  "expired"]},
+            "status": {"type": "string", "enum": list(STATUSES)},
             "wa_id": {"type": ["string", "null"], "description": "WhatsApp's message id once sent."},
-            "error": {"oneOf": [{"type": "null"}, {"type": "object"}]},
-            "created_at": {"type": "string"}, "expires_at": {"type": "string"},
-            "sent_at": {"type": ["string", "null"]}, "delivered_at": {"type": ["string", "null"]},
-            "read_at": {"type": ["string", "null"]},
+            "attempts": {"type": "integer"},
+            "error": _nullable({"type": "object", "properties": {
+                "code": {"type": "string", "description": "e.g. not_on_whatsapp, invalid_recipient, media_invalid, "
+                                                          "too_large, send_failed, send_interrupted, expired"},
+                "message": {"type": ["string", "null"]}}}),
+            "idempotency_key": {"type": ["string", "null"]},
+            "created_at": _TIME, "updated_at": _TIME, "expires_at": _TIME,
+            "sent_at": _TIME_OR_NULL, "delivered_at": _TIME_OR_NULL, "read_at": _TIME_OR_NULL,
+            "caption": {"type": ["string", "null"]}, "filename": {"type": ["string", "null"]},
+            "mimetype": {"type": ["string", "null"]}, "size": {"type": "integer"},
         },
         "additionalProperties": True,
     },
     "Event": {
-        "type": "object",
-        "required": ["type"],
-        "properties": {"seq": {"type": "integer"}, "at": {"type": "string"}, "company": {"type": "string"},
-                       "type": {"type": "string"}},
-        "additionalProperties": True,
+        "description": "One line of GET /v1/events: an event (with seq) or a stream line (heartbeat, stream.end).",
+        "oneOf": [_ref(_event_name(kind)) for kind in (*_EVENT_FIELDS, *_STREAM_LINES)],
     },
+    **_event_schemas(),
     "Qr": {
         "type": "object",
         "required": ["code", "expires_at"],
         "properties": {"code": {"type": "string", "description": "The QR payload; render it or use ?format=png"},
-                       "expires_at": {"type": "string", "format": "date-time"}},
+                       "expires_at": _TIME_OR_NULL},
     },
     "Health": {
         "type": "object",
@@ -154,7 +275,7 @@ SCHEMAS: dict[str, Any] = {
             "status": {"type": "string", "enum": ["ok", "stopping"]},
             "version": {"type": "string"},
             "pid": {"type": "integer"},
-            "started_at": {"type": "string", "format": "date-time"},
+            "started_at": _TIME,
             "uptime_seconds": {"type": "number"},
             "socket": {"type": "string"},
             "config": {"type": "object"},
@@ -184,23 +305,52 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
+# The arguments of the simulate actions (each action reads the ones it needs; others are ignored).
+_SIMULATE_INPUT = {
+    "type": "object", "required": ["action"],
+    "properties": {
+        "action": {"type": "string", "enum": list(SIMULATE_ACTIONS), "description":
+                   "scan: the QR is scanned (jid, push_name, connect); drop / restore: the connection is lost / "
+                   "back; logged_out, replaced, ban (seconds, reason), outdated, fail_connect: how WhatsApp ends a "
+                   "connection; crash, hang (after): the worker dies / freezes; incoming: someone writes (from, "
+                   "group, push_name, id, kind, text, caption, filename, mimetype, data, size); receipt: receipts "
+                   "for sent messages (ids, receipt, chat, sender); stats: what the simulator has sent; burst: "
+                   "count incoming texts (text, from, push_name, rate)."},
+        "jid": {"type": "string"}, "push_name": {"type": "string"}, "connect": {"type": "boolean"},
+        "reason": {"type": "string"}, "seconds": {"type": "number", "minimum": 0},
+        "after": {"type": "number", "minimum": 0},
+        "from": {"type": "string", "description": "Phone digits or …@s.whatsapp.net."},
+        "group": {"type": ["boolean", "string"], "description": "true, false or a group JID."},
+        "id": {"type": "string"}, "kind": {"type": "string"}, "text": {"type": "string"},
+        "caption": {"type": "string"}, "filename": {"type": "string"}, "mimetype": {"type": "string"},
+        "data": {"type": "string", "description": "The media bytes, base64."}, "size": {"type": "integer"},
+        "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1000,
+                "description": "Outbox ids (msg_…) or WhatsApp ids."},
+        "receipt": {"type": "string", "enum": ["delivered", "read", "played"]},
+        "chat": {"type": "string"}, "sender": {"type": "string"},
+        "count": {"type": "integer", "minimum": 0, "maximum": 100_000}, "rate": {"type": "number", "exclusiveMinimum": 0},
+    },
+    "additionalProperties": True,
+}
+
+_COMPANY_OUT = _json(_ref("Company"), "The company.")
+
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/health": {
         "get": {
             "summary": "Version, uptime and companies counted by state",
             "operationId": "health",
-            "responses": {"200": _json(_ref("Health"), "The daemon is up."), **_COMMON_ERRORS},
+            "responses": _responses({"200": _json(_ref("Health"), "The daemon is up.")}),
         }
     },
     "/v1/companies": {
         "get": {
             "summary": "Every company with its state",
             "operationId": "listCompanies",
-            "responses": {
-                "200": _json({"type": "object", "properties": {"companies": {"type": "array", "items": _ref("Company")}}},
-                             "All companies, sorted by id."),
-                **_COMMON_ERRORS,
-            },
+            "responses": _responses({"200": _json(
+                {"type": "object", "required": ["companies"],
+                 "properties": {"companies": {"type": "array", "items": _ref("Company")}}},
+                "All companies, sorted by id.")}),
         }
     },
     "/v1/companies/{id}": {
@@ -210,28 +360,27 @@ PATHS: dict[str, dict[str, Any]] = {
             "description": "A stopped company with a stored session (not stopped by an operator) is "
                            "restored by this call, as the old CRM's status call did.",
             "operationId": "getCompany",
-            "responses": {"200": _json(_ref("Company"), "The company."), **_ID_ERRORS, **_COMMON_ERRORS},
+            "responses": _responses({"200": _COMPANY_OUT}, *_COMPANY),
         },
         "put": {
             "summary": "Add (201) or update (200) a company at runtime; persisted in the state directory",
             "operationId": "putCompany",
             "requestBody": {"content": {"application/json": {"schema": _ref("CompanyInput")}}},
-            "responses": {
-                "200": _json(_ref("Company"), "Updated."),
-                "201": _json(_ref("Company"), "Added."),
-                "400": _error("Bad id or body."),
-                "409": _error("The company is defined in the config file (defined_in_config)."),
-                **_COMMON_ERRORS,
-            },
+            "responses": _responses({"200": _json(_ref("Company"), "Updated."), "201": _json(_ref("Company"), "Added.")},
+                                    "invalid_company_id", *_BODY, "defined_in_config"),
         },
         "delete": {
             "summary": "Stop the company; with ?wipe=true also unlink it and wipe its session",
             "description": "Operator acts on one company run one at a time. A DELETE that waited for "
                            "another DELETE which removed the company answers that one's result.",
             "operationId": "deleteCompany",
-            "parameters": [{"name": "wipe", "in": "query", "schema": {"type": "boolean", "default": False}}],
-            "responses": {"200": _json({"type": "object"}, "Stopped (and wiped)."), **_ID_ERRORS,
-                          **_COMMON_ERRORS},
+            "parameters": [{"name": "wipe", "in": "query", "schema": {"type": "boolean", "default": False},
+                            "description": "true/false (also 1/0, yes/no)."}],
+            "responses": _responses({"200": _json({"type": "object", "required": ["id", "state"], "properties": {
+                "id": {"type": "string"}, "state": _ref("State"), "removed": {"const": True},
+                "unlinked": {"type": "boolean"}, "wiped": {"type": "boolean"}, "note": {"type": "string"}}},
+                "Stopped (and wiped); removed: a runtime company is gone.")},
+                *_COMPANY, *_COMMAND, "not_connected", "logout_failed"),
         },
     },
     "/v1/companies/{id}/connect": {
@@ -241,8 +390,8 @@ PATHS: dict[str, dict[str, Any]] = {
             "description": "Answers once the worker reported how it goes (connecting, pairing...) or "
                            "after 10 s.",
             "operationId": "connectCompany",
-            "responses": {"200": _json(_ref("Company"), "Already running."),
-                          "202": _json(_ref("Company"), "Started."), **_ID_ERRORS, **_COMMON_ERRORS},
+            "responses": _responses({"200": _json(_ref("Company"), "Already running."),
+                                     "202": _json(_ref("Company"), "Started.")}, *_COMPANY),
         },
     },
     "/v1/companies/{id}/qr": {
@@ -253,15 +402,12 @@ PATHS: dict[str, dict[str, Any]] = {
                            "`?format=text` a terminal rendering (`&ansi=true` for colours).",
             "operationId": "getQr",
             "parameters": [
-                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "png", "text"]}},
+                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["", "json", "png", "text"]}},
                 {"name": "ansi", "in": "query", "schema": {"type": "boolean", "default": False}},
             ],
-            "responses": {
-                "200": {"description": "The QR code.", "content": {
-                    "application/json": {"schema": _ref("Qr")}, "image/png": {}, "text/plain": {}}},
-                "409": _error("No QR code now (no_qr): not pairing."),
-                **_ID_ERRORS, **_COMMON_ERRORS,
-            },
+            "responses": _responses({"200": {"description": "The QR code.", "content": {
+                "application/json": {"schema": _ref("Qr")}, "image/png": {}, "text/plain": {}}}},
+                *_COMPANY, "no_qr"),
         },
     },
     "/v1/companies/{id}/pair-code": {
@@ -271,14 +417,12 @@ PATHS: dict[str, dict[str, Any]] = {
             "operationId": "pairCode",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["phone"],
-                "properties": {"phone": {"type": "string", "description": "International format"}}}}}},
-            "responses": {
-                "200": _json({"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z0-9]{4}-[A-Z0-9]{4}$"},
-                                                               "expires_at": {"type": "string"}}}, "The code to type on the phone."),
-                "400": _error("Not a phone number (invalid_phone)."),
-                "409": _error("The company is not pairing (not_pairing)."),
-                **_ID_ERRORS, **_COMMON_ERRORS,
-            },
+                "properties": {"phone": {"type": "string", "pattern": _PHONE_DIGITS, "examples": ["+55 11 99999-9999"],
+                                         "description": "International format: country code first"}}}}}},
+            "responses": _responses({"200": _json({"type": "object", "required": ["code", "expires_at"], "properties": {
+                "code": {"type": "string", "pattern": "^[A-Z0-9]{4}-[A-Z0-9]{4}$"}, "expires_at": _TIME_OR_NULL}},
+                "The code to type on the phone.")},
+                *_COMPANY, *_BODY, "invalid_phone", "not_pairing", *_COMMAND, "pair_phone_failed"),
         },
     },
     "/v1/companies/{id}/logout": {
@@ -286,9 +430,11 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": {
             "summary": "Unlink the device on WhatsApp and wipe the session (locally when not connected)",
             "operationId": "logout",
-            "responses": {"200": _json({"type": "object", "properties": {
+            "responses": _responses({"200": _json({"type": "object", "required": ["unlinked", "wiped", "state"],
+                                                   "properties": {
                 "unlinked": {"type": "boolean"}, "wiped": {"type": "boolean"}, "state": _ref("State"),
-                "note": {"type": "string"}}}, "Logged out."), **_ID_ERRORS, **_COMMON_ERRORS},
+                "note": {"type": "string"}}}, "Logged out.")},
+                *_COMPANY, *_COMMAND, "not_connected", "logout_failed"),
         },
     },
     "/v1/companies/{id}/restart": {
@@ -296,22 +442,21 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": {
             "summary": "Restart the company's worker now (also leaves `failed`)",
             "operationId": "restart",
-            "responses": {"202": _json(_ref("Company"), "Restarted."), **_ID_ERRORS, **_COMMON_ERRORS},
+            "responses": _responses({"202": _json(_ref("Company"), "Restarted.")}, *_COMPANY),
         },
     },
     "/v1/companies/{id}/simulate": {
         "parameters": [_COMPANY_ID],
         "post": {
-            "summary": "Drive a simulator company (404 for companies on the real engine)",
+            "summary": "Drive a simulator company (404 not_found for companies on the real engine)",
             "operationId": "simulate",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "required": ["action"],
-                "properties": {"action": {"type": "string", "enum": [
-                    "scan", "drop", "restore", "logged_out", "replaced", "ban", "outdated", "crash", "hang",
-                    "fail_connect"]}}, "additionalProperties": True}}}},
-            "responses": {"200": _json({"type": "object"}, "Done."),
-                          "202": _json({"type": "object"}, "Sent (crash, hang: no answer)."),
-                          "409": _error("Not possible in this state."), **_ID_ERRORS, **_COMMON_ERRORS},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _SIMULATE_INPUT}}},
+            "responses": _responses({"200": _json({"type": "object"}, "Done; what the action did."),
+                                     "202": _json({"type": "object", "properties": {
+                                         "action": {"type": "string"}, "sent": {"const": True}}},
+                                         "Sent (crash, hang: no answer).")},
+                *_COMPANY, "not_found", *_BODY, *_COMMAND, "invalid_argument", "unknown_action", "not_pairing",
+                "not_connected", "not_reconnecting", "unknown_message", "store_failed"),
         },
     },
     "/v1/companies/{id}/messages": {
@@ -324,47 +469,43 @@ PATHS: dict[str, dict[str, Any]] = {
                            "true`, with the message as it is now (its current status); with a different body "
                            "it is 422. `?wait=sent` holds "
                            "the answer until the message is sent, failed or expired (at most outbox.max_wait, "
-                           "or `timeout` seconds).",
+                           "or `timeout` seconds, which goes only with wait=sent).",
             "operationId": "sendMessage",
             "parameters": [
-                {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}},
+                {"name": "Idempotency-Key", "in": "header",
+                 "schema": {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$"},
+                 "description": "1 to 255 printable ASCII characters."},
                 {"name": "wait", "in": "query", "schema": {"type": "string", "enum": ["sent"]}},
-                {"name": "timeout", "in": "query", "schema": {"type": "number"}},
+                {"name": "timeout", "in": "query", "schema": {"type": "number", "minimum": 0}},
             ],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("MessageInput")}}},
-            "responses": {
+            "responses": _responses({
                 "200": _json(_ref("Message"), "A replay of an earlier request with the same Idempotency-Key: "
                              "that message with its current status."),
                 "202": _json(_ref("Message"), "Stored; status `queued` (or later with ?wait=sent)."),
-                "400": _error("Invalid recipient (invalid_recipient), message (invalid_message) or file "
-                              "(unreadable_file)."),
-                "409": _error("The company is logged_out or replaced (company_unavailable)."),
-                "422": _error("Idempotency-Key reused with a different body (idempotency_key_reused)."),
-                **_ID_ERRORS, **_COMMON_ERRORS,
-            },
+            }, *_COMPANY, *_BODY, "invalid_message", "invalid_recipient", "unreadable_file", "company_unavailable",
+                "idempotency_key_reused"),
         },
     },
     "/v1/companies/{id}/messages/{mid}": {
-        "parameters": [_COMPANY_ID, {"name": "mid", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "parameters": [_COMPANY_ID, {"name": "mid", "in": "path", "required": True, "schema": {"type": "string"},
+                                     "description": "The message's id (msg_…)."}],
         "get": {
             "summary": "An outgoing message's status: queued, sending, sent, delivered, read, failed, expired",
             "operationId": "getMessage",
-            "responses": {"200": _json(_ref("Message"), "The message."),
-                          "404": _error("No such company (company_not_found) or message (message_not_found)."),
-                          **_COMMON_ERRORS},
+            "responses": _responses({"200": _json(_ref("Message"), "The message.")}, *_COMPANY, "message_not_found"),
         },
     },
     "/v1/companies/{id}/contacts/{phone}": {
-        "parameters": [_COMPANY_ID, {"name": "phone", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "parameters": [_COMPANY_ID, {"name": "phone", "in": "path", "required": True, "schema": _PHONE}],
         "get": {
             "summary": "Whether a phone number is on WhatsApp, and its JID",
             "operationId": "checkContact",
-            "responses": {"200": _json({"type": "object", "properties": {
+            "responses": _responses({"200": _json({"type": "object", "required": ["phone", "on_whatsapp", "jid"],
+                                                   "properties": {
                 "phone": {"type": "string"}, "on_whatsapp": {"type": "boolean"},
-                "jid": {"type": ["string", "null"]}}}, "The answer."),
-                "400": _error("Not a phone number (invalid_recipient)."),
-                "409": _error("The company is not connected (not_connected)."),
-                **_ID_ERRORS, **_COMMON_ERRORS},
+                "jid": {"type": ["string", "null"]}}}, "The answer.")},
+                *_COMPANY, "invalid_recipient", "not_connected", *_COMMAND, "invalid_phone", "check_failed"),
         },
     },
     "/v1/companies/{id}/media/{message_id}": {
@@ -374,11 +515,10 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": {
             "summary": "The bytes of an incoming media message, downloaded from WhatsApp",
             "operationId": "getMedia",
-            "responses": {"200": {"description": "The media, with its content type.",
-                                  "content": {"application/octet-stream": {}}},
-                          "404": _error("Unknown message or not media (media_not_found)."),
-                          "409": _error("The company is not connected (not_connected)."),
-                          **_COMMON_ERRORS},
+            "responses": _responses({"200": {"description": "The media, with its own content type.",
+                                             "content": {"*/*": {}}}},
+                                    *_COMPANY, "media_not_found", "not_connected", *_COMMAND, "media_unavailable",
+                                    "download_failed", "invalid_argument"),
         },
     },
     "/v1/events": {
@@ -388,50 +528,44 @@ PATHS: dict[str, dict[str, Any]] = {
                            "and no duplicate, across daemon restarts. Without `since`, only new events. A "
                            "`heartbeat` line comes every events.heartbeat_interval. A reader that falls "
                            "too far behind gets a final `stream.end` line with `resume_from`. Pairing events "
-                           "carry the QR `code` on the live stream only; it is never stored.",
+                           "carry the QR `code` on the live stream only; it is never stored. Each line is one "
+                           "of the Event schemas, told apart by `type`.",
             "operationId": "events",
             "parameters": [
-                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                {"name": "company", "in": "query", "schema": {"type": "array", "items": {"type": "string"}},
-                 "style": "form", "explode": True},
+                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                           "maximum": 999_999_999_999_999_999}},
+                {"name": "company", "in": "query", "schema": {"type": "array", "items": {
+                    "type": "string", "pattern": COMPANY_ID_PATTERN}}, "style": "form", "explode": True},
                 {"name": "type", "in": "query", "schema": {"type": "array", "items": {
                     "type": "string", "enum": list(EVENT_TYPES)}}, "style": "form", "explode": True},
             ],
-            "responses": {
-                "200": {"description": "The stream.", "content": {"application/x-ndjson": {
-                    "schema": _ref("Event")}}},
-                "400": _error("Bad since, company or type."),
-                "409": _error("since is ahead of the newest event (cursor_ahead)."),
-                "410": _error("Events after since were pruned (since_expired; error.oldest_available)."),
-                **_COMMON_ERRORS,
-            },
+            "responses": _responses({"200": {"description": "The stream.", "content": {"application/x-ndjson": {
+                "schema": _ref("Event")}}}}, "invalid_company_id", "cursor_ahead", "since_expired"),
         },
     },
     "/v1/metrics": {
         "get": {
             "summary": "Prometheus text format: companies by state, restarts, outbox, journal",
             "operationId": "metrics",
-            "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {}}}},
+            "responses": _responses({"200": {"description": "Metrics.", "content": {"text/plain": {}}}}),
         },
     },
     "/v1/reload": {
         "post": {
             "summary": "Reload the configuration file now (parse, validate, diff, apply)",
             "description": "Returns once the reload is applied or has failed. An invalid file leaves "
-                           "the running configuration untouched and answers 422 with the problems.",
+                           "the running configuration untouched and answers 422 config_invalid with "
+                           "error.problems listing each problem.",
             "operationId": "reload",
-            "responses": {
-                "200": _json(_ref("ReloadResult"), "Applied; what changed."),
-                "422": _error("The file is invalid (error.problems lists each problem); nothing changed."),
-                **_COMMON_ERRORS,
-            },
+            "responses": _responses({"200": _json(_ref("ReloadResult"), "Applied; what changed.")},
+                                    *_BODY, "config_invalid"),
         }
     },
     "/v1/openapi.json": {
         "get": {
             "summary": "This document",
             "operationId": "openapi",
-            "responses": {"200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}},
+            "responses": _responses({"200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}}),
         }
     },
 }
@@ -445,7 +579,9 @@ def openapi_document(version: str) -> dict[str, Any]:
             "version": version,
             "description": "HTTP/1.1 over the daemon's Unix socket, e.g. "
                            "`curl --unix-socket /run/whatsappd/control.sock http://localhost/v1/health`. "
-                           'Errors are {"error": {"code": "<stable_snake_case>", "message": "..."}}.',
+                           'Errors are {"error": {"code": "<stable_snake_case>", "message": "..."}}; each '
+                           "operation lists the codes it can answer. Any path answers 404 `not_found` when "
+                           "no route matches and 405 `method_not_allowed` (with Allow) for a wrong method.",
         },
         "servers": [{"url": "http://localhost", "description": "any host name; the socket decides"}],
         "paths": PATHS,

@@ -19,10 +19,13 @@ import re
 
 import phonenumbers
 
-__all__ = ["InvalidRecipient", "normalize_phone", "normalize_recipient"]
+__all__ = ["GROUP_JID_PATTERN", "USER_JID_PATTERN", "InvalidRecipient", "normalize_phone", "normalize_recipient"]
 
-_USER_JID = re.compile(r"[1-9][0-9]{6,14}(?::[0-9]{1,3})?@s\.whatsapp\.net")
-_GROUP_JID = re.compile(r"[0-9]{5,20}(?:-[0-9]{5,20})?@g\.us")
+#: The JIDs a recipient may be given as (anchored: the OpenAPI document uses them too).
+USER_JID_PATTERN = r"^[1-9][0-9]{6,14}(?::[0-9]{1,3})?@s\.whatsapp\.net$"
+GROUP_JID_PATTERN = r"^[0-9]{5,20}(?:-[0-9]{5,20})?@g\.us$"
+_USER_JID = re.compile(USER_JID_PATTERN)
+_GROUP_JID = re.compile(GROUP_JID_PATTERN)
 _HOW = "write it with '+' and its country code, e.g. +55 11 99999-9999 for a mobile in São Paulo, Brazil"
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from whatsappd import sessions
 from whatsappd.backoff import Backoff, BackoffPolicy, RateLimiter
 from whatsappd.config import CompanyConfig, Config, ConfigDiff
-from whatsappd.errors import ApiError
+from whatsappd.errors import CODES, ApiError
 from whatsappd.ids import session_dir
 from whatsappd.logs import current_format, get_logger
 from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
@@ -40,9 +40,6 @@ log = get_logger()
 MAX_BOOTING_WORKERS = 8
 #: A ban without a known expiry is retried after this.
 DEFAULT_BAN_SECONDS = 3600.0
-
-#: Engine error codes that mean the caller's request was wrong (HTTP 400), not the state (409).
-_CALLER_ERRORS = frozenset({"invalid_argument", "unknown_action", "unknown_op", "invalid_phone"})
 
 
 @dataclass
@@ -321,7 +318,7 @@ class Runner:
         if not reply.get("ok"):
             error = reply.get("error") or {}
             code = str(error.get("code", "engine_error"))
-            status = 400 if code in _CALLER_ERRORS else 409  # the request was wrong / the state is
+            status = CODES.get(code, 409)  # errors.py: 400 if the request was wrong, 409 if the state is
             raise ApiError(status, code, str(error.get("message", "failed")), permanent=bool(error.get("permanent")))
         return dict(reply.get("result") or {})
 
