@@ -112,7 +112,8 @@ SCHEMAS: dict[str, Any] = {
     },
     "MediaInput": {
         "type": "object",
-        "description": "Exactly one of path (a file the daemon can read) or base64.",
+        "description": "Exactly one of path (an absolute path of a file inside outbox.media_dirs, reached "
+                       "without symbolic links) or base64.",
         "properties": {"path": {"type": "string"}, "base64": {"type": "string"},
                        "filename": {"type": "string"}, "mimetype": {"type": "string"}},
         "additionalProperties": False,
