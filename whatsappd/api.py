@@ -37,7 +37,7 @@ from whatsappd.messaging import EVENT_TYPES
 from whatsappd.openapi import openapi_document
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import State
-from whatsappd.store import STATUSES, IdempotencyConflict
+from whatsappd.store import STATUSES, IdempotencyConflict, StorageFull
 from whatsappd.timefmt import iso
 
 if TYPE_CHECKING:
@@ -121,6 +121,8 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ApiError as exc:
         return _error_response(exc)
+    except StorageFull as exc:  # any write, any route: the store logged it once, with the path
+        return _error_response(ApiError(507, "storage_full", str(exc)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -672,7 +674,12 @@ async def metrics(request: web.Request) -> web.Response:
     lines += ["# HELP whatsappd_journal_last_seq The newest event's sequence number.",
               "# TYPE whatsappd_journal_last_seq counter", f"whatsappd_journal_last_seq {daemon.store.last_seq}",
               "# HELP whatsappd_event_readers Live event stream readers.", "# TYPE whatsappd_event_readers gauge",
-              f"whatsappd_event_readers {len(daemon.messaging.subscribers)}"]
+              f"whatsappd_event_readers {len(daemon.messaging.subscribers)}",
+              "# HELP whatsappd_storage_full 1 while the disk holding the store is full (writes refused).",
+              "# TYPE whatsappd_storage_full gauge", f"whatsappd_storage_full {int(daemon.store.full_since is not None)}",
+              "# HELP whatsappd_storage_full_refusals_total Writes refused because the disk was full.",
+              "# TYPE whatsappd_storage_full_refusals_total counter",
+              f"whatsappd_storage_full_refusals_total {daemon.store.full_refusals}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         headers={"X-Content-Format": "prometheus-0.0.4"})
 

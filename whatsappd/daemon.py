@@ -68,8 +68,9 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         counts = self.supervisor.counts()
+        storage = self.store.health()
         return {
-            "status": "stopping" if self.stopping else "ok",
+            "status": "stopping" if self.stopping else "ok" if storage["state"] == "ok" else "degraded",
             "version": __version__,
             "pid": os.getpid(),
             "started_at": iso(self.started_at),
@@ -77,6 +78,7 @@ class Daemon:
             "socket": self.socket_path,
             "config": {"source": self.config.source, "last_reload": self.last_reload},
             "companies": {"total": sum(counts.values()), "by_state": counts},
+            "storage": storage,
         }
 
     # --------------------------------------------------------------------------------- start

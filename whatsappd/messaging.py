@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from whatsappd.errors import ApiError
 from whatsappd.logs import get_logger
 from whatsappd.states import State
-from whatsappd.store import EVENT_TYPES, Event, Store
+from whatsappd.store import EVENT_TYPES, Event, StorageFull, Store
 
 if TYPE_CHECKING:
     from whatsappd.config import Config
@@ -260,6 +260,8 @@ class Messaging:
                         pass
             except asyncio.CancelledError:
                 raise
+            except StorageFull:
+                await asyncio.sleep(SEND_RETRY_PAUSE[0])  # the store logged it, once; the message waits
             except Exception:
                 log.exception("outbox sender failed; retrying", company=company)
                 await asyncio.sleep(SEND_RETRY_PAUSE[0])
@@ -360,6 +362,8 @@ class Messaging:
                         log.info("journal pruned", events=pruned)
             except asyncio.CancelledError:
                 raise
+            except StorageFull:
+                pass  # the store logged it, once; the next round tries again
             except Exception:
                 log.exception("maintenance failed")
             await asyncio.sleep(1.0)

@@ -151,7 +151,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["status", "version", "uptime_seconds", "companies"],
         "properties": {
-            "status": {"type": "string", "enum": ["ok", "stopping"]},
+            "status": {"type": "string", "enum": ["ok", "degraded", "stopping"],
+                       "description": "`degraded` while the disk holding the store is full (see `storage`)."},
             "version": {"type": "string"},
             "pid": {"type": "integer"},
             "started_at": {"type": "string", "format": "date-time"},
@@ -163,6 +164,18 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "total": {"type": "integer"},
                     "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
+                },
+            },
+            "storage": {
+                "type": "object",
+                "required": ["state", "path"],
+                "description": "The store (event journal and outbox). `full`: its disk is full and writes are "
+                               "refused (507 storage_full) until there is room again; checked once a second.",
+                "properties": {
+                    "state": {"type": "string", "enum": ["ok", "full"]},
+                    "path": {"type": "string"},
+                    "since": {"type": "string", "format": "date-time"},
+                    "message": {"type": "string"},
                 },
             },
         },
@@ -336,6 +349,8 @@ PATHS: dict[str, dict[str, Any]] = {
                               "(unreadable_file)."),
                 "409": _error("The company is logged_out or replaced (company_unavailable)."),
                 "422": _error("Idempotency-Key reused with a different body (idempotency_key_reused)."),
+                "507": _error("The disk holding the store is full (storage_full): nothing was stored; retry "
+                              "once there is room (GET /v1/health shows `storage`)."),
                 **_ID_ERRORS, **_COMMON_ERRORS,
             },
         },

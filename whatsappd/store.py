@@ -16,12 +16,20 @@ transaction committed, so a 202 still means the message is on disk.
 
 Reads (event backlog, message lookups) use their own connections from worker threads; WAL lets
 them run beside the writer.
+
+Every write runs through `Store._write`, which classifies what fails: a full disk is
+`StorageFull` (the transaction rolled back whole; the store says it is full in `health()` until a
+write succeeds again, and probes once a second meanwhile).
+Every transaction is opened and closed by `_transaction`, so a failed COMMIT (which SQLite may
+already have rolled back) never leaves a transaction open or masks its error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -29,15 +37,16 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from whatsappd.logs import get_logger
-from whatsappd.timefmt import iso_or_none
+from whatsappd.timefmt import iso, iso_or_none
 
-__all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "Store", "StoreError", "new_message_id"]
+__all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "StorageFull", "Store", "StoreError",
+           "new_message_id"]
 
 T = TypeVar("T")
 log = get_logger()
@@ -108,6 +117,50 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message says which file and what to do."""
 
 
+class StorageFull(StoreError):
+    """The disk (or quota) holding the store is full: the write was rolled back, nothing of it stored."""
+
+
+def _sqlite_code(exc: BaseException) -> int | None:
+    """The primary SQLite result code of an sqlite3 error (SQLITE_FULL, ...), None for others."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(exc, sqlite3.Error) and isinstance(code, int) else None
+
+
+def _is_full(exc: BaseException) -> bool:
+    return (_sqlite_code(exc) == sqlite3.SQLITE_FULL
+            or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)))
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding path."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; on any error ROLLBACK if one is still open, and re-raise.
+
+    A COMMIT that fails for a full disk may already have been rolled back by SQLite: a blind
+    ROLLBACK would then fail ("no transaction is active") and hide the real error.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("rollback failed after a failed write", error=str(exc))
+        raise
+
+
 class IdempotencyConflict(Exception):
     """The same Idempotency-Key was used with a different body."""
 
@@ -174,6 +227,12 @@ class Store:
         self.last_seq = 0
         self._checkpointer: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
+        #: While the disk is full: when that was first seen, and the last refusal's message.
+        self.full_since: float | None = None
+        self.full_message = ""
+        #: Writes refused because the disk was full, since the daemon started (a metric).
+        self.full_refusals = 0
+        self._probing = False
 
     # ------------------------------------------------------------------------ open / close
 
@@ -218,6 +277,11 @@ class Store:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
                     pass  # busy or similar: the next round catches up
+                if self.full_since is not None and not self._probing:
+                    # Nothing else may write for a while (no client, no event): find out
+                    # whether space came back, so health and metrics do not stay stale.
+                    self._probing = True
+                    self._executor.submit(self._probe)
         finally:
             db.close()
 
@@ -239,7 +303,59 @@ class Store:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(db, *args) on the writer thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self._writer(), *args))
+        return await loop.run_in_executor(self._executor, self._write, fn, *args)
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(db, *args) on the writer thread, every write's one way in: what fails is classified.
+
+        A full disk raises StorageFull (and the store is `full` until a write succeeds): it
+        says which file and what to do.
+        """
+        try:
+            result = fn(self._writer(), *args)
+        except (sqlite3.Error, OSError) as exc:
+            if _is_full(exc):
+                raise self._refuse_full(exc) from exc
+            raise
+        if self.full_since is not None:
+            self._writable_again()
+        return result
+
+    def _writable_again(self) -> None:
+        assert self.full_since is not None
+        log.info("storage writable again", path=str(self.path),
+                 full_for_seconds=round(time.time() - self.full_since, 1), refused=self.full_refusals)
+        self.full_since = None
+
+    def _refuse_full(self, exc: BaseException) -> StorageFull:
+        free = free_bytes(self.path.parent)
+        message = (f"the disk holding {self.path} is full ({'?' if free is None else free} bytes free): nothing "
+                   "was stored; free space there (whatsappd carries on by itself once there is room)")
+        self.full_refusals += 1
+        self.full_message = message
+        if self.full_since is None:
+            self.full_since = time.time()
+            log.error("storage full: writes are refused until there is room", path=str(self.path),
+                      free_bytes=free, error=str(exc))
+        return StorageFull(message)
+
+    def _probe(self) -> None:
+        """A tiny write while the disk is full: its success clears `full` (see _write)."""
+        try:
+            self._writer().execute("INSERT OR REPLACE INTO meta VALUES ('writable_at', ?)", (str(time.time()),))
+        except (StoreError, sqlite3.Error, OSError):
+            pass  # still full (or worse): the next write or probe says so
+        else:
+            if self.full_since is not None:
+                self._writable_again()
+        finally:
+            self._probing = False
+
+    def health(self) -> dict[str, Any]:
+        """{"state": "ok"} or, while the disk is full, "full" with since, path and message."""
+        if self.full_since is None:
+            return {"state": "ok", "path": str(self.path)}
+        return {"state": "full", "path": str(self.path), "since": iso(self.full_since), "message": self.full_message}
 
     def _writer(self) -> sqlite3.Connection:
         if self._db is None:
@@ -285,13 +401,13 @@ class Store:
             self._flush_scheduled = False
             try:
                 events = await self.run(_insert_events, batch)
-            except (sqlite3.Error, OSError) as exc:
+            except (StoreError, sqlite3.Error, OSError) as exc:
                 # Disk full, I/O error: keep the batch (ahead of newer events) and try again,
                 # rather than lose it. Readers simply see nothing new until it commits.
                 self._pending, self._pending_secrets = batch + self._pending, secrets_ + self._pending_secrets
                 failures += 1
-                log.error("cannot write events to the journal; retrying", error=str(exc), attempt=failures,
-                          path=str(self.path))
+                log.error("cannot write events to the journal; kept in memory, retrying", error=str(exc),
+                          attempt=failures, events=len(self._pending), path=str(self.path))
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
             failures = 0
@@ -315,7 +431,7 @@ class Store:
         cancelled meanwhile.
         """
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, lambda: fn(self._writer(), *args))
+        future = loop.run_in_executor(self._executor, self._write, fn, *args)
 
         def deliver(done: asyncio.Future[tuple[T, list[Event]]]) -> None:
             if not done.cancelled() and done.exception() is None:
@@ -435,16 +551,11 @@ class Store:
 
 def _insert_events(db: sqlite3.Connection, batch: list[tuple[float, str | None, str, dict[str, Any]]]) -> list[Event]:
     out = []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         for at, company, type_, data in batch:
             cur = db.execute("INSERT INTO events (at, company, type, data) VALUES (?, ?, ?, ?)",
                              (at, company, type_, json.dumps(data, separators=(",", ":"))))
             out.append(Event(int(cur.lastrowid or 0), at, company, type_, data))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     return out
 
 
@@ -467,13 +578,12 @@ def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: tu
 
 
 def _prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
-    db.execute("BEGIN IMMEDIATE")
-    n = db.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
-    top = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
-    if top is not None:
-        n += db.execute("DELETE FROM events WHERE seq <= ?", (top - max_events,)).rowcount
-    db.execute("DELETE FROM incoming_media WHERE at < ?", (cutoff,))
-    db.execute("COMMIT")
+    with _transaction(db):
+        n = db.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
+        top = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+        if top is not None:
+            n += db.execute("DELETE FROM events WHERE seq <= ?", (top - max_events,)).rowcount
+        db.execute("DELETE FROM incoming_media WHERE at < ?", (cutoff,))
     return n
 
 
@@ -525,13 +635,14 @@ def _enqueue_batch(db: sqlite3.Connection, batch: list[tuple[Any, ...]]
     in its place. If the transaction itself fails, nothing is committed and it raises."""
     outcomes: list[tuple[bool, dict[str, Any]] | Exception] = []
     events: list[Event] = []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         for args in batch:
             db.execute("SAVEPOINT enqueue")
             try:
                 outcome, inserted = _enqueue(db, *args)
             except Exception as exc:
+                if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                    raise  # the database failed (full disk, I/O), not this message: the batch goes
                 db.execute("ROLLBACK TO enqueue")
                 db.execute("RELEASE enqueue")
                 outcomes.append(exc)
@@ -539,11 +650,6 @@ def _enqueue_batch(db: sqlite3.Connection, batch: list[tuple[Any, ...]]
             db.execute("RELEASE enqueue")
             outcomes.append(outcome)
             events.extend(inserted)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return outcomes, events
 
 
@@ -588,11 +694,9 @@ _ALLOWED = {
 def _set_status(db: sqlite3.Connection, message_id: str, status: str,
                 fields: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Event]]:
     now = time.time()
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         row = db.execute("SELECT status FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None or status not in _ALLOWED[row[0]]:
-            db.execute("COMMIT")
             return None, []
         sets = {"status": status, "updated_at": now}
         if status == "sending":
@@ -610,11 +714,6 @@ def _set_status(db: sqlite3.Connection, message_id: str, status: str,
                    (*sets.values(), message_id))
         message = _row_message(db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone())
         event = _insert_status_event(db, message)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return message, [event]
 
 
@@ -628,8 +727,7 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
     unknown = []
     events = []
     column = {"delivered": "delivered_at", "read": "read_at"}[status]
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         for wa_id in wa_ids:
             row = db.execute("SELECT id, status FROM messages WHERE company = ? AND wa_id = ?",
                              (company, wa_id)).fetchone()
@@ -643,11 +741,6 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
             db.execute(f"UPDATE messages SET status = ?, updated_at = ?, {column} = ?{extra} WHERE id = ?", args)
             changed.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (row[0],)).fetchone()))
             events.append(_insert_status_event(db, changed[-1]))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return (changed, unknown), events
 
 
@@ -671,8 +764,7 @@ def _finish(db: sqlite3.Connection, ids: list[str], from_status: str, status: st
     """Move messages still in from_status to a final status, with their events, in one transaction."""
     if not ids:
         return [], []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         out = []
         for mid in ids:
             changed = db.execute("UPDATE messages SET status = ?, updated_at = ?, error_code = ?, error = ? "
@@ -681,9 +773,4 @@ def _finish(db: sqlite3.Connection, ids: list[str], from_status: str, status: st
                 db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
                 out.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()))
         events = [_insert_status_event(db, message) for message in out]
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return out, events
