@@ -1,8 +1,10 @@
-"""The store when its disk fills up: a real small tmpfs, really filled, then freed.
+"""The store when its disk fills up or its file is damaged.
 
-A full disk is a clear `storage_full` (507) with nothing half-written; health and metrics say
-so; the daemon carries on by itself once there is room. Mounting needs root: elsewhere these
-tests are skipped, saying why.
+A full disk (a real small tmpfs, really filled, then freed) is a clear `storage_full` (507)
+with nothing half-written; health and metrics say so; the daemon carries on by itself once there
+is room. Mounting needs root: elsewhere those tests are skipped, saying why. A damaged database
+file (really damaged, page by page) stops the start with one line naming the file and the fix,
+and an exit status systemd does not restart on; `whatsappd check-store` lists the damage.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import errno
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from whatsappd.cli import EX_DATAERR
 from whatsappd.store import StorageFull, Store
-from whatsappd.testing.daemon import run_ctl, wait_until
+from whatsappd.testing.daemon import DaemonProcess, clean_env, run_ctl, wait_until
 from whatsappd.testing.scenario import SimDaemon, sim_config
 
 DAY = 86400.0
@@ -181,3 +185,98 @@ def test_the_daemon_answers_507_storage_full_says_so_and_recovers(small_disk: Sm
         assert d.stop() == 0
     finally:
         d.kill()
+
+
+# ------------------------------------------------------------------------------ a damaged file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_store(path: Path, events: int = 3000) -> None:
+    """A real journal with `events` events (the events table spans many pages)."""
+
+    async def main() -> None:
+        store = Store(path)
+        store.open()
+        for n in range(events):
+            store.append("acme", "message.incoming", {"n": n, "text": "olá " * 8})
+        await store.close()
+
+    asyncio.run(main())
+
+
+def damage(path: Path, table: str) -> None:
+    """Scramble the root page of `table` in the database file at path, as a bad disk would."""
+    db = sqlite3.connect(path)
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    db.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        page = bytearray(f.read(page_size))
+        f.seek((root - 1) * page_size)
+        f.write(bytes(b ^ 0xA5 for b in page))
+
+
+@pytest.mark.parametrize("table", ["sqlite_sequence", "events"])
+def test_a_damaged_journal_stops_the_start_with_one_line_and_exit_65(
+        daemon_factory: Callable[..., DaemonProcess], table: str) -> None:
+    """A damaged whatsappd.sqlite: exit 65 (not restarted), one error line naming the file and the fix."""
+    d = daemon_factory()
+    journal = d.state_dir / "whatsappd.sqlite"
+    journal.parent.mkdir(parents=True)
+    make_store(journal)
+    damage(journal, table)
+    d.start(wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(30) == EX_DATAERR, d.logs()
+    errors = [e for e in d.log_events() if e.get("level") in ("error", "critical")]
+    assert [e["event"] for e in errors] == ["cannot start: the store is damaged"], d.logs()
+    line = errors[0]
+    assert line["path"] == str(journal) and line["problem"] and line["exit_status"] == EX_DATAERR
+    assert "backup" in line["fix"] and f"mv {journal} {journal}.damaged" in line["fix"]
+    assert "whatsappd check-store" in line["fix"]
+    assert "Traceback" not in d.logs()
+    assert not d.socket_path.exists()  # it did not stay half up
+
+
+def test_the_unit_does_not_restart_a_daemon_whose_store_is_damaged() -> None:
+    """systemd/whatsappd.service lists EX_DATAERR (65) beside EX_CONFIG (78) in RestartPreventExitStatus=."""
+    unit = (REPO / "systemd" / "whatsappd.service").read_text()
+    values = [line.split("=", 1)[1].split() for line in unit.splitlines()
+              if line.startswith("RestartPreventExitStatus=")]
+    assert values and {"65", "78"} <= set(values[-1]), values
+
+
+def check_store(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "whatsappd", "check-store", *args], env=clean_env(),
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_check_store_says_ok_for_sound_stores_and_exits_0(tmp_path: Path) -> None:
+    """check-store on a sound journal and session store: one `ok` line each, exit 0 (read-only)."""
+    state = tmp_path / "state"
+    (state / "sessions" / "session-acme").mkdir(parents=True)
+    make_store(state / "whatsappd.sqlite", events=10)
+    sqlite3.connect(state / "sessions" / "session-acme" / "store.db").execute("CREATE TABLE t (x)").connection.close()
+    config = tmp_path / "whatsappd.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n')
+    before = {p.name: p.stat().st_mtime_ns for p in state.iterdir() if p.is_file()}
+    result = check_store("--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"{state / 'whatsappd.sqlite'}: ok",
+                                          f"{state / 'sessions' / 'session-acme' / 'store.db'}: ok"]
+    assert {p.name: p.stat().st_mtime_ns for p in state.iterdir() if p.is_file()} == before
+
+
+def test_check_store_lists_each_finding_of_a_damaged_file_and_exits_1(tmp_path: Path) -> None:
+    """check-store on a damaged journal: one line per finding, then DAMAGED with the fix; exit 1."""
+    journal = tmp_path / "whatsappd.sqlite"
+    make_store(journal)
+    damage(journal, "events")
+    result = check_store("--path", str(journal))
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) >= 2 and all(line.startswith(f"{journal}: ") for line in lines), lines
+    assert lines[-1].startswith(f"{journal}: DAMAGED ({len(lines) - 1} findings); ") and "backup" in lines[-1]
+    assert check_store("--path", str(tmp_path / "missing.sqlite")).returncode == 1

@@ -19,7 +19,7 @@ them run beside the writer.
 
 Every write runs through `Store._write`, which classifies what fails: a full disk is
 `StorageFull` (the transaction rolled back whole; the store says it is full in `health()` until a
-write succeeds again, and probes once a second meanwhile).
+write succeeds again, and probes once a second meanwhile), a damaged file is `StoreCorrupt`.
 Every transaction is opened and closed by `_transaction`, so a failed COMMIT (which SQLite may
 already have rolled back) never leaves a transaction open or masks its error.
 """
@@ -45,7 +45,8 @@ from typing import Any, TypeVar
 from whatsappd.logs import get_logger
 from whatsappd.timefmt import iso, iso_or_none
 
-__all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "StorageFull", "Store", "StoreError",
+__all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "StorageFull", "Store", "StoreCorrupt", "StoreError",
+           "check_database", "corrupt_fix",
            "new_message_id"]
 
 T = TypeVar("T")
@@ -121,6 +122,43 @@ class StorageFull(StoreError):
     """The disk (or quota) holding the store is full: the write was rolled back, nothing of it stored."""
 
 
+class StoreCorrupt(StoreError):
+    """The database file is damaged: restarting cannot help; restore it or move it aside."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        self.fix = corrupt_fix(path)
+        super().__init__(f"the store {path} is damaged ({problem}); {self.fix}")
+
+
+def corrupt_fix(path: Path) -> str:
+    """What to do about a damaged store at path (one sentence, for logs and check-store)."""
+    return (f"restore {path.name} from a backup (README: Backups), or move it aside with its -wal and -shm "
+            f"files (mv {path} {path}.damaged): the daemon then starts with an empty journal and outbox, and "
+            "messages still queued in the old file are not sent; `whatsappd check-store` lists the damage")
+
+
+def check_database(path: Path) -> list[str]:
+    """What PRAGMA integrity_check finds wrong in the SQLite file at path ([]: nothing).
+
+    Read-only, and leaves no file behind: without a -wal file beside it (no daemon has it
+    open) it is opened immutable; with one (a daemon may be writing) read-only through the WAL.
+    """
+    mode = "ro" if Path(f"{path}-wal").exists() else "ro&immutable=1"
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode={mode}", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        return [f"cannot open it: {exc}"]
+    try:
+        found = [line for (text,) in db.execute("PRAGMA integrity_check") for line in str(text).splitlines()]
+    except sqlite3.Error as exc:
+        return [str(exc)]
+    finally:
+        db.close()
+    return [] if found == ["ok"] else found
+
+
 def _sqlite_code(exc: BaseException) -> int | None:
     """The primary SQLite result code of an sqlite3 error (SQLITE_FULL, ...), None for others."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -130,6 +168,10 @@ def _sqlite_code(exc: BaseException) -> int | None:
 def _is_full(exc: BaseException) -> bool:
     return (_sqlite_code(exc) == sqlite3.SQLITE_FULL
             or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)))
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    return _sqlite_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def free_bytes(path: Path) -> int | None:
@@ -237,7 +279,11 @@ class Store:
     # ------------------------------------------------------------------------ open / close
 
     def open(self) -> None:
-        """Create or open the database (blocking; call before the loop serves)."""
+        """Create or open the database (blocking; call before the loop serves).
+
+        A damaged file is StoreCorrupt (PRAGMA quick_check, a fraction of a second even for a
+        few hundred MB): found at start, named, with what to do, rather than as errors later.
+        """
         new = not self.path.exists()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         old_umask = os.umask(0o077)
@@ -247,21 +293,31 @@ class Store:
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} was written by a newer whatsappd (schema {version}); "
                                  "upgrade whatsappd or restore a matching backup")
+            damage = [row[0] for row in self._db.execute("PRAGMA quick_check(10)")]
+            if damage != ["ok"]:
+                raise StoreCorrupt(self.path, "; ".join(damage))
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot open the store {self.path}: {exc}; if the file is damaged, move it "
-                             "aside (the daemon then starts with an empty journal and outbox)") from exc
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            if new:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (str(time.time()),))
+        except (sqlite3.Error, StoreError) as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if isinstance(exc, StoreError):
+                raise
+            if _is_corrupt(exc):
+                raise StoreCorrupt(self.path, str(exc)) from exc
+            raise StoreError(f"cannot open the store {self.path}: {exc}; check that the daemon's user may read "
+                             "and write it and its directory") from exc
         finally:
             os.umask(old_umask)
         for suffix in ("", "-wal", "-shm"):
             p = Path(f"{self.path}{suffix}")
             if p.exists():
                 os.chmod(p, 0o600)
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         self.last_seq = row[0] if row else 0
-        if new:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (str(time.time()),))
         # Checkpoints leave the commit path: an automatic one runs inside the COMMIT that crosses
         # the WAL threshold and stalls every event behind it for tens of milliseconds. A thread
         # with its own connection checkpoints passively (never blocking the writer) instead.
@@ -308,14 +364,16 @@ class Store:
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(db, *args) on the writer thread, every write's one way in: what fails is classified.
 
-        A full disk raises StorageFull (and the store is `full` until a write succeeds): it
-        says which file and what to do.
+        A full disk raises StorageFull (and the store is `full` until a write succeeds), a
+        damaged file StoreCorrupt; both say which file and what to do.
         """
         try:
             result = fn(self._writer(), *args)
         except (sqlite3.Error, OSError) as exc:
             if _is_full(exc):
                 raise self._refuse_full(exc) from exc
+            if _is_corrupt(exc):
+                raise StoreCorrupt(self.path, str(exc)) from exc
             raise
         if self.full_since is not None:
             self._writable_again()
