@@ -221,8 +221,8 @@ def _check_store(args: argparse.Namespace) -> int:
         if findings:
             damaged += 1
             fix = (corrupt_fix(path) if path.name == "whatsappd.sqlite" else
-                   "restore it from a backup, or log the company out and pair it again (the daemon "
-                   "quarantines a session store it cannot use)")
+                   "restore it from a backup with the daemon stopped; else the daemon quarantines it "
+                   "when the company starts, and the company must be paired again")
             print(f"{path}: DAMAGED ({len(findings)} findings); {fix}")
         else:
             print(f"{path}: ok")

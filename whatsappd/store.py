@@ -46,8 +46,7 @@ from whatsappd.logs import get_logger
 from whatsappd.timefmt import iso, iso_or_none
 
 __all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "StorageFull", "Store", "StoreCorrupt", "StoreError",
-           "check_database", "corrupt_fix",
-           "new_message_id"]
+           "check_database", "corrupt_fix", "new_message_id"]
 
 T = TypeVar("T")
 log = get_logger()
@@ -174,7 +173,7 @@ def _is_corrupt(exc: BaseException) -> bool:
     return _sqlite_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
-def free_bytes(path: Path) -> int | None:
+def _free_bytes(path: Path) -> int | None:
     """Bytes an unprivileged writer may still use on the filesystem holding path."""
     try:
         st = os.statvfs(path)
@@ -386,7 +385,7 @@ class Store:
         self.full_since = None
 
     def _refuse_full(self, exc: BaseException) -> StorageFull:
-        free = free_bytes(self.path.parent)
+        free = _free_bytes(self.path.parent)
         message = (f"the disk holding {self.path} is full ({'?' if free is None else free} bytes free): nothing "
                    "was stored; free space there (whatsappd carries on by itself once there is room)")
         self.full_refusals += 1
