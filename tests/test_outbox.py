@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -436,6 +437,60 @@ def test_file_paths_are_confined_to_outbox_media_dirs(sim, daemons_for_paths, tm
     response = post(d3, "carol", {"to": "+5511999991207", "image": {"path": str(allowed / "house.png")}})
     assert response.status == 400 and "sending files by path is off" in error(response)["message"]
     assert state.exists()
+
+
+def test_a_directory_swapped_for_a_symlink_never_attaches_a_session_file(sim, fresh, tmp_path):
+    """While a thread swaps a media dir's subdirectory for a symlink to a session, no POST attaches the session."""
+    company = fresh(connect=False)  # the messages stay queued: nothing is sent
+    session = sim.session_dir("acme") / "simulator.json"
+    decoy = tmp_path / "sub"
+    decoy.mkdir()
+    (decoy / session.name).write_bytes(b"decoy")
+    assert session.stat().st_size != len(b"decoy")
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            decoy.rename(tmp_path / "sub.real")
+            decoy.symlink_to(session.parent)
+            decoy.unlink()
+            (tmp_path / "sub.real").rename(decoy)
+
+    racer = threading.Thread(target=swap)
+    racer.start()
+    outcomes: list[int] = []
+    try:
+        for _ in range(300):
+            response = post(sim, company, {"to": "+5511999991209", "document": {"path": str(decoy / session.name)}})
+            outcomes.append(response.status)
+            if response.status == 202:
+                assert response.json()["size"] == len(b"decoy"), "a session file was attached"
+            else:
+                assert response.status == 400 and error(response)["code"] == "unreadable_file", response.body
+    finally:
+        stop.set()
+        racer.join()
+    assert 202 in outcomes and 400 in outcomes, outcomes  # both sides of the race were met
+
+
+def test_a_symlink_below_a_media_dir_is_not_followed_even_to_inside(sim, tmp_path):
+    """A symlink below outbox.media_dirs is refused (400), even one whose target lies inside them."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "house.png").write_bytes(PNG)
+    (tmp_path / "dirlink").symlink_to(tmp_path / "real")
+    (tmp_path / "filelink.png").symlink_to(tmp_path / "real" / "house.png")
+    for path in (tmp_path / "dirlink" / "house.png", tmp_path / "filelink.png"):
+        response = post(sim, "acme", {"to": "+5511999991210", "image": {"path": str(path)}})
+        assert response.status == 400 and error(response)["code"] == "unreadable_file", (path, response.body)
+        assert "symbolic link" in error(response)["message"]
+
+
+def test_a_nul_byte_in_a_path_is_400_unreadable_file(sim, tmp_path):
+    """A path holding a NUL byte is a clear 400 unreadable_file, not a 500."""
+    (tmp_path / "house.png").write_bytes(PNG)
+    response = post(sim, "acme", {"to": "+5511999991211", "image": {"path": f"{tmp_path}/house.png\u0000.txt"}})
+    assert response.status == 400 and error(response)["code"] == "unreadable_file", response.body
+    assert "NUL byte" in error(response)["message"]
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import mimetypes
 import os
 import re
 import secrets
-import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -33,11 +32,12 @@ from whatsappd.control_socket import admits, forbidden, peer_of
 from whatsappd.errors import ApiError
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.logs import get_logger
+from whatsappd.mediafile import MediaRefused, read_media
 from whatsappd.messaging import EVENT_TYPES
 from whatsappd.openapi import SIMULATE_ACTIONS, openapi_document
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import State
-from whatsappd.store import STATUSES, IdempotencyConflict
+from whatsappd.store import STATUSES, IdempotencyConflict, StorageFull
 from whatsappd.timefmt import iso
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ApiError as exc:
         return _error_response(exc)
+    except StorageFull as exc:  # any write, any route: the store logged it once, with the path
+        return _error_response(ApiError(507, "storage_full", str(exc)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -352,24 +354,35 @@ _MESSAGE_FIELDS = {"to", "text", "caption", "filename", "mimetype", "ttl", *_MED
 _MAX_TEXT = 65536
 
 
-def _allowed_path(path: str, kind: str, media_dirs: tuple[Path, ...], state_dir: Path) -> str:
-    """The path, resolved, if it lies inside one of outbox.media_dirs and not in the state dir.
+def _path_bytes(spec: dict[str, Any], kind: str, limit: int, media_dirs: tuple[Path, ...],
+                state_dir: Path) -> bytes:
+    """The bytes of the file spec["path"] names, read beneath outbox.media_dirs (mediafile.py).
 
     The daemon can read every company's credentials; a client must not be able to send any
-    file it can read, so paths are confined to directories the sysadmin chose.
+    file it can read, so paths are confined to directories the sysadmin chose, followed without
+    symlinks, and never into the state directory.
     """
+    path = spec["path"]
     if not isinstance(path, str) or not os.path.isabs(path):
         raise ApiError(400, "unreadable_file", f"{kind}.path must be an absolute path")
     if not media_dirs:
         raise ApiError(400, "unreadable_file", "sending files by path is off: list the directories the CRM may "
                        "send from in outbox.media_dirs, or send the content as base64")
-    real = os.path.realpath(path)
-    state = os.path.realpath(state_dir)
-    inside = [d for d in media_dirs if os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d)]
-    if not inside or os.path.commonpath([real, state]) == state:
-        raise ApiError(400, "unreadable_file", f"{path} is not inside outbox.media_dirs "
-                       f"({', '.join(str(d) for d in media_dirs)}); the state directory is never allowed")
-    return real
+    try:
+        return b"".join(read_media(path, media_dirs, limit, forbidden=state_dir))
+    except MediaRefused as exc:
+        if exc.reason == "too_large":
+            raise ApiError(413, "body_too_large", f"{exc.message}; outbox.max_file_size is {limit}") from None
+        if exc.reason == "outside":
+            raise ApiError(400, "unreadable_file", f"{exc.message}: files are sent only from inside "
+                           f"outbox.media_dirs ({', '.join(str(d) for d in media_dirs)}), without symbolic "
+                           "links; the state directory is never allowed") from None
+        if exc.reason == "invalid":
+            raise ApiError(400, "unreadable_file", f"{kind}.path: {exc.message}, inside outbox.media_dirs") from None
+        if exc.reason == "unreadable":
+            raise ApiError(400, "unreadable_file", f"the daemon (uid {os.getuid()}) {exc.message}") from None
+        raise ApiError(400, "unreadable_file", f"{exc.message}; give the path of a regular file the daemon "
+                       "can read") from None
 
 
 def _media_bytes(spec: object, kind: str, limit: int, media_dirs: tuple[Path, ...] = (),
@@ -383,26 +396,8 @@ def _media_bytes(spec: object, kind: str, limit: int, media_dirs: tuple[Path, ..
     if unknown:
         raise ApiError(400, "invalid_message", f'unknown fields in "{kind}": {", ".join(unknown)}')
     if "path" in spec:
-        path = spec["path"]
-        real = _allowed_path(path, kind, media_dirs, state_dir)
-        try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below);
-            # O_NOFOLLOW: the checked, resolved path is the file that is read.
-            with open(os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW), "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise ApiError(400, "unreadable_file", f"{path} is not a regular file; give the path of "
-                                   "a file the daemon can read")
-                if st.st_size > limit:
-                    raise ApiError(413, "body_too_large", f"{path} is {st.st_size} bytes; outbox.max_file_size "
-                                   f"is {limit}")
-                data = f.read(limit + 1)
-        except OSError as exc:
-            raise ApiError(400, "unreadable_file", f"the daemon (uid {os.getuid()}) cannot read {path}: "
-                           f"{exc.strerror}") from None
-        if len(data) > limit:  # it grew while being read
-            raise ApiError(413, "body_too_large", f"{path} is over {limit} bytes; outbox.max_file_size is {limit}")
-        return data, spec.get("filename") or os.path.basename(path), spec.get("mimetype")
+        data = _path_bytes(spec, kind, limit, media_dirs, state_dir)
+        return data, spec.get("filename") or os.path.basename(spec["path"]), spec.get("mimetype")
     try:
         data = base64.b64decode(str(spec["base64"]), validate=True)
     except (ValueError, binascii.Error):
@@ -692,7 +687,12 @@ async def metrics(request: web.Request) -> web.Response:
     lines += ["# HELP whatsappd_journal_last_seq The newest event's sequence number.",
               "# TYPE whatsappd_journal_last_seq counter", f"whatsappd_journal_last_seq {daemon.store.last_seq}",
               "# HELP whatsappd_event_readers Live event stream readers.", "# TYPE whatsappd_event_readers gauge",
-              f"whatsappd_event_readers {len(daemon.messaging.subscribers)}"]
+              f"whatsappd_event_readers {len(daemon.messaging.subscribers)}",
+              "# HELP whatsappd_storage_full 1 while the disk holding the store is full (writes refused).",
+              "# TYPE whatsappd_storage_full gauge", f"whatsappd_storage_full {int(daemon.store.full_since is not None)}",
+              "# HELP whatsappd_storage_full_refusals_total Writes refused because the disk was full.",
+              "# TYPE whatsappd_storage_full_refusals_total counter",
+              f"whatsappd_storage_full_refusals_total {daemon.store.full_refusals}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         headers={"X-Content-Format": "prometheus-0.0.4"})
 

@@ -1,4 +1,4 @@
-"""`whatsappd`: run | check-config | clean-sessions | import-baileys."""
+"""`whatsappd`: run | check-config | check-store | clean-sessions | import-baileys."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from typing import TextIO
 from whatsappd import __version__, pidlock
 from whatsappd.config import Config, ConfigError, load_config, render_config
 
-__all__ = ["EX_CONFIG", "main"]
+__all__ = ["EX_CONFIG", "EX_DATAERR", "main"]
 
 EX_CONFIG = 78  # sysexits.h: systemd's RestartPreventExitStatus=78 avoids a restart loop
+#: sysexits.h EX_DATAERR: a data file (the store) is damaged; restarting cannot help either, so
+#: the unit lists it in RestartPreventExitStatus= too.
+EX_DATAERR = 65
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate the config and print the effective settings")
     add_config(check)
+
+    store = sub.add_parser("check-store", help="check the journal/outbox database and the session stores "
+                           "for damage (read-only; safe while the daemon runs)")
+    add_config(store)
+    store.add_argument("--path", type=Path, metavar="FILE", action="append",
+                       help="check this SQLite file instead (repeatable); default: STATE_DIR/whatsappd.sqlite "
+                            "and every sessions/session-*/store.db")
 
     clean = sub.add_parser("clean-sessions",
                            help="find and remove legacy browser-profile and Baileys sessions")
@@ -180,6 +190,42 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_store(args: argparse.Namespace) -> int:
+    """PRAGMA integrity_check on each store: one line per finding; 0 if all are sound, else 1."""
+    from whatsappd.sessions import NEONIZE_STORE
+    from whatsappd.store import check_database, corrupt_fix
+
+    paths: list[Path] = args.path or []
+    if not paths:
+        config = _load(args.config, sys.stderr)
+        if config is None:
+            return EX_CONFIG
+        journal = config.daemon_state_dir / "whatsappd.sqlite"
+        if journal.exists():
+            paths.append(journal)
+        else:
+            print(f"{journal}: not created yet (the daemon creates it at its first start)")
+        paths += sorted(config.sessions_dir.glob(f"session-*/{NEONIZE_STORE}"))
+    damaged = 0
+    for path in paths:
+        if not path.is_file():
+            print(f"{path}: no such file")
+            damaged += 1
+            continue
+        findings = check_database(path)
+        for finding in findings:
+            print(f"{path}: {finding}")
+        if findings:
+            damaged += 1
+            fix = (corrupt_fix(path) if path.name == "whatsappd.sqlite" else
+                   "restore it from a backup with the daemon stopped; else the daemon quarantines it "
+                   "when the company starts, and the company must be paired again")
+            print(f"{path}: DAMAGED ({len(findings)} findings); {fix}")
+        else:
+            print(f"{path}: ok")
+    return 1 if damaged else 0
+
+
 def _clean_sessions(args: argparse.Namespace) -> int:
     from whatsappd.legacy import Failed, LegacyError, format_size, remove_legacy, scan_legacy
 
@@ -260,8 +306,8 @@ def _import_baileys(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "check-config": _check_config, "clean-sessions": _clean_sessions,
-               "import-baileys": _import_baileys}[args.command]
+    handler = {"run": _run, "check-config": _check_config, "check-store": _check_store,
+               "clean-sessions": _clean_sessions, "import-baileys": _import_baileys}[args.command]
     return handler(args)
 
 

@@ -367,7 +367,8 @@ SETTINGS: tuple[Setting, ...] = (
             "The longest ?wait=sent may hold a request.", render=format_duration),
     Setting("outbox", "media_dirs", _dirs, [],
             "Directories whose files a message may attach by path (e.g. [\"/srv/crm/uploads\"]); "
-            "empty: only base64 content. The state directory is never allowed.", render=_render_dirs),
+            "empty: only base64 content. No symbolic link below them is followed, and the state "
+            "directory is never allowed.", render=_render_dirs),
     Setting("outbox", "max_file_size", lambda v: _checked_size(v, 1024, 2 * 1024**3), "64MiB",
             "Largest media file a message may attach (by path or base64).", render=format_size),
     Setting("outbox", "default_country", _country, "",

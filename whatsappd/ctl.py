@@ -116,6 +116,9 @@ def cmd_health(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
             f"socket:    {body['socket']}\n"
             f"config:    {body['config']['source']}\n"
             f"companies: {body['companies']['total']} ({states})")
+    storage = body.get("storage") or {}
+    if storage.get("state", "ok") != "ok":
+        text += f"\nstorage:   {storage['state'].upper()} since {storage.get('since')}: {storage.get('message')}"
     last = body["config"].get("last_reload")
     if last and not last.get("ok"):
         text += f"\nlast reload FAILED at {last['at']}: " + "; ".join(last.get("problems", []))

@@ -20,12 +20,13 @@ from aiohttp import web
 
 from whatsappd import __version__, pidlock
 from whatsappd.api import build_app
+from whatsappd.cli import EX_DATAERR
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control_socket import CappedSockSite, SocketSetupError, bind_control_socket
 from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging import Messaging
 from whatsappd.registry import RegistryError
-from whatsappd.store import Store, StoreError
+from whatsappd.store import Store, StoreCorrupt, StoreError
 from whatsappd.supervisor import Supervisor
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
 from whatsappd.timefmt import iso
@@ -71,8 +72,9 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         counts = self.supervisor.counts()
+        storage = self.store.health()
         return {
-            "status": "stopping" if self.stopping else "ok",
+            "status": "stopping" if self.stopping else "ok" if storage["state"] == "ok" else "degraded",
             "version": __version__,
             "pid": os.getpid(),
             "started_at": iso(self.started_at),
@@ -80,6 +82,7 @@ class Daemon:
             "socket": self.socket_path,
             "config": {"source": self.config.source, "last_reload": self.last_reload},
             "companies": {"total": sum(counts.values()), "by_state": counts},
+            "storage": storage,
         }
 
     # --------------------------------------------------------------------------------- start
@@ -162,6 +165,13 @@ class Daemon:
             self.store.open()
             self.messaging.start()
             await self.supervisor.start()
+        except StoreCorrupt as exc:
+            # One line that names the file and the fix; the exit status stops systemd's restarts.
+            log.error("cannot start: the store is damaged", path=str(exc.path), problem=exc.problem, fix=exc.fix,
+                      exit_status=EX_DATAERR)
+            await self._runner.cleanup()
+            self._remove_socket_file()
+            return EX_DATAERR
         except (RegistryError, StoreError, OSError) as exc:
             log.error("cannot start: unusable state directory", reason=str(exc))
             await self._runner.cleanup()

@@ -68,5 +68,6 @@ CODES: dict[str, int] = {
     "config_invalid": 422,
     "worker_timeout": 504,
     "too_many_connections": 503,
+    "storage_full": 507,
     "internal_error": 500,
 }

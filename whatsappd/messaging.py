@@ -19,7 +19,7 @@ import collections
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from whatsappd.errors import ApiError
 from whatsappd.logs import get_logger
 from whatsappd.states import State
-from whatsappd.store import EVENT_TYPES, Event, Store
+from whatsappd.store import EVENT_TYPES, Event, StorageFull, Store
 
 if TYPE_CHECKING:
     from whatsappd.config import Config
@@ -106,8 +106,19 @@ class Messaging:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.store.flush()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, write: Callable[[], Awaitable[Any]]) -> None:
+        """Run write() in a task; while the disk is full it is tried again each second, so an
+        incoming media reference or a receipt is applied once there is room, not lost."""
+
+        async def until_stored() -> None:
+            while True:
+                try:
+                    await write()
+                    return
+                except StorageFull:
+                    await asyncio.sleep(1.0)  # the store logged it, once
+
+        task = asyncio.get_running_loop().create_task(until_stored())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -127,10 +138,11 @@ class Messaging:
         if kind == "message.incoming":
             raw = data.pop("raw", None)
             if raw and data.get("id"):
-                self._spawn(self.store.store_incoming_media(str(company), str(data["id"]), str(data.get("kind")),
-                                                            (data.get("media") or {}).get("mimetype"), raw))
+                self._spawn(lambda: self.store.store_incoming_media(
+                    str(company), str(data["id"]), str(data.get("kind")), (data.get("media") or {}).get("mimetype"),
+                    raw))
         elif kind == "message.receipt":
-            self._spawn(self._apply_receipt(str(company), data))
+            self._spawn(lambda: self._apply_receipt(str(company), data))
         elif kind == "company.state":
             runner = self.sup.companies.get(str(company))
             if runner is not None:
@@ -140,7 +152,7 @@ class Messaging:
                 elif data.get("new") in (State.LOGGED_OUT, State.FAILED) and not runner.session_dir.exists():
                     # The wiped (or quarantined) session took the worker's send log with it: what
                     # was in flight can no longer be settled, and must not be resent later.
-                    self._spawn(self._fail_in_flight(runner.id))
+                    self._spawn(lambda: self._fail_in_flight(runner.id))
         self.store.append(company, kind, data, secret)
 
     def _on_committed(self, event: Event, secret: dict[str, Any] | None) -> None:
@@ -260,6 +272,8 @@ class Messaging:
                         pass
             except asyncio.CancelledError:
                 raise
+            except StorageFull:
+                await asyncio.sleep(SEND_RETRY_PAUSE[0])  # the store logged it, once; the message waits
             except Exception:
                 log.exception("outbox sender failed; retrying", company=company)
                 await asyncio.sleep(SEND_RETRY_PAUSE[0])
@@ -360,6 +374,8 @@ class Messaging:
                         log.info("journal pruned", events=pruned)
             except asyncio.CancelledError:
                 raise
+            except StorageFull:
+                pass  # the store logged it, once; the next round tries again
             except Exception:
                 log.exception("maintenance failed")
             await asyncio.sleep(1.0)

@@ -229,7 +229,8 @@ SCHEMAS: dict[str, Any] = {
         "oneOf": [
             {"type": "string", "description": "Short for {\"path\": ...}."},
             {"type": "object",
-             "description": "Exactly one of path (a file in one of outbox.media_dirs) or base64.",
+             "description": "Exactly one of path (an absolute path of a file inside outbox.media_dirs, reached "
+                            "without symbolic links) or base64.",
              "properties": {"path": {"type": "string"}, "base64": {"type": "string", "pattern": _BASE64},
                             "filename": {"type": "string"}, "mimetype": {"type": "string"}},
              "oneOf": [{"required": ["path"]}, {"required": ["base64"]}],
@@ -272,7 +273,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["status", "version", "uptime_seconds", "companies"],
         "properties": {
-            "status": {"type": "string", "enum": ["ok", "stopping"]},
+            "status": {"type": "string", "enum": ["ok", "degraded", "stopping"],
+                       "description": "`degraded` while the disk holding the store is full (see `storage`)."},
             "version": {"type": "string"},
             "pid": {"type": "integer"},
             "started_at": _TIME,
@@ -284,6 +286,18 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "total": {"type": "integer"},
                     "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
+                },
+            },
+            "storage": {
+                "type": "object",
+                "required": ["state", "path"],
+                "description": "The store (event journal and outbox). `full`: its disk is full and writes are "
+                               "refused (507 storage_full) until there is room again; checked once a second.",
+                "properties": {
+                    "state": {"type": "string", "enum": ["ok", "full"]},
+                    "path": {"type": "string"},
+                    "since": {"type": "string", "format": "date-time"},
+                    "message": {"type": "string"},
                 },
             },
         },
@@ -484,7 +498,7 @@ PATHS: dict[str, dict[str, Any]] = {
                              "that message with its current status."),
                 "202": _json(_ref("Message"), "Stored; status `queued` (or later with ?wait=sent)."),
             }, *_COMPANY, *_BODY, "invalid_message", "invalid_recipient", "unreadable_file", "company_unavailable",
-                "idempotency_key_reused"),
+                "idempotency_key_reused", "storage_full"),
         },
     },
     "/v1/companies/{id}/messages/{mid}": {

@@ -16,12 +16,20 @@ transaction committed, so a 202 still means the message is on disk.
 
 Reads (event backlog, message lookups) use their own connections from worker threads; WAL lets
 them run beside the writer.
+
+Every write runs through `Store._write`, which classifies what fails: a full disk is
+`StorageFull` (the transaction rolled back whole; the store says it is full in `health()` until a
+write succeeds again, and probes once a second meanwhile), a damaged file is `StoreCorrupt`.
+Every transaction is opened and closed by `_transaction`, so a failed COMMIT (which SQLite may
+already have rolled back) never leaves a transaction open or masks its error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -29,15 +37,16 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from whatsappd.logs import get_logger
-from whatsappd.timefmt import iso_or_none
+from whatsappd.timefmt import iso, iso_or_none
 
-__all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "Store", "StoreError", "new_message_id"]
+__all__ = ["EVENT_TYPES", "STATUSES", "IdempotencyConflict", "StorageFull", "Store", "StoreCorrupt", "StoreError",
+           "check_database", "corrupt_fix", "new_message_id"]
 
 T = TypeVar("T")
 log = get_logger()
@@ -108,6 +117,91 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message says which file and what to do."""
 
 
+class StorageFull(StoreError):
+    """The disk (or quota) holding the store is full: the write was rolled back, nothing of it stored."""
+
+
+class StoreCorrupt(StoreError):
+    """The database file is damaged: restarting cannot help; restore it or move it aside."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        self.fix = corrupt_fix(path)
+        super().__init__(f"the store {path} is damaged ({problem}); {self.fix}")
+
+
+def corrupt_fix(path: Path) -> str:
+    """What to do about a damaged store at path (one sentence, for logs and check-store)."""
+    return (f"restore {path.name} from a backup (README: Backups), or move it aside with its -wal and -shm "
+            f"files (mv {path} {path}.damaged): the daemon then starts with an empty journal and outbox, and "
+            "messages still queued in the old file are not sent; `whatsappd check-store` lists the damage")
+
+
+def check_database(path: Path) -> list[str]:
+    """What PRAGMA integrity_check finds wrong in the SQLite file at path ([]: nothing).
+
+    Read-only, and leaves no file behind: without a -wal file beside it (no daemon has it
+    open) it is opened immutable; with one (a daemon may be writing) read-only through the WAL.
+    """
+    mode = "ro" if Path(f"{path}-wal").exists() else "ro&immutable=1"
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode={mode}", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        return [f"cannot open it: {exc}"]
+    try:
+        found = [line for (text,) in db.execute("PRAGMA integrity_check") for line in str(text).splitlines()]
+    except sqlite3.Error as exc:
+        return [str(exc)]
+    finally:
+        db.close()
+    return [] if found == ["ok"] else found
+
+
+def _sqlite_code(exc: BaseException) -> int | None:
+    """The primary SQLite result code of an sqlite3 error (SQLITE_FULL, ...), None for others."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(exc, sqlite3.Error) and isinstance(code, int) else None
+
+
+def _is_full(exc: BaseException) -> bool:
+    return (_sqlite_code(exc) == sqlite3.SQLITE_FULL
+            or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)))
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    return _sqlite_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding path."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; on any error ROLLBACK if one is still open, and re-raise.
+
+    A COMMIT that fails for a full disk may already have been rolled back by SQLite: a blind
+    ROLLBACK would then fail ("no transaction is active") and hide the real error.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("rollback failed after a failed write", error=str(exc))
+        raise
+
+
 class IdempotencyConflict(Exception):
     """The same Idempotency-Key was used with a different body."""
 
@@ -174,11 +268,21 @@ class Store:
         self.last_seq = 0
         self._checkpointer: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
+        #: While the disk is full: when that was first seen, and the last refusal's message.
+        self.full_since: float | None = None
+        self.full_message = ""
+        #: Writes refused because the disk was full, since the daemon started (a metric).
+        self.full_refusals = 0
+        self._probing = False
 
     # ------------------------------------------------------------------------ open / close
 
     def open(self) -> None:
-        """Create or open the database (blocking; call before the loop serves)."""
+        """Create or open the database (blocking; call before the loop serves).
+
+        A damaged file is StoreCorrupt (PRAGMA quick_check, a fraction of a second even for a
+        few hundred MB): found at start, named, with what to do, rather than as errors later.
+        """
         new = not self.path.exists()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         old_umask = os.umask(0o077)
@@ -188,21 +292,31 @@ class Store:
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} was written by a newer whatsappd (schema {version}); "
                                  "upgrade whatsappd or restore a matching backup")
+            damage = [row[0] for row in self._db.execute("PRAGMA quick_check(10)")]
+            if damage != ["ok"]:
+                raise StoreCorrupt(self.path, "; ".join(damage))
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot open the store {self.path}: {exc}; if the file is damaged, move it "
-                             "aside (the daemon then starts with an empty journal and outbox)") from exc
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            if new:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (str(time.time()),))
+        except (sqlite3.Error, StoreError) as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if isinstance(exc, StoreError):
+                raise
+            if _is_corrupt(exc):
+                raise StoreCorrupt(self.path, str(exc)) from exc
+            raise StoreError(f"cannot open the store {self.path}: {exc}; check that the daemon's user may read "
+                             "and write it and its directory") from exc
         finally:
             os.umask(old_umask)
         for suffix in ("", "-wal", "-shm"):
             p = Path(f"{self.path}{suffix}")
             if p.exists():
                 os.chmod(p, 0o600)
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         self.last_seq = row[0] if row else 0
-        if new:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (str(time.time()),))
         # Checkpoints leave the commit path: an automatic one runs inside the COMMIT that crosses
         # the WAL threshold and stalls every event behind it for tens of milliseconds. A thread
         # with its own connection checkpoints passively (never blocking the writer) instead.
@@ -218,6 +332,11 @@ class Store:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
                     pass  # busy or similar: the next round catches up
+                if self.full_since is not None and not self._probing:
+                    # Nothing else may write for a while (no client, no event): find out
+                    # whether space came back, so health and metrics do not stay stale.
+                    self._probing = True
+                    self._executor.submit(self._probe)
         finally:
             db.close()
 
@@ -239,7 +358,61 @@ class Store:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(db, *args) on the writer thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self._writer(), *args))
+        return await loop.run_in_executor(self._executor, self._write, fn, *args)
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(db, *args) on the writer thread, every write's one way in: what fails is classified.
+
+        A full disk raises StorageFull (and the store is `full` until a write succeeds), a
+        damaged file StoreCorrupt; both say which file and what to do.
+        """
+        try:
+            result = fn(self._writer(), *args)
+        except (sqlite3.Error, OSError) as exc:
+            if _is_full(exc):
+                raise self._refuse_full(exc) from exc
+            if _is_corrupt(exc):
+                raise StoreCorrupt(self.path, str(exc)) from exc
+            raise
+        if self.full_since is not None:
+            self._writable_again()
+        return result
+
+    def _writable_again(self) -> None:
+        assert self.full_since is not None
+        log.info("storage writable again", path=str(self.path),
+                 full_for_seconds=round(time.time() - self.full_since, 1), refused=self.full_refusals)
+        self.full_since = None
+
+    def _refuse_full(self, exc: BaseException) -> StorageFull:
+        free = _free_bytes(self.path.parent)
+        message = (f"the disk holding {self.path} is full ({'?' if free is None else free} bytes free): nothing "
+                   "was stored; free space there (whatsappd carries on by itself once there is room)")
+        self.full_refusals += 1
+        self.full_message = message
+        if self.full_since is None:
+            self.full_since = time.time()
+            log.error("storage full: writes are refused until there is room", path=str(self.path),
+                      free_bytes=free, error=str(exc))
+        return StorageFull(message)
+
+    def _probe(self) -> None:
+        """A tiny write while the disk is full: its success clears `full` (see _write)."""
+        try:
+            self._writer().execute("INSERT OR REPLACE INTO meta VALUES ('writable_at', ?)", (str(time.time()),))
+        except (StoreError, sqlite3.Error, OSError):
+            pass  # still full (or worse): the next write or probe says so
+        else:
+            if self.full_since is not None:
+                self._writable_again()
+        finally:
+            self._probing = False
+
+    def health(self) -> dict[str, Any]:
+        """{"state": "ok"} or, while the disk is full, "full" with since, path and message."""
+        if self.full_since is None:
+            return {"state": "ok", "path": str(self.path)}
+        return {"state": "full", "path": str(self.path), "since": iso(self.full_since), "message": self.full_message}
 
     def _writer(self) -> sqlite3.Connection:
         if self._db is None:
@@ -285,13 +458,13 @@ class Store:
             self._flush_scheduled = False
             try:
                 events = await self.run(_insert_events, batch)
-            except (sqlite3.Error, OSError) as exc:
+            except (StoreError, sqlite3.Error, OSError) as exc:
                 # Disk full, I/O error: keep the batch (ahead of newer events) and try again,
                 # rather than lose it. Readers simply see nothing new until it commits.
                 self._pending, self._pending_secrets = batch + self._pending, secrets_ + self._pending_secrets
                 failures += 1
-                log.error("cannot write events to the journal; retrying", error=str(exc), attempt=failures,
-                          path=str(self.path))
+                log.error("cannot write events to the journal; kept in memory, retrying", error=str(exc),
+                          attempt=failures, events=len(self._pending), path=str(self.path))
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
             failures = 0
@@ -315,7 +488,7 @@ class Store:
         cancelled meanwhile.
         """
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, lambda: fn(self._writer(), *args))
+        future = loop.run_in_executor(self._executor, self._write, fn, *args)
 
         def deliver(done: asyncio.Future[tuple[T, list[Event]]]) -> None:
             if not done.cancelled() and done.exception() is None:
@@ -435,16 +608,11 @@ class Store:
 
 def _insert_events(db: sqlite3.Connection, batch: list[tuple[float, str | None, str, dict[str, Any]]]) -> list[Event]:
     out = []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         for at, company, type_, data in batch:
             cur = db.execute("INSERT INTO events (at, company, type, data) VALUES (?, ?, ?, ?)",
                              (at, company, type_, json.dumps(data, separators=(",", ":"))))
             out.append(Event(int(cur.lastrowid or 0), at, company, type_, data))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     return out
 
 
@@ -467,13 +635,12 @@ def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: tu
 
 
 def _prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
-    db.execute("BEGIN IMMEDIATE")
-    n = db.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
-    top = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
-    if top is not None:
-        n += db.execute("DELETE FROM events WHERE seq <= ?", (top - max_events,)).rowcount
-    db.execute("DELETE FROM incoming_media WHERE at < ?", (cutoff,))
-    db.execute("COMMIT")
+    with _transaction(db):
+        n = db.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
+        top = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+        if top is not None:
+            n += db.execute("DELETE FROM events WHERE seq <= ?", (top - max_events,)).rowcount
+        db.execute("DELETE FROM incoming_media WHERE at < ?", (cutoff,))
     return n
 
 
@@ -525,13 +692,14 @@ def _enqueue_batch(db: sqlite3.Connection, batch: list[tuple[Any, ...]]
     in its place. If the transaction itself fails, nothing is committed and it raises."""
     outcomes: list[tuple[bool, dict[str, Any]] | Exception] = []
     events: list[Event] = []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         for args in batch:
             db.execute("SAVEPOINT enqueue")
             try:
                 outcome, inserted = _enqueue(db, *args)
             except Exception as exc:
+                if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                    raise  # the database failed (full disk, I/O), not this message: the batch goes
                 db.execute("ROLLBACK TO enqueue")
                 db.execute("RELEASE enqueue")
                 outcomes.append(exc)
@@ -539,11 +707,6 @@ def _enqueue_batch(db: sqlite3.Connection, batch: list[tuple[Any, ...]]
             db.execute("RELEASE enqueue")
             outcomes.append(outcome)
             events.extend(inserted)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return outcomes, events
 
 
@@ -588,11 +751,9 @@ _ALLOWED = {
 def _set_status(db: sqlite3.Connection, message_id: str, status: str,
                 fields: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Event]]:
     now = time.time()
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         row = db.execute("SELECT status FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None or status not in _ALLOWED[row[0]]:
-            db.execute("COMMIT")
             return None, []
         sets = {"status": status, "updated_at": now}
         if status == "sending":
@@ -610,11 +771,6 @@ def _set_status(db: sqlite3.Connection, message_id: str, status: str,
                    (*sets.values(), message_id))
         message = _row_message(db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone())
         event = _insert_status_event(db, message)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return message, [event]
 
 
@@ -628,8 +784,7 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
     unknown = []
     events = []
     column = {"delivered": "delivered_at", "read": "read_at"}[status]
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         for wa_id in wa_ids:
             row = db.execute("SELECT id, status FROM messages WHERE company = ? AND wa_id = ?",
                              (company, wa_id)).fetchone()
@@ -643,11 +798,6 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
             db.execute(f"UPDATE messages SET status = ?, updated_at = ?, {column} = ?{extra} WHERE id = ?", args)
             changed.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (row[0],)).fetchone()))
             events.append(_insert_status_event(db, changed[-1]))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return (changed, unknown), events
 
 
@@ -671,8 +821,7 @@ def _finish(db: sqlite3.Connection, ids: list[str], from_status: str, status: st
     """Move messages still in from_status to a final status, with their events, in one transaction."""
     if not ids:
         return [], []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         out = []
         for mid in ids:
             changed = db.execute("UPDATE messages SET status = ?, updated_at = ?, error_code = ?, error = ? "
@@ -681,9 +830,4 @@ def _finish(db: sqlite3.Connection, ids: list[str], from_status: str, status: st
                 db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
                 out.append(_row_message(db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()))
         events = [_insert_status_event(db, message) for message in out]
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return out, events

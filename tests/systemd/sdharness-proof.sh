@@ -7,17 +7,19 @@
 # systemd-analyze security score, Type=notify start, STATUS=, the journal, the control socket
 # (and who may use it), neonize workers inside the sandbox (reload; a company behind a refusing
 # SOCKS5 listener goes reconnecting with backoff), a simulator company that pairs, connects and
-# is restored after a restart, a message sent and the event journal, exit 78 without restart
-# loop, watchdog kill + restart, clean stop, and socket activation. Every neonize company dials
+# is restored after a restart, a message sent and the event journal, exit 78 (bad config) and
+# 65 (damaged store) without restart loop, watchdog kill + restart, clean stop, and socket
+# activation. Every neonize company dials
 # through a SOCKS5 listener or closed port on the container's 127.0.0.1. Stops the container at
 # the end whatever happens.
 #
 # Usage (as root):  tests/systemd/sdharness-proof.sh
 # Environment:
-#   SDHARNESS=PATH        the harness (default: ../shared/tools/sdharness beside the repo,
-#                         else /work/shared/tools/sdharness)
-#   SDH_DIR=/var/tmp/whatsappd-proof   harness state (must be below /var/tmp); the rootfs
-#                         is cached there, so only the first run pays for debootstrap
+#   WHATSAPPD_SDHARNESS=PATH   the harness (default: shared/tools/sdharness beside the
+#                         repository, i.e. ../shared/tools/sdharness from its root)
+#   WHATSAPPD_PROOF_CACHE=DIR  keep the container's Debian rootfs (about 520 MB) in DIR, below
+#                         /var/tmp, so that later runs skip debootstrap. Without it the rootfs
+#                         is built in a fresh directory below /var/tmp, removed at the end.
 #   SDH_NAME=proof        container instance name
 #   WHATSAPPD_PROJECT=DIR the project to install (default: this repository)
 #   PYTHON=python3        a host Python with pip, used to build/download the wheels
@@ -30,12 +32,12 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 PROJECT=${WHATSAPPD_PROJECT:-$REPO}
 UNITS=$REPO/systemd
-if [[ -z ${SDHARNESS:-} ]]; then
-  for c in "$REPO/../shared/tools/sdharness" /work/shared/tools/sdharness; do
-    if [[ -f $c ]]; then SDHARNESS=$c; break; fi
-  done
-fi
-export SDH_DIR=${SDH_DIR:-/var/tmp/whatsappd-proof}
+SDHARNESS=${WHATSAPPD_SDHARNESS:-$REPO/../shared/tools/sdharness}
+# The harness keeps its rootfs, tools and containers in SDH_DIR: a cache if asked for, else a
+# directory of this run's own (created in preflight, removed by cleanup).
+SDH_DIR=${WHATSAPPD_PROOF_CACHE:-}
+OWN_SDH_DIR=""
+export SDH_DIR
 export SDH_NAME=${SDH_NAME:-proof}
 export SDH_EXTRA_PACKAGES=${SDH_EXTRA_PACKAGES:-"libmagic1 curl"}
 PYTHON=${PYTHON:-python3}
@@ -121,13 +123,24 @@ company_matches() { http "/v1/companies/$1"; [[ $CODE == 200 ]] && json_true "$2
 JSON=(-H 'Content-Type: application/json')
 
 cleanup() {
-  local rc=$?
+  local rc=$? stopped=0
   if [[ -n $WORK && -d $WORK ]]; then rm -rf -- "$WORK"; fi
   if [[ ${KEEP:-0} == 1 ]]; then
-    echo "KEEP=1: container left running (SDH_DIR=$SDH_DIR SDH_NAME=$SDH_NAME $SDHARNESS stop)"
-  elif [[ -n ${SDHARNESS:-} ]]; then
+    echo "KEEP=1: container left running (SDH_DIR=$SDH_DIR SDH_NAME=$SDH_NAME $SDHARNESS stop);" \
+         "remove $SDH_DIR yourself afterwards"
+  elif [[ -n $SDH_DIR && -d $SDH_DIR ]]; then
     echo "== stopping the container"
-    H stop >/dev/null 2>&1 || H stop --kill || true
+    if H stop >/dev/null 2>&1 || H stop --kill; then stopped=1; fi
+  fi
+  if [[ -n $OWN_SDH_DIR && ${KEEP:-0} != 1 ]]; then
+    # Only once the harness has verified that nothing runs and nothing is mounted below it.
+    if (( stopped )) && ! grep -qE " $OWN_SDH_DIR(/| )" /proc/self/mountinfo; then
+      echo "== removing $OWN_SDH_DIR ($(du -sh "$OWN_SDH_DIR" 2>/dev/null | cut -f1); set WHATSAPPD_PROOF_CACHE to keep it)"
+      rm -rf --one-file-system -- "$OWN_SDH_DIR"
+    else
+      echo "NOT removing $OWN_SDH_DIR: the container did not stop cleanly; run: SDH_DIR=$OWN_SDH_DIR $SDHARNESS stop"
+      rc=1
+    fi
   fi
   exit "$rc"
 }
@@ -135,16 +148,21 @@ cleanup() {
 # --------------------------------------------------------------------------------- setup
 step "preflight"
 [[ $(id -u) == 0 ]] || die "must run as root (sdharness needs it)"
-[[ -n ${SDHARNESS:-} && -f $SDHARNESS ]] || die "sdharness not found; set SDHARNESS=/path/to/sdharness"
+[[ -f $SDHARNESS ]] || die "sdharness not found at $SDHARNESS; set WHATSAPPD_SDHARNESS=/path/to/sdharness"
 for f in whatsappd.service whatsappd.socket whatsappd.sysusers.conf whatsappd.tmpfiles.conf; do
   [[ -f $UNITS/$f ]] || die "missing $UNITS/$f"
 done
 [[ -f $PROJECT/pyproject.toml ]] || die "no pyproject.toml in $PROJECT"
 "$PYTHON" -m pip --version >/dev/null || die "$PYTHON has no pip"
-info "project $PROJECT, harness $SDHARNESS, SDH_DIR=$SDH_DIR SDH_NAME=$SDH_NAME"
-WORK=$(mktemp -d /var/tmp/whatsappd-proof-wheels.XXXXXX)
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+if [[ -z $SDH_DIR ]]; then
+  SDH_DIR=$(mktemp -d /var/tmp/whatsappd-proof.XXXXXX)
+  OWN_SDH_DIR=$SDH_DIR
+fi
+WORK=$(mktemp -d /var/tmp/whatsappd-proof-wheels.XXXXXX)
+info "project $PROJECT, harness $SDHARNESS, SDH_DIR=$SDH_DIR${OWN_SDH_DIR:+ (removed at the end)}" \
+     "SDH_NAME=$SDH_NAME"
 
 step "wheelhouse for Debian 12's Python $TARGET_PY (the container has no network)"
 SRC=$WORK/src WHEELS=$WORK/wheels
@@ -169,7 +187,7 @@ pip_q download -q -d "$WHEELS" --find-links "$WHEELS" --only-binary=:all: \
 ls "$WHEELS"/neonize-*.whl >/dev/null 2>&1 || die "no neonize wheel in the wheelhouse"
 info "$(ls "$WHEELS" | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
 
-step "container rootfs (Debian 12 + $SDH_EXTRA_PACKAGES; cached after the first run)"
+step "container rootfs (Debian 12 + $SDH_EXTRA_PACKAGES; ${OWN_SDH_DIR:+not }cached for later runs)"
 H stop >/dev/null 2>&1 || true   # a container left over by an interrupted run
 H build || die "sdharness build failed"
 
@@ -526,6 +544,30 @@ X journalctl -u whatsappd.service --no-pager -o cat -n 4 | sed 's/^/   | /'
 X sh -c 'cp /tmp/good.toml /etc/whatsappd/whatsappd.toml'
 X systemctl reset-failed whatsappd.service
 check "starts again with the good config" X systemctl start whatsappd.service
+
+# ---------------------------------------------------------- exit 65 (damaged store), no restart
+step "a damaged store: exit 65, the file and the fix in the journal, no restart loop"
+STORE=/var/lib/whatsappd/whatsappd.sqlite
+X systemctl stop whatsappd.service
+X sh -c "mv $STORE /tmp/good.sqlite && rm -f $STORE-wal $STORE-shm && head -c 16384 /dev/urandom > $STORE \
+         && chown whatsappd:whatsappd $STORE && chmod 600 $STORE"
+n0=$(prop whatsappd.service NRestarts)
+c=$(cursor)
+if X systemctl start whatsappd.service 2>/dev/null; then fail "start with a damaged store should fail"; else pass "start with a damaged store failed"; fi
+sleep 4   # > RestartSec=2s
+check "ExecMainStatus=65 ($(prop whatsappd.service ExecMainStatus))" test "$(prop whatsappd.service ExecMainStatus)" == 65
+check "not restarted (NRestarts $n0 -> $(prop whatsappd.service NRestarts))" test "$(prop whatsappd.service NRestarts)" == "$n0"
+dmg=$(journal_since "$c" unit=whatsappd.service 2>&1 || true)
+grep -F 'store is damaged' <<<"$dmg" | cut -c1-300 | sed 's/^/   | /'
+check "one journal line names the file and the fix" has "store is damaged.*path=$STORE.*backup.*check-store" "$dmg"
+check "no traceback in the journal" not has 'Traceback' "$dmg"
+out=$(X /opt/whatsappd/bin/whatsappd check-store 2>&1) && rc=0 || rc=$?
+info "whatsappd check-store: exit $rc; $(tail -1 <<<"$out" | cut -c1-160)"
+check "whatsappd check-store finds the damage (exit 1, DAMAGED)" test "$rc" == 1 -a -n "$(grep -F "$STORE: DAMAGED" <<<"$out")"
+X sh -c "mv /tmp/good.sqlite $STORE"
+X systemctl reset-failed whatsappd.service
+check "starts again with the store restored" X systemctl start whatsappd.service
+check "whatsappd check-store: ok while it runs (exit 0)" X /opt/whatsappd/bin/whatsappd check-store >/dev/null
 PID=$(prop whatsappd.service MainPID)
 
 # ------------------------------------------------------------------------------- watchdog
