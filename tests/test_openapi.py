@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from whatsappd import __version__
-from whatsappd.errors import CODES
+from whatsappd.errors import CODES, ErrorCode
 from whatsappd.openapi import SIMULATE_ACTIONS, openapi_document
 from whatsappd.store import EVENT_TYPES
 from whatsappd.testing.daemon import DaemonProcess, wait_until
@@ -225,36 +225,39 @@ def test_documented_simulate_actions_are_the_simulators() -> None:
     assert body["schema"]["properties"]["count"]["maximum"] == MAX_BURST
 
 
-def _raised_codes(tree: ast.AST) -> set[str]:
-    """The literal codes passed to EngineError(...) or ApiError(status, ...) in a module."""
-    codes = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            index = {"EngineError": 0, "ApiError": 1}.get(node.func.id)
-            if index is not None and len(node.args) > index and isinstance(node.args[index], ast.Constant):
-                codes.add(str(node.args[index].value))
-    return codes
-
-
-# Worker codes that end in a message's `error` (sending happens in the background), never in an
-# HTTP answer: documented on the Message schema instead.
-_SEND_ONLY = {"too_large", "media_invalid", "send_failed", "not_on_whatsapp", "send_interrupted", "send_in_progress",
-              "send_log_unusable", "invalid_recipient"}
+def _used_codes(tree: ast.AST) -> set[str]:
+    """The codes a module names as ErrorCode.MEMBER (every error is raised with one)."""
+    return {node.attr.lower() for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ErrorCode"
+            and node.attr.isupper()}
 
 
 def test_every_error_code_raised_is_in_errors_py_and_the_document() -> None:
-    """Each code an ApiError or a worker's EngineError carries is in errors.CODES and listed by some operation."""
-    raised: set[str] = set()
+    """Each code the package raises is an ErrorCode, and each ErrorCode is documented with its status:
+    in an operation's answers, or (for what only ends a background send) in a message's `error.code`."""
+    used: set[str] = set()
     for path in (REPO / "whatsappd").rglob("*.py"):
-        raised |= _raised_codes(ast.parse(path.read_text(encoding="utf-8")))
+        used |= _used_codes(ast.parse(path.read_text(encoding="utf-8")))
+    assert used <= set(CODES), sorted(used - set(CODES))
     document = openapi_document(__version__)
-    listed = {code for item in document["paths"].values() for method, operation in item.items() if method != "parameters"
-              for status, response in operation["responses"].items() if status[0] in "45"
-              for code in _codes(operation, status)}
-    assert raised - _SEND_ONLY <= set(CODES), sorted(raised - _SEND_ONLY - set(CODES))
-    assert set(CODES) - listed <= {"not_found", "method_not_allowed", "unknown_op"}, sorted(set(CODES) - listed)
+    listed: dict[str, set[str]] = {}
+    for item in document["paths"].values():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            for status in operation["responses"]:
+                if status[0] in "45":
+                    for code in _codes(operation, status):
+                        listed.setdefault(code, set()).add(status)
+    for code, statuses in listed.items():
+        assert statuses == {str(ErrorCode(code).status)}, (code, statuses)
+    error = document["components"]["schemas"]["Message"]["properties"]["error"]["oneOf"][1]
+    message_codes = set(error["properties"]["code"]["enum"])
+    assert set(CODES) - set(listed) - message_codes <= {"not_found", "method_not_allowed", "unknown_op"}, \
+        sorted(set(CODES) - set(listed) - message_codes)
     for code, status in CODES.items():
         assert 400 <= status <= 599, code
+    assert all(code.meaning for code in ErrorCode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,3 +304,15 @@ def test_every_event_type_line_matches_its_documented_schema(daemon_factory: Cal
         assert set(item) <= set(documented[kind]["properties"]), (kind, set(item) - set(documented[kind]["properties"]))
     assert seen["message.status"]["message_id"] == sent["id"]
     assert daemon.stop() == 0
+
+
+def test_the_documented_name_pattern_is_exactly_the_terminal_rule() -> None:
+    """CompanyInput.name's pattern accepts a character exactly when names may contain it."""
+    import re
+
+    from whatsappd.terminal import is_unsafe, safe_text_pattern
+
+    pattern = re.compile(safe_text_pattern())
+    scalars = (code for code in range(0x110000) if not 0xD800 <= code <= 0xDFFF)
+    wrong = [hex(code) for code in scalars if bool(pattern.match(f"a{chr(code)}b")) == is_unsafe(chr(code))]
+    assert wrong == []

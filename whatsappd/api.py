@@ -29,7 +29,7 @@ from whatsappd import __version__
 from whatsappd import qr as qr_render
 from whatsappd.config import parse_companies, parse_duration
 from whatsappd.control_socket import admits, forbidden, peer_of
-from whatsappd.errors import ApiError
+from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.logs import get_logger
 from whatsappd.mediafile import MediaRefused, read_media
@@ -50,9 +50,10 @@ log = get_logger()
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: aiohttp's own refusals, as codes.
 _STATUS_CODES = {
-    400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    413: "body_too_large", 415: "unsupported_media_type",
+    400: ErrorCode.BAD_REQUEST, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.BODY_TOO_LARGE, 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
 }
 
 
@@ -71,7 +72,7 @@ async def _peer_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-def _error_response(error: ApiError) -> web.Response:
+def _error_response(error: Failure) -> web.Response:
     return web.json_response(error.body(), status=error.status)
 
 
@@ -79,21 +80,21 @@ def _error_response(error: ApiError) -> web.Response:
 async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
+    except Failure as exc:
         return _error_response(exc)
     except StorageFull as exc:  # any write, any route: the store logged it once, with the path
-        return _error_response(ApiError(507, "storage_full", str(exc)))
+        return _error_response(ApiError(ErrorCode.STORAGE_FULL, str(exc)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _STATUS_CODES.get(exc.status, "bad_request")
+        code = _STATUS_CODES.get(exc.status, ErrorCode.BAD_REQUEST)
         message = {
             404: f"no such route: {request.method} {request.path}; see GET /v1/openapi.json",
             405: f"{request.method} is not allowed on {request.path}",
             413: f"the request body is larger than control.max_body_size "
                  f"({request.app[DAEMON].config.control_max_body_size} bytes)",
         }.get(exc.status, exc.text or exc.reason)
-        response = _error_response(ApiError(exc.status, code, message))
+        response = _error_response(ApiError(code, message))
         for header in ("Allow",):
             if header in exc.headers:
                 response.headers[header] = exc.headers[header]
@@ -102,7 +103,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except Exception:
         log.exception("request failed", method=request.method, path=request.path)
-        return _error_response(ApiError(500, "internal_error", "internal error; see the daemon's log"))
+        return _error_response(ApiError(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon's log"))
 
 
 @web.middleware
@@ -117,7 +118,7 @@ async def _body_limit_middleware(request: web.Request, handler: Handler) -> web.
         except TimeoutError:
             # Answer and close at once: aiohttp would otherwise linger (10 s) to drain a body
             # that is not coming, holding the connection's slot past the idle timeout.
-            response = _error_response(ApiError(408, "request_timeout", f"the request body did not arrive "
+            response = _error_response(ApiError(ErrorCode.REQUEST_TIMEOUT, f"the request body did not arrive "
                                                 f"within control.idle_timeout ({timeout:g}s)"))
             await response.prepare(request)
             await response.write_eof()
@@ -164,14 +165,14 @@ async def read_json(request: web.Request) -> Any:
     if not raw.strip():
         return {}
     if request.content_type.startswith("multipart/"):
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    too_deep = ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+        raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the body as application/json")
+    too_deep = ApiError(ErrorCode.INVALID_JSON, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         value = json.loads(raw, parse_constant=_not_json)
     except RecursionError:
         raise too_deep from None
     except ValueError as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        raise ApiError(ErrorCode.INVALID_JSON, f"the body is not valid JSON: {exc}") from None
     if _too_deep(value):
         raise too_deep
     return value
@@ -206,7 +207,7 @@ async def reload(request: web.Request) -> web.Response:
     result = await daemon.reload(reason="api")
     if not result["ok"]:
         raise ApiError(
-            422, "config_invalid",
+            ErrorCode.CONFIG_INVALID,
             f"the configuration was not reloaded: {result['source']} is invalid; the previous "
             "configuration stays in force",
             source=result["source"], problems=result["problems"],
@@ -227,7 +228,7 @@ def _company_id(request: web.Request) -> str:
     try:
         return check_company_id(request.match_info["id"])
     except InvalidCompanyId as exc:
-        raise ApiError(400, "invalid_company_id", str(exc)) from None
+        raise ApiError(ErrorCode.INVALID_COMPANY_ID, str(exc)) from None
 
 
 def _runner(request: web.Request) -> Runner:
@@ -237,7 +238,7 @@ def _runner(request: web.Request) -> Runner:
 def _bool_param(request: web.Request, name: str) -> bool:
     value = request.query.get(name, "false").lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise ApiError(400, "bad_request", f"query parameter {name!r} must be true or false")
+        raise ApiError(ErrorCode.BAD_REQUEST, f"query parameter {name!r} must be true or false")
     return value in ("true", "1", "yes")
 
 
@@ -254,15 +255,15 @@ async def put_company(request: web.Request) -> web.Response:
     company = _company_id(request)
     body = await read_json(request)
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "the body must be a JSON object with name, engine, proxy")
+        raise ApiError(ErrorCode.BAD_REQUEST, "the body must be a JSON object with name, engine, proxy")
     if "id" in body and body["id"] != company:
         # The path names the company; a different id in the body is a mistake, not a rename.
-        raise ApiError(400, "bad_request", f"the body's id {body['id']!r} differs from the path's "
+        raise ApiError(ErrorCode.BAD_REQUEST, f"the body's id {body['id']!r} differs from the path's "
                        f"{company!r}; leave id out of the body")
     problems: list[str] = []
     parsed = parse_companies([{**body, "id": company}], problems)
     if problems or not parsed:
-        raise ApiError(400, "bad_request", "; ".join(p.replace("companies[0]", "body") for p in problems))
+        raise ApiError(ErrorCode.BAD_REQUEST, "; ".join(p.replace("companies[0]", "body") for p in problems))
     created, runner = await request.app[DAEMON].supervisor.put_company(parsed[0])
     return web.json_response(runner.snapshot(), status=201 if created else 200)
 
@@ -289,10 +290,10 @@ async def get_qr(request: web.Request) -> web.StreamResponse:
     if runner.state is not State.PAIRING or qr is None or not qr.get("code"):
         hint = ("connect it first (POST /v1/companies/{id}/connect)" if runner.state is not State.CONNECTED
                 else "it is already connected")
-        raise ApiError(409, "no_qr", f"company {runner.id!r} has no QR code now (state {runner.state}); {hint}")
+        raise ApiError(ErrorCode.NO_QR, f"company {runner.id!r} has no QR code now (state {runner.state}); {hint}")
     fmt = request.query.get("format", "")
     if fmt not in ("", "json", "png", "text"):
-        raise ApiError(400, "bad_request", "format must be json, png or text")
+        raise ApiError(ErrorCode.BAD_REQUEST, "format must be json, png or text")
     code = str(qr["code"])
     no_store = {"Cache-Control": "no-store"}
     if fmt == "png" or (not fmt and "image/png" in request.headers.get("Accept", "")):
@@ -308,13 +309,13 @@ async def pair_code(request: web.Request) -> web.Response:
     body = await read_json(request)
     phone = body.get("phone") if isinstance(body, dict) else None
     if not isinstance(phone, str) or not phone.strip():
-        raise ApiError(400, "bad_request", 'send {"phone": "<number in international format>"}')
+        raise ApiError(ErrorCode.BAD_REQUEST, 'send {"phone": "<number in international format>"}')
     digits = _PHONE_JUNK.sub("", phone)
     if not re.fullmatch(r"[1-9][0-9]{6,14}", digits):
-        raise ApiError(400, "invalid_phone", f"{phone!r} is not a phone number in international format "
+        raise ApiError(ErrorCode.INVALID_PHONE, f"{phone!r} is not a phone number in international format "
                        "(country code first, e.g. +55 11 99999-9999)")
     if runner.state is not State.PAIRING:
-        raise ApiError(409, "not_pairing", f"company {runner.id!r} is not pairing (state {runner.state}); "
+        raise ApiError(ErrorCode.NOT_PAIRING, f"company {runner.id!r} is not pairing (state {runner.state}); "
                        "connect it first, then ask for a code")
     return web.json_response(await runner.command("pair_phone", {"phone": digits}))
 
@@ -333,15 +334,15 @@ async def restart(request: web.Request) -> web.Response:
 async def simulate(request: web.Request) -> web.Response:
     runner = _runner(request)
     if runner.config.engine != "simulator":
-        raise ApiError(404, "not_found", f"company {runner.id!r} runs the real WhatsApp engine; "
+        raise ApiError(ErrorCode.NOT_FOUND, f"company {runner.id!r} runs the real WhatsApp engine; "
                        'simulate exists only for engine = "simulator"')
     body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
-        raise ApiError(400, "bad_request", f'send {{"action": "{"|".join(SIMULATE_ACTIONS)}", ...}}')
+        raise ApiError(ErrorCode.BAD_REQUEST, f'send {{"action": "{"|".join(SIMULATE_ACTIONS)}", ...}}')
     if body["action"] in ("crash", "hang"):
         # The worker cannot answer these: it dies or freezes. Fire and forget.
         if runner.worker is None:
-            raise ApiError(409, "not_running", f"company {runner.id!r} has no running worker")
+            raise ApiError(ErrorCode.NOT_RUNNING, f"company {runner.id!r} has no running worker")
         runner.worker.send({"type": "command", "id": 0, "company": runner.id, "op": "simulate", "args": body})
         return web.json_response({"action": body["action"], "sent": True}, status=202)
     return web.json_response(await runner.command("simulate", body))
@@ -364,24 +365,24 @@ def _path_bytes(spec: dict[str, Any], kind: str, limit: int, media_dirs: tuple[P
     """
     path = spec["path"]
     if not isinstance(path, str) or not os.path.isabs(path):
-        raise ApiError(400, "unreadable_file", f"{kind}.path must be an absolute path")
+        raise ApiError(ErrorCode.UNREADABLE_FILE, f"{kind}.path must be an absolute path")
     if not media_dirs:
-        raise ApiError(400, "unreadable_file", "sending files by path is off: list the directories the CRM may "
+        raise ApiError(ErrorCode.UNREADABLE_FILE, "sending files by path is off: list the directories the CRM may "
                        "send from in outbox.media_dirs, or send the content as base64")
     try:
         return b"".join(read_media(path, media_dirs, limit, forbidden=state_dir))
     except MediaRefused as exc:
         if exc.reason == "too_large":
-            raise ApiError(413, "body_too_large", f"{exc.message}; outbox.max_file_size is {limit}") from None
+            raise ApiError(ErrorCode.BODY_TOO_LARGE, f"{exc.message}; outbox.max_file_size is {limit}") from None
         if exc.reason == "outside":
-            raise ApiError(400, "unreadable_file", f"{exc.message}: files are sent only from inside "
+            raise ApiError(ErrorCode.UNREADABLE_FILE, f"{exc.message}: files are sent only from inside "
                            f"outbox.media_dirs ({', '.join(str(d) for d in media_dirs)}), without symbolic "
                            "links; the state directory is never allowed") from None
         if exc.reason == "invalid":
-            raise ApiError(400, "unreadable_file", f"{kind}.path: {exc.message}, inside outbox.media_dirs") from None
+            raise ApiError(ErrorCode.UNREADABLE_FILE, f"{kind}.path: {exc.message}, inside outbox.media_dirs") from None
         if exc.reason == "unreadable":
-            raise ApiError(400, "unreadable_file", f"the daemon (uid {os.getuid()}) {exc.message}") from None
-        raise ApiError(400, "unreadable_file", f"{exc.message}; give the path of a regular file the daemon "
+            raise ApiError(ErrorCode.UNREADABLE_FILE, f"the daemon (uid {os.getuid()}) {exc.message}") from None
+        raise ApiError(ErrorCode.UNREADABLE_FILE, f"{exc.message}; give the path of a regular file the daemon "
                        "can read") from None
 
 
@@ -391,19 +392,19 @@ def _media_bytes(spec: object, kind: str, limit: int, media_dirs: tuple[Path, ..
     if isinstance(spec, str):
         spec = {"path": spec}
     if not isinstance(spec, dict) or (("path" in spec) == ("base64" in spec)):
-        raise ApiError(400, "invalid_message", f'"{kind}" must be {{"path": "/abs/file"}} or {{"base64": "..."}}')
+        raise ApiError(ErrorCode.INVALID_MESSAGE, f'"{kind}" must be {{"path": "/abs/file"}} or {{"base64": "..."}}')
     unknown = sorted(set(spec) - {"path", "base64", "filename", "mimetype"})
     if unknown:
-        raise ApiError(400, "invalid_message", f'unknown fields in "{kind}": {", ".join(unknown)}')
+        raise ApiError(ErrorCode.INVALID_MESSAGE, f'unknown fields in "{kind}": {", ".join(unknown)}')
     if "path" in spec:
         data = _path_bytes(spec, kind, limit, media_dirs, state_dir)
         return data, spec.get("filename") or os.path.basename(spec["path"]), spec.get("mimetype")
     try:
         data = base64.b64decode(str(spec["base64"]), validate=True)
     except (ValueError, binascii.Error):
-        raise ApiError(400, "invalid_message", f"{kind}.base64 is not valid base64") from None
+        raise ApiError(ErrorCode.INVALID_MESSAGE, f"{kind}.base64 is not valid base64") from None
     if len(data) > limit:
-        raise ApiError(413, "body_too_large", f"the {kind} is {len(data)} bytes; outbox.max_file_size is {limit}")
+        raise ApiError(ErrorCode.BODY_TOO_LARGE, f"the {kind} is {len(data)} bytes; outbox.max_file_size is {limit}")
     return data, spec.get("filename"), spec.get("mimetype")
 
 
@@ -428,18 +429,18 @@ def _wait_bound(request: web.Request, max_wait: float) -> float | None:
     wait = request.query.get("wait")
     if wait is None:
         if "timeout" in request.query:
-            raise ApiError(400, "bad_request", "timeout goes with wait=sent")
+            raise ApiError(ErrorCode.BAD_REQUEST, "timeout goes with wait=sent")
         return None
     if wait != "sent":
-        raise ApiError(400, "bad_request", "wait accepts only 'sent'")
+        raise ApiError(ErrorCode.BAD_REQUEST, "wait accepts only 'sent'")
     if "timeout" not in request.query:
         return max_wait
     try:
         timeout = float(request.query["timeout"])
     except ValueError:
-        raise ApiError(400, "bad_request", "timeout must be a number of seconds") from None
+        raise ApiError(ErrorCode.BAD_REQUEST, "timeout must be a number of seconds") from None
     if not 0 <= timeout < float("inf"):
-        raise ApiError(400, "bad_request", "timeout must be a number of seconds, 0 or more")
+        raise ApiError(ErrorCode.BAD_REQUEST, "timeout must be a number of seconds, 0 or more")
     return min(max_wait, timeout)
 
 
@@ -448,40 +449,40 @@ async def send_message(request: web.Request) -> web.Response:
     runner = _runner(request)
     body = await read_json(request)
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_message", "the body must be a JSON object")
+        raise ApiError(ErrorCode.INVALID_MESSAGE, "the body must be a JSON object")
     unknown = sorted(set(body) - _MESSAGE_FIELDS)
     if unknown:
-        raise ApiError(400, "invalid_message", f"unknown fields: {', '.join(unknown)}; allowed: "
+        raise ApiError(ErrorCode.INVALID_MESSAGE, f"unknown fields: {', '.join(unknown)}; allowed: "
                        f"{', '.join(sorted(_MESSAGE_FIELDS))}")
     wait_bound = _wait_bound(request, daemon.config.outbox_max_wait)  # checked before anything is stored
     key = request.headers.get("Idempotency-Key")
     if key is not None and not re.fullmatch(r"[ -~]{1,255}", key):
-        raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        raise ApiError(ErrorCode.BAD_REQUEST, "Idempotency-Key must be 1 to 255 printable ASCII characters")
     if runner.state in (State.LOGGED_OUT, State.REPLACED):
-        raise ApiError(409, "company_unavailable", f"company {runner.id!r} is {runner.state}: messages cannot be "
+        raise ApiError(ErrorCode.COMPANY_UNAVAILABLE, f"company {runner.id!r} is {runner.state}: messages cannot be "
                        "sent until it is connected again (connect, and pair if needed)")
     to = body.get("to")
     try:
         recipient = normalize_recipient(to, daemon.config.outbox_default_country) if isinstance(to, str) else None
     except InvalidRecipient as exc:
-        raise ApiError(400, "invalid_recipient", str(exc)) from None
+        raise ApiError(ErrorCode.INVALID_RECIPIENT, str(exc)) from None
     if recipient is None:
-        raise ApiError(400, "invalid_recipient", '"to" is required: a phone number in international format or a JID')
+        raise ApiError(ErrorCode.INVALID_RECIPIENT, '"to" is required: a phone number in international format or a JID')
     kinds = [k for k in _MEDIA_KINDS if k in body]
     if len(kinds) > 1 or (kinds and "text" in body):
-        raise ApiError(400, "invalid_message", 'send one of "text", "image", "document" or "audio"')
+        raise ApiError(ErrorCode.INVALID_MESSAGE, 'send one of "text", "image", "document" or "audio"')
     ttl = daemon.config.outbox_default_ttl
     if "ttl" in body:
         try:
             ttl = _json_seconds(body["ttl"])
         except ValueError:
-            raise ApiError(400, "invalid_message", 'ttl must be a duration such as "1h" or seconds') from None
+            raise ApiError(ErrorCode.INVALID_MESSAGE, 'ttl must be a duration such as "1h" or seconds') from None
         if not 1 <= ttl <= daemon.config.outbox_max_ttl:
-            raise ApiError(400, "invalid_message", f"ttl must be between 1s and outbox.max_ttl "
+            raise ApiError(ErrorCode.INVALID_MESSAGE, f"ttl must be between 1s and outbox.max_ttl "
                            f"({daemon.config.outbox_max_ttl:g}s)")
     for name in ("caption", "filename", "mimetype"):
         if name in body and not isinstance(body[name], str):
-            raise ApiError(400, "invalid_message", f'"{name}" must be a string')
+            raise ApiError(ErrorCode.INVALID_MESSAGE, f'"{name}" must be a string')
     media: bytes | None = None
     if kinds:
         kind = kinds[0]
@@ -499,15 +500,15 @@ async def send_message(request: web.Request) -> web.Response:
         kind = "text"
         text = body.get("text")
         if not isinstance(text, str) or not text:
-            raise ApiError(400, "invalid_message", 'send "text" (a non-empty string) or a media field')
+            raise ApiError(ErrorCode.INVALID_MESSAGE, 'send "text" (a non-empty string) or a media field')
         if len(text) > _MAX_TEXT:
-            raise ApiError(400, "invalid_message", f"the text is {len(text)} characters; at most {_MAX_TEXT}")
+            raise ApiError(ErrorCode.INVALID_MESSAGE, f"the text is {len(text)} characters; at most {_MAX_TEXT}")
         payload = {"text": text}
     try:
         created, message = await daemon.messaging.enqueue(runner, key, body, recipient, str(to), kind, payload,
                                                           media, ttl)
     except IdempotencyConflict as exc:
-        raise ApiError(422, "idempotency_key_reused", f"Idempotency-Key {key!r} was already used for message "
+        raise ApiError(ErrorCode.IDEMPOTENCY_KEY_REUSED, f"Idempotency-Key {key!r} was already used for message "
                        f"{exc.args[0]} with a different body; use a new key for a new message") from None
     if wait_bound is not None:
         message = await daemon.messaging.wait_status(
@@ -521,7 +522,7 @@ async def get_message(request: web.Request) -> web.Response:
     message_id = request.match_info["mid"]
     message = await request.app[DAEMON].store.message(runner.id, message_id)
     if message is None:
-        raise ApiError(404, "message_not_found", f"company {runner.id!r} has no message {message_id!r}")
+        raise ApiError(ErrorCode.MESSAGE_NOT_FOUND, f"company {runner.id!r} has no message {message_id!r}")
     return web.json_response(message)
 
 
@@ -530,9 +531,9 @@ async def check_contact(request: web.Request) -> web.Response:
     try:
         phone = normalize_phone(request.match_info["phone"], request.app[DAEMON].config.outbox_default_country)
     except InvalidRecipient as exc:
-        raise ApiError(400, "invalid_recipient", str(exc)) from None
+        raise ApiError(ErrorCode.INVALID_RECIPIENT, str(exc)) from None
     if runner.state is not State.CONNECTED:
-        raise ApiError(409, "not_connected", f"company {runner.id!r} is {runner.state}; a number can be checked "
+        raise ApiError(ErrorCode.NOT_CONNECTED, f"company {runner.id!r} is {runner.state}; a number can be checked "
                        "only while connected")
     return web.json_response(await runner.command("check_number", {"phone": phone}))
 
@@ -543,10 +544,10 @@ async def get_media(request: web.Request) -> web.StreamResponse:
     wa_id = request.match_info["message_id"]
     media = await daemon.store.incoming_media(runner.id, wa_id)
     if media is None:
-        raise ApiError(404, "media_not_found", f"no incoming media message {wa_id!r} for company {runner.id!r} "
+        raise ApiError(ErrorCode.MEDIA_NOT_FOUND, f"no incoming media message {wa_id!r} for company {runner.id!r} "
                        "(unknown id, not media, or older than journal.max_age)")
     if runner.state is not State.CONNECTED:
-        raise ApiError(409, "not_connected", f"company {runner.id!r} is {runner.state}; media is downloaded from "
+        raise ApiError(ErrorCode.NOT_CONNECTED, f"company {runner.id!r} is {runner.state}; media is downloaded from "
                        "WhatsApp and needs a connection")
     directory = daemon.config.daemon_state_dir / "tmp"
     directory.mkdir(mode=0o700, exist_ok=True)
@@ -569,28 +570,28 @@ async def events(request: web.Request) -> web.StreamResponse:
     store, messaging = daemon.store, daemon.messaging
     since_text = request.query.get("since")
     if since_text is not None and not re.fullmatch(r"[0-9]{1,18}", since_text):
-        raise ApiError(400, "bad_request", "since must be a sequence number (0 for everything kept)")
+        raise ApiError(ErrorCode.BAD_REQUEST, "since must be a sequence number (0 for everything kept)")
     companies = frozenset(request.query.getall("company", []))
     for company in companies:
         try:
             check_company_id(company)
         except InvalidCompanyId as exc:
-            raise ApiError(400, "invalid_company_id", str(exc)) from None
+            raise ApiError(ErrorCode.INVALID_COMPANY_ID, str(exc)) from None
     types = frozenset(request.query.getall("type", []))
     unknown = sorted(types - set(EVENT_TYPES))
     if unknown:
-        raise ApiError(400, "bad_request", f"unknown event types {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}")
+        raise ApiError(ErrorCode.BAD_REQUEST, f"unknown event types {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}")
     # Subscribe before reading the backlog, so nothing committed in between is missed.
     sub = messaging.subscribe(companies, types)
     try:
         top = store.last_seq
         since = int(since_text) if since_text is not None else top
         if since > top:
-            raise ApiError(409, "cursor_ahead", f"since={since} is ahead of the newest event ({top}); the journal "
+            raise ApiError(ErrorCode.CURSOR_AHEAD, f"since={since} is ahead of the newest event ({top}); the journal "
                            "was reset or the cursor is from another daemon: resume from 0", last_seq=top)
         oldest = await store.oldest_seq()
         if since_text is not None and oldest is not None and 0 < since < oldest - 1:  # 0: all that is kept
-            raise ApiError(410, "since_expired", f"events after {since} were pruned by the retention policy; "
+            raise ApiError(ErrorCode.SINCE_EXPIRED, f"events after {since} were pruned by the retention policy; "
                            f"the oldest available is {oldest}: resume from {oldest - 1}", oldest_available=oldest)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
         await response.prepare(request)

@@ -35,7 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from whatsappd.config import Config
-from whatsappd.errors import ApiError
+from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.logs import get_logger
 
 __all__ = [
@@ -181,7 +181,7 @@ def admits(config: Config, cred: PeerCred | None) -> bool:
 
 
 def forbidden(cred: PeerCred | None) -> ApiError:
-    return ApiError(403, "forbidden", f"uid {cred.uid if cred else '?'} may not use this API; add it to "
+    return ApiError(ErrorCode.FORBIDDEN, f"uid {cred.uid if cred else '?'} may not use this API; add it to "
                     "control.allowed_uids or one of its groups to control.allowed_groups")
 
 
@@ -296,13 +296,13 @@ class _Connection(web.RequestHandler):
         if status >= 500:
             # Only a bug gets here (the API's own middleware answers every handler error).
             log.error("request failed", exc_info=exc, **who)
-            error = ApiError(500, "internal_error", "internal error; see the daemon's log")
+            error = ApiError(ErrorCode.INTERNAL_ERROR, "internal error; see the daemon's log")
         else:
             # A client's malformed request: one line, no traceback, so no client can flood the log.
             text = (message or str(exc) or "malformed request").strip().split("\n", 1)[0]
             reason = text.split(": b'", 1)[0].rstrip(":. ")[:200]
             log.warning("malformed HTTP request refused", reason=reason, **who)
-            error = ApiError(400, "bad_request", f"the request is not valid HTTP/1.1: {reason}")
+            error = ApiError(ErrorCode.BAD_REQUEST, f"the request is not valid HTTP/1.1: {reason}")
         response = web.json_response(error.body(), status=error.status)
         response.force_close()
         return response
@@ -349,12 +349,12 @@ class CappedSockSite(web.SockSite):
             self._refuse(transport, forbidden(peer), "request refused: peer not allowed", who)
         elif len(self._open) >= config.control_max_connections:
             self._refuse(transport, ApiError(
-                503, "too_many_connections",
+                ErrorCode.TOO_MANY_CONNECTIONS,
                 "the daemon has reached control.max_connections open connections; retry shortly"),
                 "connection refused: too many open connections", {"limit": config.control_max_connections, **who})
         elif self._per_uid[uid] >= config.control_max_connections_per_uid:
             self._refuse(transport, ApiError(
-                503, "too_many_connections",
+                ErrorCode.TOO_MANY_CONNECTIONS,
                 f"uid {uid} has reached control.max_connections_per_uid "
                 f"({config.control_max_connections_per_uid}) open connections; close some or retry shortly"),
                 "connection refused: too many open connections for one uid",

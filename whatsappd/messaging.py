@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from whatsappd.errors import ApiError
+from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.logs import get_logger
 from whatsappd.states import State
 from whatsappd.store import EVENT_TYPES, Event, StorageFull, Store
@@ -295,7 +295,7 @@ class Messaging:
                     continue
             elif status.get("state") == "attempted":
                 changed = await self.store.set_status(
-                    message["id"], "failed", error_code="send_interrupted",
+                    message["id"], "failed", error_code=ErrorCode.SEND_INTERRUPTED,
                     error="the daemon stopped while this message was being sent; it may or may not have "
                           "been delivered, and it is not resent to avoid a duplicate")
             else:
@@ -307,7 +307,7 @@ class Messaging:
     async def _fail_in_flight(self, company: str) -> None:
         for message in await self.store.in_flight(company):
             await self.store.set_status(  # journals its message.status event itself (store.py)
-                message["id"], "failed", error_code="send_interrupted",
+                message["id"], "failed", error_code=ErrorCode.SEND_INTERRUPTED,
                 error="the session was logged out or quarantined while this message was being sent; it "
                       "may or may not have been delivered")
 
@@ -332,18 +332,18 @@ class Messaging:
             if message["kind"] != "text":
                 data = await self.store.media(message["id"])
                 if data is None:
-                    raise ApiError(409, "media_invalid", "the stored media is missing")
+                    raise ApiError(ErrorCode.MEDIA_INVALID, "the stored media is missing")
                 media_path = await asyncio.to_thread(_write_media_file, self.sup.config.daemon_state_dir, data)
                 args["media_path"] = str(media_path)
             result = await runner.command("send", args, timeout=self.config.outbox_send_timeout)
-        except ApiError as exc:
-            if exc.code in ("worker_exited", "not_running"):
+        except Failure as exc:
+            if exc.code in (ErrorCode.WORKER_EXITED, ErrorCode.NOT_RUNNING):
                 return False  # outcome unknown: stays `sending`, settled from the send log later
-            if exc.code == "worker_timeout":
+            if exc.code == ErrorCode.WORKER_TIMEOUT:
                 if runner.worker is not None:
                     runner.worker.kill("send_timeout")  # its send log will settle the message
                 return False
-            if getattr(exc, "permanent", False) or exc.code == "media_invalid":
+            if exc.permanent or exc.code == ErrorCode.MEDIA_INVALID:
                 await self.store.set_status(message["id"], "failed", error_code=exc.code, error=exc.message)
                 return True
             await self.store.set_status(message["id"], "queued", error_code=exc.code, error=exc.message)

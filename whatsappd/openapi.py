@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from whatsappd.config import ENGINES, PROXY_PATTERN
-from whatsappd.errors import CODES
+from whatsappd.errors import CODES, ErrorCode
 from whatsappd.ids import COMPANY_ID_PATTERN
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
 from whatsappd.states import State
 from whatsappd.store import EVENT_TYPES, STATUSES
+from whatsappd.terminal import safe_text_pattern
 
 __all__ = ["SIMULATE_ACTIONS", "openapi_document"]
 
@@ -46,7 +47,7 @@ _JID = {"type": "string", "description": "A WhatsApp JID: <digits>@s.whatsapp.ne
 _ANY = ("bad_request", "forbidden", "request_timeout", "body_too_large", "internal_error", "too_many_connections")
 _BODY = ("invalid_json", "unsupported_media_type")  # routes that read a JSON body
 _COMPANY = ("invalid_company_id", "company_not_found")  # routes under /v1/companies/{id}
-_COMMAND = ("not_running", "worker_timeout", "engine_error")  # routes that ask the company's worker
+_COMMAND = ("not_running", "worker_timeout", "worker_exited", "engine_error")  # routes that ask the company's worker
 
 
 def _responses(ok: dict[str, Any], *codes: str) -> dict[str, Any]:
@@ -199,7 +200,7 @@ SCHEMAS: dict[str, Any] = {
     "CompanyInput": {
         "type": "object",
         "properties": {
-            "name": {"type": "string", "maxLength": 200, "examples": ["ACME Imóveis"],
+            "name": {"type": "string", "maxLength": 200, "examples": ["ACME Imóveis"], "pattern": safe_text_pattern(),
                      "description": "No control or format characters (ESC, newline, bidi overrides...): 400."},
             "engine": {"type": "string", "enum": list(ENGINES), "default": "neonize"},
             "proxy": {"type": ["string", "null"], "pattern": PROXY_PATTERN,
@@ -247,8 +248,9 @@ SCHEMAS: dict[str, Any] = {
             "wa_id": {"type": ["string", "null"], "description": "WhatsApp's message id once sent."},
             "attempts": {"type": "integer"},
             "error": _nullable({"type": "object", "properties": {
-                "code": {"type": "string", "description": "e.g. not_on_whatsapp, invalid_recipient, media_invalid, "
-                                                          "too_large, send_failed, send_interrupted, expired"},
+                "code": {"enum": [code.value for code in ErrorCode],
+                         "description": "e.g. not_on_whatsapp, invalid_recipient, media_invalid, too_large, "
+                                        "send_failed, send_interrupted, expired"},
                 "message": {"type": ["string", "null"]}}}),
             "idempotency_key": {"type": ["string", "null"]},
             "created_at": _TIME, "updated_at": _TIME, "expires_at": _TIME,

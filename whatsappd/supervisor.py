@@ -23,7 +23,7 @@ from typing import Any
 from whatsappd import sessions
 from whatsappd.backoff import Backoff, BackoffPolicy, RateLimiter
 from whatsappd.config import CompanyConfig, Config, ConfigDiff
-from whatsappd.errors import CODES, ApiError
+from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.ids import session_dir
 from whatsappd.logs import current_format, get_logger
 from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
@@ -233,7 +233,7 @@ class Runner:
         that waited for a delete is answered company_not_found, as if it had come after it."""
         async with self.exclusive():
             if self.removed:
-                raise ApiError(404, "company_not_found", f"company {self.id!r} was deleted meanwhile")
+                raise ApiError(ErrorCode.COMPANY_NOT_FOUND, f"company {self.id!r} was deleted meanwhile")
             yield
 
     def start(self, reason: str) -> None:
@@ -301,7 +301,7 @@ class Runner:
     async def command(self, op: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         worker = self.worker
         if worker is None:
-            raise ApiError(409, "not_running", f"company {self.id!r} has no running worker (state "
+            raise ApiError(ErrorCode.NOT_RUNNING, f"company {self.id!r} has no running worker (state "
                            f"{self.state}); connect it first")
         request_id = worker.next_id
         worker.next_id += 1
@@ -311,15 +311,14 @@ class Runner:
         try:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise ApiError(504, "worker_timeout", f"the worker of {self.id!r} did not answer within "
+            raise ApiError(ErrorCode.WORKER_TIMEOUT, f"the worker of {self.id!r} did not answer within "
                            f"{timeout:g}s") from None
         finally:
             worker.pending.pop(request_id, None)
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            code = str(error.get("code", "engine_error"))
-            status = CODES.get(code, 409)  # errors.py: 400 if the request was wrong, 409 if the state is
-            raise ApiError(status, code, str(error.get("message", "failed")), permanent=bool(error.get("permanent")))
+            raise Failure(ErrorCode.parse(error.get("code")), str(error.get("message", "failed")),
+                          permanent=bool(error.get("permanent")))
         return dict(reply.get("result") or {})
 
     async def logout(self) -> dict[str, Any]:
@@ -549,7 +548,7 @@ class Runner:
             worker.writer.close()
             for future in worker.pending.values():
                 if not future.done():
-                    future.set_result({"ok": False, "error": {"code": "worker_exited",
+                    future.set_result({"ok": False, "error": {"code": ErrorCode.WORKER_EXITED,
                                                               "message": "the worker exited"}})
             self.worker = None
         log.info("worker exited", company=self.id, pid=worker.pid, exit_code=code,
@@ -800,7 +799,7 @@ class Supervisor:
     def get(self, company_id: str) -> Runner:
         runner = self.companies.get(company_id)
         if runner is None:
-            raise ApiError(404, "company_not_found", f"no company {company_id!r}; add it to the config "
+            raise ApiError(ErrorCode.COMPANY_NOT_FOUND, f"no company {company_id!r}; add it to the config "
                            "or with PUT /v1/companies/{id}")
         return runner
 
@@ -810,7 +809,7 @@ class Supervisor:
                 if existing.removed:
                     continue  # deleted while this waited its turn: create it anew
                 if existing.source == "config":
-                    raise ApiError(409, "defined_in_config", f"company {company.id!r} is defined in the "
+                    raise ApiError(ErrorCode.DEFINED_IN_CONFIG, f"company {company.id!r} is defined in the "
                                    f"config file ({self.config.source}); change it there and reload")
                 self.registry.put(company)
                 old, existing.config, existing.source = existing.config, company, "runtime"
@@ -834,7 +833,7 @@ class Supervisor:
             if runner.removed:
                 if runner.removal is not None:
                     return dict(runner.removal)
-                raise ApiError(404, "company_not_found", f"company {company_id!r} was removed meanwhile")
+                raise ApiError(ErrorCode.COMPANY_NOT_FOUND, f"company {company_id!r} was removed meanwhile")
             result: dict[str, Any] = {"id": company_id}
             if wipe:
                 result |= await runner.logout_unlocked()

@@ -10,10 +10,12 @@ everything else printed from the API is escaped (`escape`), so it is shown, neve
 
 from __future__ import annotations
 
+import functools
+import sys
 import unicodedata
 from typing import Any
 
-__all__ = ["describe", "escape", "escape_all", "first_unsafe", "is_unsafe"]
+__all__ = ["describe", "escape", "escape_all", "first_unsafe", "is_unsafe", "safe_text_pattern"]
 
 # Unicode general categories: Cc controls (C0, DEL, C1), Cf format (bidi, zero-width, BOM),
 # Cs lone surrogates (not text; JSON can carry them), Zl/Zp line and paragraph separators.
@@ -31,6 +33,30 @@ def is_unsafe(char: str) -> bool:
 def first_unsafe(text: str) -> int | None:
     """The index of the first unsafe character of text, or None if there is none."""
     return next((i for i, char in enumerate(text) if is_unsafe(char)), None)
+
+
+def _escaped(code: int) -> str:
+    # \\uXXXX reads the same in Python's and ECMA-262's regular expressions; a character beyond
+    # the BMP stands as itself (Python's re, which schemathesis uses, takes it whole).
+    return f"\\u{code:04x}" if code < 0x10000 else chr(code)
+
+
+@functools.cache
+def safe_text_pattern() -> str:
+    """A regular expression that matches exactly the texts (of Unicode scalar values) with no
+    unsafe character, derived from is_unsafe (so the OpenAPI document states the very rule names are checked against)."""
+    ranges: list[list[int]] = []
+    for code in range(sys.maxunicode + 1):
+        # Lone surrogates (Cs) are refused too, but a regular expression engine that works on
+        # Unicode scalar values (Rust's, under schemathesis's validator) cannot name them.
+        if is_unsafe(chr(code)) and not 0xD800 <= code <= 0xDFFF:
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    parts = (_escaped(a) if a == b else f"{_escaped(a)}-{_escaped(b)}" for a, b in ranges)
+    # (?![\\s\\S]) is the end of the text in both dialects; Python's $ would also match before a final newline.
+    return "^[^" + "".join(parts) + "]*(?![\\s\\S])"
 
 
 def describe(char: str) -> str:

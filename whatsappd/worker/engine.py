@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from whatsappd.errors import Failure
 from whatsappd.worker.gate import ConnectGate
 
 __all__ = ["Emit", "Engine", "EngineError", "EngineOptions"]
@@ -21,15 +22,9 @@ __all__ = ["Emit", "Engine", "EngineError", "EngineOptions"]
 Emit = Callable[[dict[str, Any]], None]
 
 
-class EngineError(Exception):
-    """A command failed in a way the API reports to its caller (code is stable snake_case)."""
-
-    def __init__(self, code: str, message: str, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        #: For `send`: True if retrying cannot help (bad recipient, rejected media).
-        self.permanent = permanent
+class EngineError(Failure):
+    """A command the engine failed; the worker main sends its code, message and `permanent`
+    (for `send`: True if retrying cannot help, e.g. a bad recipient) back in the reply."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from whatsappd.errors import ErrorCode
 from whatsappd.mediafile import MediaRefused, read_media
 from whatsappd.worker.engine import EngineError
 
@@ -27,6 +28,6 @@ def media_chunks(media_path: str, kind: str) -> Iterator[bytes]:
         yield from read_media(path, (Path(path).parent,), MEDIA_LIMITS[kind])
     except MediaRefused as exc:
         if exc.reason == "too_large":
-            raise EngineError("too_large", f"a {kind} may be at most {MEDIA_LIMITS[kind]} bytes: {exc.message}",
+            raise EngineError(ErrorCode.TOO_LARGE, f"a {kind} may be at most {MEDIA_LIMITS[kind]} bytes: {exc.message}",
                               permanent=True) from None
-        raise EngineError("media_invalid", f"the media file cannot be sent: {exc.message}", permanent=True) from None
+        raise EngineError(ErrorCode.MEDIA_INVALID, f"the media file cannot be sent: {exc.message}", permanent=True) from None

@@ -71,6 +71,7 @@ from typing import Any
 
 import structlog
 
+from whatsappd.errors import ErrorCode
 from whatsappd.protocol import ExitCode
 from whatsappd.timefmt import iso
 from whatsappd.worker.durable import append_record, fsync_dir, write_private
@@ -456,7 +457,7 @@ class SendLog:
             self._load_locked()
         except (OSError, SendLogCorrupt) as exc:
             raise EngineError(
-                "send_log_unusable", f"the session's send log cannot be read, so nothing is sent: {exc}"
+                ErrorCode.SEND_LOG_UNUSABLE, f"the session's send log cannot be read, so nothing is sent: {exc}"
             ) from None
 
     def status(self, outbox_id: str) -> dict[str, Any]:
@@ -485,10 +486,10 @@ class SendLog:
             if record is not None and record["state"] == "sent":
                 return record
             if outbox_id in self._in_flight:  # (its "attempted" may be on disk already)
-                raise EngineError("send_in_progress", "this message is being sent right now")
+                raise EngineError(ErrorCode.SEND_IN_PROGRESS, "this message is being sent right now")
             if record is not None and record["state"] == "attempted":
                 raise EngineError(
-                    "send_interrupted",
+                    ErrorCode.SEND_INTERRUPTED,
                     "an earlier attempt to send this message was never confirmed (the worker stopped or "
                     "WhatsApp did not answer): it may have been delivered, so it is not sent again",
                     permanent=True,
@@ -507,7 +508,7 @@ class SendLog:
             try:
                 append_record(self.path, record)
             except OSError as exc:
-                raise EngineError("send_failed", f"could not record the attempt; nothing was sent: {exc}") from None
+                raise EngineError(ErrorCode.SEND_FAILED, f"could not record the attempt; nothing was sent: {exc}") from None
             self._state[outbox_id] = record
 
     def sent(self, outbox_id: str, wa_id: str, timestamp: str) -> dict[str, Any]:
@@ -538,31 +539,31 @@ class SendLog:
 # are whatsmeow's own wording, each found in the shipped .so (docs/neonize-notes.md).
 
 #: (pattern, code, permanent, may_have_reached_whatsapp)
-_SEND_ERRORS: tuple[tuple[re.Pattern[str], str, bool, bool], ...] = tuple(
+_SEND_ERRORS: tuple[tuple[re.Pattern[str], ErrorCode, bool, bool], ...] = tuple(
     (re.compile(pattern), code, permanent, reached)
     for pattern, code, permanent, reached in (
         # the node was written (or may have been) and no acknowledgement came back
-        (r"timed out waiting for message send response", "send_interrupted", True, True),
-        (r"websocket disconnected before message send returned response", "send_interrupted", True, True),
-        (r"^websocket not connected$", "send_interrupted", True, True),  # retryFrame: resend impossible
+        (r"timed out waiting for message send response", ErrorCode.SEND_INTERRUPTED, True, True),
+        (r"websocket disconnected before message send returned response", ErrorCode.SEND_INTERRUPTED, True, True),
+        (r"^websocket not connected$", ErrorCode.SEND_INTERRUPTED, True, True),  # retryFrame: resend impossible
         # rejected before anything was sent
-        (r"^no LID found for \S+ from server", "not_on_whatsapp", True, False),
+        (r"^no LID found for \S+ from server", ErrorCode.NOT_ON_WHATSAPP, True, False),
         (r"^failed to get group members: (that group does not exist|you're not participating in that group)",
-         "invalid_recipient", True, False),
+         ErrorCode.INVALID_RECIPIENT, True, False),
         (r"^(message recipient must be a user JID with no device part|can't send message to unknown server|"
-         r"sending to non-status broadcast lists)", "invalid_recipient", True, False),
-        (r"^(client is nil|the store doesn't contain a device JID)", "not_connected", False, False),
+         r"sending to non-status broadcast lists)", ErrorCode.INVALID_RECIPIENT, True, False),
+        (r"^(client is nil|the store doesn't contain a device JID)", ErrorCode.NOT_CONNECTED, False, False),
         (r"^failed to [^:]+(: [^:]+)*: (websocket not connected|websocket disconnected before info query)",
-         "not_connected", False, False),
+         ErrorCode.NOT_CONNECTED, False, False),
         (r"^failed to (get|send|encrypt|create|marshal|prepare)\b|^can't encrypt message|^proto:",
-         "send_failed", False, False),
+         ErrorCode.SEND_FAILED, False, False),
         # the server answered with an error code: it received the message and refused it
-        (r"^server returned error \d+", "send_failed", False, False),
+        (r"^server returned error \d+", ErrorCode.SEND_FAILED, False, False),
     )
 )
 
 
-def classify_send_error(text: str) -> tuple[str, bool, bool]:
+def classify_send_error(text: str) -> tuple[ErrorCode, bool, bool]:
     """(code, permanent, may_have_reached_whatsapp) for a SendMessageError's text.
 
     Anything not known to have happened before the message node left is treated as possibly
@@ -571,7 +572,7 @@ def classify_send_error(text: str) -> tuple[str, bool, bool]:
     for pattern, code, permanent, reached in _SEND_ERRORS:
         if pattern.search(text):
             return code, permanent, reached
-    return "send_interrupted", True, True
+    return ErrorCode.SEND_INTERRUPTED, True, True
 
 
 _DOWNLOAD_GONE = re.compile(
@@ -583,13 +584,13 @@ _NOT_CONNECTED = re.compile(r"websocket not connected|websocket disconnected bef
                             r"the store doesn't contain a device JID")
 
 
-def classify_download_error(text: str) -> tuple[str, bool]:
+def classify_download_error(text: str) -> tuple[ErrorCode, bool]:
     """(code, permanent) for a DownloadError's text."""
     if _DOWNLOAD_GONE.search(text):
-        return "media_unavailable", True
+        return ErrorCode.MEDIA_UNAVAILABLE, True
     if _NOT_CONNECTED.search(text):
-        return "not_connected", False
-    return "download_failed", False
+        return ErrorCode.NOT_CONNECTED, False
+    return ErrorCode.DOWNLOAD_FAILED, False
 
 
 # ---------------------------------------------------------------- incoming messages and receipts
@@ -782,7 +783,7 @@ def _send_arg(args: dict[str, Any], key: str, *, max_len: int | None, required: 
         return None
     if not isinstance(value, str) or not value or (max_len is not None and len(value) > max_len):
         limit = "" if max_len is None else f" of at most {max_len} characters"
-        raise EngineError("invalid_argument", f"'{key}' must be a non-empty string{limit}", permanent=True)
+        raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'{key}' must be a non-empty string{limit}", permanent=True)
     return value
 
 
@@ -796,7 +797,7 @@ def _recipient(to: Any) -> JID:
         if group is not None:
             return JID(User=group.group(1), Server="g.us", Device=0, RawAgent=0, Integrator=0, IsEmpty=False)
     raise EngineError(
-        "invalid_recipient",
+        ErrorCode.INVALID_RECIPIENT,
         f"{to!r} is not a recipient JID (<phone digits>@s.whatsapp.net or <group id>@g.us)",
         permanent=True,
     )
@@ -804,7 +805,7 @@ def _recipient(to: Any) -> JID:
 
 def _decode_media_raw(raw: Any) -> tuple[WAMessage, Any]:
     """The Message behind an incoming media event's raw and its media part; media_unavailable."""
-    unavailable = EngineError("media_unavailable", "'message' is not the raw of an incoming media message",
+    unavailable = EngineError(ErrorCode.MEDIA_UNAVAILABLE, "'message' is not the raw of an incoming media message",
                               permanent=True)
     if not isinstance(raw, str) or not raw or len(raw) > MAX_RAW_CHARS:
         raise unavailable
@@ -1000,7 +1001,7 @@ class NeonizeEngine(Engine):
 
     def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(args, dict):
-            raise EngineError("invalid_argument", "command arguments must be a JSON object")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "command arguments must be a JSON object")
         if op == "pair_phone":
             return self._pair_phone(args)
         if op == "logout":
@@ -1016,7 +1017,7 @@ class NeonizeEngine(Engine):
             return self._check_number(args)
         if op == "download":
             return self._download(args)
-        raise EngineError("unknown_op", f"the neonize engine has no operation {op!r}")
+        raise EngineError(ErrorCode.UNKNOWN_OP, f"the neonize engine has no operation {op!r}")
 
     def stop(self) -> None:
         """Ask run() to return STOPPED. Never calls into Go, so it never blocks."""
@@ -1392,7 +1393,7 @@ class NeonizeEngine(Engine):
         phone = args.get("phone")
         if not isinstance(phone, str) or _PHONE.fullmatch(phone) is None:
             raise EngineError(
-                "invalid_phone",
+                ErrorCode.INVALID_PHONE,
                 "phone must be the number in international format, digits only (7 to 15, no '+' or leading 0)",
             )
         with self._lock:
@@ -1406,7 +1407,7 @@ class NeonizeEngine(Engine):
             try:
                 code = client.PairPhone(phone, True, ClientName.LINUX)
             except PairPhoneError as exc:
-                raise EngineError("pair_phone_failed", f"WhatsApp refused the phone-code pairing: {exc}") from exc
+                raise EngineError(ErrorCode.PAIR_PHONE_FAILED, f"WhatsApp refused the phone-code pairing: {exc}") from exc
         self._log.info("pair_code_issued", expires_at=_iso(window_end))
         return {"code": code, "expires_at": _iso(window_end)}
 
@@ -1418,19 +1419,19 @@ class NeonizeEngine(Engine):
             or self._clock() >= self._pairing_window_end
         ):
             raise EngineError(
-                "not_pairing",
+                ErrorCode.NOT_PAIRING,
                 "no pairing is in progress: a phone code can be asked for only while a QR code is shown",
             )
 
     def _logout(self) -> dict[str, Any]:
         with self._lock:
             if self._phase != "connected" or self._client is None:
-                raise EngineError("not_connected", "logout needs a connected session")
+                raise EngineError(ErrorCode.NOT_CONNECTED, "logout needs a connected session")
             client = self._client
         with self._gate.exclusive():
             with self._lock:
                 if self._phase != "connected" or self._exit is not None:
-                    raise EngineError("not_connected", "logout needs a connected session")
+                    raise EngineError(ErrorCode.NOT_CONNECTED, "logout needs a connected session")
             try:
                 client.logout()
             except LogoutError as exc:
@@ -1438,7 +1439,7 @@ class NeonizeEngine(Engine):
                 # whatsmeow unlinks on the server first, then deletes its rows: a failure of the
                 # second step still leaves the device unlinked
                 if not message.startswith("error deleting data from store"):
-                    raise EngineError("logout_failed", f"WhatsApp did not confirm the logout: {message}") from exc
+                    raise EngineError(ErrorCode.LOGOUT_FAILED, f"WhatsApp did not confirm the logout: {message}") from exc
                 self._log.warning("logout_store_cleanup_failed", error=message)
         self._log.info("logged_out_on_request")
         self._decide(ExitCode.LOGGED_OUT, "logout_requested")
@@ -1450,7 +1451,7 @@ class NeonizeEngine(Engine):
     def _go_call(self, what: str) -> Iterator[Any]:
         """The connected client, for Go calls that may run side by side (not_connected if none)."""
         if not self._gate.acquire_shared(timeout=GATE_WAIT_SECONDS):
-            raise EngineError("not_connected", f"{what} must wait: the client is logging out, pairing or stopping")
+            raise EngineError(ErrorCode.NOT_CONNECTED, f"{what} must wait: the client is logging out, pairing or stopping")
         try:
             yield self._connected_client(what)
         finally:
@@ -1460,7 +1461,7 @@ class NeonizeEngine(Engine):
         with self._lock:
             if self._exit is not None or self._phase != "connected" or self._client is None:
                 phase = "ending" if self._exit is not None else self._phase
-                raise EngineError("not_connected", f"{what} needs a live connection (the engine is {phase})")
+                raise EngineError(ErrorCode.NOT_CONNECTED, f"{what} needs a live connection (the engine is {phase})")
             return self._client
 
     def _send(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -1475,22 +1476,22 @@ class NeonizeEngine(Engine):
         to = _recipient(args.get("to"))
         kind = args.get("kind", "text")
         if kind not in SEND_KINDS:
-            raise EngineError("invalid_argument", f"'kind' must be one of {', '.join(SEND_KINDS)}", permanent=True)
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'kind' must be one of {', '.join(SEND_KINDS)}", permanent=True)
         text = caption = filename = mimetype = media_path = None
         if kind == "text":
             text = _send_arg(args, "text", max_len=None, required=True)
             assert text is not None
             if len(text) > MAX_TEXT:
-                raise EngineError("too_large", f"a text message has at most {MAX_TEXT} characters", permanent=True)
+                raise EngineError(ErrorCode.TOO_LARGE, f"a text message has at most {MAX_TEXT} characters", permanent=True)
         else:
             caption = _send_arg(args, "caption", max_len=None)
             if caption is not None and len(caption) > MAX_TEXT:
-                raise EngineError("too_large", f"a caption has at most {MAX_TEXT} characters", permanent=True)
+                raise EngineError(ErrorCode.TOO_LARGE, f"a caption has at most {MAX_TEXT} characters", permanent=True)
             filename = _send_arg(args, "filename", max_len=255)
             mimetype = _send_arg(args, "mimetype", max_len=255)
             media_path = args.get("media_path")
             if not isinstance(media_path, str) or not media_path:
-                raise EngineError("media_invalid", f"a {kind} message needs 'media_path'", permanent=True)
+                raise EngineError(ErrorCode.MEDIA_INVALID, f"a {kind} message needs 'media_path'", permanent=True)
 
         previous = self._send_log.reserve(outbox_id)
         if previous is not None:
@@ -1511,7 +1512,7 @@ class NeonizeEngine(Engine):
                                       may_have_reached_whatsapp=reached)
                     if reached:
                         raise EngineError(
-                            "send_interrupted",
+                            ErrorCode.SEND_INTERRUPTED,
                             f"WhatsApp did not confirm the send ({exc}); it may have been delivered, so it is not "
                             "sent again",
                             permanent=True,
@@ -1521,7 +1522,7 @@ class NeonizeEngine(Engine):
                 except Exception as exc:
                     self._log.exception("send_crashed", outbox_id=outbox_id)
                     raise EngineError(
-                        "send_interrupted", f"the send ended in an unexpected error ({exc!r}); it may have been "
+                        ErrorCode.SEND_INTERRUPTED, f"the send ended in an unexpected error ({exc!r}); it may have been "
                         "delivered, so it is not sent again", permanent=True,
                     ) from None
             wa_id = str(response.ID)
@@ -1558,7 +1559,7 @@ class NeonizeEngine(Engine):
                 # image would be encrypted with document keys under an imageMessage (undownloadable)
                 sniffed = _neonize_magic_mime(data)
                 if not sniffed.startswith("image/"):
-                    raise EngineError("media_invalid", f"the image file is not an image (it looks like {sniffed})",
+                    raise EngineError(ErrorCode.MEDIA_INVALID, f"the image file is not an image (it looks like {sniffed})",
                                       permanent=True)
                 message = client.build_image_message(data)
                 media = message.imageMessage
@@ -1586,14 +1587,14 @@ class NeonizeEngine(Engine):
         except UploadError as exc:
             text_ = str(exc)
             if "status code 413" in text_:
-                raise EngineError("too_large", f"WhatsApp refused the upload: {exc}", permanent=True) from None
+                raise EngineError(ErrorCode.TOO_LARGE, f"WhatsApp refused the upload: {exc}", permanent=True) from None
             if _NOT_CONNECTED.search(text_):
-                raise EngineError("not_connected", f"the media upload needs a live connection: {exc}") from None
-            raise EngineError("send_failed", f"the media upload failed, nothing was sent: {exc}") from None
+                raise EngineError(ErrorCode.NOT_CONNECTED, f"the media upload needs a live connection: {exc}") from None
+            raise EngineError(ErrorCode.SEND_FAILED, f"the media upload failed, nothing was sent: {exc}") from None
         except NeonizeError as exc:
-            raise EngineError("send_failed", f"the media could not be prepared, nothing was sent: {exc}") from None
+            raise EngineError(ErrorCode.SEND_FAILED, f"the media could not be prepared, nothing was sent: {exc}") from None
         except Exception as exc:  # PIL cannot decode the image, and the like
-            raise EngineError("media_invalid", f"the {kind} file cannot be sent: {exc}", permanent=True) from None
+            raise EngineError(ErrorCode.MEDIA_INVALID, f"the {kind} file cannot be sent: {exc}", permanent=True) from None
         if caption is not None and kind in ("image", "document"):
             media.caption = caption
         if media.HasField("contextInfo") and media.contextInfo.ByteSize() == 0:
@@ -1604,13 +1605,13 @@ class NeonizeEngine(Engine):
         """What the send log says of each outbox id (a file read: works before connecting)."""
         ids = args.get("outbox_ids")
         if not isinstance(ids, list) or len(ids) > MAX_STATUS_IDS or not all(isinstance(i, str) for i in ids):
-            raise EngineError("invalid_argument", f"'outbox_ids' must be a list of at most {MAX_STATUS_IDS} strings")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'outbox_ids' must be a list of at most {MAX_STATUS_IDS} strings")
         return {"statuses": self._send_log.statuses(ids)}
 
     def _check_number(self, args: dict[str, Any]) -> dict[str, Any]:
         phone = args.get("phone")
         if not isinstance(phone, str) or _PHONE.fullmatch(phone) is None:
-            raise EngineError("invalid_phone", "the phone number must be digits only in international format, "
+            raise EngineError(ErrorCode.INVALID_PHONE, "the phone number must be digits only in international format, "
                               "no '+' and no leading zero (e.g. 5511999999999)", permanent=True)
         with self._go_call("checking a number") as client:
             try:
@@ -1621,9 +1622,9 @@ class NeonizeEngine(Engine):
                 if message == "Function returned nothing.":  # neonize's words for an empty answer
                     responses = []
                 elif _NOT_CONNECTED.search(message):
-                    raise EngineError("not_connected", f"checking a number needs a live connection: {exc}") from None
+                    raise EngineError(ErrorCode.NOT_CONNECTED, f"checking a number needs a live connection: {exc}") from None
                 else:
-                    raise EngineError("check_failed", f"WhatsApp did not answer the number check: {exc}") from None
+                    raise EngineError(ErrorCode.CHECK_FAILED, f"WhatsApp did not answer the number check: {exc}") from None
             match = next((r for r in responses if r.Query.lstrip("+") == phone), None)
             if match is None and len(responses) == 1:
                 match = responses[0]
@@ -1650,7 +1651,7 @@ class NeonizeEngine(Engine):
         message, media = _decode_media_raw(args.get("message"))
         path = args.get("path")
         if not isinstance(path, str) or not path:
-            raise EngineError("invalid_argument", "'path' must be a file path")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'path' must be a file path")
         with self._go_call("downloading media") as client:
             try:
                 data = client.download_any(message)
@@ -1658,9 +1659,9 @@ class NeonizeEngine(Engine):
                 code, permanent = classify_download_error(str(exc))
                 raise EngineError(code, f"the media could not be downloaded: {exc}", permanent) from None
         if not isinstance(data, bytes | bytearray):
-            raise EngineError("media_unavailable", "WhatsApp returned no bytes for this media", permanent=True)
+            raise EngineError(ErrorCode.MEDIA_UNAVAILABLE, "WhatsApp returned no bytes for this media", permanent=True)
         try:
             size = write_private(Path(path), (bytes(data),))
         except OSError as exc:
-            raise EngineError("download_failed", f"could not write the media to {path}: {exc}") from None
+            raise EngineError(ErrorCode.DOWNLOAD_FAILED, f"could not write the media to {path}: {exc}") from None
         return {"path": path, "size": size, "mimetype": media.mimetype or "application/octet-stream"}

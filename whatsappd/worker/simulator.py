@@ -124,6 +124,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from whatsappd.errors import ErrorCode
 from whatsappd.protocol import ExitCode
 from whatsappd.worker.durable import append_record, write_private
 from whatsappd.worker.engine import Emit, Engine, EngineError, EngineOptions
@@ -446,7 +447,7 @@ class _SendLog:
         try:
             self._load_locked()
         except (OSError, ValueError) as exc:
-            raise EngineError("store_failed", f"the simulator's send log is unusable: {exc}") from None
+            raise EngineError(ErrorCode.STORE_FAILED, f"the simulator's send log is unusable: {exc}") from None
 
     def _index(self, record: dict[str, Any]) -> None:
         self._by_outbox[record["outbox_id"]] = record
@@ -492,7 +493,7 @@ class _SendLog:
             try:
                 append_record(self.path, record)
             except OSError as exc:
-                raise EngineError("send_failed", f"could not record the send: {exc}") from None
+                raise EngineError(ErrorCode.SEND_FAILED, f"could not record the send: {exc}") from None
             self._index(record)
             return record, False
 
@@ -518,7 +519,7 @@ def _parse_recipient(to: Any) -> tuple[str, str | None]:
         if _GROUP_JID.fullmatch(to) is not None:
             return to, None
     raise EngineError(
-        "invalid_recipient",
+        ErrorCode.INVALID_RECIPIENT,
         f"{to!r} is not a recipient JID (<phone digits>@s.whatsapp.net or <group id>@g.us)",
         permanent=True,
     )
@@ -570,7 +571,7 @@ def _generated_chunks(seed: int, size: int) -> Iterator[bytes]:
 
 def _media_chunks(doc: dict[str, Any], session_dir: Path) -> Iterator[bytes]:
     """The bytes a media document stands for; media_unavailable if they are gone or altered."""
-    unavailable = EngineError("media_unavailable", "the media of this message is no longer available",
+    unavailable = EngineError(ErrorCode.MEDIA_UNAVAILABLE, "the media of this message is no longer available",
                               permanent=True)
     if "seed" in doc:
         yield from _generated_chunks(doc["seed"], doc["size"])
@@ -625,14 +626,14 @@ def _optional_str(args: dict[str, Any], key: str, *, max_len: int = 256) -> str 
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > max_len:
-        raise EngineError("invalid_argument", f"'{key}' must be a non-empty string of at most {max_len} characters")
+        raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'{key}' must be a non-empty string of at most {max_len} characters")
     return value
 
 
 def _optional_seconds(args: dict[str, Any], key: str, default: float) -> float:
     value = args.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise EngineError("invalid_argument", f"'{key}' must be a number of seconds >= 0")
+        raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'{key}' must be a number of seconds >= 0")
     return float(value)
 
 
@@ -643,7 +644,7 @@ def _send_arg(args: dict[str, Any], key: str, *, max_len: int | None, required: 
         return None
     if not isinstance(value, str) or not value or (max_len is not None and len(value) > max_len):
         limit = "" if max_len is None else f" of at most {max_len} characters"
-        raise EngineError("invalid_argument", f"'{key}' must be a non-empty string{limit}", permanent=True)
+        raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'{key}' must be a non-empty string{limit}", permanent=True)
     return value
 
 
@@ -655,7 +656,7 @@ def _contact_jid(value: Any, key: str) -> str:
             return _user_jid(digits)
         if _USER_JID.fullmatch(value):
             return value
-    raise EngineError("invalid_argument", f"'{key}' must be phone digits or a …@s.whatsapp.net JID")
+    raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'{key}' must be phone digits or a …@s.whatsapp.net JID")
 
 
 # --------------------------------------------------------------------------- the engine
@@ -748,9 +749,9 @@ class SimulatorEngine(Engine):
     def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         handler = self._OPS.get(op)
         if handler is None:
-            raise EngineError("unknown_op", f"the simulator engine has no command {op!r}")
+            raise EngineError(ErrorCode.UNKNOWN_OP, f"the simulator engine has no command {op!r}")
         if not isinstance(args, dict):
-            raise EngineError("invalid_argument", "command arguments must be a JSON object")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "command arguments must be a JSON object")
         return handler(self, args)
 
     def stop(self) -> None:
@@ -762,11 +763,11 @@ class SimulatorEngine(Engine):
     def _cmd_simulate(self, args: dict[str, Any]) -> dict[str, Any]:
         action = args.get("action")
         if not isinstance(action, str):
-            raise EngineError("invalid_argument", "'action' must be a string")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'action' must be a string")
         handler = self._ACTIONS.get(action)
         if handler is None:
             raise EngineError(
-                "unknown_action",
+                ErrorCode.UNKNOWN_ACTION,
                 f"unknown simulate action {action!r}; known: {', '.join(sorted(self._ACTIONS))}",
             )
         # crash and hang act on the whole process, outside the lock (a lock held by a
@@ -777,7 +778,7 @@ class SimulatorEngine(Engine):
             return handler(self, args)
         with self._cond:
             if self._phase == _DONE:
-                raise EngineError("not_running", "the engine has already ended")
+                raise EngineError(ErrorCode.NOT_RUNNING, "the engine has already ended")
             try:
                 return handler(self, args)
             finally:
@@ -787,13 +788,13 @@ class SimulatorEngine(Engine):
         phone = args.get("phone")
         if not isinstance(phone, str) or _PHONE.fullmatch(phone) is None:
             raise EngineError(
-                "invalid_phone",
+                ErrorCode.INVALID_PHONE,
                 "the phone number must be digits only in international format, "
                 "country code first, no '+' and no leading zero (e.g. 5511999999999)",
             )
         with self._cond:
             if self._phase != _PAIRING:
-                raise EngineError("not_pairing", "a pairing code can only be requested while pairing")
+                raise EngineError(ErrorCode.NOT_PAIRING, "a pairing code can only be requested while pairing")
             self._pair_phone = phone
             assert self._pairing_deadline is not None
             return {"code": _pairing_code(), "expires_at": _iso(self._pairing_deadline)}
@@ -801,7 +802,7 @@ class SimulatorEngine(Engine):
     def _cmd_logout(self, args: dict[str, Any]) -> dict[str, Any]:
         with self._cond:
             if self._phase != _CONNECTED:
-                raise EngineError("not_connected", "logging out needs a live connection")
+                raise EngineError(ErrorCode.NOT_CONNECTED, "logging out needs a live connection")
             self._forget_device()
             self._finish(ExitCode.LOGGED_OUT)
             return {"unlinked": True}
@@ -819,24 +820,24 @@ class SimulatorEngine(Engine):
         to, phone = _parse_recipient(args.get("to"))
         kind = args.get("kind", "text")
         if kind not in _SEND_KINDS:
-            raise EngineError("invalid_argument", f"'kind' must be one of {', '.join(_SEND_KINDS)}",
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'kind' must be one of {', '.join(_SEND_KINDS)}",
                               permanent=True)
         text = caption = filename = mimetype = media_path = None
         if kind == "text":
             text = _send_arg(args, "text", max_len=None, required=True)
             assert text is not None
             if len(text) > _MAX_TEXT:
-                raise EngineError("too_large", f"a text message has at most {_MAX_TEXT} characters",
+                raise EngineError(ErrorCode.TOO_LARGE, f"a text message has at most {_MAX_TEXT} characters",
                                   permanent=True)
         else:
             caption = _send_arg(args, "caption", max_len=None)
             if caption is not None and len(caption) > _MAX_TEXT:
-                raise EngineError("too_large", f"a caption has at most {_MAX_TEXT} characters", permanent=True)
+                raise EngineError(ErrorCode.TOO_LARGE, f"a caption has at most {_MAX_TEXT} characters", permanent=True)
             filename = _send_arg(args, "filename", max_len=255)
             mimetype = _send_arg(args, "mimetype", max_len=255) or _DEFAULT_MIMETYPES[kind]
             media_path = args.get("media_path")
             if not isinstance(media_path, str) or not media_path:
-                raise EngineError("media_invalid", f"a {kind} message needs 'media_path'", permanent=True)
+                raise EngineError(ErrorCode.MEDIA_INVALID, f"a {kind} message needs 'media_path'", permanent=True)
 
         with self._cond:
             self._require_connected("sending a message")
@@ -844,12 +845,12 @@ class SimulatorEngine(Engine):
                 self._cond.wait_for(lambda: self._phase != _CONNECTED, self.config.send_delay)
                 self._require_connected("sending a message")
         if self._file_exists(self.config.send_fail_file):
-            raise EngineError("send_failed", "the send failed (simulated: the send-fail file exists)")
+            raise EngineError(ErrorCode.SEND_FAILED, "the send failed (simulated: the send-fail file exists)")
         original = self._log.duplicate(outbox_id)
         if original is not None:
             return {"wa_id": original["wa_id"], "timestamp": original["timestamp"]}
         if phone is not None and phone.endswith(_NOT_ON_WHATSAPP):
-            raise EngineError("not_on_whatsapp", f"{phone} is not on WhatsApp", permanent=True)
+            raise EngineError(ErrorCode.NOT_ON_WHATSAPP, f"{phone} is not on WhatsApp", permanent=True)
         size = None if media_path is None else sum(map(len, media_chunks(media_path, kind)))  # the "upload"
         record = {
             "outbox_id": outbox_id,
@@ -872,7 +873,7 @@ class SimulatorEngine(Engine):
         """What the send log says of each outbox id: sent (never "attempted": a send is atomic)."""
         ids = args.get("outbox_ids")
         if not isinstance(ids, list) or len(ids) > _MAX_IDS or not all(isinstance(i, str) for i in ids):
-            raise EngineError("invalid_argument", f"'outbox_ids' must be a list of at most {_MAX_IDS} strings")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'outbox_ids' must be a list of at most {_MAX_IDS} strings")
         statuses: dict[str, dict[str, Any]] = {}
         for outbox_id in ids:
             record = self._log.by_outbox(outbox_id)
@@ -885,7 +886,7 @@ class SimulatorEngine(Engine):
     def _cmd_check_number(self, args: dict[str, Any]) -> dict[str, Any]:
         phone = args.get("phone")
         if not isinstance(phone, str) or _PHONE.fullmatch(phone) is None:
-            raise EngineError("invalid_phone", "the phone number must be digits only in international "
+            raise EngineError(ErrorCode.INVALID_PHONE, "the phone number must be digits only in international "
                               "format, no '+' and no leading zero (e.g. 5511999999999)", permanent=True)
         with self._cond:
             self._require_connected("checking a number")
@@ -896,17 +897,17 @@ class SimulatorEngine(Engine):
         """Write the bytes of an incoming media message (its event's raw) to path, 0600."""
         doc = _decode_raw(args.get("message"))
         if doc is None:
-            raise EngineError("media_unavailable", "'message' is not the raw of a media message",
+            raise EngineError(ErrorCode.MEDIA_UNAVAILABLE, "'message' is not the raw of a media message",
                               permanent=True)
         path = args.get("path")
         if not isinstance(path, str) or not path:
-            raise EngineError("invalid_argument", "'path' must be a file path")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'path' must be a file path")
         with self._cond:
             self._require_connected("downloading media")
         try:
             size = write_private(Path(path), _media_chunks(doc, self.options.session_dir))
         except OSError as exc:
-            raise EngineError("download_failed", f"could not write the media to {path}: {exc}") from None
+            raise EngineError(ErrorCode.DOWNLOAD_FAILED, f"could not write the media to {path}: {exc}") from None
         return {"path": path, "size": size, "mimetype": doc["mimetype"]}
 
     _OPS: dict[str, Callable[[SimulatorEngine, dict[str, Any]], dict[str, Any]]] = {
@@ -924,17 +925,17 @@ class SimulatorEngine(Engine):
 
     def _act_scan(self, args: dict[str, Any]) -> dict[str, Any]:
         if self._phase != _PAIRING:
-            raise EngineError("not_pairing", "there is no QR code to scan: the engine is not pairing")
+            raise EngineError(ErrorCode.NOT_PAIRING, "there is no QR code to scan: the engine is not pairing")
         jid = _optional_str(args, "jid") or _fake_jid(self._pair_phone)
         push_name = _optional_str(args, "push_name", max_len=64) or _DEFAULT_PUSH_NAME
         reconnect = args.get("connect", True)
         if not isinstance(reconnect, bool):
-            raise EngineError("invalid_argument", "'connect' must be true or false")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'connect' must be true or false")
         device = _Device(jid=jid, push_name=push_name)
         try:
             _write_store(self._store_path, device)
         except OSError as exc:
-            raise EngineError("store_failed", f"could not save the session: {exc}") from None
+            raise EngineError(ErrorCode.STORE_FAILED, f"could not save the session: {exc}") from None
         self._device = device
         self.emit({"type": "paired", "jid": jid})
         # The server forces one reconnect after pairing (515). connect=false simulates the
@@ -944,11 +945,11 @@ class SimulatorEngine(Engine):
 
     def _act_drop(self, args: dict[str, Any]) -> dict[str, Any]:
         if self._phase != _CONNECTED:
-            raise EngineError("not_connected", "only a connected engine can drop its connection")
+            raise EngineError(ErrorCode.NOT_CONNECTED, "only a connected engine can drop its connection")
         reason = _optional_str(args, "reason") or "simulated connection drop"
         down = args.get("down", True)
         if not isinstance(down, bool):
-            raise EngineError("invalid_argument", "'down' must be true or false")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'down' must be true or false")
         self._phase = _RECONNECTING
         self._network_down = down
         self._reconnect_errors = 0
@@ -960,7 +961,7 @@ class SimulatorEngine(Engine):
 
     def _act_restore(self, args: dict[str, Any]) -> dict[str, Any]:
         if self._phase != _RECONNECTING:
-            raise EngineError("not_reconnecting", "only a dropped connection can be restored")
+            raise EngineError(ErrorCode.NOT_RECONNECTING, "only a dropped connection can be restored")
         self._network_down = False
         self._dial_now = True  # the next attempt starts now, once the gate lets it
         self._cond.notify_all()
@@ -1026,11 +1027,11 @@ class SimulatorEngine(Engine):
         self._require_connected("a receipt can only arrive on a live connection")
         receipt = args.get("receipt", "delivered")
         if receipt not in RECEIPTS:
-            raise EngineError("invalid_argument", f"'receipt' must be one of {', '.join(RECEIPTS)}")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'receipt' must be one of {', '.join(RECEIPTS)}")
         ids = args.get("ids")
         if (not isinstance(ids, list) or not ids or len(ids) > 1000
                 or not all(isinstance(i, str) and i for i in ids)):
-            raise EngineError("invalid_argument", "'ids' must be a list of 1 to 1000 message ids")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'ids' must be a list of 1 to 1000 message ids")
         chat_arg = args.get("chat")
         if chat_arg is not None:
             chat_arg = _parse_recipient(chat_arg)[0]
@@ -1043,9 +1044,9 @@ class SimulatorEngine(Engine):
             if record is not None:
                 wa_id, chat = record["wa_id"], record["to"]
             elif some_id.startswith("msg_"):
-                raise EngineError("unknown_message", f"{some_id!r} is not in the send log")
+                raise EngineError(ErrorCode.UNKNOWN_MESSAGE, f"{some_id!r} is not in the send log")
             elif chat_arg is None:
-                raise EngineError("invalid_argument",
+                raise EngineError(ErrorCode.INVALID_ARGUMENT,
                                   f"{some_id!r} is not in the send log: give its 'chat'")
             else:
                 wa_id, chat = some_id, chat_arg
@@ -1065,21 +1066,21 @@ class SimulatorEngine(Engine):
         """count incoming text events as fast as they go (the throughput benchmark's source)."""
         count = args.get("count")
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_BURST:
-            raise EngineError("invalid_argument", f"'count' must be a whole number from 0 to {MAX_BURST}")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'count' must be a whole number from 0 to {MAX_BURST}")
         if args.get("kind", "text") != "text":
-            raise EngineError("invalid_argument", "a burst is made of text messages ('kind': 'text')")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "a burst is made of text messages ('kind': 'text')")
         text = args.get("text", "burst")
         if not isinstance(text, str) or not text or len(text) > _MAX_TEXT:
-            raise EngineError("invalid_argument", "'text' must be a non-empty string")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'text' must be a non-empty string")
         sender = _contact_jid(args.get("from", DEFAULT_CONTACT), "from")
         push_name = _optional_str(args, "push_name", max_len=64) or _DEFAULT_CONTACT_NAME
         rate = args.get("rate")
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
                                  or not 0 < rate <= 1_000_000 or not math.isfinite(rate)):
-            raise EngineError("invalid_argument", "'rate' must be a number of events per second (0 < rate <= 1e6)")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'rate' must be a number of events per second (0 < rate <= 1e6)")
         with self._cond:
             if self._phase == _DONE:
-                raise EngineError("not_running", "the engine has already ended")
+                raise EngineError(ErrorCode.NOT_RUNNING, "the engine has already ended")
             self._require_connected("a message can only arrive on a live connection")
         prefix = "3EB0" + secrets.token_hex(4).upper()  # + 8 hex digits of the counter: unique ids
         emitted = 0
@@ -1227,7 +1228,7 @@ class SimulatorEngine(Engine):
 
     def _require_connected(self, what: str) -> None:
         if self._phase != _CONNECTED:
-            raise EngineError("not_connected", f"{what} needs a live connection (the engine is {self._phase})")
+            raise EngineError(ErrorCode.NOT_CONNECTED, f"{what} needs a live connection (the engine is {self._phase})")
 
     def _incoming_event(self, args: dict[str, Any]) -> dict[str, Any]:
         """The message.incoming event `simulate incoming` describes (media bytes stored if big)."""
@@ -1240,12 +1241,12 @@ class SimulatorEngine(Engine):
         elif isinstance(group, str) and _GROUP_JID.fullmatch(group):
             chat, is_group = group, True
         else:
-            raise EngineError("invalid_argument", "'group' must be true, false or a group JID (…@g.us)")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "'group' must be true, false or a group JID (…@g.us)")
         push_name = _optional_str(args, "push_name", max_len=64) or _DEFAULT_CONTACT_NAME
         message_id = _optional_str(args, "id", max_len=128) or _wa_id()
         kind = args.get("kind", "text")
         if kind not in _INCOMING_KINDS:
-            raise EngineError("invalid_argument", f"'kind' must be one of {', '.join(_INCOMING_KINDS)}")
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'kind' must be one of {', '.join(_INCOMING_KINDS)}")
         event: dict[str, Any] = {
             "type": "message.incoming", "id": message_id, "chat": chat, "sender": sender,
             "push_name": push_name, "timestamp": _iso(_now()), "is_group": is_group, "from_me": False,
@@ -1254,7 +1255,7 @@ class SimulatorEngine(Engine):
         if kind == "text":
             text = args.get("text", "hello")
             if not isinstance(text, str) or not text or len(text) > _MAX_TEXT:
-                raise EngineError("invalid_argument", f"'text' must be a string of 1 to {_MAX_TEXT} characters")
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'text' must be a string of 1 to {_MAX_TEXT} characters")
             event["text"] = text
             return event
         caption = _optional_str(args, "caption", max_len=_MAX_TEXT)
@@ -1264,7 +1265,7 @@ class SimulatorEngine(Engine):
         data_arg, size = args.get("data"), args.get("size")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int)
                                  or not 1 <= size <= _MAX_INCOMING_MEDIA):
-            raise EngineError("invalid_argument",
+            raise EngineError(ErrorCode.INVALID_ARGUMENT,
                               f"'size' must be a whole number of bytes from 1 to {_MAX_INCOMING_MEDIA}")
         if data_arg is not None:
             try:
@@ -1272,9 +1273,9 @@ class SimulatorEngine(Engine):
             except ValueError:
                 data = b""
             if not data:
-                raise EngineError("invalid_argument", "'data' must be non-empty base64")
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, "'data' must be non-empty base64")
             if size is not None and size != len(data):
-                raise EngineError("invalid_argument", f"'size' is {size} but 'data' holds {len(data)} bytes")
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, f"'size' is {size} but 'data' holds {len(data)} bytes")
             doc["size"] = len(data)
             if len(data) <= MAX_INLINE_MEDIA:
                 doc["data_b64"] = base64.b64encode(data).decode("ascii")
@@ -1294,7 +1295,7 @@ class SimulatorEngine(Engine):
             directory.mkdir(mode=0o700, exist_ok=True)
             write_private(directory / name, iter((data,)))
         except OSError as exc:
-            raise EngineError("store_failed", f"could not keep the media: {exc}") from None
+            raise EngineError(ErrorCode.STORE_FAILED, f"could not keep the media: {exc}") from None
         return name
 
     def _schedule_receipts(self, wa_id: str, to: str) -> None:
