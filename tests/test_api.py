@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from whatsappd import __version__
-from whatsappd.api import build_app
 from whatsappd.config import build_config
+from whatsappd.control.app import build_app
+from whatsappd.control.openapi import openapi_document
 from whatsappd.daemon import Daemon
 from whatsappd.errors import CODES
-from whatsappd.openapi import openapi_document
 from whatsappd.testing.daemon import DaemonProcess, clean_env, wait_until
 
 COMPANY = '[[companies]]\nid = "acme"\nname = "ACME"\nengine = "simulator"\n'

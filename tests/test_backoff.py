@@ -1,4 +1,4 @@
-"""whatsappd.backoff: capped exponential backoff with full jitter, and the connect-rate limiter."""
+"""whatsappd.supervisor.backoff: capped exponential backoff with full jitter, and the connect-rate limiter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from whatsappd.backoff import Backoff, BackoffPolicy, RateLimiter
+from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
 
 
 class FakeClock:

@@ -26,7 +26,7 @@ import pytest
 from whatsappd.protocol import ExitCode
 from whatsappd.testing.socks5 import ClosedPort, Socks5FaultProxy
 from whatsappd.worker.engine import EngineError, EngineOptions
-from whatsappd.worker.neonize_engine import (
+from whatsappd.worker.neonize.engine import (
     STORE_FILES,
     NeonizeEngine,
     StoreUnusable,
@@ -262,7 +262,7 @@ def test_pair_error_is_transient(h: Harness) -> None:
 def test_qr_timeout_after_the_window_is_a_pairing_timeout(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     h.engine.on_qr(h.client, b"code")
     start = time.monotonic()
-    monkeypatch.setattr("whatsappd.worker.neonize_engine.time.monotonic", lambda: start + 161)
+    monkeypatch.setattr("whatsappd.worker.neonize.engine.time.monotonic", lambda: start + 161)
     h.engine.on_login_status("timeout")
     assert h.engine.exit_code is ExitCode.PAIRING_TIMEOUT
 
@@ -349,7 +349,7 @@ def test_run_returns_stopped_when_stopped(h: Harness) -> None:
 
 def test_paired_but_never_connected_restarts_the_worker(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """After pairing the server forces one reconnect; if no Connected follows, exit TRANSIENT."""
-    monkeypatch.setattr("whatsappd.worker.neonize_engine.CONNECTED_AFTER_PAIR_SECONDS", 0.3)
+    monkeypatch.setattr("whatsappd.worker.neonize.engine.CONNECTED_AFTER_PAIR_SECONDS", 0.3)
 
     def feed(engine: NeonizeEngine, client: FakeClient) -> None:
         engine.on_qr(client, b"code")
@@ -442,7 +442,7 @@ CHILD = textwrap.dedent(
     import json, os, signal, sys, time
     from pathlib import Path
     from whatsappd.worker.engine import EngineOptions
-    from whatsappd.worker.neonize_engine import NeonizeEngine
+    from whatsappd.worker.neonize.engine import NeonizeEngine
 
     session, proxy, pair = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "pair"
 
@@ -472,7 +472,7 @@ CHILD = textwrap.dedent(
 
     if len(sys.argv) > 4 and sys.argv[4] == "play":
         import threading
-        import whatsappd.worker.neonize_engine as module
+        import whatsappd.worker.neonize.engine as module
         module.SHUTDOWN_SECONDS = 0.5  # the fake QR came while the dial still holds Go's lock
         threading.Thread(target=play_go_callbacks, daemon=True).start()
     started = time.monotonic()

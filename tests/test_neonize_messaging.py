@@ -26,7 +26,7 @@ import pytest
 
 from whatsappd.testing.socks5 import Socks5FaultProxy
 from whatsappd.worker.engine import EngineError, EngineOptions
-from whatsappd.worker.neonize_engine import (
+from whatsappd.worker.neonize.engine import (
     MEDIA_LIMITS,
     SEND_LOG_FILE,
     NeonizeEngine,
@@ -351,7 +351,7 @@ def test_missing_timestamp_uses_the_clock() -> None:
 
 def test_the_event_shapes_are_the_simulators(tmp_path: Path) -> None:
     """Same keys, same types, same timestamp format as SimulatorEngine's `simulate incoming`."""
-    from whatsappd.worker.simulator import SimulatorEngine
+    from whatsappd.worker.simulator.engine import SimulatorEngine
 
     sim = SimulatorEngine(EngineOptions(company="acme", session_dir=tmp_path, proxy=None, pair=True),
                           lambda m: None, env={})
@@ -371,7 +371,7 @@ def test_the_event_shapes_are_the_simulators(tmp_path: Path) -> None:
         if expected["media"] is not None:
             assert list(event["media"]) == list(expected["media"])
         assert ISO_MS.fullmatch(event["timestamp"]) and ISO_MS.fullmatch(expected["timestamp"])
-    from whatsappd.worker.simulator import MEDIA_LIMITS as SIM_LIMITS
+    from whatsappd.worker.simulator.engine import MEDIA_LIMITS as SIM_LIMITS
 
     assert MEDIA_LIMITS == SIM_LIMITS
 
@@ -816,7 +816,7 @@ def test_a_corrupt_log_stops_sending(h: Harness) -> None:
 
 
 def test_a_big_log_is_compacted_at_load(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("whatsappd.worker.neonize_engine.SEND_LOG_COMPACT_BYTES", 200)
+    monkeypatch.setattr("whatsappd.worker.neonize.engine.SEND_LOG_COMPACT_BYTES", 200)
     old, recent = "2025-10-01T00:00:00.000Z", "2025-12-31T00:00:00.000Z"
     h.write_log(
         {"outbox_id": "msg_old", "state": "attempted", "at": old},
@@ -951,7 +951,7 @@ CHILD = textwrap.dedent(
     import ctypes, json, os, sys, threading, time
     from pathlib import Path
     from whatsappd.worker.engine import EngineError, EngineOptions
-    from whatsappd.worker.neonize_engine import NeonizeEngine
+    from whatsappd.worker.neonize.engine import NeonizeEngine
     from test_neonize_messaging import Message, message_ev, pn, receipt_ev  # the same event builders
 
     session, proxy, raw = Path(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -37,9 +37,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from whatsappd import __version__
+from whatsappd.control.openapi import SIMULATE_ACTIONS, openapi_document
 from whatsappd.errors import CODES, ErrorCode
-from whatsappd.openapi import SIMULATE_ACTIONS, openapi_document
-from whatsappd.store import EVENT_TYPES
+from whatsappd.store.sqlite import EVENT_TYPES
 from whatsappd.testing.daemon import DaemonProcess, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +217,7 @@ def test_request_schemas_refuse_empty_strings_the_daemon_refuses() -> None:
 
 def test_documented_simulate_actions_are_the_simulators() -> None:
     """The simulate action enum is exactly what the simulator engine does (receipt, incoming, stats, burst were missing)."""
-    from whatsappd.worker.simulator import MAX_BURST, SimulatorEngine
+    from whatsappd.worker.simulator.engine import MAX_BURST, SimulatorEngine
 
     document = openapi_document(__version__)
     body = _operation(document, "post", "/v1/companies/{id}/simulate")["requestBody"]["content"]["application/json"]

@@ -24,7 +24,7 @@ from whatsappd.protocol import ExitCode
 from whatsappd.testing.daemon import wait_until
 from whatsappd.worker.engine import EngineError, EngineOptions
 from whatsappd.worker.gate import ConnectGate
-from whatsappd.worker.simulator import (
+from whatsappd.worker.simulator.engine import (
     CRASH_EXIT_STATUS,
     PAIRING_CODE_ALPHABET,
     SESSION_FILE,
@@ -589,7 +589,7 @@ _CHILD = textwrap.dedent(
     import sys, threading
     from pathlib import Path
     from whatsappd.worker.engine import EngineOptions
-    from whatsappd.worker.simulator import SimulatorEngine
+    from whatsappd.worker.simulator.engine import SimulatorEngine
     engine = SimulatorEngine(EngineOptions("acme", Path(sys.argv[1]), None, True), lambda m: None,
                              env={"WHATSAPPD_SIM_CONNECT_DELAY": "0"})
     threading.Thread(target=engine.run, daemon=True).start()

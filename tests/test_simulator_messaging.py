@@ -18,7 +18,7 @@ from test_simulator import WAIT, Sim, pair_and_connect, parse_iso
 
 from whatsappd.protocol import ExitCode
 from whatsappd.worker.engine import EngineError, EngineOptions
-from whatsappd.worker.simulator import (
+from whatsappd.worker.simulator.engine import (
     DEFAULT_CONTACT,
     DEFAULT_GROUP,
     DUPLICATES_FILE,

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from whatsappd.cli import EX_DATAERR
-from whatsappd.store import StorageFull, Store
+from whatsappd.exits import EX_DATAERR
+from whatsappd.store.sqlite import StorageFull, Store
 from whatsappd.testing.daemon import DaemonProcess, clean_env, run_ctl, wait_until
 from whatsappd.testing.scenario import SimDaemon, sim_config
 

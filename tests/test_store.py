@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from whatsappd.store import Event, IdempotencyConflict, Store, StoreError
+from whatsappd.store.sqlite import Event, IdempotencyConflict, Store, StoreError
 
 T = TypeVar("T")
 DAY = 86400.0

@@ -11,8 +11,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from whatsappd import store as store_module
-from whatsappd.store import IdempotencyConflict, Store
+from whatsappd.store import sqlite as store_module
+from whatsappd.store.sqlite import IdempotencyConflict, Store
 
 DAY = 86400.0
 JID = "5511999990001@s.whatsapp.net"

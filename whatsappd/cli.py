@@ -12,13 +12,10 @@ from typing import TextIO
 
 from whatsappd import __version__, pidlock
 from whatsappd.config import Config, ConfigError, load_config, render_config
+from whatsappd.exits import EX_CONFIG
 
-__all__ = ["EX_CONFIG", "EX_DATAERR", "main"]
+__all__ = ["main"]
 
-EX_CONFIG = 78  # sysexits.h: systemd's RestartPreventExitStatus=78 avoids a restart loop
-#: sysexits.h EX_DATAERR: a data file (the store) is damaged; restarting cannot help either, so
-#: the unit lists it in RestartPreventExitStatus= too.
-EX_DATAERR = 65
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,7 +190,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _check_store(args: argparse.Namespace) -> int:
     """PRAGMA integrity_check on each store: one line per finding; 0 if all are sound, else 1."""
     from whatsappd.sessions import NEONIZE_STORE
-    from whatsappd.store import check_database, corrupt_fix
+    from whatsappd.store.sqlite import check_database, corrupt_fix
 
     paths: list[Path] = args.path or []
     if not paths:

@@ -19,15 +19,15 @@ from typing import Any
 from aiohttp import web
 
 from whatsappd import __version__, pidlock
-from whatsappd.api import build_app
-from whatsappd.cli import EX_DATAERR
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
-from whatsappd.control_socket import CappedSockSite, SocketSetupError, bind_control_socket
+from whatsappd.control.app import build_app
+from whatsappd.control.listener import CappedSockSite, SocketSetupError, bind_control_socket
+from whatsappd.exits import EX_DATAERR
 from whatsappd.logs import configure_logging, get_logger
-from whatsappd.messaging import Messaging
-from whatsappd.registry import RegistryError
-from whatsappd.store import Store, StoreCorrupt, StoreError
-from whatsappd.supervisor import Supervisor
+from whatsappd.messaging.sender import Messaging
+from whatsappd.store.sqlite import Store, StoreCorrupt, StoreError
+from whatsappd.supervisor.registry import RegistryError
+from whatsappd.supervisor.runner import Supervisor
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
 from whatsappd.timefmt import iso
 

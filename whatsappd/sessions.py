@@ -19,8 +19,8 @@ from pathlib import Path
 from whatsappd import pidlock
 from whatsappd.ids import InvalidCompanyId, check_company_id, session_dir
 from whatsappd.logs import get_logger
-from whatsappd.worker.simulator import SESSION_FILE as SIMULATOR_FILE
-from whatsappd.worker.simulator import session_state as simulator_session_state
+from whatsappd.worker.simulator.engine import SESSION_FILE as SIMULATOR_FILE
+from whatsappd.worker.simulator.engine import session_state as simulator_session_state
 
 __all__ = [
     "LOCK_FILE",

@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
                             proxy=args.proxy, pair=args.pair, gate=gate)
     if args.engine == "simulator":
-        from whatsappd.worker.simulator import SimulatorEngine as EngineClass
+        from whatsappd.worker.simulator.engine import SimulatorEngine as EngineClass
     else:
-        from whatsappd.worker.neonize_engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
+        from whatsappd.worker.neonize.engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
     watch = SessionWatch(Path(args.session_dir), lock, EngineClass.session_files)
 
     def emit(message: dict[str, Any]) -> None:

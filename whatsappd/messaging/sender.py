@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.logs import get_logger
 from whatsappd.states import State
-from whatsappd.store import EVENT_TYPES, Event, StorageFull, Store
+from whatsappd.store.sqlite import EVENT_TYPES, Event, StorageFull, Store
 
 if TYPE_CHECKING:
     from whatsappd.config import Config
-    from whatsappd.supervisor import Runner, Supervisor
+    from whatsappd.supervisor.runner import Runner, Supervisor
 
 __all__ = ["EVENT_TYPES", "Messaging", "Subscriber"]
 

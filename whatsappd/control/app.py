@@ -28,21 +28,21 @@ from aiohttp import web
 from whatsappd import __version__
 from whatsappd import qr as qr_render
 from whatsappd.config import parse_companies, parse_duration
-from whatsappd.control_socket import admits, forbidden, peer_of
+from whatsappd.control.listener import admits, forbidden, peer_of
+from whatsappd.control.openapi import SIMULATE_ACTIONS, openapi_document
 from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.logs import get_logger
 from whatsappd.mediafile import MediaRefused, read_media
-from whatsappd.messaging import EVENT_TYPES
-from whatsappd.openapi import SIMULATE_ACTIONS, openapi_document
+from whatsappd.messaging.sender import EVENT_TYPES
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import State
-from whatsappd.store import STATUSES, IdempotencyConflict, StorageFull
+from whatsappd.store.sqlite import STATUSES, IdempotencyConflict, StorageFull
 from whatsappd.timefmt import iso
 
 if TYPE_CHECKING:
     from whatsappd.daemon import Daemon
-    from whatsappd.supervisor import Runner
+    from whatsappd.supervisor.runner import Runner
 
 __all__ = ["build_app"]
 

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd import sessions
-from whatsappd.backoff import Backoff, BackoffPolicy, RateLimiter
 from whatsappd.config import CompanyConfig, Config, ConfigDiff
 from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.ids import session_dir
 from whatsappd.logs import current_format, get_logger
 from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
-from whatsappd.registry import RuntimeRegistry
 from whatsappd.states import IllegalTransition, State, check_transition
+from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
+from whatsappd.supervisor.registry import RuntimeRegistry
 from whatsappd.systemd import scrub_environment
 from whatsappd.timefmt import iso_or_none, parse_iso
 

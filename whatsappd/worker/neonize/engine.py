@@ -397,7 +397,7 @@ class SendLog:
         self._loaded = False
         self._state: dict[str, dict[str, Any]] = {}
         self._in_flight: set[str] = set()
-        self._log = structlog.get_logger("whatsappd.worker.neonize_engine")
+        self._log = structlog.get_logger("whatsappd.worker.neonize.engine")
 
     # -------------------------------------------------------------- reading
 
@@ -911,7 +911,7 @@ class NeonizeEngine(Engine):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(options, emit)
-        self._log = structlog.get_logger("whatsappd.worker.neonize_engine").bind(company=options.company)
+        self._log = structlog.get_logger("whatsappd.worker.neonize.engine").bind(company=options.company)
         self._whatsmeow_debug = whatsmeow_debug
         self._connect_timeout = connect_timeout
         self._clock = clock

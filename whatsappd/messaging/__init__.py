@@ -1,0 +1,1 @@
+"""The journal's fan-out to live readers and the outbox sender."""

@@ -1,0 +1,1 @@
+"""Durable state of the supervisor: the event journal and the outbox."""

@@ -1,0 +1,1 @@
+"""Company supervision: one runner per company, its worker process, backoff and the runtime registry."""
