@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["State", "TERMINAL", "TRANSITIONS", "IllegalTransition", "check_transition"]
+__all__ = ["CANNOT_SEND", "RESTING", "SETTLING", "TERMINAL", "TRANSITIONS", "IllegalTransition", "State", "check_transition"]
 
 
 class State(enum.StrEnum):
@@ -25,8 +25,16 @@ class State(enum.StrEnum):
     FAILED = "failed"  # crash loop or corrupt session; an operator must act
 
 
+# Groups of states, named once and used everywhere (supervisor's STOPPED_STATES idea).
+
 #: States that no timer leaves: only an operator (connect, restart, logout) does.
 TERMINAL = frozenset({State.STOPPED, State.LOGGED_OUT, State.REPLACED, State.OUTDATED, State.FAILED})
+#: States in which no worker runs and none is about to: TERMINAL, and a ban waiting for its expiry.
+RESTING = TERMINAL | {State.BANNED}
+#: States whose session cannot send: messages to such a company are refused, not queued.
+CANNOT_SEND = frozenset({State.LOGGED_OUT, State.REPLACED})
+#: States an operator act waits through before it can tell what came of it (a QR, a connection).
+SETTLING = frozenset({State.STOPPED, State.STARTING, State.CONNECTING})
 
 _ENDINGS = {State.LOGGED_OUT, State.REPLACED, State.BANNED, State.OUTDATED, State.FAILED, State.STOPPED}
 
