@@ -17,7 +17,7 @@ import pytest
 
 from whatsappd import __version__
 from whatsappd.config import build_config
-from whatsappd.control.app import build_app
+from whatsappd.control.app import Services, build_app
 from whatsappd.control.openapi import openapi_document
 from whatsappd.daemon import Daemon
 from whatsappd.errors import CODES
@@ -589,7 +589,10 @@ def _served_routes() -> set[tuple[str, str]]:
     """(METHOD, path) of every route of the real application object (HEAD twins left out)."""
     config = build_config({"daemon": {"state_dir": "/nonexistent/state"},
                            "control": {"socket_path": "/nonexistent/control.sock"}}, "test")
-    app = build_app(Daemon(config, None))
+    daemon = Daemon(config, None)
+    app = build_app(Services(config=lambda: config, supervisor=daemon.supervisor, messaging=daemon.messaging,
+                             store=daemon.store, health=daemon.health, reload=daemon.reload,
+                             started_at=daemon.started_at))
     routes = set()
     for route in app.router.routes():
         if route.method == "HEAD":

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from whatsappd import __version__, pidlock
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
-from whatsappd.control.app import build_app
+from whatsappd.control.app import Services, build_app
 from whatsappd.control.listener import CappedSockSite, SocketSetupError, bind_control_socket
 from whatsappd.exits import EX_DATAERR
 from whatsappd.logs import configure_logging, get_logger
@@ -149,8 +149,10 @@ class Daemon:
             log.error("cannot start: control socket unavailable", reason=str(exc))
             return 1
 
+        services = Services(config=lambda: self.config, supervisor=self.supervisor, messaging=self.messaging,
+                            store=self.store, health=self.health, reload=self.reload, started_at=self.started_at)
         self._runner = web.AppRunner(
-            build_app(self), handle_signals=False, access_log=None,
+            build_app(services), handle_signals=False, access_log=None,
             keepalive_timeout=self.config.control_idle_timeout,
         )
         await self._runner.setup()
