@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from whatsappd.client import Client
-from whatsappd.control.listener import SocketInUse, SocketSetupError, bind_control_socket
+from whatsappd.control.socket_file import SocketInUse, SocketSetupError, bind_control_socket
 from whatsappd.testing.daemon import DaemonProcess, exec_wrapper
 
 

@@ -21,7 +21,8 @@ from aiohttp import web
 from whatsappd import __version__, pidlock
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control.app import Services, build_app
-from whatsappd.control.listener import CappedSockSite, SocketSetupError, bind_control_socket
+from whatsappd.control.listener import CappedSockSite
+from whatsappd.control.socket_file import SocketSetupError, bind_control_socket
 from whatsappd.exits import EX_DATAERR
 from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging.sender import Messaging

@@ -1,12 +1,7 @@
-"""The control socket: binding it ourselves (when systemd did not hand one over), and who may
-hold a connection on it.
+"""Accepting connections on the control socket: who may hold one, and how many.
 
-Binding: the socket file is created under a umask that makes it owner-only, then given its
-group, then its configured mode: it is never, even for an instant, looser than configured. A
-socket file left by a dead daemon is replaced; one that a live daemon answers on is not.
-
-Accepting: a connection's peer credentials (SO_PEERCRED) are read the moment it is accepted. A
-peer that may not use the API (control.allowed_uids / allowed_groups), or one beyond
+A connection's peer credentials (SO_PEERCRED) are read the moment it is accepted. A peer that
+may not use the API (control.allowed_uids / allowed_groups), or one beyond
 control.max_connections or its uid's control.max_connections_per_uid, never reaches the HTTP
 server and never counts against a cap: it gets its 403 or 503 as JSON once its request head
 has been read (bounded, with a short deadline), so a client that writes its request before
@@ -18,175 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
-import grp
 import json
-import os
-import pwd
 import socket
-import stat
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from whatsappd.config import Config
+from whatsappd.control.peers import PeerCred, admits, forbidden, peer_of
 from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.logs import get_logger
 
-__all__ = [
-    "CappedSockSite", "PeerCred", "SocketInUse", "SocketSetupError", "admits", "bind_control_socket",
-    "forbidden", "peer_of",
-]
+__all__ = ["CappedSockSite"]
 
 log = get_logger()
-
-
-class SocketSetupError(Exception):
-    """The control socket cannot be set up; the message says why and what to do."""
-
-
-class SocketInUse(SocketSetupError):
-    """Another live daemon answers on the socket."""
-
-
-def _probe_live(path: Path) -> bool:
-    """True if something accepts connections on the socket file at path."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            return False
-        if isinstance(exc, TimeoutError) or exc.errno == errno.EAGAIN:
-            return True  # the backlog is full: something is listening
-        raise SocketSetupError(f"cannot check whether {path} is in use: {exc.strerror}") from exc
-    else:
-        return True
-    finally:
-        probe.close()
-
-
-def bind_control_socket(path: Path, mode: int, group: str = "", backlog: int = 128) -> socket.socket:
-    """Create, bind and listen on a Unix stream socket at path with the given mode and group."""
-    parent = path.parent
-    try:
-        # The directory is only created if missing (systemd's RuntimeDirectory= makes it otherwise);
-        # 0755 lets members of the socket's group reach the socket, whose own mode decides.
-        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SocketSetupError(
-            f"cannot create the socket directory {parent}: {exc.strerror}; "
-            "create it or set control.socket_path to a writable place"
-        ) from exc
-    if len(os.fsencode(path)) >= 108:
-        raise SocketSetupError(f"the socket path {path} is too long for a Unix socket (107 bytes at most)")
-
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SocketSetupError(
-                f"{path} exists and is not a socket; refusing to replace it. Remove it or choose "
-                "another control.socket_path"
-            )
-        if _probe_live(path):
-            raise SocketInUse(
-                f"another whatsappd is already running and answering on {path}; stop it first "
-                "(systemctl stop whatsappd) or give this one another control.socket_path"
-            )
-        path.unlink()  # stale: its daemon died without removing it
-
-    gid = -1
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError as exc:
-            raise SocketSetupError(f"control.socket_group {group!r}: no such group") from exc
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # bind() creates the file 0600 at most
-    try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        raise SocketSetupError(f"cannot bind the control socket {path}: {exc.strerror}") from exc
-    finally:
-        os.umask(old_umask)
-    try:
-        if gid != -1:
-            os.chown(path, -1, gid)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        path.unlink(missing_ok=True)
-        raise SocketSetupError(f"cannot set up the control socket {path}: {exc.strerror}") from exc
-    sock.setblocking(False)
-    return sock
-
-
-# ---------------------------------------------------------------------------------------------
-# Who is on the other end.
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    pid: int
-    uid: int
-    gid: int
-
-    def fields(self) -> dict[str, int]:
-        """How a log line names the peer."""
-        return {"peer_pid": self.pid, "peer_uid": self.uid}
-
-
-def peer_of(transport: asyncio.BaseTransport | None) -> PeerCred | None:
-    """SO_PEERCRED of a connection (None on a socket that has no peer credentials)."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:  # already gone
-        return None
-    return PeerCred(*struct.unpack("3i", raw))
-
-
-def _user_groups(uid: int, gid: int) -> set[int]:
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        return {gid}
-    return {gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)}
-
-
-def admits(config: Config, cred: PeerCred | None) -> bool:
-    """Whether control.allowed_uids / allowed_groups let this peer use the API."""
-    uids, gids = config.control_allowed_uids, config.control_allowed_groups
-    if not uids and not gids:
-        return True  # the socket file's mode and group are the only gate
-    if cred is None:
-        return False
-    if cred.uid in (0, os.getuid()) or cred.uid in uids:
-        return True
-    return bool(gids) and not _user_groups(cred.uid, cred.gid).isdisjoint(gids)
-
-
-def forbidden(cred: PeerCred | None) -> ApiError:
-    return ApiError(ErrorCode.FORBIDDEN, f"uid {cred.uid if cred else '?'} may not use this API; add it to "
-                    "control.allowed_uids or one of its groups to control.allowed_groups")
-
-
-# ---------------------------------------------------------------------------------------------
-# Accepting connections.
 
 #: How long a refused connection may take to send its request head before it is answered and
 #: closed anyway (at most control.idle_timeout), and how much of the head is read.

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from whatsappd.control.listener import admits, forbidden, peer_of
+from whatsappd.control.peers import admits, forbidden, peer_of
 from whatsappd.control.services import services
 from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.logs import get_logger
