@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from whatsappd.config import ENGINES, PROXY_PATTERN
+from whatsappd.control.bodies import MAX_TEXT
 from whatsappd.errors import CODES, ErrorCode
 from whatsappd.ids import COMPANY_ID_PATTERN
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
@@ -216,7 +217,7 @@ SCHEMAS: dict[str, Any] = {
             "to": {"oneOf": [_PHONE, {"type": "string", "pattern": USER_JID_PATTERN, "description": "A person's JID."},
                              {"type": "string", "pattern": GROUP_JID_PATTERN, "description": "A group's JID."}],
                    "examples": ["+55 11 99999-9999", "5511999999999@s.whatsapp.net"]},
-            "text": {"type": "string", "minLength": 1, "maxLength": 65536, "examples": ["Olá! Recebemos seu contato."]},
+            "text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "examples": ["Olá! Recebemos seu contato."]},
             "image": _ref("MediaInput"), "document": _ref("MediaInput"), "audio": _ref("MediaInput"),
             "caption": {"type": "string"}, "filename": {"type": "string"}, "mimetype": {"type": "string"},
             "ttl": {"oneOf": [{"type": "string", "pattern": _DURATION, "description": "e.g. \"1h\""},
