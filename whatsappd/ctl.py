@@ -22,6 +22,7 @@ from typing import Any
 from whatsappd import __version__
 from whatsappd.client import Client, DaemonUnavailable, Response, StreamRefused
 from whatsappd.config import ConfigError, default_paths, load_config
+from whatsappd.states import RESTING
 from whatsappd.terminal import escape, escape_all
 
 __all__ = ["main"]
@@ -241,7 +242,7 @@ def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
         state = body["state"]
         if state == "connected":
             return raw, f"{args.id}: connected as {body.get('jid')}"
-        if state in ("stopped", "failed", "logged_out", "replaced", "outdated", "banned"):
+        if state in RESTING:  # nothing more will happen without an operator (or a ban's expiry)
             error = body.get("last_error") or {}
             raise Failure(f"{args.id}: {state}: {error.get('message') or body.get('reason')}")
         if state == "pairing":
