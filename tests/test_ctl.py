@@ -274,8 +274,7 @@ def system_layout(shared_dir: Path, second_user: Callable[..., Any]) -> Path:
 def test_a_member_of_the_group_finds_the_system_socket_by_default(
     daemon_factory: Callable[..., DaemonProcess], system_layout: Path
 ) -> None:
-    """In group whatsappd, plain `whatsappctl health` reaches /run/whatsappd/control.sock, though
-    the config file (readable, no socket_path) exists; a daemon of the user's own comes first."""
+    """In group whatsappd, `whatsappctl health` finds the system socket despite a config file without socket_path; own daemon first."""
     run_dir = system_layout / "run"
     daemon = daemon_factory("", socket_path=run_dir / "control.sock").start()
     _system_run_dir(run_dir)

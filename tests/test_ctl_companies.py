@@ -133,8 +133,7 @@ def _printed_safely(out: str) -> list[str]:
 
 
 def test_hostile_values_from_the_daemon_are_printed_escaped(d):
-    """Control and format characters in any field the daemon returns (jid, push name, reason,
-    event text) are printed escaped by whatsappctl, and --json keeps the values exact."""
+    """Control characters in any field the daemon returns are printed escaped by whatsappctl; --json keeps them exact."""
     d.pair("acme", jid=f"5511999990001{HOSTILE}@s.whatsapp.net", push_name=HOSTILE[:64])
     assert d.simulate("acme", "incoming", text=HOSTILE, push_name=HOSTILE[:64]).status == 200
     assert d.simulate("acme", "drop", reason=HOSTILE).status == 200

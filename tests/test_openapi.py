@@ -233,8 +233,7 @@ def _used_codes(tree: ast.AST) -> set[str]:
 
 
 def test_every_error_code_raised_is_in_errors_py_and_the_document() -> None:
-    """Each code the package raises is an ErrorCode, and each ErrorCode is documented with its status:
-    in an operation's answers, or (for what only ends a background send) in a message's `error.code`."""
+    """Every raised code is an ErrorCode, documented with its status in an operation or a failed message's error.code."""
     used: set[str] = set()
     for path in (REPO / "whatsappd").rglob("*.py"):
         used |= _used_codes(ast.parse(path.read_text(encoding="utf-8")))
