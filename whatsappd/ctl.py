@@ -30,10 +30,13 @@ __all__ = ["main"]
 EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
 
 
-class Failure(Exception):
-    def __init__(self, message: str, code: int = EXIT_ERROR, body: Any = None) -> None:
+class CommandFailed(Exception):
+    """A command that did not do what was asked: its message for stderr, the process's exit status,
+    and the daemon's JSON answer (printed with --json) when there was one."""
+
+    def __init__(self, message: str, exit_status: int = EXIT_ERROR, body: Any = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_status = exit_status
         self.body = body
 
 
@@ -64,7 +67,7 @@ def default_socket(env: dict[str, str] | None = None) -> str:
 
     A member of the socket's group is not root, but it is the system daemon they mean; the
     per-user socket comes first only because it exists only if they started one themselves.
-    Raises Failure when neither socket is there, naming both.
+    Raises CommandFailed when neither socket is there, naming both.
     """
     env = dict(os.environ) if env is None else env
     if env.get("WHATSAPPD_SOCKET"):
@@ -73,7 +76,7 @@ def default_socket(env: dict[str, str] | None = None) -> str:
     if own != system and _exists(own):
         return str(own)
     if own != system and _exists(system) is False:
-        raise Failure(
+        raise CommandFailed(
             f"the daemon is not running: no socket at {system} (the system service) nor at {own} (a "
             "whatsappd run started by you). Start it (systemctl start whatsappd, or whatsappd run) or "
             "point --socket at its socket", EXIT_UNAVAILABLE)
@@ -93,18 +96,18 @@ def _duration(seconds: float) -> str:
 
 def _check(resp: Response) -> tuple[Any, Any]:
     """(the answer as sent, for --json; a copy with its strings escaped, for human output), or
-    Failure carrying the daemon's error sentence (escaped too)."""
+    CommandFailed carrying the daemon's error sentence (escaped too)."""
     try:
         body = resp.json()
     except ValueError:
-        raise Failure(f"HTTP {resp.status}: {escape(resp.body[:200].decode(errors='replace'))}") from None
+        raise CommandFailed(f"HTTP {resp.status}: {escape(resp.body[:200].decode(errors='replace'))}") from None
     shown = escape_all(body)
     if not resp.ok:
         error = shown.get("error", {}) if isinstance(shown, dict) else {}
         message = error.get("message", f"HTTP {resp.status}")
         problems = error.get("problems") or []
         detail = "".join(f"\n  - {p}" for p in problems)
-        raise Failure(f"{message} [{error.get('code', resp.status)}]{detail}", body=body)
+        raise CommandFailed(f"{message} [{error.get('code', resp.status)}]{detail}", body=body)
     return body, shown
 
 
@@ -244,7 +247,7 @@ def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
             return raw, f"{args.id}: connected as {body.get('jid')}"
         if state in RESTING:  # nothing more will happen without an operator (or a ban's expiry)
             error = body.get("last_error") or {}
-            raise Failure(f"{args.id}: {state}: {error.get('message') or body.get('reason')}")
+            raise CommandFailed(f"{args.id}: {state}: {error.get('message') or body.get('reason')}")
         if state == "pairing":
             resp = client.get(f"/v1/companies/{args.id}/qr")
             if resp.ok and resp.json()["code"] != drawn:
@@ -256,7 +259,7 @@ def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
                 print(f"Scan with WhatsApp > Linked devices > Link a device (expires "
                       f"{qr_shown['expires_at']}); waiting...", flush=True)
         time.sleep(0.5)
-    raise Failure(f"{args.id}: not connected within {args.wait:g}s (state {body['state']})")
+    raise CommandFailed(f"{args.id}: not connected within {args.wait:g}s (state {body['state']})")
 
 
 def cmd_send(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
@@ -269,7 +272,7 @@ def cmd_send(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     if body.get("error"):
         text += f": {body['error']['message']}"
     if body["status"] in ("failed", "expired"):
-        raise Failure(text, body=raw)
+        raise CommandFailed(text, body=raw)
     return raw, text
 
 
@@ -373,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     _, handler = COMMANDS[args.command]
     try:
         socket_path = args.socket or default_socket()
-    except Failure as exc:
+    except CommandFailed as exc:
         print(f"whatsappctl: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.exit_status
     client = Client(socket_path, timeout=args.timeout)
     try:
         body, text = handler(client, args)
@@ -385,11 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError:
         print(f"whatsappctl: no answer from {socket_path} within {args.timeout:g}s", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except Failure as exc:
+    except CommandFailed as exc:
         if args.json and exc.body is not None:
             print(_json(exc.body, indent=2))
         print(f"whatsappctl: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.exit_status
     if args.json and body is not None:
         print(_json(body, indent=2))
     elif text:
