@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -670,3 +671,19 @@ def test_openapi_document_passes_a_validator() -> None:
     """When openapi-spec-validator is installed, it accepts the document as OpenAPI 3.1."""
     validator = pytest.importorskip("openapi_spec_validator", reason="openapi-spec-validator is not installed")
     validator.validate(openapi_document(__version__))
+
+
+# ---------------------------------------------------------------------------------------------
+# The control package's place in the layout.
+
+
+def test_the_control_package_never_imports_the_daemon() -> None:
+    """No module of whatsappd/control imports whatsappd.daemon, even for typing: the routes get a Services."""
+    package = Path(__file__).resolve().parent.parent / "whatsappd" / "control"
+    found = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {name}" for name in names if name == "whatsappd.daemon"]
+    assert found == []
