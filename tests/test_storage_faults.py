@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from whatsappd.exits import EX_DATAERR
-from whatsappd.store.sqlite import StorageFull, Store
+from whatsappd.store import OutgoingMessage, StorageFull, Store
 from whatsappd.testing.daemon import DaemonProcess, clean_env, run_ctl, wait_until
 from whatsappd.testing.scenario import SimDaemon, sim_config
 
@@ -83,8 +83,9 @@ def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
 
 
 async def enqueue(store: Store, text: str, media: bytes | None = None) -> tuple[bool, dict[str, Any]]:
-    return await store.enqueue("acme", None, {"text": text}, JID, "+5511999990001", "document" if media else "text",
-                               {"text": text}, media, DAY, DAY)
+    return await store.enqueue(OutgoingMessage(
+        company="acme", recipient=JID, to="+5511999990001", kind="document" if media else "text",
+        payload={"text": text}, media=media, ttl=DAY, idempotency_key=None, body={"text": text}), DAY)
 
 
 class TestTheStoreOnAFullDisk:

@@ -1,4 +1,4 @@
-"""Outbox enqueues are group-committed (whatsappd/store.py): concurrent enqueues share one
+"""Outbox enqueues are group-committed (whatsappd/store/): concurrent enqueues share one
 transaction, each answers only once it is committed, and one that fails is undone alone.
 
 In-process on a real SQLite file, like test_store.py.
@@ -11,8 +11,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from whatsappd.store import IdempotencyConflict, OutgoingMessage, Store
 from whatsappd.store import sqlite as store_module
-from whatsappd.store.sqlite import IdempotencyConflict, Store
 
 DAY = 86400.0
 JID = "5511999990001@s.whatsapp.net"
@@ -20,7 +20,9 @@ JID = "5511999990001@s.whatsapp.net"
 
 def enqueue(store: Store, text: str, key: str | None = None) -> Any:
     body = {"to": "+5511999990001", "text": text}
-    return store.enqueue("acme", key, body, JID, "+5511999990001", "text", {"text": text}, None, DAY, DAY)
+    return store.enqueue(OutgoingMessage(company="acme", recipient=JID, to="+5511999990001", kind="text",
+                                         payload={"text": text}, media=None, ttl=DAY, idempotency_key=key, body=body),
+                         DAY)
 
 
 def committed_texts(path: Path) -> list[str]:

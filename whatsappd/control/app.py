@@ -34,10 +34,9 @@ from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.logs import get_logger
 from whatsappd.mediafile import MediaRefused, read_media
-from whatsappd.messaging.sender import EVENT_TYPES
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import State
-from whatsappd.store.sqlite import STATUSES, IdempotencyConflict, StorageFull
+from whatsappd.store import EVENT_TYPES, STATUSES, IdempotencyConflict, OutgoingMessage, Payload, StorageFull
 from whatsappd.timefmt import iso
 
 if TYPE_CHECKING:
@@ -491,7 +490,7 @@ async def send_message(request: web.Request) -> web.Response:
             daemon.config.daemon_state_dir)
         media = data
         filename = body.get("filename") or filename
-        payload: dict[str, Any] = {
+        payload: Payload = {
             "caption": body.get("caption"), "filename": filename,
             "mimetype": body.get("mimetype") or mimetype or _guess_mimetype(kind, filename, data),
             "size": len(data),
@@ -505,8 +504,9 @@ async def send_message(request: web.Request) -> web.Response:
             raise ApiError(ErrorCode.INVALID_MESSAGE, f"the text is {len(text)} characters; at most {_MAX_TEXT}")
         payload = {"text": text}
     try:
-        created, message = await daemon.messaging.enqueue(runner, key, body, recipient, str(to), kind, payload,
-                                                          media, ttl)
+        created, message = await daemon.messaging.enqueue(OutgoingMessage(
+            company=runner.id, recipient=recipient, to=str(to), kind=kind, payload=payload, media=media, ttl=ttl,
+            idempotency_key=key, body=body))
     except IdempotencyConflict as exc:
         raise ApiError(ErrorCode.IDEMPOTENCY_KEY_REUSED, f"Idempotency-Key {key!r} was already used for message "
                        f"{exc.args[0]} with a different body; use a new key for a new message") from None
