@@ -151,8 +151,7 @@ class TestTheStoreOnAFullDisk:
 
 
 def test_the_daemon_answers_507_storage_full_says_so_and_recovers(small_disk: SmallDisk, tmp_path: Path) -> None:
-    """POST on a full disk: 507 storage_full, nothing stored; health/metrics say full; a receipt that
-    arrives meanwhile is applied once freed; 202 again then."""
+    """Full disk: POST gets 507 and stores nothing, health says full, a receipt waits; freed: all resumes."""
     state = small_disk.path / "state"
     d = SimDaemon(tmp_path / "d", config=f'[daemon]\nstate_dir = "{state}"\n'
                   + sim_config("acme", outbox={"max_file_size": "1MiB"}))

@@ -35,8 +35,7 @@ def committed_texts(path: Path) -> list[str]:
 
 
 def test_concurrent_enqueues_share_transactions_and_keep_their_order(tmp_path, monkeypatch):
-    """50 enqueues at once: fewer transactions than messages, every message committed when its
-    enqueue returns, send order = call order, one queued event each."""
+    """50 concurrent enqueues share transactions, each committed (with its event) when it returns, in call order."""
     path = tmp_path / "store.sqlite"
     batches: list[int] = []
     real = store_module._enqueue_batch
@@ -71,8 +70,7 @@ def test_concurrent_enqueues_share_transactions_and_keep_their_order(tmp_path, m
 
 
 def test_a_conflict_in_a_batch_fails_alone_and_a_replay_in_the_same_batch_gets_the_first(tmp_path):
-    """Same Idempotency-Key in one batch: the same body replays the first message (not created),
-    a different body gets IdempotencyConflict; the other messages of the batch are committed."""
+    """In one batch a reused key replays (same body) or conflicts alone (other body); the rest commit."""
     path = tmp_path / "store.sqlite"
 
     async def main() -> list[Any]:
