@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from whatsappd.errors import ErrorCode
 from whatsappd.logs import get_logger
 from whatsappd.store.backend import IncomingMedia, StoreCorrupt, StoreError
 from whatsappd.store.core import GroupCommit, Writer, is_corrupt
@@ -589,7 +590,7 @@ def _fail_stale_sending(db: sqlite3.Connection, now: float,
                         busy: frozenset[str]) -> tuple[list[OutboxMessage], list[Event]]:
     stale = [row["id"] for row in db.execute("SELECT id FROM messages WHERE status = ? AND expires_at <= ?",
                                              (MessageStatus.SENDING, now)) if row["id"] not in busy]
-    return _finish(db, stale, MessageStatus.SENDING, MessageStatus.FAILED, "send_interrupted",
+    return _finish(db, stale, MessageStatus.SENDING, MessageStatus.FAILED, ErrorCode.SEND_INTERRUPTED,
                    "its send was interrupted and could not be settled before its ttl ran out; it may or may "
                    "not have been delivered", now)
 
