@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from whatsappd.logs import get_logger
 from whatsappd.timefmt import iso_or_none
@@ -34,9 +34,8 @@ EVENT_TYPES = (
 Secret = dict[str, Any] | None
 
 
-@dataclass(frozen=True)
-class NewEvent:
-    """An event appended but not committed yet: it has no seq."""
+class NewEvent(NamedTuple):
+    """An event appended but not committed yet: it has no seq (a tuple: one is made per event)."""
 
     at: float
     company: str | None

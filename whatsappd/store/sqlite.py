@@ -11,7 +11,8 @@ deliveries happen in the order the writes finished.
 Reads (event backlog, message lookups) use their own connections from worker threads; WAL lets
 them run beside the writer. Every transaction is opened and closed by `_transaction`, so a
 failed COMMIT (which SQLite may already have rolled back) never leaves a transaction open or
-masks its error. Rows are read by column name (sqlite3.Row), never by position.
+masks its error. Rows are read by column name (sqlite3.Row), never by position. Enum values
+are bound as `.value`: sqlite3 binds a str subclass only after a slow search for an adapter.
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ class Store:
 
     async def in_flight(self, company: str) -> list[OutboxMessage]:
         return await self.read(lambda db: [_row_message(r) for r in db.execute(
-            "SELECT * FROM messages WHERE company = ? AND status = ? ORDER BY n", (company, MessageStatus.SENDING))])
+            "SELECT * FROM messages WHERE company = ? AND status = ? ORDER BY n", (company, MessageStatus.SENDING.value))])
 
     async def expire(self) -> list[OutboxMessage]:
         return await self._run_journaled(_expire, time.time())
@@ -459,7 +460,7 @@ def _select_message(db: sqlite3.Connection, company: str, message_id: str) -> Ou
 
 def _next_pending(db: sqlite3.Connection, company: str) -> OutboxMessage | None:
     row = db.execute("SELECT * FROM messages WHERE company = ? AND status = ? AND expires_at > ? "
-                     "ORDER BY n LIMIT 1", (company, MessageStatus.QUEUED, time.time())).fetchone()
+                     "ORDER BY n LIMIT 1", (company, MessageStatus.QUEUED.value, time.time())).fetchone()
     if row is None:
         return None
     message = _row_message(row)
@@ -524,7 +525,7 @@ def _enqueue(db: sqlite3.Connection, message: OutgoingMessage,
         "INSERT INTO messages (id, company, idem_key, idem_at, body_hash, recipient, to_input, kind, payload, "
         "status, created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (mid, message.company, key, now if key else None, digest, message.recipient, message.to, message.kind,
-         json.dumps(message.payload), MessageStatus.QUEUED, now, now, now + message.ttl))
+         json.dumps(message.payload), MessageStatus.QUEUED.value, now, now, now + message.ttl))
     if message.media is not None:
         db.execute("INSERT INTO media (message_id, data) VALUES (?, ?)", (mid, message.media))
     stored = _message_by_id(db, mid)
@@ -539,7 +540,7 @@ def _set_status(db: sqlite3.Connection, message_id: str, status: MessageStatus, 
         row = db.execute("SELECT status FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None or status not in ALLOWED[MessageStatus(row["status"])]:
             return None, []
-        sets: dict[str, Any] = {"status": status, "updated_at": now}
+        sets: dict[str, Any] = {"status": status.value, "updated_at": now}
         if status is MessageStatus.SENDING:
             db.execute("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", (message_id,))
         if status is MessageStatus.SENT:
@@ -579,7 +580,7 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
             if current not in RECEIPT_RANK or RECEIPT_RANK[current] >= RECEIPT_RANK[status]:
                 continue
             extra = ", delivered_at = COALESCE(delivered_at, ?)" if status is MessageStatus.READ else ""
-            args: tuple[Any, ...] = (status, now, now, now, row["id"]) if extra else (status, now, now, row["id"])
+            args: tuple[Any, ...] = (status.value, now, now, now, row["id"]) if extra else (status.value, now, now, row["id"])
             db.execute(f"UPDATE messages SET status = ?, updated_at = ?, {column} = ?{extra} WHERE id = ?", args)
             changed.append(_message_by_id(db, row["id"]))
             events.append(_insert_status_event(db, changed[-1]))
@@ -589,8 +590,8 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
 def _fail_stale_sending(db: sqlite3.Connection, now: float,
                         busy: frozenset[str]) -> tuple[list[OutboxMessage], list[Event]]:
     stale = [row["id"] for row in db.execute("SELECT id FROM messages WHERE status = ? AND expires_at <= ?",
-                                             (MessageStatus.SENDING, now)) if row["id"] not in busy]
-    return _finish(db, stale, MessageStatus.SENDING, MessageStatus.FAILED, ErrorCode.SEND_INTERRUPTED,
+                                             (MessageStatus.SENDING.value, now)) if row["id"] not in busy]
+    return _finish(db, stale, MessageStatus.SENDING, MessageStatus.FAILED, ErrorCode.SEND_INTERRUPTED.value,
                    "its send was interrupted and could not be settled before its ttl ran out; it may or may "
                    "not have been delivered", now)
 
@@ -598,7 +599,7 @@ def _fail_stale_sending(db: sqlite3.Connection, now: float,
 def _expire(db: sqlite3.Connection, now: float) -> tuple[list[OutboxMessage], list[Event]]:
     # Read first (no write transaction): the usual answer is "nothing".
     due = [row["id"] for row in db.execute("SELECT id FROM messages WHERE status = ? AND expires_at <= ?",
-                                           (MessageStatus.QUEUED, now))]
+                                           (MessageStatus.QUEUED.value, now))]
     return _finish(db, due, MessageStatus.QUEUED, MessageStatus.EXPIRED, "ttl_expired",
                    "not sent before its ttl ran out", now)
 
@@ -612,7 +613,7 @@ def _finish(db: sqlite3.Connection, ids: list[str], from_status: MessageStatus, 
         out = []
         for mid in ids:
             changed = db.execute("UPDATE messages SET status = ?, updated_at = ?, error_code = ?, error = ? "
-                                 "WHERE id = ? AND status = ?", (status, now, code, error, mid, from_status)).rowcount
+                                 "WHERE id = ? AND status = ?", (status.value, now, code, error, mid, from_status.value)).rowcount
             if changed:
                 db.execute("DELETE FROM media WHERE message_id = ?", (mid,))
                 out.append(_message_by_id(db, mid))
