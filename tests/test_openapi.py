@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import (
 from whatsappd import __version__
 from whatsappd.control.openapi import SIMULATE_ACTIONS, openapi_document
 from whatsappd.errors import CODES, ErrorCode
-from whatsappd.store.sqlite import EVENT_TYPES
+from whatsappd.store import EVENT_TYPES
 from whatsappd.testing.daemon import DaemonProcess, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

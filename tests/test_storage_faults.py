@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from whatsappd.exits import EX_DATAERR
-from whatsappd.store.sqlite import StorageFull, Store
+from whatsappd.store import OutgoingMessage, StorageFull, Store
 from whatsappd.testing.daemon import DaemonProcess, clean_env, run_ctl, wait_until
 from whatsappd.testing.scenario import SimDaemon, sim_config
 
@@ -83,8 +83,9 @@ def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
 
 
 async def enqueue(store: Store, text: str, media: bytes | None = None) -> tuple[bool, dict[str, Any]]:
-    return await store.enqueue("acme", None, {"text": text}, JID, "+5511999990001", "document" if media else "text",
-                               {"text": text}, media, DAY, DAY)
+    return await store.enqueue(OutgoingMessage(
+        company="acme", recipient=JID, to="+5511999990001", kind="document" if media else "text",
+        payload={"text": text}, media=media, ttl=DAY, idempotency_key=None, body={"text": text}), DAY)
 
 
 class TestTheStoreOnAFullDisk:
@@ -150,8 +151,7 @@ class TestTheStoreOnAFullDisk:
 
 
 def test_the_daemon_answers_507_storage_full_says_so_and_recovers(small_disk: SmallDisk, tmp_path: Path) -> None:
-    """POST on a full disk: 507 storage_full, nothing stored; health/metrics say full; a receipt that
-    arrives meanwhile is applied once freed; 202 again then."""
+    """Full disk: POST gets 507 and stores nothing, health says full, a receipt waits; freed: all resumes."""
     state = small_disk.path / "state"
     d = SimDaemon(tmp_path / "d", config=f'[daemon]\nstate_dir = "{state}"\n'
                   + sim_config("acme", outbox={"max_file_size": "1MiB"}))

@@ -1,4 +1,4 @@
-"""whatsappd/store.py in-process: the event journal and the outbox on a real SQLite file.
+"""whatsappd/store/ in-process: the event journal and the outbox on a real SQLite file.
 
 Each test runs its own event loop (asyncio.run) over a Store opened on a file under tmp_path;
 nothing is faked. What a daemon does with the store is covered end to end in test_outbox.py,
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from whatsappd.store.sqlite import Event, IdempotencyConflict, Store, StoreError
+from whatsappd.store import Event, IdempotencyConflict, OutgoingMessage, Payload, Store, StoreError
 
 T = TypeVar("T")
 DAY = 86400.0
@@ -59,8 +59,10 @@ class Recorder:
 async def enqueue(store: Store, text: str = "hi", company: str = "acme", key: str | None = None,
                   ttl: float = DAY, window: float = DAY, media: bytes | None = None) -> tuple[bool, dict[str, Any]]:
     body = {"to": "+5511999990001", "text": text}
-    kind, payload = ("image", {"caption": None, "size": len(media)}) if media else ("text", {"text": text})
-    return await store.enqueue(company, key, body, JID, "+5511999990001", kind, payload, media, ttl, window)
+    payload: Payload = {"caption": None, "size": len(media)} if media else {"text": text}
+    return await store.enqueue(OutgoingMessage(
+        company=company, recipient=JID, to="+5511999990001", kind="image" if media else "text", payload=payload,
+        media=media, ttl=ttl, idempotency_key=key, body=body), window)
 
 
 def rows(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:

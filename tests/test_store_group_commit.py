@@ -1,4 +1,4 @@
-"""Outbox enqueues are group-committed (whatsappd/store.py): concurrent enqueues share one
+"""Outbox enqueues are group-committed (whatsappd/store/): concurrent enqueues share one
 transaction, each answers only once it is committed, and one that fails is undone alone.
 
 In-process on a real SQLite file, like test_store.py.
@@ -11,8 +11,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from whatsappd.store import IdempotencyConflict, OutgoingMessage, Store
 from whatsappd.store import sqlite as store_module
-from whatsappd.store.sqlite import IdempotencyConflict, Store
 
 DAY = 86400.0
 JID = "5511999990001@s.whatsapp.net"
@@ -20,7 +20,9 @@ JID = "5511999990001@s.whatsapp.net"
 
 def enqueue(store: Store, text: str, key: str | None = None) -> Any:
     body = {"to": "+5511999990001", "text": text}
-    return store.enqueue("acme", key, body, JID, "+5511999990001", "text", {"text": text}, None, DAY, DAY)
+    return store.enqueue(OutgoingMessage(company="acme", recipient=JID, to="+5511999990001", kind="text",
+                                         payload={"text": text}, media=None, ttl=DAY, idempotency_key=key, body=body),
+                         DAY)
 
 
 def committed_texts(path: Path) -> list[str]:
@@ -33,8 +35,7 @@ def committed_texts(path: Path) -> list[str]:
 
 
 def test_concurrent_enqueues_share_transactions_and_keep_their_order(tmp_path, monkeypatch):
-    """50 enqueues at once: fewer transactions than messages, every message committed when its
-    enqueue returns, send order = call order, one queued event each."""
+    """50 concurrent enqueues share transactions, each committed (with its event) when it returns, in call order."""
     path = tmp_path / "store.sqlite"
     batches: list[int] = []
     real = store_module._enqueue_batch
@@ -69,8 +70,7 @@ def test_concurrent_enqueues_share_transactions_and_keep_their_order(tmp_path, m
 
 
 def test_a_conflict_in_a_batch_fails_alone_and_a_replay_in_the_same_batch_gets_the_first(tmp_path):
-    """Same Idempotency-Key in one batch: the same body replays the first message (not created),
-    a different body gets IdempotencyConflict; the other messages of the batch are committed."""
+    """In one batch a reused key replays (same body) or conflicts alone (other body); the rest commit."""
     path = tmp_path / "store.sqlite"
 
     async def main() -> list[Any]:

@@ -190,7 +190,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _check_store(args: argparse.Namespace) -> int:
     """PRAGMA integrity_check on each store: one line per finding; 0 if all are sound, else 1."""
     from whatsappd.sessions import NEONIZE_STORE
-    from whatsappd.store.sqlite import check_database, corrupt_fix
+    from whatsappd.store import check_database, corrupt_fix
 
     paths: list[Path] = args.path or []
     if not paths:

@@ -25,8 +25,8 @@ from whatsappd.control.listener import CappedSockSite
 from whatsappd.control.socket_file import SocketSetupError, bind_control_socket
 from whatsappd.exits import EX_DATAERR
 from whatsappd.logs import configure_logging, get_logger
-from whatsappd.messaging.sender import Messaging
-from whatsappd.store.sqlite import Store, StoreCorrupt, StoreError
+from whatsappd.messaging import EventBus, Maintenance, Messaging, OutboxSender
+from whatsappd.store import Store, StoreBackend, StoreCorrupt, StoreError
 from whatsappd.supervisor.registry import RegistryError
 from whatsappd.supervisor.runner import Supervisor
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
@@ -54,8 +54,16 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.supervisor = Supervisor(config, on_change=self._status_changed)
-        self.store = Store(config.daemon_state_dir / "whatsappd.sqlite")
-        self.messaging = Messaging(self.store, self.supervisor, config)
+        self.store: StoreBackend = Store(config.daemon_state_dir / "whatsappd.sqlite")
+        # The event path (messaging/bus.py): the supervisor's events go to the bus, which lets the
+        # outbox sender react and then journals them; each committed event comes back to the bus,
+        # which hands it to the live stream readers and to the callers waiting for a status.
+        sender = OutboxSender(self.store, self.supervisor, lambda: self.config)
+        self.bus = EventBus(self.store, lambda: self.config.events_reader_buffer, react=sender.on_event)
+        self.supervisor.listeners.append(self.bus.publish)
+        self.store.subscribe(self.bus.committed)
+        maintenance = Maintenance(self.store, sender.busy, lambda: self.config)
+        self.messaging = Messaging(self.store, self.bus, sender, maintenance)
         self.started_at = time.time()
         self.stopping = False
         self.socket_path: str = ""
@@ -270,8 +278,7 @@ class Daemon:
         # 1. stop accepting new connections; open ones finish their request.
         await site.stop()
         # 2. end the live event streams (their readers resume from their last seq).
-        for sub in list(self.messaging.subscribers):
-            sub.offer(None)
+        self.bus.end_streams()
         # 3. ask every worker to disconnect, kill those that do not in time.
         await self.supervisor.shutdown(timeout=max(0.5, deadline - time.monotonic() - 1.0))
         # 4. flush the journal and close the store, then the remaining client connections.
@@ -301,8 +308,7 @@ class Daemon:
             new = dataclasses.replace(new, **keep)
             if {"logging.format", "logging.level"} & set(diff.settings):
                 configure_logging(new.logging_format, new.logging_level)
-            self.config = new
-            self.messaging.config = new
+            self.config = new  # messaging reads it from here
             try:
                 await self.supervisor.apply(new, diff)
             except Exception as exc:  # a bug: say so, but never leave systemd "reloading"

@@ -19,7 +19,7 @@ from aiohttp import web
 from whatsappd.control.bodies import check_company_ids
 from whatsappd.control.services import services
 from whatsappd.errors import ApiError, ErrorCode
-from whatsappd.messaging.sender import EVENT_TYPES
+from whatsappd.store import EVENT_TYPES
 from whatsappd.timefmt import iso
 
 __all__ = ["events"]

@@ -26,12 +26,15 @@ from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.mediafile import MediaRefused, read_media
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import CANNOT_SEND, State
-from whatsappd.store.sqlite import IdempotencyConflict
+from whatsappd.store import IdempotencyConflict, MessageStatus, OutgoingMessage, Payload
 
 __all__ = ["check_contact", "get_media", "get_message", "send_message"]
 
 _MEDIA_KINDS = ("image", "document", "audio")
 _MESSAGE_FIELDS = {"to", "text", "caption", "filename", "mimetype", "ttl", *_MEDIA_KINDS}
+
+#: A message in these has no outcome yet: ?wait=sent waits through them.
+_UNSETTLED = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING})
 
 
 def _path_bytes(spec: dict[str, Any], kind: str, limit: int, media_dirs: tuple[Path, ...],
@@ -171,7 +174,7 @@ async def send_message(request: web.Request) -> web.Response:
             config.daemon_state_dir)
         media = data
         filename = body.get("filename") or filename
-        payload: dict[str, Any] = {
+        payload: Payload = {
             "caption": body.get("caption"), "filename": filename,
             "mimetype": body.get("mimetype") or mimetype or _guess_mimetype(kind, filename, data),
             "size": len(data),
@@ -185,14 +188,15 @@ async def send_message(request: web.Request) -> web.Response:
             raise ApiError(ErrorCode.INVALID_MESSAGE, f"the text is {len(text)} characters; at most {MAX_TEXT}")
         payload = {"text": text}
     try:
-        created, message = await parts.messaging.enqueue(runner, key, body, recipient, str(to), kind, payload,
-                                                         media, ttl)
+        created, message = await parts.messaging.enqueue(OutgoingMessage(
+            company=runner.id, recipient=recipient, to=str(to), kind=kind, payload=payload, media=media, ttl=ttl,
+            idempotency_key=key, body=body))
     except IdempotencyConflict as exc:
         raise ApiError(ErrorCode.IDEMPOTENCY_KEY_REUSED, f"Idempotency-Key {key!r} was already used for message "
                        f"{exc.args[0]} with a different body; use a new key for a new message") from None
     if wait_bound is not None:
         message = await parts.messaging.wait_status(
-            runner.id, message["id"], lambda m: m["status"] not in ("queued", "sending"), wait_bound) or message
+            runner.id, message["id"], lambda m: m["status"] not in _UNSETTLED, wait_bound) or message
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return web.json_response(message, status=202 if created else 200, headers=headers)
 

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from whatsappd.control.services import services
 from whatsappd.states import State
-from whatsappd.store.sqlite import STATUSES
+from whatsappd.store import STATUSES
 
 __all__ = ["metrics"]
 

@@ -21,7 +21,7 @@ from whatsappd.control.peers import admits, forbidden, peer_of
 from whatsappd.control.services import services
 from whatsappd.errors import ApiError, ErrorCode, Failure
 from whatsappd.logs import get_logger
-from whatsappd.store.sqlite import StorageFull
+from whatsappd.store import StorageFull
 
 __all__ = ["MIDDLEWARES", "error_response"]
 

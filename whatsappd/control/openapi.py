@@ -17,7 +17,7 @@ from whatsappd.ids import COMPANY_ID_PATTERN
 from whatsappd.protocol import SIMULATE_ACTIONS
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
 from whatsappd.states import State
-from whatsappd.store.sqlite import EVENT_TYPES, STATUSES
+from whatsappd.store import EVENT_TYPES, STATUSES
 from whatsappd.terminal import safe_text_pattern
 
 __all__ = ["SIMULATE_ACTIONS", "openapi_document"]

@@ -17,8 +17,8 @@ from whatsappd.control.bodies import company_id
 
 if TYPE_CHECKING:
     from whatsappd.config import Config
-    from whatsappd.messaging.sender import Messaging
-    from whatsappd.store.sqlite import Store
+    from whatsappd.messaging.service import Messaging
+    from whatsappd.store import StoreBackend
     from whatsappd.supervisor.runner import Runner, Supervisor
 
 __all__ = ["SERVICES", "Services", "company_runner", "services"]
@@ -32,7 +32,7 @@ class Services:
     config: Callable[[], Config]
     supervisor: Supervisor
     messaging: Messaging
-    store: Store
+    store: StoreBackend
     #: GET /v1/health's body.
     health: Callable[[], dict[str, Any]]
     #: Reload the configuration file (reason for the log); its result, also when it failed.

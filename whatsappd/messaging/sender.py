@@ -1,15 +1,10 @@
-"""What the CRM uses the connections for: the event journal, live streams and the outbox.
+"""The outbox sender: one task per company sends its queued messages, in order, while connected.
 
-- Every supervisor event (state changes, pairing progress, incoming messages, receipts) is
-  appended to the journal; outbox status changes too. Readers see an event only once it is
-  committed (see store.py).
-- Outbox status changes are journaled by the store in the same transaction as the change
-  (a crash cannot separate them); they reach live readers like every other event.
-- One sender task per company sends its queued messages in order while it is connected.
-  A message is marked `sending` before the worker is asked; after a crash the worker's send
-  log settles it (see docs/INTERNALS.md): sent once, or reported failed, never sent twice.
-- Live stream readers get bounded queues: a reader that falls behind is cut off and resumes
-  from its last seq; it never slows the daemon or other readers.
+A message is marked `sending` before the worker is asked; after a crash the worker's send log
+settles it (see docs/INTERNALS.md): sent once, or reported failed, never sent twice. The sender
+also applies what the supervisor reports about messages (EventBus hands it each event before
+the journal does): receipts (kept a while if they overtake their send's reply), incoming media
+references, and company state changes that wake a sender or end what can no longer be settled.
 """
 
 from __future__ import annotations
@@ -20,91 +15,59 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from whatsappd.errors import ApiError, ErrorCode, Failure
+from whatsappd.errors import ErrorCode, Failure
 from whatsappd.logs import get_logger
 from whatsappd.states import State
-from whatsappd.store.sqlite import EVENT_TYPES, Event, StorageFull, Store
+from whatsappd.store import RECEIPT_RANK, MessageStatus, OutboxMessage, OutgoingMessage, StorageFull, StoreBackend
 
 if TYPE_CHECKING:
     from whatsappd.config import Config
+    from whatsappd.messaging.bus import Published
     from whatsappd.supervisor.runner import Runner, Supervisor
 
-__all__ = ["EVENT_TYPES", "Messaging", "Subscriber"]
+__all__ = ["OutboxSender"]
 
 log = get_logger()
 
 #: How long a receipt for a WhatsApp id we have not recorded yet is kept, waiting for it.
 EARLY_RECEIPT_TTL = 300.0
-_RECEIPT_RANK = {"delivered": 1, "read": 2}
+#: What each receipt kind the worker reports means for a message.
+_RECEIPTS = {"delivered": MessageStatus.DELIVERED, "read": MessageStatus.READ, "played": MessageStatus.READ}
 #: Pause after a transient send failure before the next try (the worker is still connected).
 SEND_RETRY_PAUSE = (1.0, 30.0)
 
 
-@dataclass(eq=False)  # identity semantics: each reader is its own subscriber
-class Subscriber:
-    """One live stream reader: its filters and a bounded queue."""
-
-    companies: frozenset[str]
-    types: frozenset[str]
-    maxsize: int
-    queue: asyncio.Queue[tuple[int, bytes] | None] = field(init=False)  # (seq, NDJSON line); None ends
-    overflowed: bool = False
-
-    def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(self.maxsize)
-
-    def wants(self, event: Event) -> bool:
-        return ((not self.companies or event.company in self.companies)
-                and (not self.types or event.type in self.types))
-
-    def offer(self, item: tuple[int, bytes] | None) -> None:
-        if self.overflowed:
-            return
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            # Never wait for a slow reader: mark it; its stream ends with a "cut" line.
-            self.overflowed = True
-
-
-class Messaging:
-    def __init__(self, store: Store, supervisor: Supervisor, config: Config) -> None:
+class OutboxSender:
+    def __init__(self, store: StoreBackend, supervisor: Supervisor, config: Callable[[], Config]) -> None:
         self.store = store
         self.sup = supervisor
-        self.config = config
-        self.subscribers: set[Subscriber] = set()
+        self._config = config  # the daemon's current configuration (reloadable)
         self._senders: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
-        self._status_waiters: dict[str, list[asyncio.Future[None]]] = {}
         # Oldest first, so expired entries are dropped from the front (see _apply_receipt).
-        self._early_receipts: collections.OrderedDict[tuple[str, str], tuple[str, float]] = collections.OrderedDict()
+        self._early_receipts: collections.OrderedDict[tuple[str, str], tuple[MessageStatus, float]] = (
+            collections.OrderedDict())
         self._sending: set[str] = set()  # message ids a sender has asked a worker to send, right now
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._maintenance: asyncio.Task[None] | None = None
         self.closed = False
 
-    # ------------------------------------------------------------------------------ wiring
-
     def start(self) -> None:
-        self.sup.listeners.append(self._on_supervisor_event)
-        self.store.subscribe(self._on_committed)
         for runner in self.sup.companies.values():
             self._ensure_sender(runner)
-        self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="maintenance")
 
     async def close(self) -> None:
         self.closed = True
-        for sub in list(self.subscribers):
-            sub.offer(None)
-        tasks = [t for t in (*self._senders.values(), self._maintenance, *self._tasks) if t is not None]
+        tasks = [*self._senders.values(), *self._tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.store.flush()
+
+    def busy(self) -> frozenset[str]:
+        """The message ids whose send is under way right now (maintenance leaves them alone)."""
+        return frozenset(self._sending)
 
     def _spawn(self, write: Callable[[], Awaitable[Any]]) -> None:
         """Run write() in a task; while the disk is full it is tried again each second, so an
@@ -129,21 +92,20 @@ class Messaging:
             self._senders[runner.id] = asyncio.get_running_loop().create_task(
                 self._sender(runner.id), name=f"sender-{runner.id}")
 
-    def _on_supervisor_event(self, event: dict[str, Any], secret: dict[str, Any] | None) -> None:
-        if self.closed:
-            return
-        data = {k: v for k, v in event.items() if k not in ("type", "company", "at")}
-        company = event.get("company")
-        kind = event["type"]
-        if kind == "message.incoming":
-            raw = data.pop("raw", None)
+    # ------------------------------------------------------------- what the supervisor says
+
+    def on_event(self, event: Published) -> None:
+        """React to a supervisor event (EventBus calls this before journaling it)."""
+        company, data = event.company, event.data
+        if event.type == "message.incoming":
+            raw = event.raw
             if raw and data.get("id"):
                 self._spawn(lambda: self.store.store_incoming_media(
                     str(company), str(data["id"]), str(data.get("kind")), (data.get("media") or {}).get("mimetype"),
                     raw))
-        elif kind == "message.receipt":
+        elif event.type == "message.receipt":
             self._spawn(lambda: self._apply_receipt(str(company), data))
-        elif kind == "company.state":
+        elif event.type == "company.state":
             runner = self.sup.companies.get(str(company))
             if runner is not None:
                 self._ensure_sender(runner)
@@ -153,69 +115,20 @@ class Messaging:
                     # The wiped (or quarantined) session took the worker's send log with it: what
                     # was in flight can no longer be settled, and must not be resent later.
                     self._spawn(lambda: self._fail_in_flight(runner.id))
-        self.store.append(company, kind, data, secret)
-
-    def _on_committed(self, event: Event, secret: dict[str, Any] | None) -> None:
-        encoded: tuple[int, bytes] | None = None
-        for sub in list(self.subscribers):
-            if sub.wants(event):
-                if encoded is None:
-                    # QR codes reach live readers only; the journal on disk never holds them.
-                    encoded = (event.seq, event.line(secret))
-                sub.offer(encoded)
-        if event.type == "message.status":
-            for future in self._status_waiters.pop(str(event.data.get("message_id")), []):
-                if not future.done():
-                    future.set_result(None)
-
-    # ------------------------------------------------------------------------ live readers
-
-    def subscribe(self, companies: frozenset[str], types: frozenset[str]) -> Subscriber:
-        sub = Subscriber(companies, types, self.config.events_reader_buffer)
-        self.subscribers.add(sub)
-        return sub
-
-    def unsubscribe(self, sub: Subscriber) -> None:
-        self.subscribers.discard(sub)
 
     # ----------------------------------------------------------------------------- outbox
 
-    async def enqueue(self, runner: Runner, idem_key: str | None, body: Any, recipient: str, to_input: str,
-                      kind: str, payload: dict[str, Any], media: bytes | None, ttl: float) -> tuple[bool, dict[str, Any]]:
-        created, message = await self.store.enqueue(runner.id, idem_key, body, recipient, to_input, kind,
-                                                    payload, media, ttl, self.config.outbox_idempotency_window)
-        if created:  # its `queued` event was journaled with it (store.py)
+    async def enqueue(self, message: OutgoingMessage) -> tuple[bool, OutboxMessage]:
+        """Store message (its `queued` event is journaled with it) and wake its company's sender."""
+        created, stored = await self.store.enqueue(message, self._config().outbox_idempotency_window)
+        runner = self.sup.companies.get(message.company)
+        if created and runner is not None:
             self._ensure_sender(runner)
             self._wake[runner.id].set()
-        return created, message
-
-    async def wait_status(self, company: str, message_id: str, done: Callable[[dict[str, Any]], bool],
-                          timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            waiters = self._status_waiters.setdefault(message_id, [])
-            waiters.append(future)
-            try:
-                message = await self.store.message(company, message_id)
-                if message is None or done(message):
-                    return message
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return message
-                try:
-                    await asyncio.wait_for(future, remaining)
-                except TimeoutError:
-                    return await self.store.message(company, message_id)
-            finally:
-                # Never leave a waiter behind: a message that is already final gets no event.
-                if future in waiters:
-                    waiters.remove(future)
-                if not waiters and self._status_waiters.get(message_id) is waiters:
-                    del self._status_waiters[message_id]
+        return created, stored
 
     async def _apply_receipt(self, company: str, data: dict[str, Any]) -> None:
-        status = {"delivered": "delivered", "read": "read", "played": "read"}.get(str(data.get("receipt")))
+        status = _RECEIPTS.get(str(data.get("receipt")))
         ids = [str(i) for i in data.get("ids") or []]
         if status is None or not ids:
             return
@@ -225,7 +138,7 @@ class Messaging:
         now = time.monotonic()
         for wa_id in unknown:
             previous = self._early_receipts.get((company, wa_id))
-            if previous is None or _RECEIPT_RANK[status] > _RECEIPT_RANK[previous[0]]:
+            if previous is None or RECEIPT_RANK[status] > RECEIPT_RANK[previous[0]]:
                 self._early_receipts[(company, wa_id)] = (status, previous[1] if previous else now)
         while self._early_receipts:
             key, (_, at) = next(iter(self._early_receipts.items()))
@@ -284,35 +197,35 @@ class Messaging:
         if not in_flight:
             return
         ids = [m["id"] for m in in_flight]
-        result = await runner.command("send_status", {"outbox_ids": ids}, timeout=self.config.outbox_send_timeout)
+        result = await runner.command("send_status", {"outbox_ids": ids}, timeout=self._config().outbox_send_timeout)
         statuses = result.get("statuses") or {}
         for message in in_flight:
             status = statuses.get(message["id"]) or {"state": "unknown"}
             if status.get("state") == "sent":
-                changed = await self.store.set_status(message["id"], "sent", wa_id=status.get("wa_id"))
+                changed = await self.store.set_status(message["id"], MessageStatus.SENT, wa_id=status.get("wa_id"))
                 if changed is not None:
                     await self._apply_early_receipt(runner.id, changed.get("wa_id"))
                     continue
             elif status.get("state") == "attempted":
                 changed = await self.store.set_status(
-                    message["id"], "failed", error_code=ErrorCode.SEND_INTERRUPTED,
+                    message["id"], MessageStatus.FAILED, error_code=ErrorCode.SEND_INTERRUPTED,
                     error="the daemon stopped while this message was being sent; it may or may not have "
                           "been delivered, and it is not resent to avoid a duplicate")
             else:
-                changed = await self.store.set_status(message["id"], "queued")
+                changed = await self.store.set_status(message["id"], MessageStatus.QUEUED)
             if changed is not None:
                 log.info("settled an interrupted send", company=runner.id, message_id=message["id"],
                          status=changed["status"])
 
     async def _fail_in_flight(self, company: str) -> None:
         for message in await self.store.in_flight(company):
-            await self.store.set_status(  # journals its message.status event itself (store.py)
-                message["id"], "failed", error_code=ErrorCode.SEND_INTERRUPTED,
+            await self.store.set_status(  # journals its message.status event itself (store/sqlite.py)
+                message["id"], MessageStatus.FAILED, error_code=ErrorCode.SEND_INTERRUPTED,
                 error="the session was logged out or quarantined while this message was being sent; it "
                       "may or may not have been delivered")
 
-    async def _send_one(self, runner: Runner, message: dict[str, Any]) -> bool:
-        sending = await self.store.set_status(message["id"], "sending")
+    async def _send_one(self, runner: Runner, message: OutboxMessage) -> bool:
+        sending = await self.store.set_status(message["id"], MessageStatus.SENDING)
         if sending is None:
             return True  # expired or changed meanwhile
         self._sending.add(message["id"])
@@ -321,21 +234,22 @@ class Messaging:
         finally:
             self._sending.discard(message["id"])
 
-    async def _send_sending(self, runner: Runner, message: dict[str, Any]) -> bool:
+    async def _send_sending(self, runner: Runner, message: OutboxMessage) -> bool:
         media_path: Path | None = None
         args: dict[str, Any] = {
             "outbox_id": message["id"], "to": message["jid"], "kind": message["kind"],
             "text": message.get("text"), "caption": message.get("caption"),
             "filename": message.get("filename"), "mimetype": message.get("mimetype"),
         }
+        config = self._config()
         try:
             if message["kind"] != "text":
                 data = await self.store.media(message["id"])
                 if data is None:
-                    raise ApiError(ErrorCode.MEDIA_INVALID, "the stored media is missing")
-                media_path = await asyncio.to_thread(_write_media_file, self.sup.config.daemon_state_dir, data)
+                    raise Failure(ErrorCode.MEDIA_INVALID, "the stored media is missing")
+                media_path = await asyncio.to_thread(_write_media_file, config.daemon_state_dir, data)
                 args["media_path"] = str(media_path)
-            result = await runner.command("send", args, timeout=self.config.outbox_send_timeout)
+            result = await runner.command("send", args, timeout=config.outbox_send_timeout)
         except Failure as exc:
             if exc.code in (ErrorCode.WORKER_EXITED, ErrorCode.NOT_RUNNING):
                 return False  # outcome unknown: stays `sending`, settled from the send log later
@@ -344,41 +258,18 @@ class Messaging:
                     runner.worker.kill("send_timeout")  # its send log will settle the message
                 return False
             if exc.permanent or exc.code == ErrorCode.MEDIA_INVALID:
-                await self.store.set_status(message["id"], "failed", error_code=exc.code, error=exc.message)
+                await self.store.set_status(message["id"], MessageStatus.FAILED, error_code=exc.code,
+                                            error=exc.message)
                 return True
-            await self.store.set_status(message["id"], "queued", error_code=exc.code, error=exc.message)
+            await self.store.set_status(message["id"], MessageStatus.QUEUED, error_code=exc.code, error=exc.message)
             return False
         finally:
             if media_path is not None:
                 media_path.unlink(missing_ok=True)
-        sent = await self.store.set_status(message["id"], "sent", wa_id=result.get("wa_id"))
+        sent = await self.store.set_status(message["id"], MessageStatus.SENT, wa_id=result.get("wa_id"))
         if sent:
             await self._apply_early_receipt(runner.id, sent.get("wa_id"))
         return True
-
-    # ------------------------------------------------------------------------ maintenance
-
-    async def _maintain(self) -> None:
-        """Expire messages past their ttl; prune the journal by age and size."""
-        last_prune: float | None = None  # None: prune at start, then at most once a minute
-        while not self.closed:
-            try:
-                await self.store.expire()  # each with its message.status event
-                # `sending` past its ttl, with no send under way: its company never came back to
-                # settle it from the worker's send log. Its fate is unknown; say so, never resend.
-                await self.store.fail_stale_sending(time.time(), frozenset(self._sending))
-                if last_prune is None or time.monotonic() - last_prune > 60:
-                    last_prune = time.monotonic()
-                    pruned = await self.store.prune(self.config.journal_max_age, self.config.journal_max_events)
-                    if pruned:
-                        log.info("journal pruned", events=pruned)
-            except asyncio.CancelledError:
-                raise
-            except StorageFull:
-                pass  # the store logged it, once; the next round tries again
-            except Exception:
-                log.exception("maintenance failed")
-            await asyncio.sleep(1.0)
 
 
 def _write_media_file(state_dir: Path, data: bytes) -> Path:
