@@ -235,6 +235,17 @@ def test_relative_paths_are_refused(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_import_baileys_root_is_off_by_default_and_an_absolute_path_outside_the_state_dir() -> None:
+    """import.baileys_root: "" is off (None); a relative path, a non-string or a path inside state_dir is refused."""
+    assert build_config({}, "test").import_baileys_root is None
+    on = build_config({"import": {"baileys_root": "/srv/crm/sessions"}}, "test")
+    assert on.import_baileys_root == Path("/srv/crm/sessions")
+    for bad, why in (("sessions", "expected an absolute path"), (7, "expected a non-empty path string"),
+                     ("/var/lib/w/sessions", "must not lie inside daemon.state_dir")):
+        with pytest.raises(ConfigError, match=f"import.baileys_root = .*: {why}"):
+            build_config({"daemon": {"state_dir": "/var/lib/w"}, "import": {"baileys_root": bad}}, "test")
+
+
 @pytest.mark.root
 def test_unreadable_file_says_permission_denied(shared_dir: Path, second_user: Callable[..., Any]) -> None:
     """A config the daemon's user cannot read: exit 78 naming the uid and what to check."""

@@ -300,6 +300,22 @@ def test_a_symbolic_link_in_the_folder_is_refused(tmp_path: Path) -> None:
     assert report.error is not None and report.error["code"] == "not_baileys" and "symbolic link" in report.error["message"]
 
 
+def test_a_source_folder_that_is_a_symbolic_link_is_refused(tmp_path: Path) -> None:
+    """session-{id} given as a link to a real Baileys folder: refused as not_baileys, never followed, nothing written."""
+    real = baileys_copy(tmp_path / "elsewhere")
+    (tmp_path / "crm").mkdir()
+    link = tmp_path / "crm" / "session-7"
+    link.symlink_to(real)
+    before = tree(real)
+    config, sessions_root = write_config(tmp_path)
+    code, out = cli_json(config, "--from", str(link), "--company", "seven")
+    assert code == 1
+    error = out["companies"][0]["error"]
+    assert error["code"] == "not_baileys" and f"{link} is a symbolic link" in error["message"], error
+    assert tree(real) == before
+    assert_nothing_written(sessions_root)
+
+
 # ------------------------------------------------------------------ a whole CRM root
 
 
@@ -337,7 +353,7 @@ def test_from_root_with_companies_takes_only_those(tmp_path: Path) -> None:
     root = mixed_root(tmp_path)
     result = import_root(root, tmp_path / "sessions", ["42", "99"], dry_run=True, min_idle=60)
     assert [(r.company, r.ok) for r in result.reports] == [("42", True), ("99", False)]
-    assert result.reports[1].error == {"code": "not_found", "message": f"{root} has no Baileys folder session-99"}
+    assert result.reports[1].error == {"code": "source_not_found", "message": f"{root} has no Baileys folder session-99"}
 
 
 @pytest.mark.parametrize("args", [["--from", "X"], ["--from", "X", "--company", "a", "--company", "b"],

@@ -168,6 +168,13 @@ def _dirs(value: object) -> tuple[Path, ...]:
     return tuple(Path(v) for v in value)
 
 
+def _optional_path(value: object) -> Path | None:
+    """An absolute path, or "" for none (the feature it names is then off)."""
+    if value == "":
+        return None
+    return _path(value)
+
+
 def _render_dirs(value: tuple[Path, ...]) -> list[str]:
     return [str(v) for v in value]
 
@@ -376,6 +383,12 @@ SETTINGS: tuple[Setting, ...] = (
             "is then +55 11 99999-9999). Empty: digits without '+' must start with the country code "
             "(5511999999999). Set it if your users type national numbers: read with a country code, "
             "one such as 51 99123-4567 (Porto Alegre) is a valid number in Peru."),
+    Setting("import", "baileys_root", _optional_path, "",
+            "The old CRM's Baileys sessions directory (holding session-<id>/ folders), e.g. "
+            "\"/srv/crm/sessions\": POST /v1/companies/{id}/import-baileys imports the company from "
+            "session-<id>/ in it, never from a path a request names. Empty: that route is off "
+            "(409 import_disabled); `whatsappd import-baileys` works either way.",
+            render=_render_path),
 )
 
 
@@ -465,6 +478,7 @@ class Config:
     outbox_media_dirs: tuple[Path, ...]
     outbox_max_file_size: int
     outbox_default_country: str
+    import_baileys_root: Path | None
     companies: tuple[CompanyConfig, ...] = ()
 
     @property
@@ -594,6 +608,12 @@ def build_config(
             problems.append(
                 "workers.heartbeat_timeout: must be more than twice workers.heartbeat_interval, "
                 "or one late heartbeat would kill a healthy worker"
+            )
+        root = values["import_baileys_root"]
+        if root is not None and root.is_relative_to(values["daemon_state_dir"]):
+            problems.append(
+                f"import.baileys_root = {_show(str(root))}: must not lie inside daemon.state_dir "
+                f"({values['daemon_state_dir']}): whatsappd's own sessions are never a Baileys source"
             )
     if problems:
         raise ConfigError(source, problems)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-__all__ = ["CODES", "ApiError", "ErrorCode", "Failure"]
+__all__ = ["CODES", "IMPORT_REFUSALS", "ApiError", "ErrorCode", "Failure"]
 
 
 class ErrorCode(enum.StrEnum):
@@ -78,6 +78,22 @@ class ErrorCode(enum.StrEnum):
     SEND_IN_PROGRESS = "send_in_progress", 409, "A send of this message is already under way."
     SEND_INTERRUPTED = "send_interrupted", 409, "A send began but its outcome cannot be known; never resent."
     EXPIRED = "expired", 409, "The message's ttl passed before it could be sent."
+    # Moving a company from Baileys (POST /v1/companies/{id}/import-baileys, `whatsappd import-baileys`).
+    IMPORT_DISABLED = "import_disabled", 409, "import.baileys_root is not set, so the import route is off."
+    WRONG_ENGINE = "wrong_engine", 409, "The company's engine cannot take this (an import needs engine neonize)."
+    COMPANY_RUNNING = "company_running", 409, "The company runs (or its worker holds its session lock); stop it first."
+    SESSION_EXISTS = "session_exists", 409, "The company already has a whatsappd session; an import never overwrites one."
+    SOURCE_BUSY = "source_busy", 409, "A Baileys file changed within the idle time: Baileys may still be running."
+    SOURCE_CHANGED = "source_changed", 409, "A Baileys file changed during the import: Baileys may still be running."
+    SOURCE_NOT_FOUND = "source_not_found", 404, "The Baileys folder session-{id} does not exist."
+    UNREADABLE_SOURCE = "unreadable_source", 422, "The Baileys folder or one of its files cannot be read."
+    NOT_BAILEYS = "not_baileys", 422, "The source is not a Baileys folder (no creds.json, a symbolic link, not a directory)."
+    NOT_PAIRED = "not_paired", 422, "creds.json holds no paired account (Baileys never finished pairing)."
+    MALFORMED_SOURCE = "malformed_source", 422, "A Baileys file is truncated, not Baileys' JSON, or holds a wrong value."
+    KEY_MISMATCH = "key_mismatch", 422, "A private key does not match its public key, or a signature does not verify."
+    STORE_CHECK_FAILED = "store_check_failed", 422, "The converted store failed SQLite's integrity or foreign key check."
+    NEONIZE_CHECK_FAILED = "neonize_check_failed", 422, "neonize could not open the converted store or did not list the expected JID."
+    WRITE_FAILED = "write_failed", 500, "The converted store could not be written (permissions, disk); nothing was put in place."
     # The daemon.
     WORKER_TIMEOUT = "worker_timeout", 504, "The worker did not answer in time."
     TOO_MANY_CONNECTIONS = "too_many_connections", 503, "All control connections (or this uid's) are taken."
@@ -90,6 +106,25 @@ class ErrorCode(enum.StrEnum):
         known = cls._value2member_map_.get(code) if isinstance(code, str) else None
         return known if isinstance(known, cls) else cls.ENGINE_ERROR
 
+
+#: The codes an import from Baileys refuses a company with (whatsappd.baileys: the CLI's --json
+#: and POST /v1/companies/{id}/import-baileys alike).
+IMPORT_REFUSALS: tuple[ErrorCode, ...] = (
+    ErrorCode.INVALID_COMPANY_ID,
+    ErrorCode.SOURCE_NOT_FOUND,
+    ErrorCode.UNREADABLE_SOURCE,
+    ErrorCode.NOT_BAILEYS,
+    ErrorCode.NOT_PAIRED,
+    ErrorCode.MALFORMED_SOURCE,
+    ErrorCode.KEY_MISMATCH,
+    ErrorCode.SOURCE_BUSY,
+    ErrorCode.SOURCE_CHANGED,
+    ErrorCode.COMPANY_RUNNING,
+    ErrorCode.SESSION_EXISTS,
+    ErrorCode.STORE_CHECK_FAILED,
+    ErrorCode.NEONIZE_CHECK_FAILED,
+    ErrorCode.WRITE_FAILED,
+)
 
 #: code -> HTTP status, for readers that want the plain mapping.
 CODES: dict[str, int] = {code.value: code.status for code in ErrorCode}

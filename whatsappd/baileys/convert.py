@@ -24,6 +24,7 @@ from whatsappd.baileys.keys import KeyProblem, check_pair, djb_public, xeddsa_ve
 from whatsappd.baileys.report import Refused, Unmapped
 from whatsappd.baileys.signal import convert_sender_key, convert_session
 from whatsappd.baileys.source import Snapshot, SourceFile, as_bytes, as_int, sized
+from whatsappd.errors import ErrorCode
 
 __all__ = ["Conversion", "Device", "convert", "fingerprint_proto"]
 
@@ -153,9 +154,9 @@ def _reading(snapshot: Snapshot, f: SourceFile) -> Iterator[None]:
     try:
         yield
     except KeyProblem as exc:
-        raise Refused("key_mismatch", f"{path}: {exc}; the folder is damaged, so nothing was imported") from None
+        raise Refused(ErrorCode.KEY_MISMATCH, f"{path}: {exc}; the folder is damaged, so nothing was imported") from None
     except (ValueError, TypeError, KeyError) as exc:
-        raise Refused("malformed_source", f"{path}: {exc}") from None
+        raise Refused(ErrorCode.MALFORMED_SOURCE, f"{path}: {exc}") from None
 
 
 def _json(f: SourceFile) -> Any:
@@ -182,7 +183,7 @@ def _device(creds: Mapping[str, Any], snapshot: Snapshot, f: SourceFile) -> Devi
     account = creds.get("account")
     path = snapshot.directory / f.name
     if not isinstance(me, Mapping) or not me.get("id") or not isinstance(account, Mapping):
-        raise Refused("not_paired", f"{path} holds no paired account (no me.id or account): Baileys never "
+        raise Refused(ErrorCode.NOT_PAIRED, f"{path} holds no paired account (no me.id or account): Baileys never "
                       "finished pairing, so there is nothing to move; pair this company with a QR code instead")
     jid = me.get("id")
     if not isinstance(jid, str) or not (m := _PN_JID.fullmatch(jid)) or int(m.group(2)) == 0:

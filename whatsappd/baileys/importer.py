@@ -36,6 +36,7 @@ from whatsappd.baileys.report import ImportReport, Refused
 from whatsappd.baileys.source import Snapshot, read_snapshot
 from whatsappd.baileys.verify import listed_jids
 from whatsappd.baileys.whatsmeow import build_in_memory, check_store, write_store
+from whatsappd.errors import ErrorCode
 from whatsappd.ids import InvalidCompanyId, check_company_id, session_dir
 from whatsappd.legacy import LegacyError, scan_legacy
 from whatsappd.sessions import LOCK_FILE, NEONIZE_STORE, SIMULATOR_FILE, lock_session
@@ -66,7 +67,7 @@ def import_company(source: Path, company: str, sessions_root: Path, *, dry_run: 
         else:
             _write(snapshot, conversion, sessions_root, target, report)
     except InvalidCompanyId as exc:
-        return report.refuse(Refused("not_found", str(exc)))
+        return report.refuse(Refused(ErrorCode.INVALID_COMPANY_ID, str(exc)))
     except Refused as exc:
         return report.refuse(exc)
     report.ok = True
@@ -75,20 +76,20 @@ def import_company(source: Path, company: str, sessions_root: Path, *, dry_run: 
 
 def _check_target(target: Path, source: Path) -> None:
     if target.is_symlink():
-        raise Refused("session_exists", f"{target} is a symbolic link; a session directory may not be one, and an "
+        raise Refused(ErrorCode.SESSION_EXISTS, f"{target} is a symbolic link; a session directory may not be one, and an "
                       "import never writes through a link: remove it first")
     if not target.exists():
         return
     with contextlib.suppress(OSError):
         if os.path.samefile(target, source):
-            raise Refused("session_exists", f"{target} is the Baileys folder itself: whatsappd's sessions directory "
+            raise Refused(ErrorCode.SESSION_EXISTS, f"{target} is the Baileys folder itself: whatsappd's sessions directory "
                           "must not be the CRM's (point whatsappd's state_dir elsewhere)")
     if _locked(target):
-        raise Refused("company_running", f"the company's worker is running (it holds {target / LOCK_FILE}); stop "
+        raise Refused(ErrorCode.COMPANY_RUNNING, f"the company's worker is running (it holds {target / LOCK_FILE}); stop "
                       "the company in whatsappd before importing")
     present = [name for name in _SESSION_FILES if (target / name).exists()]
     if present:
-        raise Refused("session_exists", f"{target} already holds a whatsappd session ({present[0]}); an import never "
+        raise Refused(ErrorCode.SESSION_EXISTS, f"{target} already holds a whatsappd session ({present[0]}); an import never "
                       "overwrites one: remove that session first (whatsappctl logout, or delete the directory)")
 
 
@@ -121,7 +122,7 @@ def _fill(report: ImportReport, conversion: Conversion) -> None:
 def _unchanged(snapshot: Snapshot) -> None:
     change = snapshot.changes()
     if change is not None:
-        raise Refused("source_changed", f"{snapshot.directory}: {change} during the import, so Baileys may still be "
+        raise Refused(ErrorCode.SOURCE_CHANGED, f"{snapshot.directory}: {change} during the import, so Baileys may still be "
                       "running; nothing was written: stop the CRM's WhatsApp module and run the import again")
 
 
@@ -130,16 +131,16 @@ def _write(snapshot: Snapshot, conversion: Conversion, sessions_root: Path, targ
         sessions_root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as sessions.ensure_root, without logging
         work = Path(tempfile.mkdtemp(prefix=f".import-{target.name}-", dir=sessions_root))
     except OSError as exc:
-        raise Refused("write_failed", f"cannot write in {sessions_root} ({exc.strerror})") from None
+        raise Refused(ErrorCode.WRITE_FAILED, f"cannot write in {sessions_root} ({exc.strerror})") from None
     try:
         store = work / NEONIZE_STORE
         _build(store, conversion)
         try:
             jids = listed_jids(store)
         except RuntimeError as exc:
-            raise Refused("neonize_check_failed", f"{exc}; nothing was written") from None
+            raise Refused(ErrorCode.NEONIZE_CHECK_FAILED, f"{exc}; nothing was written") from None
         if conversion.device.jid not in jids:
-            raise Refused("neonize_check_failed", f"neonize opened the converted store but lists {jids or 'no device'}, "
+            raise Refused(ErrorCode.NEONIZE_CHECK_FAILED, f"neonize opened the converted store but lists {jids or 'no device'}, "
                           f"not {conversion.device.jid}; nothing was written")
         report.neonize_jid = conversion.device.jid
         provenance = work / PROVENANCE_FILE
@@ -148,7 +149,7 @@ def _write(snapshot: Snapshot, conversion: Conversion, sessions_root: Path, targ
         _place(work, target, (NEONIZE_STORE, PROVENANCE_FILE))
         report.provenance = str(target / PROVENANCE_FILE)
     except OSError as exc:
-        raise Refused("write_failed", f"the store could not be written ({exc.strerror or exc}); nothing was "
+        raise Refused(ErrorCode.WRITE_FAILED, f"the store could not be written ({exc.strerror or exc}); nothing was "
                       "put in place") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -162,7 +163,7 @@ def _build(store: Path, conversion: Conversion) -> None:
         check_store(db)
     for suffix in ("-journal", "-wal", "-shm"):
         if Path(str(store) + suffix).exists():
-            raise Refused("store_check_failed", f"SQLite left {store.name}{suffix} behind; the store is not complete")
+            raise Refused(ErrorCode.STORE_CHECK_FAILED, f"SQLite left {store.name}{suffix} behind; the store is not complete")
     _fsync(store)
 
 
@@ -195,7 +196,7 @@ def _place(work: Path, target: Path, names: tuple[str, ...]) -> None:
         created = True
     except FileExistsError:
         if target.is_symlink() or not target.is_dir():
-            raise Refused("session_exists", f"{target} became something other than a directory during the import; "
+            raise Refused(ErrorCode.SESSION_EXISTS, f"{target} became something other than a directory during the import; "
                           "nothing was put in place") from None
     os.chmod(target, 0o700)
     owner = target.parent.stat()
@@ -207,19 +208,19 @@ def _place(work: Path, target: Path, names: tuple[str, ...]) -> None:
     if lock is not None and not lock_existed and os.geteuid() == 0:
         os.chown(target / LOCK_FILE, owner.st_uid, owner.st_gid, follow_symlinks=False)
     if lock is None:
-        raise Refused("company_running", f"the company's worker started during the import (it holds "
+        raise Refused(ErrorCode.COMPANY_RUNNING, f"the company's worker started during the import (it holds "
                       f"{target / LOCK_FILE}); nothing was put in place")
     linked: list[Path] = []
     try:
         present = [name for name in _SESSION_FILES if (target / name).exists()]
         if present:
-            raise Refused("session_exists", f"{target} received a session ({present[0]}) during the import; it was "
+            raise Refused(ErrorCode.SESSION_EXISTS, f"{target} received a session ({present[0]}) during the import; it was "
                           "left alone and nothing was put in place")
         for name in names:
             try:
                 os.link(work / name, target / name)
             except FileExistsError:
-                raise Refused("session_exists", f"{target / name} appeared during the import; it was left alone") from None
+                raise Refused(ErrorCode.SESSION_EXISTS, f"{target / name} appeared during the import; it was left alone") from None
             linked.append(target / name)
         _fsync(target)
         if created:
@@ -274,7 +275,7 @@ def import_root(root: Path, sessions_root: Path, companies: list[str] | None, *,
     try:
         scan = scan_legacy(root)
     except LegacyError as exc:
-        raise Refused("not_found", str(exc)) from None
+        raise Refused(ErrorCode.SOURCE_NOT_FOUND, str(exc)) from None
     wanted = None if companies is None else list(dict.fromkeys(companies))
     found: dict[str, Path] = {}
     for session in scan.found:
@@ -290,7 +291,7 @@ def import_root(root: Path, sessions_root: Path, companies: list[str] | None, *,
     for company in wanted if wanted is not None else sorted(found):
         if company not in found:
             report = ImportReport(company=company, source=str(root / f"session-{company}"), target="", dry_run=dry_run)
-            out.reports.append(report.refuse(Refused("not_found", f"{root} has no Baileys folder session-{company}")))
+            out.reports.append(report.refuse(Refused(ErrorCode.SOURCE_NOT_FOUND, f"{root} has no Baileys folder session-{company}")))
             continue
         out.reports.append(import_company(found[company], company, sessions_root, dry_run=dry_run, min_idle=min_idle))
     return out

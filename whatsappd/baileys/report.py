@@ -5,30 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from whatsappd.errors import IMPORT_REFUSALS, ErrorCode
+
 __all__ = ["REFUSAL_CODES", "ImportReport", "Refused", "Unmapped"]
 
-# Why a company is refused; stable, for scripts (and for the API route that will serve imports).
-REFUSAL_CODES = {
-    "not_found": "the source folder does not exist",
-    "unreadable_source": "the source folder or one of its files cannot be read",
-    "not_baileys": "the source is not a Baileys multi-file auth folder (no creds.json, a link, not a directory)",
-    "not_paired": "creds.json holds no paired account (Baileys never finished pairing)",
-    "malformed_source": "a file is truncated, is not the JSON Baileys writes, or holds a value of the wrong size or form",
-    "key_mismatch": "a private key does not match its public key, or a signature does not verify",
-    "source_busy": "a file changed less than --min-idle seconds ago: Baileys may still be running",
-    "source_changed": "a file changed while the import ran: Baileys may still be running",
-    "company_running": "the company's worker holds its session lock",
-    "session_exists": "the company already has a whatsappd session; it is never overwritten",
-    "store_check_failed": "the converted store failed SQLite's integrity or foreign key check",
-    "neonize_check_failed": "neonize could not open the converted store or did not list the expected JID",
-    "write_failed": "the store could not be written (disk full, permissions)",
-}
+#: Why a company is refused: stable codes for scripts and for the API route, each with its HTTP
+#: status and meaning in whatsappd.errors (which holds the list, so the OpenAPI document can name
+#: them without loading the importer).
+REFUSAL_CODES = IMPORT_REFUSALS
 
 
 class Refused(Exception):
     """The company is not imported; nothing was written. `message` is one sentence for a person."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         assert code in REFUSAL_CODES, code
         super().__init__(message)
         self.code = code
@@ -66,7 +56,7 @@ class ImportReport:
 
     def refuse(self, refusal: Refused) -> ImportReport:
         self.ok = False
-        self.error = {"code": refusal.code, "message": refusal.message}
+        self.error = {"code": refusal.code.value, "message": refusal.message}
         return self
 
     def as_json(self) -> dict[str, Any]:

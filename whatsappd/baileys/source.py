@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import os
 import stat
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.baileys.report import Refused
+from whatsappd.errors import ErrorCode
 
 __all__ = ["KINDS", "MAX_FILE_BYTES", "SourceFile", "Snapshot", "as_bytes", "as_int", "read_snapshot", "sized"]
 
@@ -86,21 +88,23 @@ class Snapshot:
 def read_snapshot(directory: Path, min_idle: float) -> Snapshot:
     """Read every file of a Baileys folder; refuse a folder that is not one or that is in use.
 
-    Refused (nothing read further) when: the path is not a directory; it holds a symbolic link;
-    it has no creds.json; a file changed less than min_idle seconds ago (Baileys may still run);
-    a file changed while it was being read.
+    Refused (nothing read further) when: the path is a symbolic link or not a directory; it
+    holds a symbolic link; it has no creds.json; a file changed less than min_idle seconds ago
+    (Baileys may still run); a file changed while it was being read.
     """
     try:
-        st = os.stat(directory)
+        st = os.lstat(directory)
     except FileNotFoundError:
-        raise Refused("not_found", f"{directory} does not exist") from None
+        raise Refused(ErrorCode.SOURCE_NOT_FOUND, f"{directory} does not exist") from None
     except OSError as exc:
-        raise Refused("unreadable_source", f"{directory} cannot be read ({exc.strerror})") from None
+        raise Refused(ErrorCode.UNREADABLE_SOURCE, f"{directory} cannot be read ({exc.strerror})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _linked(directory)
     if not stat.S_ISDIR(st.st_mode):
-        raise Refused("not_baileys", f"{directory} is not a directory")
+        raise Refused(ErrorCode.NOT_BAILEYS, f"{directory} is not a directory")
     snapshot = _scan(directory)
     if "creds.json" not in snapshot.files:
-        raise Refused("not_baileys", f"{directory} has no creds.json, so it is not a Baileys session folder")
+        raise Refused(ErrorCode.NOT_BAILEYS, f"{directory} has no creds.json, so it is not a Baileys session folder")
     # the directory's own mtime moves when Baileys deletes a file (a used pre-key, a reset session)
     changes = [(f.mtime_ns, f.name) for f in snapshot.files.values()] + [(st.st_mtime_ns, "")]
     newest_ns, newest = max(changes)
@@ -108,29 +112,54 @@ def read_snapshot(directory: Path, min_idle: float) -> Snapshot:
     if age < min_idle:
         what = f"{directory}/{newest}" if newest else f"the list of files in {directory}"
         raise Refused(
-            "source_busy",
+            ErrorCode.SOURCE_BUSY,
             f"{what} changed {max(age, 0):.0f} s ago, so Baileys may still be running: "
             f"stop the CRM's WhatsApp module and try again once nothing changed for {min_idle:g} s (--min-idle)",
         )
     return snapshot
 
 
+def _linked(path: Path) -> Refused:
+    return Refused(ErrorCode.NOT_BAILEYS, f"{path} is a symbolic link; a Baileys folder is a plain directory of "
+                   "plain files, and links are never followed")
+
+
 def _scan(directory: Path) -> Snapshot:
+    """Every file, read through one descriptor of the directory opened without following a link,
+    so the folder read is the folder named (a link swapped in meanwhile is refused, not followed)."""
     snapshot = Snapshot(directory)
     try:
-        with os.scandir(directory) as it:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _linked(directory) from None
+        if exc.errno == errno.ENOENT:
+            raise Refused(ErrorCode.SOURCE_CHANGED, f"{directory} disappeared while it was read; Baileys (or "
+                          "someone) may still be at work") from None
+        raise Refused(ErrorCode.UNREADABLE_SOURCE, f"{directory} cannot be listed ({exc.strerror})") from None
+    try:
+        _scan_fd(dir_fd, snapshot)
+    finally:
+        os.close(dir_fd)
+    return snapshot
+
+
+def _scan_fd(dir_fd: int, snapshot: Snapshot) -> None:
+    directory = snapshot.directory
+    try:
+        with os.scandir(dir_fd) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        raise Refused("unreadable_source", f"{directory} cannot be listed ({exc.strerror})") from None
+        raise Refused(ErrorCode.UNREADABLE_SOURCE, f"{directory} cannot be listed ({exc.strerror})") from None
     for entry in entries:
         path = directory / entry.name
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
-            raise Refused("source_changed", f"{path} disappeared while the folder was read; Baileys may still be running") from None
+            raise Refused(ErrorCode.SOURCE_CHANGED, f"{path} disappeared while the folder was read; "
+                          "Baileys may still be running") from None
         if stat.S_ISLNK(st.st_mode):
-            raise Refused("not_baileys", f"{path} is a symbolic link; a Baileys folder holds only plain files, "
-                          "and links are never followed")
+            raise _linked(path)
         if not stat.S_ISREG(st.st_mode):
             snapshot.others.append((entry.name, "not a plain file; Baileys writes none"))
             continue
@@ -138,20 +167,21 @@ def _scan(directory: Path) -> Snapshot:
             snapshot.others.append((entry.name, "not a .json file; Baileys writes none"))
             continue
         if st.st_size > MAX_FILE_BYTES:
-            raise Refused("malformed_source", f"{path} is {st.st_size} bytes, far too big for a Baileys key file")
-        data = _read(path)
+            raise Refused(ErrorCode.MALFORMED_SOURCE, f"{path} is {st.st_size} bytes, far too big for a Baileys key file")
+        data = _read(dir_fd, entry.name, path)
         kind, key = _classify(entry.name)
         snapshot.files[entry.name] = SourceFile(
             entry.name, kind, key, data, len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
-    return snapshot
 
 
-def _read(path: Path) -> bytes:
+def _read(dir_fd: int, name: str, path: Path) -> bytes:
     """The file's bytes, read through a read-only descriptor; refused if it changes meanwhile."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
-        raise Refused("unreadable_source", f"{path} cannot be read ({exc.strerror})") from None
+        if exc.errno == errno.ELOOP:
+            raise _linked(path) from None
+        raise Refused(ErrorCode.UNREADABLE_SOURCE, f"{path} cannot be read ({exc.strerror})") from None
     try:
         before = os.fstat(fd)
         chunks = []
@@ -162,7 +192,7 @@ def _read(path: Path) -> bytes:
         os.close(fd)
     data = b"".join(chunks)
     if (before.st_mtime_ns, before.st_size) != (after.st_mtime_ns, after.st_size) or len(data) != after.st_size:
-        raise Refused("source_changed", f"{path} changed while it was being read; Baileys may still be running")
+        raise Refused(ErrorCode.SOURCE_CHANGED, f"{path} changed while it was being read; Baileys may still be running")
     return data
 
 

@@ -8,6 +8,7 @@ import sqlite3
 from whatsappd.baileys._schema import COMPAT, SCHEMA, VERSION
 from whatsappd.baileys.convert import Conversion
 from whatsappd.baileys.report import Refused
+from whatsappd.errors import ErrorCode
 
 __all__ = ["check_store", "write_store"]
 
@@ -52,10 +53,10 @@ def check_store(db: sqlite3.Connection) -> None:
     """SQLite's integrity and foreign key checks; Refused(store_check_failed) on any finding."""
     integrity = [r[0] for r in db.execute("PRAGMA integrity_check")]
     if integrity != ["ok"]:
-        raise Refused("store_check_failed", f"the converted store failed SQLite's integrity check: {integrity[0]}")
+        raise Refused(ErrorCode.STORE_CHECK_FAILED, f"the converted store failed SQLite's integrity check: {integrity[0]}")
     violation = db.execute("PRAGMA foreign_key_check").fetchone()
     if violation is not None:
-        raise Refused("store_check_failed", f"the converted store breaks a foreign key in table {violation[0]}")
+        raise Refused(ErrorCode.STORE_CHECK_FAILED, f"the converted store breaks a foreign key in table {violation[0]}")
 
 
 def build_in_memory(conversion: Conversion) -> None:

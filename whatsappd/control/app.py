@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from whatsappd.control import companies, events, messages, metrics, system
+from whatsappd.control import companies, events, imports, messages, metrics, system
 from whatsappd.control.middleware import MIDDLEWARES
 from whatsappd.control.services import SERVICES, Services
 
@@ -36,6 +36,7 @@ def build_app(services: Services) -> web.Application:
     r.add_post("/v1/companies/{id}/logout", companies.logout)
     r.add_post("/v1/companies/{id}/restart", companies.restart)
     r.add_post("/v1/companies/{id}/simulate", companies.simulate)
+    r.add_post("/v1/companies/{id}/import-baileys", imports.import_baileys)
     r.add_post("/v1/companies/{id}/messages", messages.send_message)
     r.add_get("/v1/companies/{id}/messages/{mid}", messages.get_message)
     r.add_get("/v1/companies/{id}/contacts/{phone}", messages.check_contact)

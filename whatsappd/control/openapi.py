@@ -12,7 +12,7 @@ from typing import Any
 
 from whatsappd.config import ENGINES, PROXY_PATTERN
 from whatsappd.control.bodies import MAX_TEXT
-from whatsappd.errors import CODES, ErrorCode
+from whatsappd.errors import CODES, IMPORT_REFUSALS, ErrorCode
 from whatsappd.ids import COMPANY_ID_PATTERN
 from whatsappd.protocol import SIMULATE_ACTIONS
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
@@ -300,6 +300,37 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "BaileysImportReport": {
+        "type": "object",
+        "description": "What an import did (or, with dry_run, would do): the JSON `whatsappd import-baileys --json` "
+                       "prints for each company.",
+        "required": ["company", "source", "target", "dry_run", "ok", "error", "counts", "checks", "unmapped",
+                     "warnings"],
+        "properties": {
+            "company": {"type": "string"},
+            "source": {"type": "string", "description": "The Baileys folder: {import.baileys_root}/session-{id}."},
+            "target": {"type": "string", "description": "The company's whatsappd session directory."},
+            "dry_run": {"type": "boolean"},
+            "ok": {"const": True},
+            "error": {"type": "null"},
+            "jid": {"type": ["string", "null"]}, "lid": {"type": ["string", "null"]},
+            "push_name": {"type": ["string", "null"]}, "platform": {"type": ["string", "null"]},
+            "creds_sha256": {"type": ["string", "null"]},
+            "baileys_layout": {"type": ["string", "null"], "enum": ["6", "7", None]},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "What was converted, by kind (pre_keys, sessions, sender_keys, ...)."},
+            "checks": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "Key pairs and signatures verified."},
+            "unmapped": {"type": "array", "description": "What has no place in whatsapp's store, and why.",
+                         "items": {"type": "object", "required": ["item", "reason"],
+                                   "properties": {"item": {"type": "string"}, "reason": {"type": "string"}}}},
+            "warnings": {"type": "array", "items": {"type": "string"}},
+            "neonize_jid": {"type": ["string", "null"],
+                            "description": "The JID neonize listed when it opened the new store (not on a dry run)."},
+            "provenance": {"type": ["string", "null"], "description": "The provenance file written beside the store."},
+        },
+        "additionalProperties": True,
+    },
     "ReloadResult": {
         "type": "object",
         "required": ["ok", "added", "removed", "changed", "settings", "restart_required"],
@@ -469,6 +500,28 @@ PATHS: dict[str, dict[str, Any]] = {
                                          "Sent (crash, hang: no answer).")},
                 *_COMPANY, "not_found", *_BODY, *_COMMAND, "invalid_argument", "unknown_action", "not_pairing",
                 "not_connected", "not_reconnecting", "unknown_message", "store_failed"),
+        },
+    },
+    "/v1/companies/{id}/import-baileys": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "Move the company from the old CRM's Baileys session, without a QR scan",
+            "description": "The source is `{import.baileys_root}/session-{id}` (the setting; never a path from the "
+                           "request; a symbolic link is refused); while import.baileys_root is empty the route answers "
+                           "409 `import_disabled`. The company must use engine neonize, be stopped (no worker) and "
+                           "have no whatsappd session. `dry_run: true` checks and converts everything and writes "
+                           "nothing (200); otherwise the store is written, checked, opened by neonize, and the "
+                           "company is started: it restores the session and logs in, never `pairing` (201). A "
+                           "refusal writes nothing; its code says why.",
+            "operationId": "importBaileys",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["dry_run"], "additionalProperties": False,
+                "properties": {"dry_run": {"type": "boolean",
+                                           "description": "true: check only, write nothing."}}}}}},
+            "responses": _responses({
+                "200": _json(_ref("BaileysImportReport"), "Dry run: the import would succeed; nothing was written."),
+                "201": _json(_ref("BaileysImportReport"), "Imported; the company is starting."),
+            }, *_COMPANY, *_BODY, "import_disabled", "wrong_engine", *IMPORT_REFUSALS),
         },
     },
     "/v1/companies/{id}/messages": {
