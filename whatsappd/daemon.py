@@ -26,8 +26,8 @@ from whatsappd.exits import EX_DATAERR
 from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging.sender import Messaging
 from whatsappd.store.sqlite import Store, StoreCorrupt, StoreError
+from whatsappd.supervisor import Supervisor
 from whatsappd.supervisor.registry import RegistryError
-from whatsappd.supervisor.runner import Supervisor
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
 from whatsappd.timefmt import iso
 

@@ -31,7 +31,7 @@ from whatsappd.store.sqlite import EVENT_TYPES, Event, StorageFull, Store
 
 if TYPE_CHECKING:
     from whatsappd.config import Config
-    from whatsappd.supervisor.runner import Runner, Supervisor
+    from whatsappd.supervisor import Runner, Supervisor
 
 __all__ = ["EVENT_TYPES", "Messaging", "Subscriber"]
 
