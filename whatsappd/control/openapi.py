@@ -14,7 +14,7 @@ from whatsappd.config import ENGINES, PROXY_PATTERN
 from whatsappd.errors import CODES, ErrorCode
 from whatsappd.ids import COMPANY_ID_PATTERN
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
-from whatsappd.states import State
+from whatsappd.states import LastError, State
 from whatsappd.store.sqlite import EVENT_TYPES, STATUSES
 from whatsappd.terminal import safe_text_pattern
 
@@ -188,7 +188,7 @@ SCHEMAS: dict[str, Any] = {
             "has_session": {"type": "boolean"},
             "qr_available": {"type": "boolean"},
             "last_error": _nullable({"type": "object", "properties": {
-                "code": {"type": "string"}, "message": {"type": "string"}, "at": _TIME_OR_NULL}}),
+                "code": {"type": "string", "enum": [str(c) for c in LastError]}, "message": {"type": "string"}, "at": _TIME_OR_NULL}}),
             "reconnect": {"type": "object", "properties": {
                 "attempt": {"type": "integer"}, "next_retry_at": _TIME_OR_NULL}},
             "banned_until": _TIME_OR_NULL,
