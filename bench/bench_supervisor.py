@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 
 from whatsappd.client import Client  # noqa: E402
 from whatsappd.testing.daemon import DaemonProcess, NotifySocket, clean_env  # noqa: E402
-from whatsappd.worker import simulator  # noqa: E402
+from whatsappd.worker.simulator import server as simulator  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")

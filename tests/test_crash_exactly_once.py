@@ -20,7 +20,7 @@ import pytest
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.events import ApiSession, EventReader
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, sim_config
-from whatsappd.worker.simulator.engine import read_send_log, send_log_stats
+from whatsappd.worker.simulator.server import read_send_log, send_log_stats
 
 #: Workers boot slowly on a loaded 2-core machine: more patience than the fast tables' 2 s.
 SLOW_BOOT = {"heartbeat_timeout": "10s"}

@@ -18,7 +18,7 @@ import pytest
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.events import EventReader, message_statuses, wait_message
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, sim_config
-from whatsappd.worker.simulator.engine import DEFAULT_GROUP
+from whatsappd.worker.simulator.actions import DEFAULT_GROUP
 
 #: Workers boot slowly on a loaded 2-core machine: more patience than the fast tables' 2 s.
 SLOW_BOOT = {"heartbeat_timeout": "10s"}

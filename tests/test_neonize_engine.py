@@ -26,15 +26,9 @@ import pytest
 from whatsappd.protocol import ExitCode
 from whatsappd.testing.socks5 import ClosedPort, Socks5FaultProxy
 from whatsappd.worker.engine import EngineError, EngineOptions
-from whatsappd.worker.neonize.engine import (
-    STORE_FILES,
-    NeonizeEngine,
-    StoreUnusable,
-    connect_failure_exit,
-    inspect_store,
-    is_store_error,
-    store_dsn,
-)
+from whatsappd.worker.neonize.classify import connect_failure_exit, is_store_error
+from whatsappd.worker.neonize.engine import NeonizeEngine
+from whatsappd.worker.neonize.store import STORE_FILES, StoreUnusable, inspect_store, store_dsn
 
 from neonize.events import (  # isort: skip  (imported by the engine above, side effects undone)
     ClientOutdatedEv,
@@ -100,6 +94,7 @@ def _iso(ts: float) -> str:
 
 
 def test_logged_out(h: Harness) -> None:
+    """LoggedOut after connecting exits LOGGED_OUT, told by the exit code alone (no state message)."""
     h.connect()
     h.engine.on_logged_out(h.client, LoggedOutEv())
     assert h.engine.exit_code is ExitCode.LOGGED_OUT
@@ -108,6 +103,7 @@ def test_logged_out(h: Harness) -> None:
 
 
 def test_logged_out_on_connect_keeps_its_reason(h: Harness) -> None:
+    """A LoggedOut on connect keeps WhatsApp's reason (main_device_gone) as the exit reason."""
     ev = LoggedOutEv(OnConnect=True, Reason=ConnectFailureReason.Value("MAIN_DEVICE_GONE"))
     h.engine.on_logged_out(h.client, ev)
     assert h.engine.exit_code is ExitCode.LOGGED_OUT
@@ -115,6 +111,7 @@ def test_logged_out_on_connect_keeps_its_reason(h: Harness) -> None:
 
 
 def test_stream_replaced(h: Harness) -> None:
+    """StreamReplaced exits REPLACED without a state message."""
     h.connect()
     h.engine.on_stream_replaced(h.client, StreamReplacedEv())
     assert h.engine.exit_code is ExitCode.REPLACED
@@ -122,6 +119,7 @@ def test_stream_replaced(h: Harness) -> None:
 
 
 def test_temporary_ban_reports_its_expiry(h: Harness) -> None:
+    """A temporary ban emits state banned with its reason and until (now + Expire seconds), then exits BANNED."""
     ev = TemporaryBanEv(Code=TemporaryBanEv.SEND_TO_TOO_MANY_PEOPLE, Expire=3600)
     h.engine.on_temporary_ban(h.client, ev)
     assert h.engine.exit_code is ExitCode.BANNED
@@ -134,6 +132,7 @@ def test_temporary_ban_reports_its_expiry(h: Harness) -> None:
 
 
 def test_temporary_ban_without_expiry(h: Harness) -> None:
+    """A ban without Expire still exits BANNED, with until null and a default reason."""
     h.engine.on_temporary_ban(h.client, TemporaryBanEv())
     assert h.engine.exit_code is ExitCode.BANNED
     assert h.messages[-1]["until"] is None
@@ -141,6 +140,7 @@ def test_temporary_ban_without_expiry(h: Harness) -> None:
 
 
 def test_client_outdated(h: Harness) -> None:
+    """ClientOutdated exits OUTDATED and emits nothing."""
     h.engine.on_client_outdated(h.client, ClientOutdatedEv())
     assert h.engine.exit_code is ExitCode.OUTDATED
     assert h.messages == []
@@ -163,6 +163,7 @@ def test_client_outdated(h: Harness) -> None:
     ],
 )
 def test_connect_failure_reasons(h: Harness, reason: str | None, expected: ExitCode) -> None:
+    """Each ConnectFailure reason maps to its exit code (logged out, banned, outdated, else transient)."""
     ev = ConnectFailureEv(Message="x") if reason is None else ConnectFailureEv(Reason=ConnectFailureReason.Value(reason))
     h.engine.on_connect_failure(h.client, ev)
     assert h.engine.exit_code is expected
@@ -176,6 +177,7 @@ def test_connect_failure_reasons(h: Harness, reason: str | None, expected: ExitC
 
 
 def test_first_decision_wins_but_a_server_verdict_beats_stop(h: Harness) -> None:
+    """The first exit decision wins, except that a session-fatal server verdict overrides stop or a transient end."""
     h.engine.stop()
     assert h.engine.exit_code is ExitCode.STOPPED
     h.engine.on_logged_out(h.client, LoggedOutEv())
@@ -190,6 +192,7 @@ def test_first_decision_wins_but_a_server_verdict_beats_stop(h: Harness) -> None
 
 
 def test_connected_reports_jid_and_push_name(h: Harness) -> None:
+    """Connected emits state connected with the device's JID and push name."""
     h.connect()
     assert h.messages == [
         {"type": "state", "state": "connected", "jid": "5511999999999:12@s.whatsapp.net", "push_name": "Imobiliaria Acme"}
@@ -198,6 +201,7 @@ def test_connected_reports_jid_and_push_name(h: Harness) -> None:
 
 
 def test_connected_falls_back_on_the_cached_device(h: Harness) -> None:
+    """When get_me fails, connected reports the device neonize cached."""
     class NoGo(FakeClient):
         def get_me(self) -> Device:
             raise RuntimeError("no Go today")
@@ -207,6 +211,7 @@ def test_connected_falls_back_on_the_cached_device(h: Harness) -> None:
 
 
 def test_disconnect_after_connected_means_reconnecting_then_connected_again(h: Harness) -> None:
+    """A drop after connecting is reported once as reconnecting, and Connected brings back connected."""
     h.engine.on_disconnected(h.client, DisconnectedEv(status=True))
     assert h.messages == []  # not connected yet: still "connecting"
     h.connect()
@@ -222,6 +227,7 @@ def test_disconnect_after_connected_means_reconnecting_then_connected_again(h: H
 
 
 def test_keepalive_timeout_and_restored(h: Harness) -> None:
+    """Keepalive timeouts report reconnecting once; a restored keepalive reports connected again."""
     h.connect()
     h.engine.on_keepalive_timeout(h.client, KeepAliveTimeoutEv(ErrorCount=1, LastSuccess=int(NOW) - 30))
     h.engine.on_keepalive_timeout(h.client, KeepAliveTimeoutEv(ErrorCount=2, LastSuccess=int(NOW) - 30))
@@ -236,6 +242,7 @@ def test_keepalive_timeout_and_restored(h: Harness) -> None:
 
 
 def test_qr_codes_then_pair_success_then_connected(h: Harness) -> None:
+    """QR codes give pairing and qr messages with their expiries, then paired, then connected."""
     h.engine.on_qr(h.client, b"2@first,code")
     h.engine.on_qr(h.client, b"2@second,code")
     assert h.messages == [
@@ -254,12 +261,14 @@ def test_qr_codes_then_pair_success_then_connected(h: Harness) -> None:
 
 
 def test_pair_error_is_transient(h: Harness) -> None:
+    """A failed pairing exits TRANSIENT and reports no paired."""
     h.engine.on_pair_status(h.client, PairStatusEv(Status=PairStatusEv.ERROR, Error="bad signature"))
     assert h.engine.exit_code is ExitCode.TRANSIENT
     assert not any(m["type"] == "paired" for m in h.messages)
 
 
 def test_qr_timeout_after_the_window_is_a_pairing_timeout(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QR-loop timeout after the whole window exits PAIRING_TIMEOUT."""
     h.engine.on_qr(h.client, b"code")
     start = time.monotonic()
     monkeypatch.setattr("whatsappd.worker.neonize.engine.time.monotonic", lambda: start + 161)
@@ -268,12 +277,14 @@ def test_qr_timeout_after_the_window_is_a_pairing_timeout(h: Harness, monkeypatc
 
 
 def test_early_qr_timeout_is_a_dropped_socket(h: Harness) -> None:
+    """A QR-loop timeout before the window ran out is a dropped socket: TRANSIENT."""
     h.engine.on_qr(h.client, b"code")
     h.engine.on_login_status("timeout")  # whatsmeow says "timeout" for a server disconnect too
     assert h.engine.exit_code is ExitCode.TRANSIENT
 
 
 def test_outdated_while_pairing(h: Harness) -> None:
+    """err-client-outdated from the QR loop exits OUTDATED."""
     h.engine.on_login_status("err-client-outdated")
     assert h.engine.exit_code is ExitCode.OUTDATED
 
@@ -282,12 +293,14 @@ def test_outdated_while_pairing(h: Harness) -> None:
 
 
 def test_unknown_op(h: Harness) -> None:
+    """An op the engine does not offer is refused with unknown_op."""
     with pytest.raises(EngineError) as err:
         h.engine.command("reboot", {})
     assert err.value.code == "unknown_op"
 
 
 def test_pair_phone_needs_a_qr_on_screen(h: Harness) -> None:
+    """pair_phone outside pairing is refused with not_pairing."""
     with pytest.raises(EngineError) as err:
         h.engine.command("pair_phone", {"phone": "5511999999999"})
     assert err.value.code == "not_pairing"
@@ -295,18 +308,21 @@ def test_pair_phone_needs_a_qr_on_screen(h: Harness) -> None:
 
 @pytest.mark.parametrize("phone", ["+5511999999999", "05511999999", "55 11 99999", "123", None, 5511999999999])
 def test_pair_phone_wants_digits_only(h: Harness, phone: object) -> None:
+    """pair_phone with anything but international digits is refused with invalid_phone."""
     with pytest.raises(EngineError) as err:
         h.engine.command("pair_phone", {"phone": phone})
     assert err.value.code == "invalid_phone"
 
 
 def test_logout_needs_a_connection(h: Harness) -> None:
+    """logout without a connection is refused with not_connected."""
     with pytest.raises(EngineError) as err:
         h.engine.command("logout", {})
     assert err.value.code == "not_connected"
 
 
 def test_disconnect_stops(h: Harness) -> None:
+    """The disconnect command stops the engine: it exits STOPPED."""
     assert h.engine.command("disconnect", {}) == {"disconnected": True}
     assert h.engine.exit_code is ExitCode.STOPPED
 
@@ -328,6 +344,7 @@ def _run_with_fake_client(h: Harness, feed: Any) -> int:
 
 
 def test_run_returns_the_code_a_handler_decided(h: Harness) -> None:
+    """run() returns promptly with the exit code an event handler decided."""
     def feed(engine: NeonizeEngine, client: FakeClient) -> None:
         engine.on_connected(client, ConnectedEv(status=True))
         engine.on_temporary_ban(client, TemporaryBanEv(Code=TemporaryBanEv.BLOCKED_BY_USERS, Expire=60))
@@ -340,6 +357,7 @@ def test_run_returns_the_code_a_handler_decided(h: Harness) -> None:
 
 
 def test_run_returns_stopped_when_stopped(h: Harness) -> None:
+    """run() returns STOPPED after stop()."""
     def feed(engine: NeonizeEngine, client: FakeClient) -> None:
         engine.on_connected(client, ConnectedEv(status=True))
         engine.stop()
@@ -349,7 +367,7 @@ def test_run_returns_stopped_when_stopped(h: Harness) -> None:
 
 def test_paired_but_never_connected_restarts_the_worker(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """After pairing the server forces one reconnect; if no Connected follows, exit TRANSIENT."""
-    monkeypatch.setattr("whatsappd.worker.neonize.engine.CONNECTED_AFTER_PAIR_SECONDS", 0.3)
+    monkeypatch.setattr("whatsappd.worker.neonize.pairing.CONNECTED_AFTER_PAIR_SECONDS", 0.3)
 
     def feed(engine: NeonizeEngine, client: FakeClient) -> None:
         engine.on_qr(client, b"code")
@@ -362,6 +380,7 @@ def test_paired_but_never_connected_restarts_the_worker(h: Harness, monkeypatch:
 
 
 def test_optional_connect_timeout(tmp_path: Path) -> None:
+    """With connect_timeout, a dial that never ends exits TRANSIENT (connect_timeout) in time."""
     messages: list[dict[str, Any]] = []
     options = EngineOptions(company="acme", session_dir=tmp_path, proxy=None, pair=True)
     engine = NeonizeEngine(options, messages.append, connect_timeout=0.3)
@@ -377,11 +396,13 @@ def test_optional_connect_timeout(tmp_path: Path) -> None:
 
 
 def test_stop_before_run(h: Harness) -> None:
+    """stop() before run() makes run() return STOPPED at once."""
     h.engine.stop()
     assert h.engine.run() == ExitCode.STOPPED
 
 
 def test_unreadable_store_is_unusable(tmp_path: Path) -> None:
+    """A store.db that is not a database exits STORE_UNUSABLE before any dial."""
     (tmp_path / "store.db").write_bytes(b"this is not a database" * 300)
     h = Harness(tmp_path, pair=False)
     assert h.engine.run() == ExitCode.STORE_UNUSABLE
@@ -391,6 +412,7 @@ def test_unreadable_store_is_unusable(tmp_path: Path) -> None:
 
 
 def test_store_dsn_is_wal_and_percent_encoded() -> None:
+    """The store DSN asks for WAL and a busy timeout, with the path percent-encoded."""
     dsn = store_dsn(Path("/var/lib/whatsappd/sessions/session-acme"))
     assert dsn == (
         "/var/lib/whatsappd/sessions/session-acme/store.db"
@@ -401,6 +423,7 @@ def test_store_dsn_is_wal_and_percent_encoded() -> None:
 
 
 def test_inspect_store(tmp_path: Path) -> None:
+    """inspect_store counts device rows: None without a file (never made), 0 without the table; garbage: StoreUnusable."""
     store = tmp_path / "store.db"
     assert inspect_store(store) is None
     assert not store.exists()
@@ -431,6 +454,7 @@ def test_inspect_store(tmp_path: Path) -> None:
     ],
 )
 def test_store_errors_are_told_from_network_errors(message: str, expected: bool) -> None:
+    """is_store_error tells store failures from dial failures in a connect error's text."""
     assert is_store_error(message) is expected
 
 
@@ -472,7 +496,7 @@ CHILD = textwrap.dedent(
 
     if len(sys.argv) > 4 and sys.argv[4] == "play":
         import threading
-        import whatsappd.worker.neonize.engine as module
+        import whatsappd.worker.neonize.client as module
         module.SHUTDOWN_SECONDS = 0.5  # the fake QR came while the dial still holds Go's lock
         threading.Thread(target=play_go_callbacks, daemon=True).start()
     started = time.monotonic()
@@ -522,6 +546,7 @@ class Child:
 
 @pytest.mark.parametrize(("mode", "pair"), [("refuse", True), ("close", True), ("refuse", False)])
 def test_real_client_fails_fast_through_a_failing_proxy(tmp_path: Path, mode: str, pair: bool) -> None:
+    """The real client exits TRANSIENT within seconds when the proxy fails the connection."""
     with Socks5FaultProxy(mode=mode) as proxy:
         child = Child(tmp_path / "session-acme", proxy.url, pair=pair)
         code, messages, took = child.wait(timeout=20)
@@ -558,6 +583,7 @@ def test_the_real_clients_dial_is_held_at_the_connect_gate_until_a_token_comes(t
 
 
 def test_real_client_fails_fast_on_a_refused_port(tmp_path: Path) -> None:
+    """The real client exits TRANSIENT within seconds when the proxy port refuses connections."""
     with ClosedPort() as closed:
         code, messages, took = Child(tmp_path / "session-acme", closed.url).wait(timeout=20)
     assert code == ExitCode.TRANSIENT
@@ -565,6 +591,7 @@ def test_real_client_fails_fast_on_a_refused_port(tmp_path: Path) -> None:
 
 
 def test_real_client_hangs_on_a_silent_proxy_and_stops_on_request(tmp_path: Path) -> None:
+    """Against a silent proxy the real client hangs in its dial, and stop() still ends it promptly."""
     with Socks5FaultProxy(mode="silent") as proxy:
         hung = Child(tmp_path / "session-a", proxy.url)
         stopped = Child(tmp_path / "session-b", proxy.url)

@@ -26,19 +26,12 @@ import pytest
 
 from whatsappd.testing.socks5 import Socks5FaultProxy
 from whatsappd.worker.engine import EngineError, EngineOptions
-from whatsappd.worker.neonize.engine import (
-    MEDIA_LIMITS,
-    SEND_LOG_FILE,
-    NeonizeEngine,
-    SendLog,
-    SendLogCorrupt,
-    _GoGate,
-    classify_download_error,
-    classify_send_error,
-    incoming_event,
-    read_send_log,
-    receipt_event,
-)
+from whatsappd.worker.media import MEDIA_LIMITS
+from whatsappd.worker.neonize.classify import classify_download_error, classify_send_error
+from whatsappd.worker.neonize.engine import NeonizeEngine
+from whatsappd.worker.neonize.gogate import GoGate as _GoGate
+from whatsappd.worker.neonize.incoming import incoming_event, receipt_event
+from whatsappd.worker.neonize.sendlog import SEND_LOG_FILE, SendLog, SendLogCorrupt, read_send_log
 
 from neonize.client import NewClient  # isort: skip  (imported by the engine above, side effects undone)
 from neonize.events import ConnectedEv, DisconnectedEv, MessageEv, ReceiptEv  # isort: skip
@@ -173,6 +166,7 @@ IMAGE = ImageMessage(
 
 
 def test_text_from_a_contact() -> None:
+    """A contact's text becomes a message.incoming event with plain JIDs, push name, ISO timestamp and no raw."""
     ev = message_ev(Message(conversation="Olá, o apartamento ainda está disponível?"))
     assert incoming_event(ev) == {
         "type": "message.incoming",
@@ -208,6 +202,7 @@ def test_extended_text_in_a_lid_group_names_the_sender_by_phone() -> None:
 
 
 def test_lid_direct_chat_and_a_device_suffix_become_plain_phone_jids() -> None:
+    """A LID chat and a device suffix become the plain phone JIDs whatsmeow gave beside them."""
     ev = message_ev(Message(conversation="oi"), chat=lid("201234567890123"), sender=lid("201234567890123", 2),
                     sender_alt=pn(CONTACT, 2))
     event = incoming_event(ev)
@@ -219,6 +214,7 @@ def test_lid_direct_chat_and_a_device_suffix_become_plain_phone_jids() -> None:
 
 
 def test_a_message_sent_from_the_companys_phone_is_kept_with_from_me() -> None:
+    """A message sent from the company's phone is kept, from_me true, its chat the recipient's phone JID."""
     ev = message_ev(Message(conversation="Bom dia! Posso ajudar?"), chat=lid("201234567890123"), sender=ME,
                     recipient_alt=pn(CONTACT), from_me=True, push_name="Imobiliaria Acme")
     event = incoming_event(ev)
@@ -230,6 +226,7 @@ def test_a_message_sent_from_the_companys_phone_is_kept_with_from_me() -> None:
 
 
 def test_image_with_caption() -> None:
+    """An image becomes kind image with its media fields, and raw holds only the downloadable media, no thumbnail."""
     event = incoming_event(message_ev(Message(imageMessage=IMAGE)))
     assert event is not None
     raw = event.pop("raw")
@@ -293,6 +290,7 @@ def test_image_with_caption() -> None:
     ids=["document", "voice-note", "video", "ptv", "sticker", "lottie-sticker"],
 )
 def test_media_kinds(message: Message, kind: str, media: dict[str, Any], raw_field: str) -> None:
+    """Each media type gets its kind and media fields, and a raw that download_any can use."""
     event = incoming_event(message_ev(message))
     assert event is not None
     assert (event["kind"], event["text"], event["media"]) == (kind, None, media)
@@ -317,6 +315,7 @@ def test_wrappers_are_opened() -> None:
 
 
 def test_other_content_is_kind_other_without_raw() -> None:
+    """Content that is neither text nor media is kind other, without raw."""
     ev = message_ev(Message(locationMessage=LocationMessage(degreesLatitude=-23.56, degreesLongitude=-46.65,
                                                             name="Av. Paulista")))
     event = incoming_event(ev)
@@ -341,20 +340,20 @@ def test_other_content_is_kind_other_without_raw() -> None:
     ids=["reaction", "revoke", "edit", "key-distribution", "empty", "status-update", "channel"],
 )
 def test_plumbing_and_non_conversations_are_skipped(ev: MessageEv) -> None:
+    """Protocol plumbing, status updates, broadcasts and channels make no event."""
     assert incoming_event(ev) is None
 
 
 def test_missing_timestamp_uses_the_clock() -> None:
+    """A message without a timestamp is stamped with the engine's clock."""
     event = incoming_event(message_ev(Message(conversation="x"), millis=0), now=NOW)
     assert event is not None and event["timestamp"] == "2026-01-01T00:00:00.000Z"
 
 
 def test_the_event_shapes_are_the_simulators(tmp_path: Path) -> None:
     """Same keys, same types, same timestamp format as SimulatorEngine's `simulate incoming`."""
-    from whatsappd.worker.simulator.engine import SimulatorEngine
+    from whatsappd.worker.simulator.actions import incoming_event as simulated_incoming_event
 
-    sim = SimulatorEngine(EngineOptions(company="acme", session_dir=tmp_path, proxy=None, pair=True),
-                          lambda m: None, env={})
     for sim_args, ours in (
         ({"kind": "text", "text": "oi"}, message_ev(Message(conversation="oi"))),
         ({"kind": "image", "caption": "c", "size": 10}, message_ev(Message(imageMessage=IMAGE))),
@@ -362,7 +361,7 @@ def test_the_event_shapes_are_the_simulators(tmp_path: Path) -> None:
          message_ev(Message(documentMessage=DocumentMessage(fileName="a.pdf", mimetype="x/y", fileLength=1,
                                                             mediaKey=b"k", directPath="/d")))),
     ):
-        expected = sim._incoming_event(sim_args)
+        expected = simulated_incoming_event(sim_args, tmp_path)
         event = incoming_event(ours)
         assert event is not None
         assert list(event) == list(expected)
@@ -371,7 +370,7 @@ def test_the_event_shapes_are_the_simulators(tmp_path: Path) -> None:
         if expected["media"] is not None:
             assert list(event["media"]) == list(expected["media"])
         assert ISO_MS.fullmatch(event["timestamp"]) and ISO_MS.fullmatch(expected["timestamp"])
-    from whatsappd.worker.simulator.engine import MEDIA_LIMITS as SIM_LIMITS
+    from whatsappd.worker.media import MEDIA_LIMITS as SIM_LIMITS  # one table for both engines
 
     assert MEDIA_LIMITS == SIM_LIMITS
 
@@ -381,6 +380,7 @@ def test_the_event_shapes_are_the_simulators(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("kind", "name"), [("DELIVERED", "delivered"), ("READ", "read"), ("PLAYED", "played")])
 def test_receipts_for_our_messages(kind: str, name: str) -> None:
+    """delivered, read and played receipts become message.receipt events with every id."""
     ev = receipt_ev(kind, ["3EB0AAAA0000000000000001", "3EB0AAAA0000000000000002"])
     assert receipt_event(ev) == {
         "type": "message.receipt",
@@ -393,6 +393,7 @@ def test_receipts_for_our_messages(kind: str, name: str) -> None:
 
 
 def test_group_receipt_names_the_reader() -> None:
+    """A group receipt names the group as chat and the reader's phone JID as sender."""
     ev = receipt_ev("READ", ["3EB0AAAA"], chat=group(), sender=lid("201234567890123", 4),
                     sender_alt=pn(CONTACT, 4), is_group=True)
     event = receipt_event(ev)
@@ -408,11 +409,13 @@ def test_group_receipt_names_the_reader() -> None:
 def test_other_receipt_types_are_skipped(kind: str | None) -> None:
     # None: neonize leaves Type unset for a type it does not map (server-error, any new one); reading
     # it would say DELIVERED. (Go's proto.Marshal refuses such a receipt, so it should never come.)
+    """Receipt types other than delivered, read and played make no event."""
     ev = receipt_ev(kind, ["3EB0AAAA"])
     assert receipt_event(ev) is None
 
 
 def test_receipts_from_our_own_devices_are_skipped() -> None:
+    """Receipts from the company's own devices, and receipts without ids, make no event."""
     assert receipt_event(receipt_ev("DELIVERED", ["3EB0AAAA"], sender=ME, from_me=True)) is None
     assert receipt_event(receipt_ev("READ", [])) is None
 
@@ -528,6 +531,7 @@ def h(tmp_path: Path) -> Harness:
 
 
 def test_handlers_emit_events(h: Harness) -> None:
+    """on_message and on_receipt emit event messages, skipping what makes no event."""
     h.engine.on_message(h.client, message_ev(Message(conversation="oi")))
     h.engine.on_message(h.client, message_ev(Message(reactionMessage=ReactionMessage(text="x"))))  # skipped
     h.engine.on_receipt(h.client, receipt_ev("READ", ["3EB0AAAA"]))
@@ -538,6 +542,7 @@ def test_handlers_emit_events(h: Harness) -> None:
 
 
 def test_a_failing_event_handler_does_not_end_the_engine(h: Harness) -> None:
+    """A message handler that raises is logged; the engine carries on."""
     guarded = h.engine._guard_event(h.engine.on_message)
     guarded(h.client, object())  # not a MessageEv: the handler raises inside
     assert h.engine.exit_code is None
@@ -547,6 +552,7 @@ def test_a_failing_event_handler_does_not_end_the_engine(h: Harness) -> None:
 
 
 def test_send_text_logs_attempted_before_the_network_and_sent_after(h: Harness) -> None:
+    """A text send is a plain conversation; attempted is on disk before the network call, sent after it, 0600."""
     h.connect()
     result = h.send()
     assert result == {"wa_id": "3EB00000000000000001", "timestamp": "2026-01-01T00:00:05.000Z"}
@@ -564,12 +570,14 @@ def test_send_text_logs_attempted_before_the_network_and_sent_after(h: Harness) 
 
 
 def test_send_to_a_group(h: Harness) -> None:
+    """A group JID is sent to as the group (server g.us)."""
     h.connect()
     h.send(to="120363025246125486@g.us")
     assert (h.client.sent[0][0].User, h.client.sent[0][0].Server) == ("120363025246125486", "g.us")
 
 
 def test_a_sent_message_is_never_sent_again(h: Harness) -> None:
+    """An outbox id already sent is answered from the send log, even by a new engine not connected."""
     h.connect()
     first = h.send()
     assert h.send() == first
@@ -581,6 +589,7 @@ def test_a_sent_message_is_never_sent_again(h: Harness) -> None:
 
 
 def test_an_attempt_never_confirmed_is_not_sent_again(h: Harness) -> None:
+    """An outbox id left attempted is refused with send_interrupted (permanent) and never sent."""
     h.write_log({"outbox_id": "msg_01", "state": "attempted", "at": "2025-12-31T23:59:00.000Z"})
     h.connect()
     err = h.send_error()
@@ -590,6 +599,7 @@ def test_an_attempt_never_confirmed_is_not_sent_again(h: Harness) -> None:
 
 
 def test_send_while_not_connected_writes_nothing(h: Harness) -> None:
+    """A send while not connected is a transient not_connected and writes no log."""
     err = h.send_error()
     assert (err.code, err.permanent) == ("not_connected", False)
     assert not h.log_path.exists()
@@ -614,6 +624,7 @@ def test_send_while_not_connected_writes_nothing(h: Harness) -> None:
     ],
 )
 def test_send_errors(h: Harness, text: str, code: str, permanent: bool, state: str) -> None:
+    """Each whatsmeow send error maps to its code; a retry is allowed only if nothing can have reached WhatsApp."""
     h.connect()
     h.client.send_error = SendMessageError(text)
     err = h.send_error()
@@ -651,10 +662,12 @@ def test_send_errors(h: Harness, text: str, code: str, permanent: bool, state: s
     ],
 )
 def test_classify_send_error(text: str, expected: tuple[str, bool, bool]) -> None:
+    """classify_send_error maps whatsmeow's wording to (code, permanent, may_have_reached_whatsapp)."""
     assert classify_send_error(text) == expected
 
 
 def test_the_same_message_twice_at_once(h: Harness) -> None:
+    """A second send of an outbox id while the first runs is a transient send_in_progress; one message goes out."""
     h.connect()
     h.client.hold = threading.Event()
     results: list[Any] = []
@@ -669,6 +682,7 @@ def test_the_same_message_twice_at_once(h: Harness) -> None:
 
 
 def test_send_arguments(h: Harness) -> None:
+    """Bad send arguments are permanent errors with their codes, and nothing is logged."""
     h.connect()
     for args, code in (
         ({"to": "+55 11 98765-4321"}, "invalid_recipient"),
@@ -697,6 +711,7 @@ def png_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
 
 
 def test_send_image_through_neonizes_builder(h: Harness, tmp_path: Path) -> None:
+    """An image goes through neonize's builder: caption set afterwards (no mention parsing), type as libmagic sees it."""
     media = tmp_path / "foto.png"
     media.write_bytes(png_bytes())
     h.connect()
@@ -714,6 +729,7 @@ def test_send_image_through_neonizes_builder(h: Harness, tmp_path: Path) -> None
 
 
 def test_send_document(h: Harness, tmp_path: Path) -> None:
+    """A document keeps its file name, MIME type and caption, uploaded as a document."""
     media = tmp_path / "contrato.pdf"
     media.write_bytes(b"%PDF-1.4\n" + b"0" * 2000)
     h.connect()
@@ -726,6 +742,7 @@ def test_send_document(h: Harness, tmp_path: Path) -> None:
 
 
 def test_send_audio(h: Harness, tmp_path: Path) -> None:
+    """Audio is built by the engine and uploaded as audio whatever libmagic says."""
     media = tmp_path / "audio.ogg"
     media.write_bytes(b"OggS" + b"\x00" * 3000)
     h.connect()
@@ -737,6 +754,7 @@ def test_send_audio(h: Harness, tmp_path: Path) -> None:
 
 
 def test_media_that_cannot_be_sent(h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-image image, a missing, empty or oversized file is a permanent media_invalid or too_large, nothing uploaded."""
     h.connect()
     not_image = tmp_path / "a.png"
     not_image.write_bytes(b"not an image at all" * 10)
@@ -758,6 +776,7 @@ def test_media_that_cannot_be_sent(h: Harness, tmp_path: Path, monkeypatch: pyte
 
 
 def test_upload_failures(h: Harness, tmp_path: Path) -> None:
+    """Upload failures map to send_failed, not_connected or too_large, and nothing is logged as attempted."""
     media = tmp_path / "c.pdf"
     media.write_bytes(b"%PDF-1.4 x")
     h.connect()
@@ -776,6 +795,7 @@ def test_upload_failures(h: Harness, tmp_path: Path) -> None:
 
 
 def test_send_status_from_a_prepared_log_before_connecting(h: Harness) -> None:
+    """send_status answers sent, attempted or unknown from the log alone, before connecting."""
     h.write_log(
         {"outbox_id": "msg_sent", "state": "attempted", "at": "2026-01-01T00:00:00.000Z"},
         {"outbox_id": "msg_sent", "state": "sent", "wa_id": "3EB0AB", "timestamp": "2026-01-01T00:00:01.000Z"},
@@ -805,6 +825,7 @@ def test_a_torn_last_line_is_cut_off(h: Harness) -> None:
 
 
 def test_a_corrupt_log_stops_sending(h: Harness) -> None:
+    """A corrupt line in the send log makes sends and status questions fail with send_log_unusable."""
     h.write_log({"outbox_id": "msg_01", "state": "sent", "wa_id": "3EB0", "timestamp": "x"})
     h.log_path.write_bytes(h.log_path.read_bytes() + b"garbage\n")
     h.connect()
@@ -816,7 +837,8 @@ def test_a_corrupt_log_stops_sending(h: Harness) -> None:
 
 
 def test_a_big_log_is_compacted_at_load(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("whatsappd.worker.neonize.engine.SEND_LOG_COMPACT_BYTES", 200)
+    """A log over the compaction size is rewritten at load: one line per outbox id, old ids dropped."""
+    monkeypatch.setattr("whatsappd.worker.neonize.sendlog.SEND_LOG_COMPACT_BYTES", 200)
     old, recent = "2025-10-01T00:00:00.000Z", "2025-12-31T00:00:00.000Z"
     h.write_log(
         {"outbox_id": "msg_old", "state": "attempted", "at": old},
@@ -836,6 +858,7 @@ def test_a_big_log_is_compacted_at_load(h: Harness, monkeypatch: pytest.MonkeyPa
 
 
 def test_check_number_on_whatsapp_with_a_lid_answer(h: Harness) -> None:
+    """check_number answers with the phone JID even when WhatsApp answers with a LID."""
     h.connect()
     h.client.numbers = [IsOnWhatsAppResponse(Query="+5511988887777", JID=lid("201234567890123"), IsIn=True)]
     assert h.engine.command("check_number", {"phone": "5511988887777"}) == {
@@ -844,6 +867,7 @@ def test_check_number_on_whatsapp_with_a_lid_answer(h: Harness) -> None:
 
 
 def test_check_number_pn_answer_and_not_on_whatsapp(h: Harness) -> None:
+    """check_number keeps WhatsApp's canonical number, and says false (jid null) for a number not on WhatsApp."""
     h.connect()
     h.client.numbers = [IsOnWhatsAppResponse(Query="+551188887777", JID=pn("5511988887777"), IsIn=True)]
     # the server's canonical number wins (Brazil's ninth digit)
@@ -856,6 +880,7 @@ def test_check_number_pn_answer_and_not_on_whatsapp(h: Harness) -> None:
 
 
 def test_check_number_errors(h: Harness) -> None:
+    """check_number errors: not_connected, invalid_phone, check_failed (transient), not_connected on a dropped socket."""
     assert h.error("check_number", {"phone": "5511988887777"}).code == "not_connected"
     assert h.error("check_number", {"phone": "+5511988887777"}).code == "invalid_phone"
     h.connect()
@@ -876,6 +901,7 @@ def raw_of(message: Message) -> str:
 
 
 def test_download_writes_a_private_file(h: Harness, tmp_path: Path) -> None:
+    """download writes the media bytes to a 0600 file and answers path, size and MIME type."""
     h.connect()
     h.client.download = b"\xff\xd8\xff" + b"j" * 1000
     target = tmp_path / "out.bin"
@@ -897,12 +923,14 @@ def test_download_writes_a_private_file(h: Harness, tmp_path: Path) -> None:
     ],
 )
 def test_download_of_a_bad_raw_is_media_unavailable(h: Harness, tmp_path: Path, raw: Any) -> None:
+    """A raw that is not an incoming media message is a permanent media_unavailable."""
     h.connect()
     err = h.error("download", {"message": raw, "path": str(tmp_path / "x")})
     assert (err.code, err.permanent) == ("media_unavailable", True)
 
 
 def test_download_errors(h: Harness, tmp_path: Path) -> None:
+    """Download errors map to not_connected, media_unavailable (permanent) or download_failed."""
     raw = raw_of(Message(imageMessage=IMAGE))
     assert h.error("download", {"message": raw, "path": str(tmp_path / "x")}).code == "not_connected"
     h.connect()
@@ -921,6 +949,7 @@ def test_download_errors(h: Harness, tmp_path: Path) -> None:
 
 
 def test_go_gate_stop_waits_for_messaging_and_keeps_new_calls_out() -> None:
+    """The Go gate: messaging calls share it, Stop waits for them and, waiting, keeps new calls out."""
     gate = _GoGate()
     assert gate.acquire_shared()
     assert gate.acquire_shared()  # messaging calls run side by side
@@ -972,6 +1001,7 @@ CHILD = textwrap.dedent(
         try:
             while getattr(engine._client, "_connect_refs", None) is None:  # the dial hangs at the proxy
                 time.sleep(0.02)
+            sys.stdin.readline()  # the test saw the relay's connection reach the proxy
             out = {
                 "send": call("send", {"outbox_id": "msg_new", "to": "5511987654321@s.whatsapp.net",
                                       "kind": "text", "text": "oi"}),
@@ -1023,10 +1053,13 @@ def test_real_client_before_connecting(tmp_path: Path) -> None:
     with Socks5FaultProxy(mode="silent") as proxy:
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(session), proxy.url, raw_of(Message(imageMessage=IMAGE))],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(session), text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(session),
+            text=True,
         )
         try:
-            output, _ = proc.communicate(timeout=20)
+            # the engine stops once the child has played its part: let the dial reach the proxy first
+            proxy.wait_for_connections(1, timeout=15)
+            output, _ = proc.communicate(input="go\n", timeout=20)
         finally:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)

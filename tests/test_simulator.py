@@ -24,13 +24,8 @@ from whatsappd.protocol import ExitCode
 from whatsappd.testing.daemon import wait_until
 from whatsappd.worker.engine import EngineError, EngineOptions
 from whatsappd.worker.gate import ConnectGate
-from whatsappd.worker.simulator.engine import (
-    CRASH_EXIT_STATUS,
-    PAIRING_CODE_ALPHABET,
-    SESSION_FILE,
-    SimulatorEngine,
-    has_session,
-)
+from whatsappd.worker.simulator.engine import CRASH_EXIT_STATUS, PAIRING_CODE_ALPHABET, SimulatorEngine
+from whatsappd.worker.simulator.server import SESSION_FILE, has_session
 
 FAST = {
     "WHATSAPPD_SIM_QR_FIRST": "5",

@@ -16,19 +16,11 @@ from typing import Any
 import pytest
 from test_simulator import WAIT, Sim, pair_and_connect, parse_iso
 
-from whatsappd.protocol import ExitCode
+from whatsappd.protocol import MAX_BURST, ExitCode
 from whatsappd.worker.engine import EngineError, EngineOptions
-from whatsappd.worker.simulator.engine import (
-    DEFAULT_CONTACT,
-    DEFAULT_GROUP,
-    DUPLICATES_FILE,
-    MAX_BURST,
-    MEDIA_DIR,
-    SEND_LOG_FILE,
-    SimulatorEngine,
-    read_send_log,
-    send_log_stats,
-)
+from whatsappd.worker.simulator.actions import DEFAULT_CONTACT, DEFAULT_GROUP
+from whatsappd.worker.simulator.engine import SimulatorEngine
+from whatsappd.worker.simulator.server import DUPLICATES_FILE, MEDIA_DIR, SEND_LOG_FILE, read_send_log, send_log_stats
 
 WA_ID = re.compile(r"3EB0[0-9A-F]{16}")
 ALICE = "5511999990001@s.whatsapp.net"

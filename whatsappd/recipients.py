@@ -16,16 +16,34 @@ valid number elsewhere ("51 99123-4567", Porto Alegre, read with a country code 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import phonenumbers
+if TYPE_CHECKING:
+    import phonenumbers
 
-__all__ = ["GROUP_JID_PATTERN", "USER_JID_PATTERN", "InvalidRecipient", "normalize_phone", "normalize_recipient"]
+__all__ = [
+    "GROUP_JID_PATTERN",
+    "PHONE_DIGITS_PATTERN",
+    "USER_JID_PATTERN",
+    "InvalidRecipient",
+    "is_group_jid",
+    "is_phone_digits",
+    "normalize_phone",
+    "normalize_recipient",
+    "split_send_jid",
+]
 
+#: A phone number as WhatsApp writes it: E.164 digits, no "+", no leading zero (7 to 15 digits).
+PHONE_DIGITS_PATTERN = r"[1-9][0-9]{6,14}"
+_GROUP_ID = r"[0-9]{5,20}(?:-[0-9]{5,20})?"
 #: The JIDs a recipient may be given as (anchored: the OpenAPI document uses them too).
-USER_JID_PATTERN = r"^[1-9][0-9]{6,14}(?::[0-9]{1,3})?@s\.whatsapp\.net$"
-GROUP_JID_PATTERN = r"^[0-9]{5,20}(?:-[0-9]{5,20})?@g\.us$"
+USER_JID_PATTERN = rf"^{PHONE_DIGITS_PATTERN}(?::[0-9]{{1,3}})?@s\.whatsapp\.net$"
+GROUP_JID_PATTERN = rf"^{_GROUP_ID}@g\.us$"
 _USER_JID = re.compile(USER_JID_PATTERN)
 _GROUP_JID = re.compile(GROUP_JID_PATTERN)
+_PHONE_DIGITS = re.compile(PHONE_DIGITS_PATTERN)
+#: What a message is sent to: normalize_recipient's output (a user without a device part, or a group).
+_SEND_JID = re.compile(rf"({PHONE_DIGITS_PATTERN})@(s\.whatsapp\.net)|({_GROUP_ID})@(g\.us)")
 _HOW = "write it with '+' and its country code, e.g. +55 11 99999-9999 for a mobile in São Paulo, Brazil"
 
 
@@ -34,12 +52,16 @@ class InvalidRecipient(ValueError):
 
 
 def _country(code: int | None) -> str:
+    import phonenumbers
+
     regions = phonenumbers.region_codes_for_country_code(code) if code else ()
     where = f"{regions[0]}{' and others' if len(regions) > 1 else ''}" if regions else "no country"
     return f"country code +{code} ({where})"
 
 
 def _fault(number: phonenumbers.PhoneNumber) -> str:
+    import phonenumbers
+
     return ("has the wrong number of digits there" if not phonenumbers.is_possible_number(number)
             else "is not a valid number there")
 
@@ -50,6 +72,8 @@ def normalize_phone(text: str, country: str = "") -> str:
     Without '+': read as a number of `country` (an ISO code such as "BR", from
     outbox.default_country) if given, else as digits starting with the country code.
     """
+    import phonenumbers  # here, not at the top: the workers use only the JID grammar, and load faster
+
     if not isinstance(text, str) or not text.strip():
         raise InvalidRecipient("the recipient is empty; give a phone number such as +55 11 99999-9999")
     raw = text.strip()
@@ -92,3 +116,24 @@ def normalize_recipient(text: str, country: str = "") -> str:
         raise InvalidRecipient(f"{text!r} is not a WhatsApp JID (expected digits@s.whatsapp.net or a "
                                "group id@g.us)")
     return normalize_phone(text, country) + "@s.whatsapp.net"
+
+
+def is_phone_digits(value: object) -> bool:
+    """Whether value is a phone number as WhatsApp writes it (PHONE_DIGITS_PATTERN)."""
+    return isinstance(value, str) and _PHONE_DIGITS.fullmatch(value) is not None
+
+
+def is_group_jid(value: object) -> bool:
+    """Whether value is a group JID (GROUP_JID_PATTERN)."""
+    return isinstance(value, str) and _GROUP_JID.fullmatch(value) is not None
+
+
+def split_send_jid(value: object) -> tuple[str, str] | None:
+    """(user, server) of a JID a message can be sent to, None for anything else.
+
+    Only what normalize_recipient gives: a phone JID without a device part, or a group JID.
+    """
+    match = _SEND_JID.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    return (match[1], match[2]) if match[1] is not None else (match[3], match[4])

@@ -7,10 +7,8 @@ files 0600; the worker holds `whatsappd.lock` while it runs the session, so no t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import sqlite3
 import stat
 import time
 from dataclasses import dataclass
@@ -19,14 +17,14 @@ from pathlib import Path
 from whatsappd import pidlock
 from whatsappd.ids import InvalidCompanyId, check_company_id, session_dir
 from whatsappd.logs import get_logger
-from whatsappd.worker.simulator.engine import SESSION_FILE as SIMULATOR_FILE
-from whatsappd.worker.simulator.engine import session_state as simulator_session_state
+from whatsappd.sessionstore import NEONIZE_STORE, SIMULATOR_FILE, SessionState, engine_of, session_state
 
 __all__ = [
     "LOCK_FILE",
     "NEONIZE_STORE",
     "SIMULATOR_FILE",
     "SessionProblem",
+    "SessionState",
     "discover",
     "ensure_root",
     "fix_permissions",
@@ -40,7 +38,6 @@ __all__ = [
 
 log = get_logger()
 
-NEONIZE_STORE = "store.db"  # the whatsmeow SQLite store (plus -wal and -shm beside it)
 LOCK_FILE = "whatsappd.lock"
 QUARANTINE = "quarantine"
 
@@ -102,32 +99,6 @@ def lock_session(directory: Path) -> int | None:
         return None
 
 
-def session_state(directory: Path) -> str:
-    """'paired', 'none' or 'corrupt' (a store that exists but cannot be read). Never raises.
-
-    A corrupt store still counts as a session: the company is started, its worker reports the
-    store unusable, and the session is quarantined with a clear `failed` state, instead of the
-    company silently looking as if it had never been paired.
-    """
-    if (directory / SIMULATOR_FILE).exists():
-        return simulator_session_state(directory)
-    store = directory / NEONIZE_STORE
-    if not store.exists():
-        return "none"
-    try:
-        # Read-only, so this never creates or changes anything; WAL readers do not block the worker.
-        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=2)) as db:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if "whatsmeow_device" not in tables:
-                return "none"  # created but never initialised by the library
-            row = db.execute("SELECT count(*) FROM whatsmeow_device").fetchone()
-        return "paired" if row and row[0] else "none"
-    except sqlite3.DatabaseError:
-        return "corrupt"
-    except sqlite3.Error:
-        return "none"  # locked or similar: not evidence of damage
-
-
 def stamp(directory: Path) -> tuple[int, int, int]:
     """What changes when a session's files do: the directory's and the store's mtimes and size."""
     def one(path: Path) -> tuple[int, int]:
@@ -145,11 +116,7 @@ def stamp(directory: Path) -> tuple[int, int, int]:
 
 def has_session(directory: Path) -> bool:
     """True if the directory holds paired credentials (simulator or neonize). Never raises."""
-    return session_state(directory) == "paired"
-
-
-def engine_of(directory: Path) -> str:
-    return "simulator" if (directory / SIMULATOR_FILE).exists() else "neonize"
+    return session_state(directory) is SessionState.PAIRED
 
 
 @dataclass(frozen=True)
@@ -170,7 +137,7 @@ def discover(sessions_root: Path) -> list[Discovered]:
             company = check_company_id(child.name.removeprefix("session-"))
         except InvalidCompanyId:
             continue
-        if session_state(child) != "none":
+        if session_state(child) is not SessionState.NONE:
             found.append(Discovered(company, engine_of(child)))
     return found
 

@@ -13,18 +13,13 @@ from typing import Any
 from whatsappd.config import ENGINES, PROXY_PATTERN
 from whatsappd.errors import CODES, ErrorCode
 from whatsappd.ids import COMPANY_ID_PATTERN
+from whatsappd.protocol import SIMULATE_ACTIONS
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
 from whatsappd.states import LastError, State
 from whatsappd.store.sqlite import EVENT_TYPES, STATUSES
 from whatsappd.terminal import safe_text_pattern
 
 __all__ = ["SIMULATE_ACTIONS", "openapi_document"]
-
-#: What POST /v1/companies/{id}/simulate drives (the simulator engine's actions; a test keeps
-#: the two in step).
-SIMULATE_ACTIONS = ("scan", "drop", "restore", "logged_out", "replaced", "ban", "outdated", "fail_connect",
-                    "crash", "hang", "incoming", "receipt", "stats", "burst")
-
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}

@@ -21,7 +21,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from whatsappd.protocol import MAX_LINE, ExitCode, decode, encode
+from whatsappd.errors import ErrorCode
+from whatsappd.protocol import (
+    MAX_LINE,
+    ConnectRequest,
+    EngineError,
+    ExitCode,
+    Heartbeat,
+    Hello,
+    Reply,
+    ReplyError,
+    decode,
+    encode,
+)
 from whatsappd.sessions import LOCK_FILE
 
 PR_SET_PDEATHSIG = 1
@@ -173,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                   session_dir=args.session_dir)
         return ExitCode.SESSION_LOCKED
 
-    from whatsappd.worker.engine import EngineError, EngineOptions
+    from whatsappd.worker.engine import EngineOptions
     from whatsappd.worker.gate import ConnectGate
 
     # The supervisor took a token before spawning us: the first attempt needs no request.
-    gate = ConnectGate(lambda: channel.send({"type": "connect_request"}), tokens=1, company=args.company)
+    gate = ConnectGate(lambda: channel.send(ConnectRequest().to_wire()), tokens=1, company=args.company)
     options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
                             proxy=args.proxy, pair=args.pair, gate=gate)
     if args.engine == "simulator":
@@ -191,18 +203,19 @@ def main(argv: list[str] | None = None) -> int:
         channel.send(message)
 
     engine = EngineClass(options, emit)
-    channel.send({"type": "hello", "pid": os.getpid(), "engine": args.engine})
+    channel.send(Hello(os.getpid(), args.engine).to_wire())
 
     def run_command(message: dict[str, Any]) -> None:
-        reply: dict[str, Any] = {"type": "reply", "id": message.get("id")}
+        """Parse the command (once, here), carry it out, answer with the reply of its id."""
+        request_id = message.get("id")
         try:
-            reply |= {"ok": True, "result": engine.command(str(message.get("op")), message.get("args") or {})}
+            reply = Reply(request_id, result=engine.execute(engine.parse(message)))
         except EngineError as exc:
-            reply |= {"ok": False, "error": {"code": exc.code, "message": exc.message, "permanent": exc.permanent}}
+            reply = Reply(request_id, error=ReplyError(exc.code, exc.message, exc.permanent))
         except Exception as exc:  # a bug in the engine must not kill the channel
             log.exception("command failed", op=message.get("op"))
-            reply |= {"ok": False, "error": {"code": "engine_error", "message": str(exc)}}
-        channel.send(reply)
+            reply = Reply(request_id, error=ReplyError(ErrorCode.ENGINE_ERROR, str(exc)))
+        channel.send(reply.to_wire())
 
     def read_commands() -> None:
         for line in channel.lines():
@@ -228,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def heartbeat() -> None:
         while not channel.closed:
-            channel.send({"type": "heartbeat"})
+            channel.send(Heartbeat().to_wire())
             stop_beating.wait(args.heartbeat)
 
     def watch_session() -> None:
