@@ -73,8 +73,8 @@ class Supervisor:
                     self, CompanyConfig(id=found.company, engine=found.engine), "discovered")
         for runner in self.companies.values():
             state = sessions.session_state(runner.session_dir)
-            if state != "none":
-                runner.start("restoring the stored session at daemon start" if state == "paired"
+            if state is not sessions.SessionState.NONE:
+                runner.start("restoring the stored session at daemon start" if state is sessions.SessionState.PAIRED
                              else "checking a session store that cannot be read")
 
     async def shutdown(self, timeout: float) -> None:

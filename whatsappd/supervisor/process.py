@@ -26,7 +26,21 @@ from typing import Any, Protocol
 
 from whatsappd.errors import ErrorCode, Failure
 from whatsappd.logs import current_format, get_logger
-from whatsappd.protocol import MAX_LINE, decode, encode
+from whatsappd.protocol import (
+    MAX_LINE,
+    ConnectGrant,
+    Paired,
+    Qr,
+    Reply,
+    ReplyError,
+    StateReport,
+    Stop,
+    WorkerMessage,
+    WorkerState,
+    decode,
+    encode,
+    parse_worker_message,
+)
 from whatsappd.systemd import scrub_environment
 
 __all__ = ["Deadlines", "Exit", "Kill", "Launch", "OsProcess", "WorkerProcess", "WorkerSpec", "launch_subprocess",
@@ -37,6 +51,8 @@ log = get_logger()
 #: After a kill, how long to keep reading before looking at the deadlines again (EOF comes once
 #: the process is gone).
 _AFTER_KILL = 5.0
+#: Worker states that answer a connection attempt (its connect deadline no longer runs).
+_ATTEMPT_ANSWERED = frozenset({WorkerState.PAIRING, WorkerState.CONNECTED, WorkerState.BANNED})
 
 
 class Kill(enum.StrEnum):
@@ -156,7 +172,7 @@ class WorkerProcess:
         self.kill_reason: str | None = None
         self.booted = False  # has said anything yet
         self._on_boot: Callable[[], None] | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._next_id = 1
         # A reconnect attempt the worker asked a token for (connect_request), and the seconds
         # its reconnects spent waiting for tokens since it last lost its connection.
@@ -187,11 +203,15 @@ class WorkerProcess:
         if not self._writer.is_closing():
             self._writer.write(encode(message))
 
+    def ask_to_stop(self) -> None:
+        """Ask the worker to disconnect and exit (see stop() for the grace and the kill)."""
+        self.send(Stop().to_wire())
+
     async def call(self, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Run one command in the worker and return its result; a refusal raises Failure."""
         request_id = self._next_id
         self._next_id += 1
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         self.send({"type": "command", "id": request_id, "company": self.company, "op": op, "args": args})
         try:
@@ -201,11 +221,9 @@ class WorkerProcess:
                           f"{timeout:g}s") from None
         finally:
             self._pending.pop(request_id, None)
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise Failure(ErrorCode.parse(error.get("code")), str(error.get("message", "failed")),
-                          permanent=bool(error.get("permanent")))
-        return dict(reply.get("result") or {})
+        if not reply.ok:
+            raise reply.failure()
+        return dict(reply.result or {})
 
     def grant_connect(self, acquire: Callable[[], Awaitable[None]]) -> None:
         """Answer a connect_request once acquire() gives a token (one request at a time)."""
@@ -218,9 +236,9 @@ class WorkerProcess:
             await acquire()
         finally:
             self._paced += time.monotonic() - started
-        self.send({"type": "connect_grant"})
+        self.send(ConnectGrant().to_wire())
 
-    async def messages(self) -> AsyncGenerator[dict[str, Any]]:
+    async def messages(self) -> AsyncGenerator[WorkerMessage]:
         """The worker's messages until EOF, replies excepted (they settle call()).
 
         Kills the worker when a deadline passes or it breaks the protocol, and keeps reading:
@@ -251,13 +269,13 @@ class WorkerProcess:
                 return
             self._heard()
             try:
-                message = decode(line)
-            except ValueError:
-                log.error("bad message from worker; killing it", company=self.company, pid=self.pid)
+                message = parse_worker_message(decode(line))
+            except ValueError as exc:
+                log.error("bad message from worker; killing it", company=self.company, pid=self.pid, error=str(exc))
                 self.kill(Kill.PROTOCOL_VIOLATION)
                 continue
-            if message["type"] == "reply":
-                future = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+            if isinstance(message, Reply):
+                future = self._pending.get(message.id) if message.id is not None else None
                 if future is not None and not future.done():
                     future.set_result(message)
                 continue
@@ -277,26 +295,25 @@ class WorkerProcess:
         if release is not None:
             release()
 
-    def _observe(self, message: dict[str, Any]) -> None:
+    def _observe(self, message: WorkerMessage) -> None:
         """Move the deadlines of the connection attempt along with what the worker reports."""
-        kind = message["type"]
-        if kind == "state":
-            state = message.get("state")
-            if state in ("pairing", "connected", "banned"):
+        match message:
+            case StateReport(state=state):
+                if state in _ATTEMPT_ANSWERED:
+                    self._connect_due = None
+                if state is WorkerState.PAIRING and self._pairing_due is None:
+                    self._pairing_due = self._started + self._deadlines.pairing
+                if state is WorkerState.CONNECTED:
+                    self._pairing_due = self._paired_due = self._reconnecting_since = None
+                elif state is WorkerState.RECONNECTING and self._reconnecting_since is None:
+                    self._reconnecting_since, self._paced = time.monotonic(), 0.0
+            case Qr():
                 self._connect_due = None
-            if state == "pairing" and self._pairing_due is None:
-                self._pairing_due = self._started + self._deadlines.pairing
-            if state == "connected":
-                self._pairing_due = self._paired_due = self._reconnecting_since = None
-            elif state == "reconnecting" and self._reconnecting_since is None:
-                self._reconnecting_since, self._paced = time.monotonic(), 0.0
-        elif kind == "qr":
-            self._connect_due = None
-            if self._pairing_due is None:
-                self._pairing_due = self._started + self._deadlines.pairing
-        elif kind == "paired":
-            self._pairing_due = None
-            self._paired_due = time.monotonic() + self._deadlines.paired_connect
+                if self._pairing_due is None:
+                    self._pairing_due = self._started + self._deadlines.pairing
+            case Paired():
+                self._pairing_due = None
+                self._paired_due = time.monotonic() + self._deadlines.paired_connect
 
     def _stuck_due(self) -> float | None:
         """When a worker reconnecting in vain is killed (keepalive). Time its reconnects spent
@@ -325,7 +342,7 @@ class WorkerProcess:
 
     async def stop(self, grace: float) -> None:
         """Ask the worker to disconnect; SIGKILL it if it is still there after grace seconds."""
-        self.send({"type": "stop"})
+        self.ask_to_stop()
         try:
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
         except TimeoutError:
@@ -347,6 +364,5 @@ class WorkerProcess:
         self._writer.close()
         for future in self._pending.values():
             if not future.done():
-                future.set_result({"ok": False, "error": {"code": ErrorCode.WORKER_EXITED,
-                                                          "message": "the worker exited"}})
+                future.set_result(Reply(None, error=ReplyError(ErrorCode.WORKER_EXITED, "the worker exited")))
         return Exit(code, self.kill_reason)

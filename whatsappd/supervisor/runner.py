@@ -18,14 +18,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from whatsappd import sessions
 from whatsappd.config import CompanyConfig, Config
 from whatsappd.errors import ErrorCode, Failure
 from whatsappd.ids import session_dir
 from whatsappd.logs import get_logger
-from whatsappd.protocol import ExitCode
+from whatsappd.protocol import ConnectRequest, EventMessage, ExitCode, Paired, Qr, StateReport, WorkerState
 from whatsappd.states import FAULTED, LIVE, TERMINAL, TRANSITIONS, IllegalTransition, LastError, State, check_transition
 from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
 from whatsappd.supervisor.process import Deadlines, Exit, Kill, Launch, WorkerProcess, WorkerSpec, start_worker
@@ -37,6 +37,8 @@ log = get_logger()
 
 #: A ban without a known expiry is retried after this.
 DEFAULT_BAN_SECONDS = 3600.0
+
+_R = TypeVar("_R", StateReport, Qr)  # a worker report that may move the company's state
 
 
 class Intent(enum.Enum):
@@ -123,7 +125,7 @@ class Runner:
         # a time: a connect arriving while a stop waits for its worker must not be undone by
         # that stop, and two deletes must not both remove it. See act().
         self._op_lock = asyncio.Lock()
-        self._session_cache: tuple[tuple[int, int, int], str] | None = None
+        self._session_cache: tuple[tuple[int, int, int], sessions.SessionState] | None = None
         self.removal: dict[str, Any] | None = None  # the answer of the delete that removed it
 
     @property
@@ -134,8 +136,8 @@ class Runner:
     def session_dir(self) -> Path:
         return session_dir(self.sup.config.sessions_dir, self.id)
 
-    def session_state(self) -> str:
-        """'paired', 'none' or 'corrupt', cached until the session's files change.
+    def session_state(self) -> sessions.SessionState:
+        """Paired, none or corrupt, cached until the session's files change.
 
         Status calls ask this often; opening the store with SQLite each time would stall the
         event loop behind a busy store. A stat of the directory and the store file is cheap.
@@ -146,7 +148,7 @@ class Runner:
         return self._session_cache[1]
 
     def has_session(self) -> bool:
-        return self.session_state() == "paired"
+        return self.session_state() is sessions.SessionState.PAIRED
 
     @property
     def restarts(self) -> int:
@@ -513,7 +515,7 @@ class Runner:
             raise
         worker.until_booted(self.sup.start_slots.release)
         if self.intent is not Intent.RUN:
-            worker.send({"type": "stop"})  # stop() or restart() came while it was being spawned
+            worker.ask_to_stop()  # stop() or restart() came while it was being spawned
         self.starts += 1
         self.worker = worker
         log.info("worker started", company=self.id, pid=worker.pid, engine=self.config.engine,
@@ -533,23 +535,25 @@ class Runner:
         """Apply the worker's reports until it ends (the process object enforces its deadlines)."""
         async with contextlib.aclosing(worker.messages()) as messages:
             async for message in messages:
-                kind = message["type"]
-                if kind == "state":
-                    self._report(self._on_state, message)
-                elif kind == "qr":
-                    self._report(self._on_qr, message)
-                elif kind == "paired":
-                    self.jid = message.get("jid") or self.jid
-                    log.info("paired", company=self.id, jid=self.jid)
-                    self.sup.publish({"type": "company.paired", "company": self.id, "jid": self.jid})
-                elif kind == "event":
-                    self.sup.publish({**message.get("event", {}), "company": self.id})
-                elif kind == "connect_request":
-                    # One more connection attempt of a live worker (the library's reconnect): a
-                    # token from the same limiter, in the same first-come queue, as every start.
-                    worker.grant_connect(self.sup.limiter.acquire)
+                match message:
+                    case StateReport():
+                        self._report(self._on_state, message, str(message.state))
+                    case Qr():
+                        self._report(self._on_qr, message, "qr")
+                    case Paired(jid=jid):
+                        self.jid = jid or self.jid
+                        log.info("paired", company=self.id, jid=self.jid)
+                        self.sup.publish({"type": "company.paired", "company": self.id, "jid": self.jid})
+                    case EventMessage(event=event):
+                        self.sup.publish({**event, "company": self.id})
+                    case ConnectRequest():
+                        # One more connection attempt of a live worker (the library's reconnect): a
+                        # token from the same limiter, in the same first-come queue, as every start.
+                        worker.grant_connect(self.sup.limiter.acquire)
+                    # hello and heartbeat only prove it alive (the process object noted that);
+                    # an unknown type is a newer worker's: ignored.
 
-    def _report(self, handler: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
+    def _report(self, handler: Callable[[_R], None], message: _R, what: str) -> None:
         """Apply a worker's report, unless the company is being stopped: a late report from a
         worker on its way out must not move a stopped company (nor break the reading loop)."""
         if not self.intent.wants_worker:
@@ -558,28 +562,29 @@ class Runner:
             handler(message)
         except IllegalTransition:
             log.exception("ignored a worker report that does not fit the state", company=self.id,
-                          state=str(self.state), report=message.get("state") or message.get("type"))
+                          state=str(self.state), report=what)
 
-    def _on_state(self, message: dict[str, Any]) -> None:
-        state, reason = message.get("state"), str(message.get("reason") or "reported by the worker")
-        if state == "connecting" and State.CONNECTING in TRANSITIONS[self.state]:
-            self.transition(State.CONNECTING, reason)
-        elif state == "pairing" and self.state is not State.PAIRING:
-            self.transition(State.PAIRING, "waiting for a QR scan or phone code")
-        elif state == "connected":
-            self.jid = message.get("jid") or self.jid
-            self.push_name = message.get("push_name") or self.push_name
-            self.backoff.connected()
-            self.last_error = None
-            self.ban_until = None
-            self.transition(State.CONNECTED, "connected", jid=self.jid)
-        elif state == "reconnecting" and self.state is not State.RECONNECTING:
-            self.transition(State.RECONNECTING, reason)
-        elif state == "banned":
-            self.ban_until = parse_iso(message.get("until"))
+    def _on_state(self, report: StateReport) -> None:
+        reason = report.reason or "reported by the worker"
+        match report.state:
+            case WorkerState.CONNECTING if State.CONNECTING in TRANSITIONS[self.state]:
+                self.transition(State.CONNECTING, reason)
+            case WorkerState.PAIRING if self.state is not State.PAIRING:
+                self.transition(State.PAIRING, "waiting for a QR scan or phone code")
+            case WorkerState.CONNECTED:
+                self.jid = report.jid or self.jid
+                self.push_name = report.push_name or self.push_name
+                self.backoff.connected()
+                self.last_error = None
+                self.ban_until = None
+                self.transition(State.CONNECTED, "connected", jid=self.jid)
+            case WorkerState.RECONNECTING if self.state is not State.RECONNECTING:
+                self.transition(State.RECONNECTING, reason)
+            case WorkerState.BANNED:
+                self.ban_until = parse_iso(report.until)
 
-    def _on_qr(self, message: dict[str, Any]) -> None:
-        self.qr = {"code": message.get("code"), "expires_at": message.get("expires_at")}
+    def _on_qr(self, message: Qr) -> None:
+        self.qr = {"code": message.code, "expires_at": message.expires_at}
         if self.state is not State.PAIRING:
             self.transition(State.PAIRING, "waiting for a QR scan or phone code")
         # The code itself goes only to live listeners (never to disk or the log).
