@@ -1,7 +1,7 @@
 """The company state machine, driven through the HTTP API against simulator workers.
 
 Every test runs a real `whatsappd run` with real worker subprocesses (engine = "simulator")
-and talks to it over its real control socket. `Runner._decide` in whatsappd/supervisor.py is
+and talks to it over its real control socket. `Runner._decide` in whatsappd/supervisor/runner.py is
 what most of these pin down: what each way a worker can end means for its company.
 """
 
@@ -616,8 +616,7 @@ def test_an_engine_error_about_the_request_is_400_and_about_the_state_409(daemon
 
 @pytest.mark.slow
 def test_reconnects_after_a_network_loss_are_paced_by_the_global_connect_rate(daemons):
-    """Six connected companies lose their connection at once: the library's own reconnect attempts
-    pass at no more than connect_rate (a token bucket of burst 1), in the same worker processes."""
+    """Six companies dropped at once reconnect in their own workers at no more than connect_rate."""
     ids = [f"c{i}" for i in range(6)]
     rate = 2.0
     d = started(daemons, *ids, reconnect={"connect_rate": rate})

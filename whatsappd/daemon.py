@@ -27,8 +27,8 @@ from whatsappd.exits import EX_DATAERR
 from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging import EventBus, Maintenance, Messaging, OutboxSender
 from whatsappd.store import Store, StoreBackend, StoreCorrupt, StoreError
+from whatsappd.supervisor import Supervisor
 from whatsappd.supervisor.registry import RegistryError
-from whatsappd.supervisor.runner import Supervisor
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
 from whatsappd.timefmt import iso
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["CANNOT_SEND", "RESTING", "SETTLING", "TERMINAL", "TRANSITIONS", "IllegalTransition", "State", "check_transition"]
+__all__ = ["CANNOT_SEND", "FAULTED", "LIVE", "RESTING", "SETTLING", "TERMINAL", "TRANSITIONS", "IllegalTransition",
+           "LastError", "State", "check_transition"]
 
 
 class State(enum.StrEnum):
@@ -35,6 +36,11 @@ RESTING = TERMINAL | {State.BANNED}
 CANNOT_SEND = frozenset({State.LOGGED_OUT, State.REPLACED})
 #: States an operator act waits through before it can tell what came of it (a QR, a connection).
 SETTLING = frozenset({State.STOPPED, State.STARTING, State.CONNECTING})
+#: TERMINAL but for a plain stop: the company ended in trouble (or logged out). A start from
+#: one begins afresh: crash count and backoff start over.
+FAULTED = TERMINAL - {State.STOPPED}
+#: A worker runs and gets somewhere on its own: an operator's connect has nothing to add.
+LIVE = frozenset({State.CONNECTING, State.PAIRING, State.CONNECTED})
 
 _ENDINGS = {State.LOGGED_OUT, State.REPLACED, State.BANNED, State.OUTDATED, State.FAILED, State.STOPPED}
 
@@ -52,6 +58,27 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.OUTDATED: frozenset({State.STARTING, State.STOPPED, State.LOGGED_OUT}),
     State.FAILED: frozenset({State.STARTING, State.STOPPED, State.LOGGED_OUT}),
 }
+
+
+class LastError(enum.StrEnum):
+    """The code of a company's `last_error`: why it is not connected (shown to clients, stable)."""
+
+    CONNECTION_FAILED = "connection_failed"  # the connection failed or dropped; retried with backoff
+    CONNECT_TIMEOUT = "connect_timeout"  # no connection within reconnect.connect_timeout; retried
+    KEEPALIVE = "keepalive"  # reconnecting in vain for too long; the worker was restarted
+    WORKER_CRASHED = "worker_crashed"  # the worker died (signal, status, silence); retried
+    CRASH_LOOP = "crash_loop"  # it crashed too often within the crash window: failed
+    QR_TIMEOUT = "qr_timeout"  # nobody scanned the QR code in time: stopped
+    LOGGED_OUT = "logged_out"  # the phone unlinked this device; the session was wiped
+    SESSION_DELETED = "session_deleted"  # the session's files were deleted while it ran
+    REPLACED = "replaced"  # another client took over these credentials
+    BANNED = "banned"  # temporarily banned; retried at the ban's expiry
+    OUTDATED = "outdated"  # WhatsApp refuses this client version
+    STORE_UNUSABLE = "store_unusable"  # the session store cannot be opened; it was quarantined
+    SESSION_LOCKED = "session_locked"  # another process uses this session
+    SESSION_PERMISSIONS = "session_permissions"  # the session directory cannot be made private
+    BAD_INVOCATION = "bad_invocation"  # the worker refused its arguments (a bug)
+    INTERNAL_ERROR = "internal_error"  # a bug in the supervisor; see the log
 
 
 class IllegalTransition(RuntimeError):

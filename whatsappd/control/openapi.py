@@ -16,7 +16,7 @@ from whatsappd.errors import CODES, IMPORT_REFUSALS, ErrorCode
 from whatsappd.ids import COMPANY_ID_PATTERN
 from whatsappd.protocol import SIMULATE_ACTIONS
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
-from whatsappd.states import State
+from whatsappd.states import LastError, State
 from whatsappd.store import EVENT_TYPES, STATUSES
 from whatsappd.terminal import safe_text_pattern
 
@@ -184,7 +184,7 @@ SCHEMAS: dict[str, Any] = {
             "has_session": {"type": "boolean"},
             "qr_available": {"type": "boolean"},
             "last_error": _nullable({"type": "object", "properties": {
-                "code": {"type": "string"}, "message": {"type": "string"}, "at": _TIME_OR_NULL}}),
+                "code": {"type": "string", "enum": [str(c) for c in LastError]}, "message": {"type": "string"}, "at": _TIME_OR_NULL}}),
             "reconnect": {"type": "object", "properties": {
                 "attempt": {"type": "integer"}, "next_retry_at": _TIME_OR_NULL}},
             "banned_until": _TIME_OR_NULL,

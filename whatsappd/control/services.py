@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from whatsappd.config import Config
     from whatsappd.messaging.service import Messaging
     from whatsappd.store import StoreBackend
-    from whatsappd.supervisor.runner import Runner, Supervisor
+    from whatsappd.supervisor import Runner, Supervisor
 
 __all__ = ["SERVICES", "Services", "company_runner", "services"]
 

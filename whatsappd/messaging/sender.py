@@ -26,7 +26,7 @@ from whatsappd.store import RECEIPT_RANK, MessageStatus, OutboxMessage, Outgoing
 if TYPE_CHECKING:
     from whatsappd.config import Config
     from whatsappd.messaging.bus import Published
-    from whatsappd.supervisor.runner import Runner, Supervisor
+    from whatsappd.supervisor import Runner, Supervisor
 
 __all__ = ["OutboxSender"]
 
