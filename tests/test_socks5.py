@@ -50,6 +50,7 @@ def _assert_eof(sock: socket.socket) -> None:
 
 
 def test_url_and_port() -> None:
+    """The listener binds 127.0.0.1 on a free port, names itself as a socks5:// URL and starts silent."""
     with Socks5FaultProxy() as proxy:
         assert proxy.url == f"socks5://127.0.0.1:{proxy.port}"
         assert proxy.port > 0
@@ -57,6 +58,7 @@ def test_url_and_port() -> None:
 
 
 def test_unknown_mode_is_rejected() -> None:
+    """A fault mode it does not know is refused, at construction and when set later."""
     with pytest.raises(ValueError):
         Socks5FaultProxy(mode="forward")
     with Socks5FaultProxy() as proxy, pytest.raises(ValueError):
@@ -64,6 +66,7 @@ def test_unknown_mode_is_rejected() -> None:
 
 
 def test_refuse_answers_connect_with_a_failure_and_records_it() -> None:
+    """In refuse mode a CONNECT gets "connection refused", is recorded, and the connection closes."""
     with Socks5FaultProxy(mode="refuse") as proxy, _connect(proxy) as sock:
         assert _greet(sock) == b"\x05\x00"
         _connect_domain(sock, "web.whatsapp.com", 443)
@@ -78,6 +81,7 @@ def test_refuse_answers_connect_with_a_failure_and_records_it() -> None:
 
 
 def test_close_completes_the_handshake_then_closes() -> None:
+    """In close mode the CONNECT succeeds, then the connection closes before any TLS."""
     with Socks5FaultProxy(mode="close") as proxy, _connect(proxy) as sock:
         assert _greet(sock) == b"\x05\x00"
         _connect_domain(sock, "web.whatsapp.com", 443)
@@ -92,6 +96,7 @@ def test_close_completes_the_handshake_then_closes() -> None:
 
 
 def test_silent_never_answers_and_records_only_the_connection() -> None:
+    """In silent mode nothing is answered, not even the greeting; only the connection is counted."""
     with Socks5FaultProxy(mode="silent") as proxy, _connect(proxy) as sock:
         sock.sendall(b"\x05\x01\x00")
         sock.settimeout(0.5)
@@ -104,6 +109,7 @@ def test_silent_never_answers_and_records_only_the_connection() -> None:
 
 
 def test_stall_records_the_request_and_never_replies() -> None:
+    """In stall mode the CONNECT is read and recorded but never answered."""
     with Socks5FaultProxy(mode="stall") as proxy, _connect(proxy) as sock:
         assert _greet(sock) == b"\x05\x00"
         _connect_domain(sock, "example.invalid", 5222)
@@ -115,6 +121,7 @@ def test_stall_records_the_request_and_never_replies() -> None:
 
 
 def test_records_ipv4_and_ipv6_destinations() -> None:
+    """CONNECT requests by IPv4 and IPv6 address are recorded as such (nothing is dialled)."""
     with Socks5FaultProxy(mode="refuse") as proxy:
         with _connect(proxy) as sock:
             _greet(sock)
@@ -129,6 +136,7 @@ def test_records_ipv4_and_ipv6_destinations() -> None:
 
 
 def test_refuses_clients_that_offer_no_unauthenticated_method() -> None:
+    """A client that offers only username/password authentication is refused at the greeting."""
     with Socks5FaultProxy(mode="refuse") as proxy, _connect(proxy) as sock:
         sock.sendall(b"\x05\x01\x02")  # username/password only
         assert _recv_exact(sock, 2) == b"\x05\xff"
@@ -137,6 +145,7 @@ def test_refuses_clients_that_offer_no_unauthenticated_method() -> None:
 
 
 def test_mode_changes_at_run_time() -> None:
+    """A new mode applies to new connections; a connection already held keeps its own."""
     with Socks5FaultProxy(mode="silent") as proxy:
         with _connect(proxy) as silent:
             assert proxy.wait_for_connections(1)
@@ -152,6 +161,7 @@ def test_mode_changes_at_run_time() -> None:
 
 
 def test_stop_closes_held_connections() -> None:
+    """stop() closes every connection it holds open."""
     proxy = Socks5FaultProxy(mode="silent").start()
     sock = _connect(proxy)
     try:
@@ -165,6 +175,7 @@ def test_stop_closes_held_connections() -> None:
 
 
 def test_closed_port_refuses_tcp() -> None:
+    """ClosedPort names a 127.0.0.1 port on which nothing listens, so a dial is refused at once."""
     with ClosedPort() as closed:
         assert closed.url == f"socks5://127.0.0.1:{closed.port}"
         with pytest.raises(ConnectionRefusedError):
