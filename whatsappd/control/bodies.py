@@ -17,14 +17,11 @@ from whatsappd.config import parse_duration
 from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.ids import InvalidCompanyId, check_company_id
 
-__all__ = ["MAX_JSON_DEPTH", "MAX_TEXT", "bool_param", "check_company_ids", "company_id", "json_seconds", "read_json"]
+__all__ = ["MAX_JSON_DEPTH", "bool_param", "check_company_ids", "company_id", "json_seconds", "read_json"]
 
 #: How deep a JSON body may nest. Every body the API takes is a few levels deep; a deeper one (a
 #: run of "[" well under the size limit) would otherwise reach Python's recursion limit.
 MAX_JSON_DEPTH = 32
-
-#: The longest text message (and the document's maxLength for it), in characters.
-MAX_TEXT = 65536
 
 
 def _not_json(constant: str) -> Any:

@@ -14,9 +14,9 @@ from aiohttp import web
 from whatsappd import qr as qr_render
 from whatsappd.config import parse_companies
 from whatsappd.control.bodies import bool_param, company_id, read_json
-from whatsappd.control.openapi import SIMULATE_ACTIONS
 from whatsappd.control.services import company_runner, services
 from whatsappd.errors import ApiError, ErrorCode
+from whatsappd.protocol import SIMULATE_ACTIONS
 from whatsappd.states import SETTLING, State
 
 __all__ = [
@@ -31,10 +31,6 @@ _SETTLE_WAIT = 10.0
 
 #: What a restart answers after: the new worker has reported anything (connecting included).
 _RESTARTING = SETTLING - {State.CONNECTING}
-
-#: Simulate actions the worker cannot answer: it dies or freezes.
-_UNANSWERED_ACTIONS = ("crash", "hang")
-
 
 async def list_companies(request: web.Request) -> web.Response:
     return web.json_response({"companies": services(request).supervisor.list()})
@@ -137,7 +133,8 @@ async def simulate(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
         raise ApiError(ErrorCode.BAD_REQUEST, f'send {{"action": "{"|".join(SIMULATE_ACTIONS)}", ...}}')
-    if body["action"] in _UNANSWERED_ACTIONS:
+    action = SIMULATE_ACTIONS.get(body["action"])
+    if action is not None and not action.replies:
         # Fire and forget: waiting for an answer would only time out.
         if runner.worker is None:
             raise ApiError(ErrorCode.NOT_RUNNING, f"company {runner.id!r} has no running worker")

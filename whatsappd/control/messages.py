@@ -20,10 +20,11 @@ from typing import Any
 
 from aiohttp import web
 
-from whatsappd.control.bodies import MAX_TEXT, json_seconds, read_json
+from whatsappd.control.bodies import json_seconds, read_json
 from whatsappd.control.services import company_runner, services
 from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.mediafile import MediaRefused, read_media
+from whatsappd.protocol import MAX_TEXT
 from whatsappd.recipients import InvalidRecipient, normalize_phone, normalize_recipient
 from whatsappd.states import CANNOT_SEND, State
 from whatsappd.store import IdempotencyConflict, MessageStatus, OutgoingMessage, Payload

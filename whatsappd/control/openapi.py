@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from whatsappd.config import ENGINES, PROXY_PATTERN
-from whatsappd.control.bodies import MAX_TEXT
 from whatsappd.errors import CODES, IMPORT_REFUSALS, ErrorCode
 from whatsappd.ids import COMPANY_ID_PATTERN
-from whatsappd.protocol import SIMULATE_ACTIONS
+from whatsappd.protocol import MAX_TEXT, SIMULATE_ACTIONS
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
 from whatsappd.states import LastError, State
 from whatsappd.store import EVENT_TYPES, STATUSES
