@@ -30,6 +30,7 @@ __all__ = [
     "MAX_BURST",
     "MAX_LINE",
     "MAX_RAW_CHARS",
+    "MAX_REPLAY",
     "MAX_STATUS_IDS",
     "MAX_TEXT",
     "RECEIPTS",
@@ -56,6 +57,7 @@ __all__ = [
     "Qr",
     "ReceiptEvent",
     "Recipient",
+    "Replay",
     "Reply",
     "ReplyError",
     "Send",
@@ -139,6 +141,7 @@ class Op(enum.StrEnum):
     LOGOUT = "logout"
     DISCONNECT = "disconnect"  # the neonize engine's: stop, like the `stop` message
     SIMULATE = "simulate"  # the simulator's: drive the fake WhatsApp (SIMULATE_ACTIONS)
+    REPLAY = "replay"  # neonize's, for benchmarks only ($WHATSAPPD_NEONIZE_REPLAY=1): incoming messages
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,23 @@ class Simulate:
         return {**self.args, "action": self.action}
 
 
-Command = Send | SendStatus | CheckNumber | Download | PairPhone | Logout | Disconnect | Simulate
+@dataclass(frozen=True)
+class Replay:
+    """Benchmarks only: `count` incoming messages through neonize's real event path, then (with
+    `collect`) a full garbage collection, as a long-running worker eventually has."""
+
+    op: ClassVar[Op] = Op.REPLAY
+    count: int = 1000
+    collect: bool = False
+
+    def to_args(self) -> dict[str, Any]:
+        return {"count": self.count, "collect": self.collect}
+
+
+#: The most messages one `replay` may deliver.
+MAX_REPLAY = 1_000_000
+
+Command = Send | SendStatus | CheckNumber | Download | PairPhone | Logout | Disconnect | Simulate | Replay
 
 
 @dataclass(frozen=True)
@@ -408,6 +427,11 @@ def parse_command(message: Mapping[str, Any], ops: Collection[Op] = _ALL_OPS, en
             return Disconnect()
         case Op.SIMULATE:
             return _parse_simulate(args)
+        case Op.REPLAY:
+            count = args.get("count", 1000)
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_REPLAY:
+                raise _invalid(f"count must be an integer from 1 to {MAX_REPLAY}")
+            return Replay(count, bool(args.get("collect")))
 
 
 # ============================================================== simulate actions

@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "simulator":
         from whatsappd.worker.simulator.engine import SimulatorEngine as EngineClass
     else:
+        from whatsappd.worker.neonize import lib
+
+        lib.load_library()  # forked by a zygote: neonize's Go library is loaded now, after the fork
         from whatsappd.worker.neonize.engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
     watch = SessionWatch(Path(args.session_dir), lock, EngineClass.session_files)
 
