@@ -36,6 +36,8 @@ __all__ = [
     "RECEIPTS",
     "SEND_KINDS",
     "SIMULATE_ACTIONS",
+    "ZYGOTE_GO",
+    "ZYGOTE_MAX_REQUEST",
     "CheckNumber",
     "Command",
     "CommandMessage",
@@ -90,6 +92,14 @@ MAX_BURST = 100_000
 SEND_KINDS = ("text", "image", "document", "audio")
 #: The receipts a message.receipt event reports, in the order they happen.
 RECEIPTS = ("delivered", "read", "played")
+
+# The supervisor <-> zygote channel (supervisor/launcher.py, worker/zygote.py): one JSON object
+# per SOCK_SEQPACKET message; the gate socket of a fork request carries the worker's pid line,
+# then this byte once the supervisor has adopted the worker.
+#: The largest fork request (a worker's arguments and environment).
+ZYGOTE_MAX_REQUEST = 1024 * 1024
+#: The byte the supervisor writes on a worker's gate once it has adopted the worker.
+ZYGOTE_GO = b"g"
 
 
 class ExitCode(enum.IntEnum):
