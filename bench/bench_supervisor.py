@@ -96,18 +96,22 @@ def smaps_rollup(pid: int) -> dict[str, int]:
 
 
 def worker_pids_under(root: Path) -> list[int]:
-    """Live `whatsappd.worker` processes whose session dir is under root (ours, by construction)."""
+    """Live workers and zygotes (ours, by construction) holding a file under root: a worker its
+    session lock, a zygote or a worker forked by one the daemon's log (their cmdline is the
+    zygote's, without the session dir)."""
     pids = []
-    needle = str(root).encode()
+    prefix = str(root)
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
+            if b"whatsappd.worker" not in cmdline:  # a worker, a zygote (whatsappd.worker.zygote) or its fork
+                continue
+            if any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
+                pids.append(int(entry.name))
         except OSError:
             continue
-        if b"whatsappd.worker" in cmdline and needle in cmdline:
-            pids.append(int(entry.name))
     return pids
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from whatsappd import pidlock
+from whatsappd.config import LAUNCHERS
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, process_state, sim_config
 
@@ -30,8 +31,9 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
 COMPANIES = ("acme", "bob", "carol")
 
 
-def paired_daemon(make: Callable[..., SimDaemon], companies: tuple[str, ...] = COMPANIES) -> SimDaemon:
-    daemon = make(sim_config(*companies))
+def paired_daemon(make: Callable[..., SimDaemon], companies: tuple[str, ...] = COMPANIES,
+                  launcher: str = "zygote") -> SimDaemon:
+    daemon = make(sim_config(*companies, workers={"launcher": launcher}))
     daemon.start()
     for company in companies:
         daemon.pair(company)
@@ -61,9 +63,10 @@ class Watcher:
         self._thread.join(10)
 
 
-def test_kill_9_of_one_worker_restarts_it_and_the_others_never_notice(daemons):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_kill_9_of_one_worker_restarts_it_and_the_others_never_notice(daemons, launcher):
     """kill -9 of one worker: it comes back; the others' states and pids never change."""
-    d = paired_daemon(daemons)
+    d = paired_daemon(daemons, launcher=launcher)
     before = d.companies()
     victim = before["acme"]["worker"]["pid"]
     others = {cid: (before[cid]["state"], before[cid]["worker"]["pid"]) for cid in ("bob", "carol")}
@@ -87,9 +90,10 @@ def test_kill_9_of_one_worker_restarts_it_and_the_others_never_notice(daemons):
     assert [e["company"] for e in exits] == ["acme"] and exits[0]["exit_code"] == -9
 
 
-def test_a_crash_loop_in_one_company_leaves_the_others_connected(daemons):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_crash_loop_in_one_company_leaves_the_others_connected(daemons, launcher):
     """One company crash-looping to `failed` never disturbs another company's worker."""
-    d = daemons(sim_config("acme", "bob", workers={"crash_limit": 2}))
+    d = daemons(sim_config("acme", "bob", workers={"crash_limit": 2, "launcher": launcher}))
     d.start()
     d.pair("acme")
     bob = d.pair("bob")["worker"]["pid"]
@@ -104,9 +108,10 @@ def test_a_crash_loop_in_one_company_leaves_the_others_connected(daemons):
     assert all(s["bob"]["state"] == "connected" and s["bob"]["worker"]["pid"] == bob for s in watcher.seen)
 
 
-def test_kill_9_of_the_daemon_leaves_no_worker_and_restart_restores_every_company(daemons):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_kill_9_of_the_daemon_leaves_no_worker_and_restart_restores_every_company(daemons, launcher):
     """kill -9 of the daemon: no worker survives; the restart restores every company."""
-    d = paired_daemon(daemons)
+    d = paired_daemon(daemons, launcher=launcher)
     pids = [d.worker_pid(cid) for cid in COMPANIES]
     assert all(pids) and not any(process_gone(p) for p in pids)  # type: ignore[arg-type]
     d.kill()
@@ -122,9 +127,10 @@ def test_kill_9_of_the_daemon_leaves_no_worker_and_restart_restores_every_compan
     assert not [e for e in d.log_lines("state changed", mark) if e["new"] == "pairing"]
 
 
-def test_a_session_locked_by_another_process_is_never_shared(daemons):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_session_locked_by_another_process_is_never_shared(daemons, launcher):
     """A session whose lock another process holds gets session_locked, not a second client; once released it connects."""
-    d = daemons(sim_config("acme"))
+    d = daemons(sim_config("acme", workers={"launcher": launcher}))
     d.start()
     d.pair("acme")
     d.stop()
@@ -176,9 +182,11 @@ def test_sigterm_asks_every_worker_to_stop_and_leaves_none_behind(daemons):
     assert not d.log_lines("worker did not stop in time; killing it", mark)
 
 
-def test_sigterm_kills_a_hung_worker_after_stop_grace(daemons):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sigterm_kills_a_hung_worker_after_stop_grace(daemons, launcher):
     """SIGTERM with a frozen worker: SIGKILLed after stop_grace; exit 0, nothing left."""
-    d = daemons(sim_config("acme", "bob", workers={"heartbeat_timeout": "30s", "stop_grace": "1s"}))
+    d = daemons(sim_config("acme", "bob", workers={"heartbeat_timeout": "30s", "stop_grace": "1s",
+                                                   "launcher": launcher}))
     d.start()
     hung = d.pair("acme")["worker"]["pid"]
     fine = d.pair("bob")["worker"]["pid"]

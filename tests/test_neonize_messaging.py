@@ -31,18 +31,16 @@ from whatsappd.worker.neonize.classify import classify_download_error, classify_
 from whatsappd.worker.neonize.engine import NeonizeEngine
 from whatsappd.worker.neonize.gogate import GoGate as _GoGate
 from whatsappd.worker.neonize.incoming import incoming_event, receipt_event
+from whatsappd.worker.neonize.replay import group, jid, lid, message_ev, pn, receipt_ev
 from whatsappd.worker.neonize.sendlog import SEND_LOG_FILE, SendLog, SendLogCorrupt, read_send_log
 
 from neonize.client import NewClient  # isort: skip  (imported by the engine above, side effects undone)
-from neonize.events import ConnectedEv, DisconnectedEv, MessageEv, ReceiptEv  # isort: skip
+from neonize.events import ConnectedEv, DisconnectedEv, MessageEv  # isort: skip
 from neonize.exc import DownloadError, IsOnWhatsAppError, SendMessageError, UploadError  # isort: skip
 from neonize.proto.Neonize_pb2 import (  # isort: skip
     JID,
     Device,
     IsOnWhatsAppResponse,
-    MessageInfo,
-    MessageSource,
-    Receipt,
     SendResponse,
     UploadResponse,
 )
@@ -71,79 +69,7 @@ CONTACT = "5511987654321"
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-# Events are built complete, as neonize's Go side must build them: Go's proto.Marshal refuses a
-# proto2 message with a required field unset (and neonize's event loop then ends).
-
-
-def jid(user: str, server: str, device: int = 0) -> JID:
-    return JID(User=user, RawAgent=0, Device=device, Integrator=0, Server=server, IsEmpty=not user)
-
-
-def pn(user: str, device: int = 0) -> JID:
-    return jid(user, "s.whatsapp.net", device)
-
-
-def lid(user: str, device: int = 0) -> JID:
-    return jid(user, "lid", device)
-
-
-def group(user: str = "120363025246125486") -> JID:
-    return jid(user, "g.us")
-
-
-EMPTY = jid("", "")
 ME = pn("5511999999999", device=12)
-
-
-def message_ev(
-    message: Message | None,
-    *,
-    chat: JID | None = None,
-    sender: JID | None = None,
-    sender_alt: JID | None = None,
-    recipient_alt: JID | None = None,
-    from_me: bool = False,
-    is_group: bool = False,
-    push_name: str = "Maria Souza",
-    msg_id: str = "3EB0C767D26A1D8D6F9E2A",
-    millis: int = 1_767_225_600_123,
-) -> MessageEv:
-    """A MessageEv as neonize's Go side encodes it (utils/encoder.go: EncodeEventTypesMessage)."""
-    sender = sender if sender is not None else pn(CONTACT)
-    source = MessageSource(
-        Chat=chat if chat is not None else jid(sender.User, sender.Server),
-        Sender=sender,
-        IsFromMe=from_me,
-        IsGroup=is_group,
-        SenderAlt=sender_alt if sender_alt is not None else EMPTY,
-        RecipientAlt=recipient_alt if recipient_alt is not None else EMPTY,
-        BroadcastListOwner=EMPTY,
-    )
-    info = MessageInfo(MessageSource=source, ID=msg_id, ServerID=0, Type="text", Pushname=push_name,
-                       Timestamp=millis, Category="", Multicast=False, MediaType="", Edit="")
-    ev = MessageEv(Info=info, IsEphemeral=False, IsViewOnce=False, IsViewOnceV2=False, IsEdit=False,
-                   IsViewOnceV2Extension=False, IsDocumentWithCaption=False, IsLottieSticker=False,
-                   UnavailableRequestID="", RetryCount=0)
-    if message is not None:
-        ev.Message.CopyFrom(message)
-        ev.Raw.CopyFrom(message)
-    assert ev.IsInitialized()
-    return ev
-
-
-def receipt_ev(kind: str | None, ids: list[str], *, chat: JID | None = None, sender: JID | None = None,
-               from_me: bool = False, is_group: bool = False, seconds: int = 1_767_225_660,
-               sender_alt: JID | None = None) -> ReceiptEv:
-    sender = sender if sender is not None else pn(CONTACT)
-    source = MessageSource(Chat=chat if chat is not None else jid(sender.User, sender.Server),
-                           Sender=sender, IsFromMe=from_me, IsGroup=is_group,
-                           SenderAlt=sender_alt if sender_alt is not None else EMPTY, RecipientAlt=EMPTY,
-                           BroadcastListOwner=EMPTY)
-    ev = ReceiptEv(MessageSource=source, MessageIDs=ids, Timestamp=seconds)
-    if kind is not None:
-        ev.Type = Receipt.ReceiptType.Value(kind)
-        assert ev.IsInitialized()
-    return ev
 
 
 IMAGE = ImageMessage(

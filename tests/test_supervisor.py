@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from whatsappd.config import LAUNCHERS
 from whatsappd.testing.daemon import NotifySocket, at_once, wait_until
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, process_gone, sim_config, tree_state
 
@@ -339,9 +340,10 @@ def test_a_connect_that_never_completes_is_abandoned_after_connect_timeout(daemo
 # ---------------------------------------------------------------------------- worker faults
 
 
-def test_a_crash_restarts_the_worker_with_backoff(daemons):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_crash_restarts_the_worker_with_backoff(daemons, launcher):
     """A crash: a new worker after backoff, restarts counted, the session restored without a QR."""
-    d = started(daemons, "acme")
+    d = started(daemons, "acme", workers={"launcher": launcher})
     pid = d.pair("acme")["worker"]["pid"]
     assert d.simulate("acme", "crash").status == 202
     snap = d.wait_state("acme", "reconnecting", "starting", "connecting", "connected",
@@ -357,9 +359,10 @@ def test_a_crash_restarts_the_worker_with_backoff(daemons):
 
 
 @pytest.mark.slow
-def test_a_crash_loop_fails_until_connect_or_restart(daemons):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_crash_loop_fails_until_connect_or_restart(daemons, launcher):
     """crash_limit crashes in crash_window: `failed` crash_loop until connect or restart."""
-    d = started(daemons, "acme", workers={"crash_limit": 2, "crash_window": "1m"})
+    d = started(daemons, "acme", workers={"crash_limit": 2, "crash_window": "1m", "launcher": launcher})
     d.pair("acme")
 
     def crash_loop() -> dict:
@@ -385,9 +388,10 @@ def test_a_crash_loop_fails_until_connect_or_restart(daemons):
 
 
 @pytest.mark.slow
-def test_a_hung_worker_is_killed_after_heartbeat_timeout_and_replaced(daemons):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_hung_worker_is_killed_after_heartbeat_timeout_and_replaced(daemons, launcher):
     """A worker silent for heartbeat_timeout (SIGSTOP) is SIGKILLed and replaced."""
-    d = started(daemons, "acme", workers={"heartbeat_timeout": "2s"})
+    d = started(daemons, "acme", workers={"heartbeat_timeout": "2s", "launcher": launcher})
     snap = d.pair("acme")
     pid, restarts = snap["worker"]["pid"], snap["worker"]["restarts"]
     hung_at = time.monotonic()

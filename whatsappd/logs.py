@@ -32,12 +32,12 @@ _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "except
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-_current = {"format": "json"}
+_current: dict[str, Any] = {"format": "json"}
 
 
 def current_format() -> str:
     """The format in use (resolved from 'auto'); workers are told to log the same way."""
-    return _current["format"]
+    return str(_current["format"])
 
 
 def get_logger(**bound: Any) -> Any:
@@ -89,11 +89,18 @@ def configure_logging(
 ) -> str:
     """Set up structlog and the stdlib root logger; return the format actually used.
 
-    Safe to call again (on reload): handlers are replaced, not added.
+    Safe to call again (on reload): handlers are replaced, not added. Called again with what is
+    in force already, it changes nothing (a zygote's worker: rebuilding it all would copy part of
+    the zygote's heap into each worker).
     """
     stream = sys.stderr if stream is None else stream
     if fmt == "auto":
         fmt = detect_format(stream)
+    root = logging.getLogger()
+    installed = _current.get("handler")
+    if (_current.get("args") == (fmt, level, stream) and root.handlers == [installed]
+            and root.level == _LEVELS[level] and structlog.get_config()["processors"] is _current.get("processors")):
+        return fmt
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -119,7 +126,6 @@ def configure_logging(
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
-    root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
@@ -127,11 +133,12 @@ def configure_logging(
     # aiohttp's access log duplicates our own request line; its other loggers stay useful.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
+    processors = [*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=processors,
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=False,
     )
-    _current["format"] = fmt
+    _current.update(format=fmt, args=(fmt, level, stream), handler=handler, processors=processors)
     return fmt

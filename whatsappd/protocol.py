@@ -30,11 +30,14 @@ __all__ = [
     "MAX_BURST",
     "MAX_LINE",
     "MAX_RAW_CHARS",
+    "MAX_REPLAY",
     "MAX_STATUS_IDS",
     "MAX_TEXT",
     "RECEIPTS",
     "SEND_KINDS",
     "SIMULATE_ACTIONS",
+    "ZYGOTE_GO",
+    "ZYGOTE_MAX_REQUEST",
     "CheckNumber",
     "Command",
     "CommandMessage",
@@ -56,6 +59,7 @@ __all__ = [
     "Qr",
     "ReceiptEvent",
     "Recipient",
+    "Replay",
     "Reply",
     "ReplyError",
     "Send",
@@ -88,6 +92,14 @@ MAX_BURST = 100_000
 SEND_KINDS = ("text", "image", "document", "audio")
 #: The receipts a message.receipt event reports, in the order they happen.
 RECEIPTS = ("delivered", "read", "played")
+
+# The supervisor <-> zygote channel (supervisor/launcher.py, worker/zygote.py): one JSON object
+# per SOCK_SEQPACKET message; the gate socket of a fork request carries the worker's pid line,
+# then this byte once the supervisor has adopted the worker.
+#: The largest fork request (a worker's arguments and environment).
+ZYGOTE_MAX_REQUEST = 1024 * 1024
+#: The byte the supervisor writes on a worker's gate once it has adopted the worker.
+ZYGOTE_GO = b"g"
 
 
 class ExitCode(enum.IntEnum):
@@ -139,6 +151,7 @@ class Op(enum.StrEnum):
     LOGOUT = "logout"
     DISCONNECT = "disconnect"  # the neonize engine's: stop, like the `stop` message
     SIMULATE = "simulate"  # the simulator's: drive the fake WhatsApp (SIMULATE_ACTIONS)
+    REPLAY = "replay"  # neonize's, for benchmarks only ($WHATSAPPD_NEONIZE_REPLAY=1): incoming messages
 
 
 @dataclass(frozen=True)
@@ -246,7 +259,23 @@ class Simulate:
         return {**self.args, "action": self.action}
 
 
-Command = Send | SendStatus | CheckNumber | Download | PairPhone | Logout | Disconnect | Simulate
+@dataclass(frozen=True)
+class Replay:
+    """Benchmarks only: `count` incoming messages through neonize's real event path, then (with
+    `collect`) a full garbage collection, as a long-running worker eventually has."""
+
+    op: ClassVar[Op] = Op.REPLAY
+    count: int = 1000
+    collect: bool = False
+
+    def to_args(self) -> dict[str, Any]:
+        return {"count": self.count, "collect": self.collect}
+
+
+#: The most messages one `replay` may deliver.
+MAX_REPLAY = 1_000_000
+
+Command = Send | SendStatus | CheckNumber | Download | PairPhone | Logout | Disconnect | Simulate | Replay
 
 
 @dataclass(frozen=True)
@@ -408,6 +437,11 @@ def parse_command(message: Mapping[str, Any], ops: Collection[Op] = _ALL_OPS, en
             return Disconnect()
         case Op.SIMULATE:
             return _parse_simulate(args)
+        case Op.REPLAY:
+            count = args.get("count", 1000)
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_REPLAY:
+                raise _invalid(f"count must be an integer from 1 to {MAX_REPLAY}")
+            return Replay(count, bool(args.get("collect")))
 
 
 # ============================================================== simulate actions

@@ -20,7 +20,8 @@ from whatsappd.errors import ErrorCode, Failure
 from whatsappd.logs import get_logger
 from whatsappd.states import State
 from whatsappd.supervisor.backoff import RateLimiter
-from whatsappd.supervisor.process import Kill, Launch, launch_subprocess
+from whatsappd.supervisor.launcher import make_launch
+from whatsappd.supervisor.process import Kill, Launch, Launcher
 from whatsappd.supervisor.registry import RuntimeRegistry
 from whatsappd.supervisor.runner import Intent, Runner, backoff_policy
 from whatsappd.timefmt import iso_or_none
@@ -37,10 +38,12 @@ _UNREMARKABLE = frozenset({State.CONNECTED, State.STOPPED})
 
 class Supervisor:
     def __init__(self, config: Config, on_change: Callable[[], None] = lambda: None,
-                 launch: Launch = launch_subprocess) -> None:
+                 launch: Launch | None = None) -> None:
         self.config = config
         self.on_change = on_change
-        self.launch = launch  # how a worker process is started (the seam for a zygote)
+        # How a worker process is started: by default as `[workers] launcher` says (applies at
+        # restart: a zygote launcher keeps its helper processes until kill_all closes it).
+        self.launch: Launch = launch or make_launch(config.workers_launcher, config.logging_level)
         self.listeners: list[Callable[[dict[str, Any], dict[str, Any] | None], None]] = []
         self.limiter = RateLimiter(config.reconnect_connect_rate)
         self.start_slots = asyncio.Semaphore(MAX_BOOTING_WORKERS)
@@ -92,6 +95,8 @@ class Supervisor:
                 runner.worker.kill(Kill.FORCED_SHUTDOWN)
         await asyncio.gather(*(r.worker.wait() for r in self.companies.values() if r.worker),
                              return_exceptions=True)
+        if isinstance(self.launch, Launcher):
+            await self.launch.close()  # its zygotes (never a worker: they are all gone by now)
 
     async def apply(self, config: Config, diff: ConfigDiff) -> None:
         """Apply a reloaded config: only the companies in the diff are touched."""

@@ -5,8 +5,9 @@ requests waiting for a reply, whether it is still alive (heartbeat and the deadl
 connection attempt, as uvicorn's Process.ping/is_alive own liveness), and how it is killed or
 stopped. What its end *means* for the company is the runner's business (runner.py).
 
-Launching is one small seam, `launch_subprocess`: anything with its signature (a zygote that
-forks ready-made workers, say) can be passed to the Supervisor instead.
+Launching is one small seam, `Launch`: `launch_subprocess` execs each worker; a `Launcher`
+(supervisor/launcher.py's ZygoteLauncher: workers forked by one preloaded process per engine)
+has the same signature and a close() for the helper processes it keeps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from whatsappd.errors import ErrorCode, Failure
 from whatsappd.logs import current_format, get_logger
@@ -43,8 +44,8 @@ from whatsappd.protocol import (
 )
 from whatsappd.systemd import scrub_environment
 
-__all__ = ["Deadlines", "Exit", "Kill", "Launch", "OsProcess", "WorkerProcess", "WorkerSpec", "launch_subprocess",
-           "start_worker"]
+__all__ = ["Deadlines", "Exit", "Kill", "Launch", "Launcher", "OsProcess", "WorkerProcess", "WorkerSpec",
+           "launch_subprocess", "start_worker", "worker_arguments", "worker_environment"]
 
 log = get_logger()
 
@@ -118,30 +119,51 @@ class OsProcess(Protocol):
 Launch = Callable[[WorkerSpec], Awaitable[tuple[OsProcess, socket.socket]]]
 
 
-async def launch_subprocess(spec: WorkerSpec) -> tuple[OsProcess, socket.socket]:
-    """Start `python -m whatsappd.worker` with a scrubbed environment and a socketpair channel."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+@runtime_checkable
+class Launcher(Protocol):
+    """A Launch that keeps helper processes of its own (a zygote per engine, supervisor/launcher.py):
+    close() ends them at shutdown, never a worker."""
+
+    def __call__(self, spec: WorkerSpec, /) -> Awaitable[tuple[OsProcess, socket.socket]]: ...
+    async def close(self) -> None: ...
+
+
+def worker_arguments(spec: WorkerSpec) -> list[str]:
+    """The worker main's arguments (`python -m whatsappd.worker ARGS`), without --channel-fd:
+    exec'd or forked by a zygote, a worker reads the same ones."""
     args = [
-        sys.executable, "-m", "whatsappd.worker",
         "--company", spec.company, "--session-dir", str(spec.session_dir), "--engine", spec.engine,
-        "--channel-fd", str(child.fileno()), "--parent-pid", str(os.getpid()),
+        "--parent-pid", str(os.getpid()),
         "--heartbeat", str(spec.heartbeat_interval),
         "--log-format", current_format(), "--log-level", spec.log_level,
     ]
-    env = scrub_environment(os.environ)
-    env.pop("WHATSAPPD_PROXY", None)  # only ever the company's own proxy
-    if spec.proxy:
-        # In the environment, not argv: a proxy URL may carry credentials, and any local user
-        # can read a process's argv, while its environment is the owner's alone.
-        env["WHATSAPPD_PROXY"] = spec.proxy
     if spec.pair:
         args.append("--pair")
+    return args
+
+
+def worker_environment(proxy: str | None) -> dict[str, str]:
+    """A worker's whole environment: ours, scrubbed of systemd's variables, with only the
+    company's own proxy."""
+    env = scrub_environment(os.environ)
+    env.pop("WHATSAPPD_PROXY", None)  # only ever the company's own proxy
+    if proxy:
+        # In the environment, not argv: a proxy URL may carry credentials, and any local user
+        # can read a process's argv, while its environment is the owner's alone.
+        env["WHATSAPPD_PROXY"] = proxy
+    return env
+
+
+async def launch_subprocess(spec: WorkerSpec) -> tuple[OsProcess, socket.socket]:
+    """Start `python -m whatsappd.worker` with a scrubbed environment and a socketpair channel."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    args = [sys.executable, "-m", "whatsappd.worker", *worker_arguments(spec), "--channel-fd", str(child.fileno())]
     try:
         # Its own session: Ctrl-C (SIGINT to the terminal's foreground process group) or a
         # terminal hangup reaches the daemon only, which then stops its workers in order. The
         # worker's parent-death signal still ends it if the daemon dies (even by kill -9).
         proc = await asyncio.create_subprocess_exec(
-            *args, pass_fds=(child.fileno(),), env=env, start_new_session=True,
+            *args, pass_fds=(child.fileno(),), env=worker_environment(spec.proxy), start_new_session=True,
             stdin=asyncio.subprocess.DEVNULL, stdout=None, stderr=None,
         )
     except BaseException:

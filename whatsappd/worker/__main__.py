@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from whatsappd.errors import ErrorCode
 from whatsappd.protocol import (
@@ -41,13 +41,22 @@ PR_SET_PDEATHSIG = 1
 SESSION_CHECK_SECONDS = 1.0
 
 
+def _find_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: the channel's EOF still ends us
+
+
+# Looked up at import: in a zygote that is once for all its workers (each lookup in a forked
+# worker would copy some of the zygote's heap).
+_prctl = _find_prctl()
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """SIGKILL us when the supervisor dies, even by kill -9 (Linux prctl)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the channel's EOF still ends us
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(ExitCode.STOPPED)
 
@@ -89,20 +98,51 @@ class Channel:
                 return
 
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
+#: The worker's options: flag -> (type, default); None as default: required. `--pair` is a
+#: switch. The supervisor always writes them as `--flag value`, which _parse_args reads
+#: directly; anything else (and every mistake) goes to argparse, built from this same table.
+#: The direct path matters to a zygote's worker: argparse's code alone copies about 1 MiB of
+#: the zygote's heap into each worker.
+_OPTIONS: dict[str, tuple[type, Any]] = {
+    "--company": (str, None), "--session-dir": (str, None), "--engine": (str, None),
+    "--channel-fd": (int, None), "--parent-pid": (int, None), "--proxy": (str, ""),
+    "--heartbeat": (float, 5.0), "--log-format": (str, "json"), "--log-level": (str, "info"),
+}
+_ENGINES = ("neonize", "simulator")
+
+
+def _argparser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m whatsappd.worker")
-    p.add_argument("--company", required=True)
-    p.add_argument("--session-dir", required=True)
-    p.add_argument("--engine", choices=("neonize", "simulator"), required=True)
-    p.add_argument("--channel-fd", type=int, required=True)
-    p.add_argument("--parent-pid", type=int, required=True)
-    p.add_argument("--proxy", default=os.environ.get("WHATSAPPD_PROXY"),
-                   help="proxy URL (default: $WHATSAPPD_PROXY, which the supervisor sets)")
+    for flag, (kind, default) in _OPTIONS.items():
+        if flag == "--proxy":
+            p.add_argument(flag, default=os.environ.get("WHATSAPPD_PROXY"),
+                           help="proxy URL (default: $WHATSAPPD_PROXY, which the supervisor sets)")
+        elif flag == "--engine":
+            p.add_argument(flag, choices=_ENGINES, required=True)
+        else:
+            p.add_argument(flag, type=kind, default=default, required=default is None)
     p.add_argument("--pair", action="store_true")
-    p.add_argument("--heartbeat", type=float, default=5.0)
-    p.add_argument("--log-format", default="json")
-    p.add_argument("--log-level", default="info")
-    return p.parse_args(argv)
+    return p
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    values: dict[str, Any] = {flag[2:].replace("-", "_"): default for flag, (_, default) in _OPTIONS.items()}
+    values["proxy"] = os.environ.get("WHATSAPPD_PROXY")
+    values["pair"] = False
+    try:
+        i = 0
+        while i < len(argv):
+            if argv[i] == "--pair":
+                values["pair"], i = True, i + 1
+                continue
+            kind = _OPTIONS[argv[i]][0]
+            values[argv[i][2:].replace("-", "_")] = kind(argv[i + 1])
+            i += 2
+    except (KeyError, IndexError, ValueError):
+        return _argparser().parse_args(argv)
+    if any(v is None for k, v in values.items() if k != "proxy") or values["engine"] not in _ENGINES:
+        return _argparser().parse_args(argv)  # says what is missing or wrong, and exits 2
+    return argparse.Namespace(**values)
 
 
 class SessionWatch:
@@ -195,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "simulator":
         from whatsappd.worker.simulator.engine import SimulatorEngine as EngineClass
     else:
+        from whatsappd.worker.neonize import lib
+
+        lib.load_library()  # forked by a zygote: neonize's Go library is loaded now, after the fork
         from whatsappd.worker.neonize.engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
     watch = SessionWatch(Path(args.session_dir), lock, EngineClass.session_files)
 
@@ -273,10 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-if __name__ == "__main__":
-    code = main()
+def run(argv: list[str] | None = None) -> NoReturn:
+    """main(), then leave the process with its exit code (exec'd, or forked by a zygote)."""
+    code = main(argv)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit: library threads (neonize's Go runtime) must not keep the process alive.
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -40,8 +40,9 @@ Messaging (issue 4; contract in docs/INTERNALS.md, facts in docs/neonize-notes.m
 
 Modules, one job each:
 
-- ``lib.py``: loads neonize without its import side effects; every other module takes its names
-  from there.
+- ``lib.py``: loads neonize without its import side effects, with or without its Go library
+  (a zygote leaves it out; its workers load it after the fork); every other module takes its
+  names from there.
 - ``engine.py``: NeonizeEngine, the state machine: phases, event handlers, the exit decision.
 - ``client.py``: the client's life: made with the handlers wired in, dialled, stopped.
 - ``pairing.py``: QR timings, the QR loop's outcomes, phone-code pairing and logout calls.
@@ -53,3 +54,8 @@ Modules, one job each:
 - ``store.py``: the whatsmeow store in the session directory (path, DSN, usable or not).
 - ``gogate.py``: who may call into Go now.
 """
+
+#: False in a zygote (worker/zygote.py), which sets it before anything imports lib.py: neonize's
+#: Python side is then imported without its Go library, which each forked worker loads after
+#: the fork (lib.load_library(), called by the worker main).
+GO_LIBRARY_AT_IMPORT = True

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import gc
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,11 +33,13 @@ from whatsappd.protocol import (
     Paired,
     PairPhone,
     Qr,
+    Replay,
     Send,
     SendStatus,
     Simulate,
     StateReport,
     WorkerState,
+    parse_command,
 )
 from whatsappd.worker.engine import Emit, Engine, EngineOptions
 from whatsappd.worker.neonize import client as client_life
@@ -67,7 +71,10 @@ from whatsappd.worker.neonize.sendlog import SendLog, SendLogCorrupt
 from whatsappd.worker.neonize.store import STORE_FILE, StoreUnusable, inspect_store
 from whatsappd.worker.relay import Relay
 
-__all__ = ["NeonizeEngine", "Phase"]
+__all__ = ["REPLAY_ENV", "NeonizeEngine", "Phase"]
+
+#: Set to 1 in a worker's environment (benchmarks only) to allow the `replay` command.
+REPLAY_ENV = "WHATSAPPD_NEONIZE_REPLAY"
 
 GATE_WAIT_SECONDS = 30.0  # how long a messaging call waits while logout / pairing holds Go alone
 
@@ -209,6 +216,10 @@ class NeonizeEngine(Engine):
             self._log.info("engine_finished", exit_code=int(code), exit_name=code.name, reason=self._reason)
             return int(code)
 
+    def parse(self, message: dict[str, Any]) -> Command:
+        ops = self.ops | {Op.REPLAY} if os.environ.get(REPLAY_ENV) == "1" else self.ops
+        return parse_command(message, ops, self.name)
+
     def execute(self, command: Command) -> dict[str, Any]:
         match command:
             case PairPhone():
@@ -228,8 +239,23 @@ class NeonizeEngine(Engine):
                 return self._messenger.download(command)
             case Simulate():
                 raise EngineError(ErrorCode.UNKNOWN_OP, "the neonize engine has no operation 'simulate'")
+            case Replay():
+                return self._replay(command)
             case _:
                 assert_never(command)
+
+    def _replay(self, command: Replay) -> dict[str, Any]:
+        """Benchmarks only ($WHATSAPPD_NEONIZE_REPLAY=1): `count` incoming messages through the
+        event callback neonize hands to Go, so they take the real path to the supervisor."""
+        refs = getattr(self._client, "_connect_refs", None)
+        if not refs:
+            raise EngineError(ErrorCode.NOT_CONNECTED, "the client has not started connecting yet")
+        from whatsappd.worker.neonize.replay import replay_incoming
+
+        replayed = replay_incoming(refs[2], self.options.company.encode(), command.count)
+        if command.collect:  # a full collection, as a long-running worker eventually has
+            gc.collect()
+        return {"replayed": replayed}
 
     def stop(self) -> None:
         """Ask run() to return STOPPED. Never calls into Go, so it never blocks."""

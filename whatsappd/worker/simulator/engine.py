@@ -36,6 +36,7 @@ from whatsappd.protocol import (
     PairPhone,
     Qr,
     ReceiptEvent,
+    Replay,
     Send,
     SendStatus,
     Simulate,
@@ -182,8 +183,8 @@ class SimulatorEngine(Engine):
                 return self._check_number(command)
             case Download():
                 return self._download(command)
-            case Disconnect():
-                raise EngineError(ErrorCode.UNKNOWN_OP, "the simulator engine has no operation 'disconnect'")
+            case Disconnect() | Replay():
+                raise EngineError(ErrorCode.UNKNOWN_OP, f"the simulator engine has no operation {command.op.value!r}")
             case _:
                 assert_never(command)
 
