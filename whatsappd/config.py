@@ -349,7 +349,7 @@ SETTINGS: tuple[Setting, ...] = (
             "The window for crash_limit.", render=format_duration),
     Setting("workers", "launcher", _choice(LAUNCHERS), "zygote",
             "How workers start. zygote: forked from one process per engine that has already "
-            "imported the worker code (about 11-12 MiB per neonize company instead of 42); "
+            "imported the worker code (about 11-13 MiB per neonize company instead of 42-50); "
             "exec: each worker is a new Python process. Applies at restart.", reloadable=False),
     Setting("journal", "max_age", _duration_range(60, 365 * 86400), "7d",
             "Events older than this are deleted from the journal.", render=format_duration),
