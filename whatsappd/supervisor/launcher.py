@@ -155,6 +155,10 @@ class ZygoteLauncher:
             return None
         return zygote.proc.pid
 
+    async def prepare(self, engine: str) -> None:
+        """Boot this engine's zygote if it is not up (a no-op while workers of it are exec'd)."""
+        await self.start_zygote(engine)
+
     async def __call__(self, spec: WorkerSpec, /) -> tuple[OsProcess, socket.socket]:
         zygote = self._zygote(spec.engine)
         if zygote is not None and await zygote.wait_ready():

@@ -28,7 +28,16 @@ from whatsappd.logs import get_logger
 from whatsappd.protocol import ConnectRequest, EventMessage, ExitCode, Paired, Qr, StateReport, WorkerState
 from whatsappd.states import FAULTED, LIVE, TERMINAL, TRANSITIONS, IllegalTransition, LastError, State, check_transition
 from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
-from whatsappd.supervisor.process import Deadlines, Exit, Kill, Launch, WorkerProcess, WorkerSpec, start_worker
+from whatsappd.supervisor.process import (
+    Deadlines,
+    Exit,
+    Kill,
+    Launch,
+    WorkerProcess,
+    WorkerSpec,
+    prepare_launch,
+    start_worker,
+)
 from whatsappd.timefmt import iso_or_none, parse_iso
 
 __all__ = ["Host", "Intent", "Next", "Runner", "Step", "Wait", "backoff_policy"]
@@ -352,7 +361,10 @@ class Runner:
                     break
                 self.retry_at = None
                 self.transition(State.STARTING, then.reason)
+                # The launcher first (a zygote's boot takes up to a second), then the token: the
+                # connect rate paces dials, and a token spent late would crowd the next one.
                 with self._waiting_for(Wait.CONNECT_TOKEN):
+                    await prepare_launch(self.sup.launch, self.config.engine)
                     await self.sup.limiter.acquire()
                 if not self.intent.wants_worker:
                     break
