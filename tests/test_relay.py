@@ -153,7 +153,7 @@ class HttpConnectProxy:
 
 
 def test_an_http_proxy_with_credentials_gets_a_connect_and_the_tunnel_carries_bytes_both_ways(grants):
-    """http://user:pass@ upstream: CONNECT with Basic credentials (URL-decoded), then bytes flow both ways."""
+    """An HTTP proxy upstream with user:pass in its URL: CONNECT with Basic credentials (URL-decoded), then bytes flow both ways."""
     proxy = HttpConnectProxy()
     relay = Relay(f"http://crm%40acme:p%3Ass@127.0.0.1:{proxy.port}", grants.gate).start()
     code, sock = socks_connect(relay.url, *CHAT)
