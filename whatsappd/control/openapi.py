@@ -195,7 +195,7 @@ SCHEMAS: dict[str, Any] = {
     "CompanyInput": {
         "type": "object",
         "properties": {
-            "name": {"type": "string", "maxLength": 200, "examples": ["ACME Imóveis"], "pattern": safe_text_pattern(),
+            "name": {"type": "string", "maxLength": 200, "examples": ["ACME Imóveis"],
                      "description": "No control or format characters (ESC, newline, bidi overrides...): 400."},
             "engine": {"type": "string", "enum": list(ENGINES), "default": "neonize"},
             "proxy": {"type": ["string", "null"], "pattern": PROXY_PATTERN,
@@ -635,7 +635,15 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
+def _name_pattern() -> None:
+    """Give CompanyInput.name the pattern of terminal.py's rule. Deriving it scans all of Unicode
+    (about 0.2 s), so it happens when the document is first asked for, not at import: the import
+    is on the daemon's path to READY=1."""
+    SCHEMAS["CompanyInput"]["properties"]["name"].setdefault("pattern", safe_text_pattern())
+
+
 def openapi_document(version: str) -> dict[str, Any]:
+    _name_pattern()
     return {
         "openapi": "3.1.0",
         "info": {
