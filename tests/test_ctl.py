@@ -258,6 +258,15 @@ def _system_run_dir(path: Path) -> Path:
     return path
 
 
+def _system_daemon(daemon_factory: Callable[..., DaemonProcess], run_dir: Path) -> DaemonProcess:
+    """A daemon serving run_dir/control.sock as the unit would: the directory root:whatsappd 0750,
+    the socket in group whatsappd."""
+    daemon = daemon_factory("", socket_path=run_dir / "control.sock").start()
+    _system_run_dir(run_dir)
+    os.chown(daemon.socket_path, 0, GROUP)
+    return daemon
+
+
 @pytest.fixture
 def system_layout(shared_dir: Path, second_user: Callable[..., Any]) -> Path:
     """shared_dir, once a private mount namespace with the system layout works here (else skip)."""
@@ -276,9 +285,7 @@ def test_a_member_of_the_group_finds_the_system_socket_by_default(
 ) -> None:
     """In group whatsappd, `whatsappctl health` finds the system socket despite a config file without socket_path; own daemon first."""
     run_dir = system_layout / "run"
-    daemon = daemon_factory("", socket_path=run_dir / "control.sock").start()
-    _system_run_dir(run_dir)
-    os.chown(daemon.socket_path, 0, GROUP)
+    daemon = _system_daemon(daemon_factory, run_dir)
     result = _in_system_layout(system_layout, run_dir, True, "health")
     assert result.returncode == 0, result.stderr
     assert f"pid {daemon.pid}" in result.stdout.splitlines()[0]
@@ -299,9 +306,7 @@ def test_a_user_outside_the_group_is_told_to_join_it_in_one_sentence(
 ) -> None:
     """Not in group whatsappd: exit 3 and one line naming the socket and the group to join, no traceback."""
     run_dir = system_layout / "run"
-    daemon = daemon_factory("", socket_path=run_dir / "control.sock").start()
-    _system_run_dir(run_dir)
-    os.chown(daemon.socket_path, 0, GROUP)
+    daemon = _system_daemon(daemon_factory, run_dir)
     result = _in_system_layout(system_layout, run_dir, False, "health")
     user = pwd.getpwuid(NOBODY).pw_name
     assert (result.returncode, result.stdout) == (3, "")
