@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.store import IdempotencyConflict, OutgoingMessage, Store
-from whatsappd.store import sqlite as store_module
+from whatsappd.store.core import GroupCommit
 
 DAY = 86400.0
 JID = "5511999990001@s.whatsapp.net"
@@ -34,17 +34,9 @@ def committed_texts(path: Path) -> list[str]:
         db.close()
 
 
-def test_concurrent_enqueues_share_transactions_and_keep_their_order(tmp_path, monkeypatch):
-    """50 concurrent enqueues share transactions, each committed (with its event) when it returns, in call order."""
+def test_concurrent_enqueues_are_committed_with_their_event_when_they_return_in_call_order(tmp_path):
+    """50 concurrent enqueues: each is committed (with its event delivered) when it returns, in call order."""
     path = tmp_path / "store.sqlite"
-    batches: list[int] = []
-    real = store_module._enqueue_batch
-
-    def counting(db: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> Any:
-        batches.append(len(batch))
-        return real(db, batch)
-
-    monkeypatch.setattr(store_module, "_enqueue_batch", counting)
 
     async def main() -> list[tuple[bool, dict[str, Any]]]:
         store = Store(path)
@@ -65,8 +57,56 @@ def test_concurrent_enqueues_share_transactions_and_keep_their_order(tmp_path, m
     results = asyncio.run(main())
     assert all(created for created, _ in results)
     assert len({m["id"] for _, m in results}) == 50
-    assert sum(batches) == 50 and len(batches) < 50
     assert committed_texts(path) == [f"m{n}" for n in range(50)]
+
+
+def test_items_submitted_while_a_commit_runs_share_the_next_commit_in_order():
+    """GroupCommit: 50 concurrent submits take fewer than 50 commits, in call order, each answered after its commit."""
+    commits: list[list[int]] = []
+    committed: set[int] = set()
+
+    async def commit(items: list[int]) -> list[int | Exception]:
+        await asyncio.sleep(0.01)  # a commit takes time; submits arriving meanwhile wait for the next one
+        commits.append(items)
+        committed.update(items)
+        return [item * 2 for item in items]
+
+    async def main() -> list[int]:
+        group: GroupCommit[int, int] = GroupCommit(commit)
+
+        async def one(n: int) -> int:
+            await asyncio.sleep(n * 0.0005)  # arrivals spread over several commits
+            result = await group.submit(n)
+            assert n in committed
+            return result
+
+        return await asyncio.gather(*(one(n) for n in range(50)))
+
+    assert asyncio.run(main()) == [n * 2 for n in range(50)]
+    assert [item for batch in commits for item in batch] == list(range(50))
+    assert 1 < len(commits) < 50
+
+
+def test_a_commit_that_raises_answers_its_whole_batch_with_the_error_and_the_next_batch_commits():
+    """GroupCommit: when commit itself fails, every caller of that batch gets the error; later submits still commit."""
+    failing = True
+
+    async def commit(items: list[str]) -> list[str | Exception]:
+        await asyncio.sleep(0)
+        if failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        return items
+
+    async def main() -> list[Any]:
+        nonlocal failing
+        group: GroupCommit[str, str] = GroupCommit(commit)
+        failed = await asyncio.gather(*(group.submit(f"x{n}") for n in range(5)), return_exceptions=True)
+        failing = False
+        return [*failed, await group.submit("after")]
+
+    *failed, after = asyncio.run(main())
+    assert len(failed) == 5 and all(isinstance(f, sqlite3.OperationalError) for f in failed)
+    assert after == "after"
 
 
 def test_a_conflict_in_a_batch_fails_alone_and_a_replay_in_the_same_batch_gets_the_first(tmp_path):
@@ -88,33 +128,6 @@ def test_a_conflict_in_a_batch_fails_alone_and_a_replay_in_the_same_batch_gets_t
     assert replay == (False, first[1])
     assert isinstance(conflict, IdempotencyConflict) and conflict.args[0] == first[1]["id"]
     assert committed_texts(path) == ["a", "keyed", "b"]
-
-
-def test_a_failed_transaction_answers_every_enqueue_of_its_batch_with_the_error(tmp_path, monkeypatch):
-    """If the batch's transaction fails, nothing of it is committed and every caller gets the error."""
-    path = tmp_path / "store.sqlite"
-
-    def broken(db: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> Any:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("ROLLBACK")
-        raise sqlite3.OperationalError("disk I/O error")
-
-    async def main() -> list[Any]:
-        store = Store(path)
-        store.open()
-        try:
-            monkeypatch.setattr(store_module, "_enqueue_batch", broken)
-            failed = await asyncio.gather(*(enqueue(store, f"x{n}") for n in range(5)), return_exceptions=True)
-            monkeypatch.undo()
-            after = await enqueue(store, "after")  # the store goes on working
-            return [*failed, after]
-        finally:
-            await store.close()
-
-    *failed, after = asyncio.run(main())
-    assert all(isinstance(f, sqlite3.OperationalError) for f in failed)
-    assert after[0]
-    assert committed_texts(path) == ["after"]
 
 
 def test_a_single_enqueue_is_a_batch_of_one(tmp_path):
