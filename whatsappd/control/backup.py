@@ -9,6 +9,7 @@ then streams that file and removes it. One backup runs at a time; a second reque
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from whatsappd.backup.snapshot import CompanyInfo, build_archive, registry_bytes, staging_dir
+from whatsappd.backup.snapshot import CompanyInfo, build_archive, registry_bytes, staging_dir, stored_jid
 from whatsappd.config import render_config
 from whatsappd.control.bodies import check_company_ids
 from whatsappd.control.services import services
@@ -46,7 +47,8 @@ async def backup(request: web.Request) -> web.StreamResponse:
     wanted = check_company_ids(tuple(dict.fromkeys(request.query.getall("company", []))))
     runners = [parts.supervisor.get(cid) for cid in wanted] if wanted else [
         parts.supervisor.companies[cid] for cid in sorted(parts.supervisor.companies)]
-    companies = [CompanyInfo(r.id, r.config.engine, str(r.state), r.jid or None, r.source) for r in runners]
+    # The daemon's view now; a company that has not connected yet gets the JID its credentials hold.
+    seen = [CompanyInfo(r.id, r.config.engine, str(r.state), r.jid or None, r.source) for r in runners]
     state_dir = config.daemon_state_dir
     tmp_root = state_dir / "tmp"
     async with _lock(request.app):
@@ -56,6 +58,8 @@ async def backup(request: web.Request) -> web.StreamResponse:
         archive = Path(name)
         try:
             def take() -> dict[str, object]:
+                companies = [c if c.jid else dataclasses.replace(c, jid=stored_jid(r.session_dir))
+                             for c, r in zip(seen, runners, strict=True)]
                 with os.fdopen(fd, "wb") as out:
                     registry = registry_bytes(state_dir / "companies.json", wanted or None)
                     return build_archive(out, state_dir=state_dir, staging=staging, companies=companies,
@@ -69,7 +73,7 @@ async def backup(request: web.Request) -> web.StreamResponse:
                 await asyncio.to_thread(shutil.rmtree, staging, True)
             size = archive.stat().st_size
             journal = manifest.get("journal")
-            log.info("backup taken", companies=len(companies), bytes=size,
+            log.info("backup taken", companies=len(runners), bytes=size,
                      journal_last_seq=journal.get("last_seq") if isinstance(journal, dict) else None,
                      seconds=round(time.monotonic() - started, 3))
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
