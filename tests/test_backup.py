@@ -217,9 +217,51 @@ def test_the_journal_prunes_by_count_across_the_seq_gap_a_restore_leaves(tmp_pat
     assert seqs == [*range(6, 16), *range(GAP + 16, GAP + 26)]
 
 
-@pytest.fixture
-def stopped_state(tmp_path: Path) -> tuple[Path, Path]:
+def test_a_snapshot_of_a_store_being_written_is_one_commit_of_it(tmp_path):
+    """snapshot_sqlite of a WAL store under a busy writer gives sound copies, each as of one commit."""
+    from whatsappd.backup.snapshot import snapshot_sqlite
+
+    store = tmp_path / "store.db"
+    with sqlite3.connect(store) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("CREATE TABLE pairs (n INTEGER, half INTEGER)")
+    stop = threading.Event()
+
+    def write() -> None:  # like a worker's library: every transaction inserts two rows
+        db = sqlite3.connect(store, isolation_level=None, timeout=30)
+        n = 0
+        while not stop.is_set():
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO pairs VALUES (?, 0)", (n,))
+            db.execute("INSERT INTO pairs VALUES (?, 1)", (n,))
+            db.execute("COMMIT")
+            n += 1
+        db.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        counts = []
+        for i in range(20):
+            copy = tmp_path / f"copy{i}.db"
+            snapshot_sqlite(store, copy)
+            assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+            assert not Path(f"{copy}-wal").exists()
+            with sqlite3.connect(copy) as db:
+                assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+                (count,), = db.execute("SELECT count(*) FROM pairs").fetchall()
+            assert count % 2 == 0, "a snapshot caught half a transaction"
+            counts.append(count)
+    finally:
+        stop.set()
+        writer.join()
+    assert counts == sorted(counts) and counts[-1] > counts[0], "the writer did not run during the snapshots"
+
+
+@pytest.fixture(scope="module")
+def stopped_state(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A config and a stopped state directory with two paired simulator companies and a journal."""
+    tmp_path = tmp_path_factory.mktemp("stopped")
     d = SimDaemon(tmp_path / "src", sim_config("acme", "beta"))
     seed_paired(d.state_dir, "acme", "beta")
     try:
@@ -237,12 +279,14 @@ def stopped_state(tmp_path: Path) -> tuple[Path, Path]:
     return d.config_path, archive
 
 
-def restore_refused(config: Path, archive: Path, state_dir: Path, *extra: str) -> str:
-    """Run a restore that must be refused: its one sentence; the state directory unchanged."""
-    before = tree_state(state_dir) if state_dir.exists() else None
+def restore_refused(config: Path, archive: Path, state_dir: Path, *extra: str, live: bool = False) -> str:
+    """Run a restore that must be refused: its one sentence; the state directory unchanged (live:
+    but for the files a running daemon writes itself)."""
+    daemons_own = [state_dir / f"whatsappd.sqlite{suffix}" for suffix in ("", "-wal", "-shm")] if live else []
+    before = tree_state(state_dir, daemons_own) if state_dir.exists() else None
     result = whatsappd("restore", str(archive), "--config", str(config), *extra)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert (tree_state(state_dir) if state_dir.exists() else None) == before
+    assert (tree_state(state_dir, daemons_own) if state_dir.exists() else None) == before
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("whatsappd: restore refused: "), result.stderr
     assert "nothing was changed" in lines[0]
@@ -328,9 +372,9 @@ def test_restore_refuses_a_running_daemon_and_a_running_company_but_restores_a_s
     d.start(timeout=30)
     d.wait_state("acme", "connected", timeout=30)
     assert d.config_path is not None
-    message = restore_refused(d.config_path, archive, d.state_dir)
+    message = restore_refused(d.config_path, archive, d.state_dir, live=True)
     assert f"whatsappd (pid {d.pid}) is running on {d.state_dir}" in message
-    message = restore_refused(d.config_path, archive, d.state_dir, "--company", "acme", "--overwrite")
+    message = restore_refused(d.config_path, archive, d.state_dir, "--company", "acme", "--overwrite", live=True)
     assert "company acme is running" in message
 
     # beta is stopped (it has no session): restored alone, it connects without pairing.
