@@ -1,4 +1,4 @@
-"""`whatsappd`: run | check-config | check-store | clean-sessions | import-baileys."""
+"""`whatsappd`: run | check-config | check-store | clean-sessions | import-baileys | backup | restore."""
 
 from __future__ import annotations
 
@@ -72,6 +72,25 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--min-idle", type=float, default=120.0, metavar="SECONDS",
                      help="refuse a folder with a file changed less than this long ago (default 120: "
                           "Baileys may still be running)")
+
+    bak = sub.add_parser("backup", help="write a consistent backup archive of the state directory (while the "
+                         "daemon runs, or of a stopped one)")
+    add_config(bak)
+    bak.add_argument("--to", type=Path, metavar="FILE", help="the archive to write, or a directory for it "
+                     "(default: ./whatsappd-backup-TIME.tar.gz)")
+    bak.add_argument("--company", action="append", default=[], metavar="ID",
+                     help="only this company's session (repeatable; no journal)")
+    bak.add_argument("--socket", metavar="PATH", help="the running daemon's control socket (default: the config's)")
+    res = sub.add_parser("restore", help="restore a backup archive into a stopped state directory, or single "
+                         "stopped companies")
+    add_config(res)
+    res.add_argument("archive", type=Path, metavar="FILE")
+    res.add_argument("--company", action="append", metavar="ID",
+                     help="restore only this company's session (repeatable; the daemon may run)")
+    res.add_argument("--overwrite", action="store_true",
+                     help="replace paired sessions and the journal already there (moved to STATE_DIR/replaced/)")
+    res.add_argument("--seq-gap", type=int, default=None, metavar="N",
+                     help="continue the journal N past the backup's last seq (default 1000000; README: Backups)")
     return parser
 
 
@@ -301,10 +320,32 @@ def _import_baileys(args: argparse.Namespace) -> int:
     return 0 if result.ok and result.reports else 1
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from whatsappd.backup.commands import run_backup
+
+    config = _load(args.config, sys.stderr)
+    return EX_CONFIG if config is None else run_backup(config, args.socket, args.to, args.company)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from whatsappd.backup.commands import run_restore
+    from whatsappd.backup.restore import DEFAULT_SEQ_GAP
+
+    config = _load(args.config, sys.stderr)
+    if config is None:
+        return EX_CONFIG
+    gap = DEFAULT_SEQ_GAP if args.seq_gap is None else args.seq_gap
+    if gap < 1:
+        print("whatsappd: --seq-gap must be at least 1", file=sys.stderr)
+        return 2
+    return run_restore(config, args.archive, args.company, args.overwrite, gap)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"run": _run, "check-config": _check_config, "check-store": _check_store,
-               "clean-sessions": _clean_sessions, "import-baileys": _import_baileys}[args.command]
+               "clean-sessions": _clean_sessions, "import-baileys": _import_baileys,
+               "backup": _backup, "restore": _restore}[args.command]
     return handler(args)
 
 

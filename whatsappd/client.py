@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["Client", "DaemonUnavailable", "Response", "StreamRefused"]
 
@@ -130,6 +130,21 @@ class Client:
 
     def post(self, path: str, body: Any = None, **kw: Any) -> Response:
         return self.request("POST", path, body=body, **kw)
+
+    def download(self, method: str, path: str, sink: IO[bytes]) -> Response:
+        """Send a request and copy a 200 answer's body into sink as it arrives (the returned
+        Response's body is then empty); any other answer is returned whole."""
+        conn = self._connect(method, path, None, None)
+        try:
+            resp = conn.getresponse()
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            if resp.status != 200:
+                return Response(resp.status, headers, resp.read())
+            while chunk := resp.read(256 * 1024):
+                sink.write(chunk)
+            return Response(resp.status, headers, b"")
+        finally:
+            conn.close()
 
     def stream_lines(self, path: str) -> Iterator[bytes]:
         """GET a newline-delimited stream; yields each line without its newline."""

@@ -304,6 +304,20 @@ def cmd_events(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     return None, ""
 
 
+def cmd_backup(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    from whatsappd.backup.commands import BackupFailed, fetch_backup, summary, target_path
+
+    target = target_path(Path(args.to) if args.to else None)
+    client.timeout = None  # a large state directory takes a while; the daemon answers when done
+    try:
+        manifest = fetch_backup(client, args.company or [], target)
+    except BackupFailed as exc:
+        raise CommandFailed(escape(str(exc)), body=exc.body) from None
+    except OSError as exc:
+        raise CommandFailed(f"cannot write {target}: {exc.strerror or exc}") from None
+    return {"path": str(target), "manifest": manifest.data}, escape(summary(manifest, target))
+
+
 def _tty() -> bool:
     return sys.stdout.isatty()
 
@@ -325,6 +339,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any,
     "send": ("queue a text message: send ID TO TEXT", cmd_send),
     "events": ("follow the event stream (backlog after --since, then live)", cmd_events),
     "reload": ("reload the config now; returns once applied or failed", cmd_reload),
+    "backup": ("write a backup archive of the running daemon (--to FILE, --company ID)", cmd_backup),
 }
 
 
@@ -366,6 +381,9 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--since", type=int, metavar="SEQ", help="start after this sequence number (0: all kept)")
             cmd.add_argument("--company", action="append", metavar="ID", help="only this company (repeatable)")
             cmd.add_argument("--type", action="append", metavar="TYPE", help="only this event type (repeatable)")
+        if name == "backup":
+            cmd.add_argument("--to", metavar="FILE", help="the archive to write, or a directory for it")
+            cmd.add_argument("--company", action="append", metavar="ID", help="only this company (repeatable)")
         if name == "qr":
             cmd.add_argument("--png", metavar="FILE", help="write the QR code as a PNG image to FILE")
     return parser

@@ -94,6 +94,8 @@ class ErrorCode(enum.StrEnum):
     STORE_CHECK_FAILED = "store_check_failed", 422, "The converted store failed SQLite's integrity or foreign key check."
     NEONIZE_CHECK_FAILED = "neonize_check_failed", 422, "neonize could not open the converted store or did not list the expected JID."
     WRITE_FAILED = "write_failed", 500, "The converted store could not be written (permissions, disk); nothing was put in place."
+    # Backups (POST /v1/backup).
+    BACKUP_FAILED = "backup_failed", 500, "The backup could not be taken (a full disk under STATE_DIR/tmp, an unreadable file)."
     # The daemon.
     WORKER_TIMEOUT = "worker_timeout", 504, "The worker did not answer in time."
     TOO_MANY_CONNECTIONS = "too_many_connections", 503, "All control connections (or this uid's) are taken."

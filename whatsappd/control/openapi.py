@@ -625,6 +625,22 @@ PATHS: dict[str, dict[str, Any]] = {
                                     *_BODY, "config_invalid"),
         }
     },
+    "/v1/backup": {
+        "post": {
+            "summary": "A consistent backup archive of the state directory, streamed (gzip'ed tar)",
+            "description": "Every SQLite store is copied through SQLite's online backup API while the daemon "
+                           "runs; the archive holds manifest.json (versions, per-file sha256, each company's "
+                           "JID and state, the journal's last seq), the journal/outbox database, companies.json, "
+                           "the effective config and each company's session. `company` (repeatable) limits it to "
+                           "those companies' sessions, without the journal. Restore it with `whatsappd restore`. "
+                           "It holds the sessions' credentials: keep it encrypted (README: Backups).",
+            "operationId": "backup",
+            "parameters": [{"name": "company", "in": "query", "schema": {"type": "array", "items": {
+                "type": "string", "pattern": COMPANY_ID_PATTERN}}, "style": "form", "explode": True}],
+            "responses": _responses({"200": {"description": "The archive.", "content": {"application/gzip": {}}}},
+                                    *_COMPANY, "backup_failed"),
+        }
+    },
     "/v1/openapi.json": {
         "get": {
             "summary": "This document",

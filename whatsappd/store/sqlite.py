@@ -414,9 +414,14 @@ def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: tu
 def _prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
     with _transaction(db):
         n = db.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
-        top = db.execute("SELECT MAX(seq) AS seq FROM events").fetchone()["seq"]
-        if top is not None:
-            n += db.execute("DELETE FROM events WHERE seq <= ?", (top - max_events,)).rowcount
+        # The newest max_events events by count: seqs need not be contiguous (a restore moves the
+        # next seq forward, whatsappd/backup/restore.py). There can be too many only if the seq
+        # span is wider than max_events, which two index lookups tell; only then is it counted.
+        span = db.execute("SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM events").fetchone()
+        if span["hi"] is not None and span["hi"] - span["lo"] + 1 > max_events:
+            row = db.execute("SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?", (max_events,)).fetchone()
+            if row is not None:
+                n += db.execute("DELETE FROM events WHERE seq <= ?", (row["seq"],)).rowcount
         db.execute("DELETE FROM incoming_media WHERE at < ?", (cutoff,))
     return n
 

@@ -11,16 +11,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from whatsappd.fsutil import fsync_dir
+
 __all__ = ["append_record", "fsync_dir", "parse_records", "write_private"]
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a new directory entry (a created or renamed file) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
