@@ -23,6 +23,7 @@ from whatsappd.control.openapi import openapi_document
 from whatsappd.daemon import Daemon
 from whatsappd.errors import CODES
 from whatsappd.testing.daemon import DaemonProcess, clean_env, wait_until
+from whatsappd.testing.metrics import metric_value
 
 COMPANY = '[[companies]]\nid = "acme"\nname = "ACME"\nengine = "simulator"\n'
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -179,7 +180,7 @@ def test_ttl_must_be_a_duration_or_a_number_not_a_boolean(roomy: DaemonProcess, 
     assert response.status == 400, response.body
     error = _error(response.body)
     assert error["code"] == "invalid_message" and error["message"].startswith("ttl must be a duration")
-    assert 'whatsappd_outbox_messages{status="queued"} 0' in roomy.client.get("/v1/metrics").body.decode()
+    assert metric_value(roomy.client.get("/v1/metrics").body.decode(), "whatsappd_outbox_messages", status="queued") == 0
     accepted = roomy.client.post("/v1/companies/acme/messages", body={"to": "+5511999999999", "text": "hi", "ttl": 60})
     assert accepted.status == 202 and accepted.json()["expires_at"]
 
@@ -593,7 +594,7 @@ def _served_routes() -> set[tuple[str, str]]:
     daemon = Daemon(config, None)
     app = build_app(Services(config=lambda: config, supervisor=daemon.supervisor, messaging=daemon.messaging,
                              store=daemon.store, health=daemon.health, reload=daemon.reload,
-                             started_at=daemon.started_at))
+                             started_at=daemon.started_at, metrics=daemon.metrics))
     routes = set()
     for route in app.router.routes():
         if route.method == "HEAD":

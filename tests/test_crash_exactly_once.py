@@ -19,6 +19,7 @@ import pytest
 
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.events import ApiSession, EventReader
+from whatsappd.testing.metrics import metric_value
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, sim_config
 from whatsappd.worker.simulator.server import read_send_log, send_log_stats
 
@@ -49,9 +50,7 @@ def statuses_on_disk(path: Path, status: str) -> list[str]:
 
 def journal(daemon: SimDaemon) -> list[dict[str, Any]]:
     """Every event the journal holds, read through the stream (backlog up to the newest seq)."""
-    metrics = daemon.client.get("/v1/metrics").body.decode()
-    last = next(int(line.split()[1]) for line in metrics.splitlines()
-                if line.startswith("whatsappd_journal_last_seq "))
+    last = int(metric_value(daemon.client.get("/v1/metrics").body.decode(), "whatsappd_journal_last_seq") or 0)
     with EventReader(daemon.socket_path, "since=0") as reader:
         reader.wait_for(lambda line: line.get("seq") == last, timeout=30, what=f"seq {last}")
         return list(reader.events())

@@ -20,6 +20,7 @@ import pytest
 
 from whatsappd.testing.daemon import clean_env, ctl_command, wait_until
 from whatsappd.testing.events import EventReader, StalledReader
+from whatsappd.testing.metrics import metric_value
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, sim_config
 
 #: Workers boot slowly on a loaded 2-core machine: more patience than the fast tables' 2 s.
@@ -50,13 +51,11 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
 
 
 def last_seq(d: SimDaemon) -> int:
-    text = d.client.get("/v1/metrics").body.decode()
-    return int(re.search(r"^whatsappd_journal_last_seq (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return int(metric_value(d.client.get("/v1/metrics").body.decode(), "whatsappd_journal_last_seq") or 0)
 
 
 def readers_open(d: SimDaemon) -> int:
-    text = d.client.get("/v1/metrics").body.decode()
-    return int(re.search(r"^whatsappd_event_readers (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return int(metric_value(d.client.get("/v1/metrics").body.decode(), "whatsappd_event_readers") or 0)
 
 
 def burst(d: SimDaemon, company: str, count: int, text: str = "burst") -> None:

@@ -23,6 +23,7 @@ import pytest
 from whatsappd.client import Response
 from whatsappd.testing.daemon import run_ctl, wait_until
 from whatsappd.testing.events import message_statuses, wait_message
+from whatsappd.testing.metrics import metric_value, samples
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
 from whatsappd.worker.simulator.server import read_send_log, send_log_stats
 
@@ -624,14 +625,13 @@ def test_whatsappctl_send_queues_a_text_and_reports_it(sim):
 def test_metrics_count_outbox_messages_by_status(sim):
     """GET /v1/metrics has whatsappd_outbox_messages by status, matching what was sent and failed."""
     text = sim.client.get("/v1/metrics").body.decode()
-    counts = {m.group(1): int(m.group(2)) for m in
-              re.finditer(r'^whatsappd_outbox_messages\{status="(\w+)"\} (\d+)$', text, re.M)}
+    counts = {s.labels["status"]: s.value for s in samples(text) if s.name == "whatsappd_outbox_messages"}
     assert set(counts) == {"queued", "sending", "sent", "delivered", "read", "failed", "expired"}
     before = counts["sent"]
     post(sim, "acme", {"to": "+5511999991501", "text": "count me"}, query="?wait=sent")
     text = sim.client.get("/v1/metrics").body.decode()
-    assert f'whatsappd_outbox_messages{{status="sent"}} {before + 1}' in text
-    assert re.search(r"^whatsappd_journal_last_seq \d+$", text, re.M)
+    assert metric_value(text, "whatsappd_outbox_messages", status="sent") == before + 1
+    assert (metric_value(text, "whatsappd_journal_last_seq") or 0) > 0
 
 
 def test_a_bad_wait_or_timeout_is_refused_before_anything_is_stored(sim, fresh):
@@ -642,6 +642,5 @@ def test_a_bad_wait_or_timeout_is_refused_before_anything_is_stored(sim, fresh):
         response = sim.client.post(f"/v1/companies/{cid}/messages?{query}", {"to": "+5511999991301", "text": "x"})
         assert response.status == 400 and error(response)["code"] == "bad_request", (query, response.body)
     after = sim.client.get("/v1/metrics").body
-    queued = [line for line in after.decode().splitlines() if line.startswith('whatsappd_outbox_messages{status="queued"}')]
-    assert queued == [line for line in before.decode().splitlines()
-                      if line.startswith('whatsappd_outbox_messages{status="queued"}')]
+    queued = metric_value(after.decode(), "whatsappd_outbox_messages", status="queued")
+    assert queued == metric_value(before.decode(), "whatsappd_outbox_messages", status="queued")

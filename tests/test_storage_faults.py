@@ -13,7 +13,6 @@ import asyncio
 import base64
 import errno
 import os
-import re
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 from whatsappd.exits import EX_DATAERR
 from whatsappd.store import OutgoingMessage, StorageFull, Store
 from whatsappd.testing.daemon import DaemonProcess, clean_env, run_ctl, wait_until
+from whatsappd.testing.metrics import metric_value
 from whatsappd.testing.scenario import SimDaemon, sim_config
 
 DAY = 86400.0
@@ -176,15 +176,15 @@ def test_the_daemon_answers_507_storage_full_says_so_and_recovers(small_disk: Sm
         ctl = run_ctl("--socket", str(d.socket_path), "health")
         assert "degraded" in ctl.stdout and "storage:   FULL since" in ctl.stdout, ctl.stdout + ctl.stderr
         metrics = d.client.get("/v1/metrics").body.decode()
-        assert "whatsappd_storage_full 1\n" in metrics
-        refusals = re.search(r"^whatsappd_storage_full_refusals_total (\d+)$", metrics, re.M)
-        assert refusals and int(refusals.group(1)) >= 3, metrics  # the POSTs, and writes retried meanwhile
+        assert metric_value(metrics, "whatsappd_storage_full") == 1
+        refusals = metric_value(metrics, "whatsappd_storage_full_refusals_total")
+        assert refusals is not None and refusals >= 3, metrics  # the POSTs, and writes retried meanwhile
         assert rows(state / "whatsappd.sqlite", "SELECT id, status FROM messages") == [(message_id, "sent")]
         small_disk.free()
         wait_until(lambda: d.client.get("/v1/health").json()["storage"]["state"] == "ok", 10,
                    what="health to see the space again")
         assert d.client.get("/v1/health").json()["status"] == "ok"
-        assert "whatsappd_storage_full 0\n" in d.client.get("/v1/metrics").body.decode()
+        assert metric_value(d.client.get("/v1/metrics").body.decode(), "whatsappd_storage_full") == 0
         wait_until(lambda: d.client.get(f"/v1/companies/acme/messages/{message_id}").json()["status"] == "read", 10,
                    what="the receipt that came while the disk was full to be applied")
         assert d.client.post("/v1/companies/acme/messages", body).status == 202

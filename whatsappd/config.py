@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.ids import InvalidCompanyId, check_company_id
+from whatsappd.metrics.address import ListenAddress, parse_listen, render_listen
 from whatsappd.terminal import describe, first_unsafe
 
 __all__ = [
@@ -394,6 +395,12 @@ SETTINGS: tuple[Setting, ...] = (
             "session-<id>/ in it, never from a path a request names. Empty: that route is off "
             "(409 import_disabled); `whatsappd import-baileys` works either way.",
             render=_render_path),
+    Setting("metrics", "listen", parse_listen, "",
+            "Also serve the Prometheus metrics (GET /metrics, nothing else, no authentication) over plain "
+            "HTTP at this IP address and port, e.g. \"127.0.0.1:9464\" (Prometheus cannot scrape a Unix "
+            "socket). Empty: only GET /v1/metrics on the control socket. Host names are refused; a "
+            "non-loopback address is used because you wrote it, with a warning at start.",
+            reloadable=False, render=render_listen),
 )
 
 
@@ -485,6 +492,7 @@ class Config:
     outbox_max_file_size: int
     outbox_default_country: str
     import_baileys_root: Path | None
+    metrics_listen: ListenAddress | None
     companies: tuple[CompanyConfig, ...] = ()
 
     @property

@@ -26,6 +26,8 @@ from whatsappd.control.socket_file import SocketSetupError, bind_control_socket
 from whatsappd.exits import EX_DATAERR
 from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging import EventBus, Maintenance, Messaging, OutboxSender
+from whatsappd.metrics.collector import DaemonMetrics
+from whatsappd.metrics.listener import MetricsListener, bind_listen_socket
 from whatsappd.store import Store, StoreBackend, StoreCorrupt, StoreError
 from whatsappd.supervisor import Supervisor
 from whatsappd.supervisor.registry import RegistryError
@@ -65,6 +67,10 @@ class Daemon:
         maintenance = Maintenance(self.store, sender.busy, lambda: self.config)
         self.messaging = Messaging(self.store, self.bus, sender, maintenance)
         self.started_at = time.time()
+        self.metrics = DaemonMetrics(self.supervisor, self.store, lambda: len(self.bus.subscribers),
+                                     lambda: self.config.daemon_state_dir, self.started_at)
+        self.store.subscribe(self.metrics.on_commit)
+        self.metrics_listener: MetricsListener | None = None
         self.stopping = False
         self.socket_path: str = ""
         self.last_reload: dict[str, Any] | None = None
@@ -157,9 +163,20 @@ class Daemon:
         except SocketSetupError as exc:
             log.error("cannot start: control socket unavailable", reason=str(exc))
             return 1
+        listen = self.config.metrics_listen
+        if listen is not None:
+            try:
+                self.metrics_listener = MetricsListener(bind_listen_socket(listen), listen, self.metrics.exposition)
+            except OSError as exc:
+                log.error("cannot start: the metrics listener cannot bind", address=str(listen), error=exc.strerror,
+                          hint="free the port, or change or empty metrics.listen")
+                sock.close()
+                self._remove_socket_file()
+                return 1
 
         services = Services(config=lambda: self.config, supervisor=self.supervisor, messaging=self.messaging,
-                            store=self.store, health=self.health, reload=self.reload, started_at=self.started_at)
+                            store=self.store, health=self.health, reload=self.reload, started_at=self.started_at,
+                            metrics=self.metrics)
         self._runner = web.AppRunner(
             build_app(services), handle_signals=False, access_log=None,
             keepalive_timeout=self.config.control_idle_timeout,
@@ -181,13 +198,17 @@ class Daemon:
             log.error("cannot start: the store is damaged", path=str(exc.path), problem=exc.problem, fix=exc.fix,
                       exit_status=EX_DATAERR)
             await self._runner.cleanup()
+            await self._stop_metrics_listener()
             self._remove_socket_file()
             return EX_DATAERR
         except (RegistryError, StoreError, OSError) as exc:
             log.error("cannot start: unusable state directory", reason=str(exc))
             await self._runner.cleanup()
+            await self._stop_metrics_listener()
             self._remove_socket_file()
             return 1
+        if self.metrics_listener is not None:
+            await self.metrics_listener.start()
         self.notifier.ready(self.supervisor.status_line())
         log.info("whatsappd ready", version=__version__, pid=os.getpid(), socket=self.socket_path,
                  state_dir=str(self.config.daemon_state_dir), config=self.config.source,
@@ -266,6 +287,11 @@ class Daemon:
         log.info("stopped", exit_code=code, seconds=round(budget - (deadline - time.monotonic()), 3))
         return code
 
+    async def _stop_metrics_listener(self) -> None:
+        if self.metrics_listener is not None:
+            await self.metrics_listener.stop()
+            self.metrics_listener = None
+
     async def _close_store(self) -> None:
         await self.messaging.close()
         await self.store.close()
@@ -277,6 +303,7 @@ class Daemon:
     async def _graceful_stop(self, site: CappedSockSite, deadline: float) -> None:
         # 1. stop accepting new connections; open ones finish their request.
         await site.stop()
+        await self._stop_metrics_listener()
         # 2. end the live event streams (their readers resume from their last seq).
         self.bus.end_streams()
         # 3. ask every worker to disconnect, kill those that do not in time.

@@ -87,11 +87,12 @@ async def events(request: web.Request) -> web.StreamResponse:
                             await write(line({"type": "heartbeat", "at": iso(time.time()), "last_seq": last}))
                             continue
                 # Take what else is already queued (up to a bound) and write it with this one.
-                lines = []
+                lines, committed = [], []
                 while item is not None:
-                    seq, encoded = item
+                    seq, encoded, at = item
                     if seq > last:
                         lines.append(encoded)
+                        committed.append(at)
                         last = seq
                     if len(lines) >= _STREAM_BATCH:
                         break
@@ -101,7 +102,10 @@ async def events(request: web.Request) -> web.StreamResponse:
                         break
                 if lines:
                     await write(*lines)
+                    parts.metrics.observe_stream_lag(committed)
                 if item is None:
+                    if sub.overflowed:
+                        parts.metrics.stream_cutoffs.inc()
                     why = "this reader fell too far behind" if sub.overflowed else "the daemon is stopping"
                     await write(line({"type": "stream.end", "reason": "too_slow" if sub.overflowed else "daemon_stopping",
                                       "resume_from": last, "message": f"{why}; reconnect with since={last}"}))

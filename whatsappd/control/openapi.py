@@ -609,9 +609,14 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/metrics": {
         "get": {
-            "summary": "Prometheus text format: companies by state, restarts, outbox, journal",
+            "summary": "Prometheus metrics: companies and their states, outbox, send and connect latency, process",
+            "description": "Prometheus text format 0.0.4, or OpenMetrics 1.0 when Accept asks for "
+                           "application/openmetrics-text. The same body is served over plain HTTP at "
+                           "GET /metrics when [metrics] listen is set (README, \"Monitoring\").",
             "operationId": "metrics",
-            "responses": _responses({"200": {"description": "Metrics.", "content": {"text/plain": {}}}}),
+            "responses": _responses({"200": {"description": "Metrics.", "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}}}}}),
         },
     },
     "/v1/reload": {

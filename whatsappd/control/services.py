@@ -18,6 +18,7 @@ from whatsappd.control.bodies import company_id
 if TYPE_CHECKING:
     from whatsappd.config import Config
     from whatsappd.messaging.service import Messaging
+    from whatsappd.metrics.collector import DaemonMetrics
     from whatsappd.store import StoreBackend
     from whatsappd.supervisor import Runner, Supervisor
 
@@ -39,6 +40,8 @@ class Services:
     reload: Callable[[str], Awaitable[dict[str, Any]]]
     #: When the daemon started (time.time()), for the uptime metric.
     started_at: float
+    #: The Prometheus registry and the histograms routes feed (the event stream's lag).
+    metrics: DaemonMetrics
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

@@ -52,7 +52,8 @@ class Subscriber:
     companies: frozenset[str]
     types: frozenset[str]
     maxsize: int
-    queue: asyncio.Queue[tuple[int, bytes] | None] = field(init=False)  # (seq, NDJSON line); None ends
+    #: (seq, NDJSON line, time.monotonic() of its commit: the stream's lag metric); None ends
+    queue: asyncio.Queue[tuple[int, bytes, float] | None] = field(init=False)
     overflowed: bool = False
 
     def __post_init__(self) -> None:
@@ -62,7 +63,7 @@ class Subscriber:
         return ((not self.companies or event.company in self.companies)
                 and (not self.types or event.type in self.types))
 
-    def offer(self, item: tuple[int, bytes] | None) -> None:
+    def offer(self, item: tuple[int, bytes, float] | None) -> None:
         if self.overflowed:
             return
         try:
@@ -101,12 +102,12 @@ class EventBus:
 
     def committed(self, event: Event, secret: Secret) -> None:
         """A committed journal event (the store calls this, in seq order)."""
-        encoded: tuple[int, bytes] | None = None
+        encoded: tuple[int, bytes, float] | None = None
         for sub in list(self.subscribers):
             if sub.wants(event):
                 if encoded is None:
                     # QR codes reach live readers only; the journal on disk never holds them.
-                    encoded = (event.seq, event.line(secret))
+                    encoded = (event.seq, event.line(secret), time.monotonic())
                 sub.offer(encoded)
         if event.type == "message.status":
             for future in self._status_waiters.pop(str(event.data.get("message_id")), []):

@@ -134,6 +134,9 @@ class StoreBackend(Protocol):
     async def counts(self) -> dict[str, int]:
         """How many messages are in each status."""
 
+    async def counts_by_company(self) -> dict[tuple[str, str], tuple[int, float]]:
+        """(company, status) -> (how many messages, the oldest one's created_at): the metrics' outbox series."""
+
     # -------------------------------------------------------------------------------- media
 
     async def media(self, message_id: str) -> bytes | None:

@@ -360,6 +360,10 @@ class Store:
         return await self.read(lambda db: {row["status"]: row["n"] for row in db.execute(
             "SELECT status, count(*) AS n FROM messages GROUP BY status")})
 
+    async def counts_by_company(self) -> dict[tuple[str, str], tuple[int, float]]:
+        return await self.read(lambda db: {(row["company"], row["status"]): (row["n"], row["oldest"]) for row in db.execute(
+            "SELECT company, status, count(*) AS n, min(created_at) AS oldest FROM messages GROUP BY company, status")})
+
     # -------------------------------------------------------------------------------- media
 
     async def media(self, message_id: str) -> bytes | None:
