@@ -16,7 +16,7 @@ import re
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +31,6 @@ from whatsappd.testing.scenario import SimDaemon, sim_config
 DAY = 86400.0
 JID = "5511999990001@s.whatsapp.net"
 BIG = 512 * 1024  # larger than anything the WAL can reuse on the small disk
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    """A real 4 MiB tmpfs under tmp_path, unmounted at teardown."""
-    disk = SmallDisk(tmp_path / "disk")
-    why = disk.mount()
-    if why is not None:
-        pytest.skip(why)
-    try:
-        yield disk
-    finally:
-        disk.umount()
 
 
 def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:

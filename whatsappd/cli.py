@@ -1,4 +1,4 @@
-"""`whatsappd`: run | check-config | check-store | clean-sessions | import-baileys."""
+"""`whatsappd`: run | check-config | check-store | clean-sessions | import-baileys | doctor."""
 
 from __future__ import annotations
 
@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--min-idle", type=float, default=120.0, metavar="SECONDS",
                      help="refuse a folder with a file changed less than this long ago (default 120: "
                           "Baileys may still be running)")
+    doctor = sub.add_parser("doctor", help="is anything wrong? one line per finding with its fix; exit 1 if any "
+                            "(reads the state directory only; whatsappctl doctor also asks the running daemon)")
+    add_config(doctor)
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     return parser
 
 
@@ -301,10 +305,20 @@ def _import_baileys(args: argparse.Namespace) -> int:
     return 0 if result.ok and result.reports else 1
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from whatsappd.doctor import inspect_state_dir, print_findings
+
+    config = _load(args.config, sys.stderr)
+    if config is None:
+        return EX_CONFIG
+    return print_findings(inspect_state_dir(config), args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"run": _run, "check-config": _check_config, "check-store": _check_store,
-               "clean-sessions": _clean_sessions, "import-baileys": _import_baileys}[args.command]
+               "clean-sessions": _clean_sessions, "import-baileys": _import_baileys,
+               "doctor": _doctor}[args.command]
     return handler(args)
 
 

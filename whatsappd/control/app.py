@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from whatsappd.control import companies, events, imports, messages, metrics, system
+from whatsappd.control import companies, doctor, events, imports, messages, metrics, system
 from whatsappd.control.middleware import MIDDLEWARES
 from whatsappd.control.services import SERVICES, Services
 
@@ -45,4 +45,5 @@ def build_app(services: Services) -> web.Application:
     r.add_get("/v1/metrics", metrics.metrics)
     r.add_post("/v1/reload", system.reload)
     r.add_get("/v1/openapi.json", system.openapi)
+    r.add_get("/v1/doctor", doctor.doctor)
     return app

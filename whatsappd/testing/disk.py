@@ -16,9 +16,10 @@ __all__ = ["SmallDisk"]
 class SmallDisk:
     """A tmpfs of a few MiB mounted at `path`; fill() takes every free byte, free() gives them back."""
 
-    def __init__(self, path: Path, size: str = "4m") -> None:
+    def __init__(self, path: Path, size: str = "4m", inodes: int | None = None) -> None:
         self.path = path
         self.size = size
+        self.inodes = inodes  # the tmpfs's nr_inodes; None: the kernel's default
         self.filler = path / "filler"
 
     def mount(self) -> str | None:
@@ -26,8 +27,9 @@ class SmallDisk:
         if os.geteuid() != 0:
             return "needs root, to mount a small tmpfs and fill it"
         self.path.mkdir(parents=True, exist_ok=True)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size},mode=0700", "tmpfs",
-                                  str(self.path)], capture_output=True, text=True)
+        options = f"size={self.size},mode=0700" + (f",nr_inodes={self.inodes}" if self.inodes else "")
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(self.path)],
+                                 capture_output=True, text=True)
         return None if mounted.returncode == 0 else f"cannot mount a tmpfs here: {mounted.stderr.strip()}"
 
     def umount(self) -> None:
