@@ -21,6 +21,7 @@ import pytest
 
 from whatsappd.config import load_config
 from whatsappd.doctor import Finding, inspect_state_dir
+from whatsappd.protocol import ServerTime, parse_worker_message
 from whatsappd.testing.daemon import NOBODY, clean_env, run_ctl, wait_until, whatsappd_command
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
 from whatsappd.worker.simulator import server
@@ -233,6 +234,16 @@ def test_the_control_socket_against_its_configured_mode_and_group(tmp_path):
         sock.close()
     assert named(found, "socket_mode", install.socket).fix.startswith(f"chmod 0660 {install.socket}")
     assert named(found, "socket_group", install.socket).fix.startswith(f"chgrp {group} {install.socket}")
+
+
+def test_server_time_messages_are_parsed_and_malformed_ones_refused():
+    """A worker's server_time is read as two Unix times; a missing, boolean or infinite one is a violation."""
+    parsed = parse_worker_message(ServerTime(1.5e9, 1.5e9 - 300).to_wire())
+    assert parsed == ServerTime(1.5e9, 1.5e9 - 300)
+    for bad in ({"server_time": 1.0}, {"server_time": True, "local_time": 1.0},
+                {"server_time": float("inf"), "local_time": 1.0}, {"server_time": "now", "local_time": 1.0}):
+        with pytest.raises(ValueError):
+            parse_worker_message({"type": "server_time", **bad})
 
 
 # ============================================================================ the running daemon

@@ -530,8 +530,8 @@ class SimulatorEngine(Engine):
         self._connect_due = None
         self._reconnect_errors = 0
         self._phase = Phase.CONNECTED
+        self._emit_server_time()  # the server's time comes with its "success", before connected is reported
         self.emit(StateReport(WorkerState.CONNECTED, jid=self._device.jid, push_name=self._device.push_name).to_wire())
-        self._emit_server_time()
 
     def _emit_server_time(self) -> None:
         """The server's clock as a connect (or `simulate clock`) shows it, as a real server's would."""
