@@ -23,7 +23,7 @@ from whatsappd.config import load_config
 from whatsappd.doctor import Finding, inspect_state_dir
 from whatsappd.protocol import ServerTime, parse_worker_message
 from whatsappd.testing.daemon import NOBODY, clean_env, run_ctl, wait_until, whatsappd_command
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
+from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config, tree_state
 from whatsappd.worker.simulator import server
 
 JID = "5511999990001@s.whatsapp.net"
@@ -114,7 +114,8 @@ def _sqlite(path: Path, rows: int, blob: int) -> None:
 
 
 def test_a_damaged_store_is_named_with_its_integrity_check_and_fix(install):
-    """A session store with overwritten pages is a store_damaged finding quoting integrity_check."""
+    """A session store with overwritten pages is a store_damaged finding quoting integrity_check;
+    the doctor changes no file."""
     directory = install.sessions / "session-bob"
     directory.mkdir(mode=0o700)
     store = directory / "store.db"
@@ -122,9 +123,11 @@ def test_a_damaged_store_is_named_with_its_integrity_check_and_fix(install):
     with open(store, "r+b") as f:  # damage the table's pages, keep the header
         f.seek(4096 * 2)
         f.write(os.urandom(4096 * 3))
+    before = tree_state(install.root)
     finding = [f for f in install.findings() if f.check == "store_damaged"]
     assert finding and finding[0].subject == str(store), finding
     assert "integrity_check" in finding[0].message and "restore" in finding[0].fix
+    assert tree_state(install.root) == before  # read-only: no file created, changed or removed
 
 
 def test_a_store_too_big_for_its_age_names_its_biggest_tables(install):
