@@ -20,6 +20,7 @@ import pytest
 import structlog
 
 from whatsappd.testing.daemon import NOBODY, DaemonProcess, NotifySocket, user_switch
+from whatsappd.testing.disk import SmallDisk
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -116,3 +117,16 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(access_level)
     structlog.configure(**config)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A real 4 MiB tmpfs of 256 inodes under tmp_path, unmounted at teardown (skipped without root)."""
+    disk = SmallDisk(tmp_path / "disk", inodes=256)
+    why = disk.mount()
+    if why is not None:
+        pytest.skip(why)
+    try:
+        yield disk
+    finally:
+        disk.umount()

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import errno
 import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,53 +24,13 @@ import pytest
 from whatsappd.exits import EX_DATAERR
 from whatsappd.store import OutgoingMessage, StorageFull, Store
 from whatsappd.testing.daemon import DaemonProcess, clean_env, run_ctl, wait_until
+from whatsappd.testing.disk import SmallDisk
 from whatsappd.testing.metrics import metric_value
 from whatsappd.testing.scenario import SimDaemon, sim_config
 
 DAY = 86400.0
 JID = "5511999990001@s.whatsapp.net"
 BIG = 512 * 1024  # larger than anything the WAL can reuse on the small disk
-
-
-class SmallDisk:
-    """A tmpfs of a few MiB mounted at `path`; fill() takes every free byte, free() gives them back."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.filler = path / "filler"
-
-    def fill(self) -> None:
-        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            for size in (1 << 20, 1 << 16, 1 << 12, 1):
-                try:
-                    while True:
-                        os.write(fd, b"\0" * size)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC, exc
-        finally:
-            os.close(fd)
-        assert os.statvfs(self.path).f_bavail == 0
-
-    def free(self) -> None:
-        self.filler.unlink(missing_ok=True)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    """A real 4 MiB tmpfs under tmp_path, unmounted at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to mount a small tmpfs and fill it")
-    path = tmp_path / "disk"
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield SmallDisk(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -1,4 +1,4 @@
-"""`whatsappd`: run | check-config | check-store | clean-sessions | import-baileys | backup | restore."""
+"""`whatsappd`: run | check-config | check-store | clean-sessions | import-baileys | backup | restore | doctor."""
 
 from __future__ import annotations
 
@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="replace paired sessions and the journal already there (moved to STATE_DIR/replaced/)")
     res.add_argument("--seq-gap", type=int, default=None, metavar="N",
                      help="continue the journal N past the backup's last seq (default 1000000; README: Backups)")
+    doctor = sub.add_parser("doctor", help="is anything wrong? one line per finding with its fix; exit 1 if any "
+                            "(reads the state directory only; whatsappctl doctor also asks the running daemon)")
+    add_config(doctor)
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     return parser
 
 
@@ -341,11 +345,21 @@ def _restore(args: argparse.Namespace) -> int:
     return run_restore(config, args.archive, args.company, args.overwrite, gap)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from whatsappd.doctor import inspect_state_dir, print_findings
+
+    config = _load(args.config, sys.stderr)
+    if config is None:
+        return EX_CONFIG
+    return print_findings(inspect_state_dir(config), args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"run": _run, "check-config": _check_config, "check-store": _check_store,
                "clean-sessions": _clean_sessions, "import-baileys": _import_baileys,
-               "backup": _backup, "restore": _restore}[args.command]
+               "backup": _backup, "restore": _restore,
+               "doctor": _doctor}[args.command]
     return handler(args)
 
 

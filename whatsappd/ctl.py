@@ -34,10 +34,12 @@ class CommandFailed(Exception):
     """A command that did not do what was asked: its message for stderr, the process's exit status,
     and the daemon's JSON answer (printed with --json) when there was one."""
 
-    def __init__(self, message: str, exit_status: int = EXIT_ERROR, body: Any = None) -> None:
+    def __init__(self, message: str, exit_status: int = EXIT_ERROR, body: Any = None,
+                 to_stdout: bool = False) -> None:
         super().__init__(message)
         self.exit_status = exit_status
         self.body = body
+        self.to_stdout = to_stdout  # a result that only makes the exit status non-zero (doctor's findings)
 
 
 def system_socket() -> Path:
@@ -318,6 +320,61 @@ def cmd_backup(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     return {"path": str(target), "manifest": manifest.data}, escape(summary(manifest, target))
 
 
+# ---------------------------------------------------------------- add, remove, simulate, doctor
+# What the README used to send people to curl for (issue 11).
+
+
+def cmd_add(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    """PUT /v1/companies/ID with the fields given. A PUT replaces every field (one not given gets
+    its default: engine neonize), so an existing company is changed only with --replace."""
+    body = {key: value for key in ("name", "engine", "proxy") if (value := getattr(args, key)) is not None}
+    if not args.replace and client.get(f"/v1/companies/{args.id}").status != 404:
+        raise CommandFailed(f"company {escape(args.id)!r} already exists; --replace replaces all its fields (those "
+                            "not given get their defaults: engine neonize, no name, no proxy)")
+    resp = client.request("PUT", f"/v1/companies/{args.id}", body)
+    raw, shown = _check(resp)
+    verb = "added" if resp.status == 201 else "updated"
+    return raw, f"{shown['id']}: {verb} (engine {shown['engine']}); now {shown['state']}" + (
+        f". Pair it: whatsappctl connect {shown['id']}" if not shown.get("has_session") else "")
+
+
+def cmd_remove(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    """DELETE /v1/companies/ID (?wipe=true also unlinks the device and deletes the session)."""
+    raw, body = _check(client.request("DELETE", f"/v1/companies/{args.id}" + ("?wipe=true" if args.wipe else "")))
+    if body.get("removed"):
+        text = f"{args.id}: removed" + (" and its session wiped" if args.wipe else "")
+    else:
+        text = (f"{args.id}: stopped ({body.get('state')}); it is defined in the config file, so it stays "
+                "listed until it is removed there (then whatsappctl reload)")
+    return raw, text
+
+
+def cmd_simulate(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    """POST /v1/companies/ID/simulate with the action and its KEY=VALUE arguments (JSON values)."""
+    body: dict[str, Any] = {"action": args.action}
+    for item in args.arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandFailed(f"{escape(item)!r} is not KEY=VALUE (e.g. skew=120, push_name=Acme)", EXIT_USAGE)
+        try:
+            body[key] = json.loads(value)
+        except ValueError:
+            body[key] = value  # a bare word is a string: push_name=Acme
+    raw, shown = _check(client.post(f"/v1/companies/{args.id}/simulate", body))
+    return raw, f"{args.id}: {args.action}: " + ", ".join(f"{k} {v}" for k, v in shown.items() if k != "action")
+
+
+def cmd_doctor(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    """GET /v1/doctor; exits 1 when anything is found (the findings on stdout all the same)."""
+    from whatsappd.doctor import Finding, report_text
+
+    raw, _ = _check(client.get("/v1/doctor"))
+    findings = [Finding.from_json(f) for f in raw["findings"]]
+    if findings:
+        raise CommandFailed(report_text(findings), body=raw, to_stdout=True)
+    return raw, report_text(findings)
+
+
 def _tty() -> bool:
     return sys.stdout.isatty()
 
@@ -340,6 +397,10 @@ COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any,
     "events": ("follow the event stream (backlog after --since, then live)", cmd_events),
     "reload": ("reload the config now; returns once applied or failed", cmd_reload),
     "backup": ("write a backup archive of the running daemon (--to FILE, --company ID)", cmd_backup),
+    "add": ("add a company (or update one added here): add ID --name NAME --engine ENGINE [--proxy URL]", cmd_add),
+    "remove": ("remove a company (--wipe: also unlink it on WhatsApp and delete its session)", cmd_remove),
+    "simulate": ("drive a simulator company: simulate ID ACTION [KEY=VALUE ...]", cmd_simulate),
+    "doctor": ("is anything wrong? one line per finding with its fix; exit 1 if any", cmd_doctor),
 }
 
 
@@ -386,7 +447,31 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--company", action="append", metavar="ID", help="only this company (repeatable)")
         if name == "qr":
             cmd.add_argument("--png", metavar="FILE", help="write the QR code as a PNG image to FILE")
+        _admin_arguments(name, cmd)
     return parser
+
+
+def _admin_arguments(name: str, cmd: argparse.ArgumentParser) -> None:
+    """The arguments of add, remove, simulate (doctor has none)."""
+    from whatsappd.config import ENGINES
+    from whatsappd.protocol import SIMULATE_ACTIONS
+
+    if name in ("add", "remove", "simulate"):
+        cmd.add_argument("id", help="company id")
+    if name == "add":
+        cmd.add_argument("--name", help="a display name")
+        cmd.add_argument("--engine", choices=ENGINES, help="neonize (the real WhatsApp; the default) or simulator")
+        cmd.add_argument("--proxy", metavar="URL", help="e.g. socks5://127.0.0.1:1080")
+        cmd.add_argument("--replace", action="store_true",
+                         help="replace an existing company added at runtime (every field: give them all)")
+    if name == "remove":
+        cmd.add_argument("--wipe", action="store_true",
+                         help="also unlink the device on WhatsApp and delete the session (cannot be undone)")
+    if name == "simulate":
+        cmd.add_argument("action", choices=list(SIMULATE_ACTIONS), metavar="ACTION",
+                         help="one of: " + ", ".join(SIMULATE_ACTIONS))
+        cmd.add_argument("arg", nargs="*", metavar="KEY=VALUE",
+                         help="the action's arguments; VALUE is JSON if it parses (120, true, [\"a\"]), else a string")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,7 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     except CommandFailed as exc:
         if args.json and exc.body is not None:
             print(_json(exc.body, indent=2))
-        print(f"whatsappctl: {exc}", file=sys.stderr)
+        if exc.to_stdout:
+            if not args.json:
+                print(exc)
+        else:
+            print(f"whatsappctl: {exc}", file=sys.stderr)
         return exc.exit_status
     if args.json and body is not None:
         print(_json(body, indent=2))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,6 +29,7 @@ from whatsappd.recipients import is_phone_digits, split_send_jid
 
 __all__ = [
     "MAX_BURST",
+    "MAX_CLOCK_SKEW",
     "MAX_LINE",
     "MAX_RAW_CHARS",
     "MAX_REPLAY",
@@ -64,6 +66,7 @@ __all__ = [
     "ReplyError",
     "Send",
     "SendStatus",
+    "ServerTime",
     "Simulate",
     "SimulateAction",
     "StateReport",
@@ -457,6 +460,9 @@ class SimulateAction:
     replies: bool = True
 
 
+#: The largest skew `simulate clock` takes (ten years), in seconds either way.
+MAX_CLOCK_SKEW = 10 * 365 * 86400
+
 #: Every simulate action: the simulator dispatches from this table, its unknown_action error
 #: lists it, and the OpenAPI document's action enum is made from it.
 SIMULATE_ACTIONS: Mapping[str, SimulateAction] = MappingProxyType({
@@ -489,6 +495,10 @@ SIMULATE_ACTIONS: Mapping[str, SimulateAction] = MappingProxyType({
         {"ids": "1 to 1000 outbox ids (msg_…) or WhatsApp ids", "receipt": "delivered, read or played (delivered)",
          "chat": "JID, for ids not in the send log", "sender": "phone digits or …@s.whatsapp.net"}),
     "stats": SimulateAction("what the simulator has sent: sent, duplicate_requests, by_recipient"),
+    "clock": SimulateAction(
+        "the server's clock runs skew seconds ahead of this machine's (negative: behind); the worker reports "
+        "the server time it sees now if connected, and at every connect",
+        {"skew": f"number of seconds from -{MAX_CLOCK_SKEW} to {MAX_CLOCK_SKEW} (0)"}),
     "burst": SimulateAction(
         "count incoming text messages at full speed, or paced at rate per second",
         {"count": f"whole number from 0 to {MAX_BURST}", "text": "string (burst)",
@@ -661,6 +671,18 @@ class ConnectRequest:
 
 
 @dataclass(frozen=True)
+class ServerTime:
+    """The WhatsApp server's clock as the worker last saw it: `server_time` when our own clock said
+    `local_time` (Unix times). The daemon compares them (whatsappd doctor: clock_skew)."""
+
+    server_time: float
+    local_time: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "server_time", "server_time": self.server_time, "local_time": self.local_time}
+
+
+@dataclass(frozen=True)
 class UnknownMessage:
     """A type this supervisor does not know (a newer worker): ignored, never a violation."""
 
@@ -668,7 +690,7 @@ class UnknownMessage:
 
 
 WorkerMessage = (Hello | Heartbeat | StateReport | Qr | Paired | Reply | EventMessage | ConnectRequest
-                 | UnknownMessage)
+                 | ServerTime | UnknownMessage)
 
 
 # ---------------------------------------------------------------- parsing a worker line (supervisor side)
@@ -735,6 +757,11 @@ def parse_worker_message(message: Mapping[str, Any]) -> WorkerMessage:
             return EventMessage(_parse_event(message.get("event")))
         case "connect_request":
             return ConnectRequest()
+        case "server_time":
+            times = [_field(message, key, (int, float)) for key in ("server_time", "local_time")]
+            if any(isinstance(t, bool) or not math.isfinite(t) for t in times):
+                raise ValueError("a server_time message needs finite Unix times")
+            return ServerTime(float(times[0]), float(times[1]))
         case str():
             return UnknownMessage(kind)
         case _:

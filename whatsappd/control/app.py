@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from whatsappd.control import backup, companies, events, imports, messages, metrics, system
+from whatsappd.control import backup, companies, doctor, events, imports, messages, metrics, system
 from whatsappd.control.middleware import MIDDLEWARES
 from whatsappd.control.services import SERVICES, Services
 
@@ -46,4 +46,5 @@ def build_app(services: Services) -> web.Application:
     r.add_post("/v1/reload", system.reload)
     r.add_get("/v1/openapi.json", system.openapi)
     r.add_post("/v1/backup", backup.backup)
+    r.add_get("/v1/doctor", doctor.doctor)
     return app

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from whatsappd.config import ENGINES, PROXY_PATTERN
+from whatsappd.doctor import CHECKS as DOCTOR_CHECKS
 from whatsappd.errors import CODES, IMPORT_REFUSALS, ErrorCode
 from whatsappd.ids import COMPANY_ID_PATTERN
-from whatsappd.protocol import MAX_TEXT, SIMULATE_ACTIONS
+from whatsappd.protocol import MAX_CLOCK_SKEW, MAX_TEXT, SIMULATE_ACTIONS
 from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
 from whatsappd.states import LastError, State
 from whatsappd.store import EVENT_TYPES, STATUSES
@@ -266,6 +267,21 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"code": {"type": "string", "description": "The QR payload; render it or use ?format=png"},
                        "expires_at": _TIME_OR_NULL},
     },
+    "DoctorReport": {
+        "type": "object", "required": ["clean", "findings"],
+        "properties": {
+            "clean": {"type": "boolean", "description": "true when there is no finding"},
+            "findings": {"type": "array", "items": {
+                "type": "object", "required": ["check", "severity", "subject", "message", "fix"],
+                "properties": {
+                    "check": {"type": "string", "enum": list(DOCTOR_CHECKS), "description": "Stable id of the check."},
+                    "severity": {"type": "string", "enum": ["error", "warning"]},
+                    "subject": {"type": "string", "description": "A path, a company id."},
+                    "message": {"type": "string"},
+                    "fix": {"type": "string", "description": "What to do about it."},
+                }}},
+        },
+    },
     "Health": {
         "type": "object",
         "required": ["status", "version", "uptime_seconds", "companies"],
@@ -357,7 +373,8 @@ _SIMULATE_INPUT = {
                    "connection; crash, hang (after): the worker dies / freezes; incoming: someone writes (from, "
                    "group, push_name, id, kind, text, caption, filename, mimetype, data, size); receipt: receipts "
                    "for sent messages (ids, receipt, chat, sender); stats: what the simulator has sent; burst: "
-                   "count incoming texts (text, from, push_name, rate)."},
+                   "count incoming texts (text, from, push_name, rate); clock: the server's clock runs skew "
+                   "seconds off this machine's."},
         "jid": {"type": "string"}, "push_name": {"type": "string"}, "connect": {"type": "boolean"},
         "reason": {"type": "string"}, "seconds": {"type": "number", "minimum": 0},
         "after": {"type": "number", "minimum": 0},
@@ -371,6 +388,7 @@ _SIMULATE_INPUT = {
         "receipt": {"type": "string", "enum": ["delivered", "read", "played"]},
         "chat": {"type": "string"}, "sender": {"type": "string"},
         "count": {"type": "integer", "minimum": 0, "maximum": 100_000}, "rate": {"type": "number", "exclusiveMinimum": 0},
+        "skew": {"type": "number", "minimum": -MAX_CLOCK_SKEW, "maximum": MAX_CLOCK_SKEW},
     },
     "additionalProperties": True,
 }
@@ -644,6 +662,17 @@ PATHS: dict[str, dict[str, Any]] = {
                 "type": "string", "pattern": COMPANY_ID_PATTERN}}, "style": "form", "explode": True}],
             "responses": _responses({"200": {"description": "The archive.", "content": {"application/gzip": {}}}},
                                     *_COMPANY, "backup_failed"),
+        }
+    },
+    "/v1/doctor": {
+        "get": {
+            "summary": "Is anything wrong? The findings of `whatsappd doctor`, plus company states and clock skew",
+            "description": "Reads the state directory (modes, owners, integrity_check of every store, sizes, "
+                           "legacy sessions, sessions and companies, session locks, free space), the control "
+                           "socket, and what the daemon knows live (companies failed, banned or outdated; the "
+                           "clock against the last server time a worker saw). Changes nothing.",
+            "operationId": "doctor",
+            "responses": _responses({"200": _json(_ref("DoctorReport"), "The findings; none when clean.")}),
         }
     },
     "/v1/openapi.json": {

@@ -108,15 +108,28 @@ def corrupt_fix(path: Path) -> str:
             "messages still queued in the old file are not sent; `whatsappd check-store` lists the damage")
 
 
-def check_database(path: Path) -> list[str]:
-    """What PRAGMA integrity_check finds wrong in the SQLite file at path ([]: nothing).
-
-    Read-only, and leaves no file behind: without a -wal file beside it (no daemon has it
-    open) it is opened immutable; with one (a daemon may be writing) read-only through the WAL.
-    """
-    mode = "ro" if Path(f"{path}-wal").exists() else "ro&immutable=1"
+def _is_wal(path: Path) -> bool:
+    """Whether the database file's header says WAL mode (file format versions 2 at bytes 18-19)."""
     try:
-        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode={mode}", uri=True, timeout=30)
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    return header[18:20] == b"\x02\x02"
+
+
+def check_database(path: Path, timeout: float = 30.0) -> list[str]:
+    """What PRAGMA integrity_check finds wrong in the SQLite file at path ([]: nothing).
+    timeout: seconds to wait for a writer's lock before giving up with "database is locked".
+
+    Read-only, and leaves no file behind: a WAL database without a -wal file beside it (no
+    daemon has it open) is opened immutable; with one (a daemon may be writing) read-only through
+    the WAL. A rollback-journal database (whatsmeow's store.db) is opened read-only with its
+    locks honoured: read immutable while its worker writes, it could look damaged when it is not.
+    """
+    mode = "ro&immutable=1" if _is_wal(path) and not Path(f"{path}-wal").exists() else "ro"
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode={mode}", uri=True, timeout=timeout)
     except sqlite3.Error as exc:
         return [f"cannot open it: {exc}"]
     db.row_factory = sqlite3.Row

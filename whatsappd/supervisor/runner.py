@@ -25,7 +25,16 @@ from whatsappd.config import CompanyConfig, Config
 from whatsappd.errors import ErrorCode, Failure
 from whatsappd.ids import session_dir
 from whatsappd.logs import get_logger
-from whatsappd.protocol import ConnectRequest, EventMessage, ExitCode, Paired, Qr, StateReport, WorkerState
+from whatsappd.protocol import (
+    ConnectRequest,
+    EventMessage,
+    ExitCode,
+    Paired,
+    Qr,
+    ServerTime,
+    StateReport,
+    WorkerState,
+)
 from whatsappd.states import FAULTED, LIVE, TERMINAL, TRANSITIONS, IllegalTransition, LastError, State, check_transition
 from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
 from whatsappd.supervisor.process import (
@@ -136,6 +145,8 @@ class Runner:
         self._op_lock = asyncio.Lock()
         self._session_cache: tuple[tuple[int, int, int], sessions.SessionState] | None = None
         self.removal: dict[str, Any] | None = None  # the answer of the delete that removed it
+        #: (the WhatsApp server's time, our clock then) as a worker last reported it; whatsappd doctor.
+        self.server_clock: tuple[float, float] | None = None
 
     @property
     def id(self) -> str:
@@ -558,6 +569,8 @@ class Runner:
                         self.sup.publish({"type": "company.paired", "company": self.id, "jid": self.jid})
                     case EventMessage(event=event):
                         self.sup.publish({**event, "company": self.id})
+                    case ServerTime(server_time=server, local_time=local):
+                        self.server_clock = (server, local)
                     case ConnectRequest():
                         # One more connection attempt of a live worker (the library's reconnect): a
                         # token from the same limiter, in the same first-come queue, as every start.

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, assert_never
 from whatsappd.errors import ErrorCode
 from whatsappd.protocol import (
     MAX_BURST,
+    MAX_CLOCK_SKEW,
     SIMULATE_ACTIONS,
     CheckNumber,
     Command,
@@ -39,6 +40,7 @@ from whatsappd.protocol import (
     Replay,
     Send,
     SendStatus,
+    ServerTime,
     Simulate,
     StateReport,
     WorkerState,
@@ -124,6 +126,7 @@ class SimulatorEngine(Engine):
         self._dial_now = False  # restore: the waiting dialer skips what is left of its delay
         self._reconnect_errors = 0  # failed reconnect attempts since the drop (whatsmeow's count)
         self._network_down = False  # drop: reconnect attempts fail until restore
+        self._clock_skew = 0.0  # simulate clock: the fake server's clock minus ours, in seconds
         # pairing
         self._qr_keys = ""  # noise, identity, adv secret: fixed for one pairing, like whatsmeow
         self._qr_emitted = 0
@@ -414,6 +417,17 @@ class SimulatorEngine(Engine):
             self.emit(EventMessage(event).to_wire())
         return {"ids": [wa_id for wa_ids in by_chat.values() for wa_id in wa_ids], "receipt": asked.receipt}
 
+    def _act_clock(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        skew = args.get("skew", 0)
+        if (isinstance(skew, bool) or not isinstance(skew, int | float) or not math.isfinite(skew)
+                or abs(skew) > MAX_CLOCK_SKEW):
+            raise EngineError(ErrorCode.INVALID_ARGUMENT,
+                              f"'skew' must be a number of seconds from -{MAX_CLOCK_SKEW} to {MAX_CLOCK_SKEW}")
+        self._clock_skew = float(skew)
+        if self._phase == Phase.CONNECTED:
+            self._emit_server_time()
+        return {"action": "clock", "skew": self._clock_skew}
+
     def _act_stats(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """What the send log holds (any phase, even not connected): sent, duplicates, per JID."""
         return self._sent.stats().as_dict()
@@ -516,7 +530,13 @@ class SimulatorEngine(Engine):
         self._connect_due = None
         self._reconnect_errors = 0
         self._phase = Phase.CONNECTED
+        self._emit_server_time()  # the server's time comes with its "success", before connected is reported
         self.emit(StateReport(WorkerState.CONNECTED, jid=self._device.jid, push_name=self._device.push_name).to_wire())
+
+    def _emit_server_time(self) -> None:
+        """The server's clock as a connect (or `simulate clock`) shows it, as a real server's would."""
+        local = time.time()
+        self.emit(ServerTime(local + self._clock_skew, local).to_wire())
 
     def _enter_pairing(self) -> None:
         self._phase = Phase.PAIRING
