@@ -92,6 +92,9 @@ class Daemon:
             "config": {"source": self.config.source, "last_reload": self.last_reload},
             "companies": {"total": sum(counts.values()), "by_state": counts},
             "storage": storage,
+            # Companies whose sending WhatsApp rate-limited: paused until, and why (pacing).
+            "sending_paused": {cid: pacing for cid in sorted(self.supervisor.companies)
+                               if (pacing := self.messaging.pacing(cid))["state"] == "paused"},
         }
 
     # --------------------------------------------------------------------------------- start

@@ -43,5 +43,18 @@ async def metrics(request: web.Request) -> web.Response:
               "# HELP whatsappd_storage_full_refusals_total Writes refused because the disk was full.",
               "# TYPE whatsappd_storage_full_refusals_total counter",
               f"whatsappd_storage_full_refusals_total {store.full_refusals}"]
+    # Send pacing (issue 12): what waits, and for how long, per company.
+    depths = await store.queue_depths()
+    lines += ["# HELP whatsappd_outbox_queue_depth Messages queued or sending, per company.",
+              "# TYPE whatsappd_outbox_queue_depth gauge"]
+    lines += [f'whatsappd_outbox_queue_depth{{company="{r.id}"}} {depths.get(r.id, 0)}' for r in runners]
+    lines += ["# HELP whatsappd_pacing_delay_seconds Seconds until pacing lets the company's next message go.",
+              "# TYPE whatsappd_pacing_delay_seconds gauge"]
+    lines += [f'whatsappd_pacing_delay_seconds{{company="{r.id}"}} {parts.messaging.pacing_delay(r.id):.3f}'
+              for r in runners]
+    lines += ["# HELP whatsappd_sending_paused 1 while a rate-limit error keeps the company from sending.",
+              "# TYPE whatsappd_sending_paused gauge"]
+    lines += [f'whatsappd_sending_paused{{company="{r.id}"}} {int(parts.messaging.pacing(r.id)["state"] == "paused")}'
+              for r in runners]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         headers={"X-Content-Format": "prometheus-0.0.4"})
