@@ -585,6 +585,10 @@ def test_send_errors(h: Harness, text: str, code: str, permanent: bool, state: s
         ("can't encrypt message for device: no signal session established", ("send_failed", False, False)),
         ("proto: cannot parse invalid wire-format data", ("send_failed", False, False)),
         ("context deadline exceeded", ("send_interrupted", True, True)),
+        # WhatsApp refuses the number's sending: the outbox pauses the company (pacing)
+        ("server returned error 463", ("rate_limited", False, False)),
+        ("failed to get device list: info query returned status 429: rate-overlimit", ("rate_limited", False, False)),
+        ("server returned error 479", ("send_failed", False, False)),
     ],
 )
 def test_classify_send_error(text: str, expected: tuple[str, bool, bool]) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "Rate",
     "Wait",
     "WaitReason",
+    "bucket_slack",
     "bucket_violations",
     "parse_rate",
 ]
@@ -167,7 +168,10 @@ class CompanyPacer:
             self.last_send = at
 
     def decide(self, policy: PacingPolicy, now: float, first_contacts: Sequence[float] | None = None) -> Wait | None:
-        """None: the next message may go now; else until when it waits, and why.
+        """None: the next message may reach WhatsApp at now; else until when it waits, and why.
+
+        now may lie ahead of the clock by the "typing…" time that precedes the send: the
+        constraints hold for the moment the message reaches WhatsApp.
 
         first_contacts: for a message to a recipient who never wrote to this number (and was not
         contacted within the window already), the times the other first contacts of the last 24 h
@@ -202,18 +206,27 @@ class CompanyPacer:
         self.paused_until, self.pause_reason = until, reason
 
 
+def bucket_slack(times: Sequence[float], rate: float, burst: int) -> list[float]:
+    """For each send (Unix times, in order), how long after a token bucket of (rate, burst), full at
+    the first send, would have allowed it (at least; 0 for the first): < 0 came that much too early."""
+    slack: list[float] = []
+    tokens, last = float(burst), times[0] if times else 0.0
+    for index, at in enumerate(times):
+        tokens = min(float(burst), tokens + max(0.0, at - last) * rate)
+        if tokens < 1:
+            slack.append(-(1 - tokens) / rate)
+        else:
+            slack.append(0.0 if index == 0 else min(at - last, (tokens - 1) / rate))
+        last = max(last, at)
+        tokens -= 1
+    return slack
+
+
 def bucket_violations(times: Sequence[float], rate: float, burst: int, tolerance: float = 0.002) -> list[str]:
     """Which sends (Unix times, in order) a token bucket of (rate, burst), full at the first send,
     would not have allowed; tolerance: seconds of timestamp rounding forgiven per send. []: all fit."""
-    problems: list[str] = []
-    tokens, last = float(burst), times[0] if times else 0.0
-    for index, at in enumerate(times):
-        if at < last:
-            problems.append(f"send {index + 1} at {at:.3f} is earlier than the one before it ({last:.3f})")
-        tokens = min(float(burst), tokens + max(0.0, at - last) * rate)
-        last = max(last, at)
-        if tokens < 1 - tolerance * rate - 1e-9:
-            early = (1 - tokens) / rate
-            problems.append(f"send {index + 1} came {early:.3f}s before the bucket had a token")
-        tokens -= 1
+    problems = [f"send {n + 1} at {b:.3f} is earlier than the one before it ({a:.3f})"
+                for n, (a, b) in enumerate(zip(times, times[1:], strict=False), start=1) if b < a]
+    problems += [f"send {n + 1} came {-s:.3f}s before the bucket had a token"
+                 for n, s in enumerate(bucket_slack(times, rate, burst)) if s < -tolerance]
     return problems

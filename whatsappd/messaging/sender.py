@@ -247,13 +247,20 @@ class OutboxSender:
         pacer = self._pacer(company)
         was_paused = pacer.paused_until is not None
         now = time.time()
+        if pacer.paused_until is not None and now < pacer.paused_until:
+            return Wait(pacer.paused_until, WaitReason.PAUSED), False
         jid = message["jid"]
         recent: list[float] | None = None
         if policy.enabled and not is_group_jid(jid) and not await self.store.is_known_contact(company, jid):
             counted = await self.store.first_contacts(company, now)
             if jid not in counted:  # a second message to the same new recipient within 24 h is free
                 recent = list(counted.values())
-        wait = pacer.decide(policy, now, recent)
+        # The constraints hold for the moment the message reaches WhatsApp; "typing…" comes first,
+        # so the send starts that much earlier (a pause, above, is waited out whole).
+        lead = policy.typing_for(message["kind"], message.get("text"))
+        wait = pacer.decide(policy, now + lead, recent)
+        if wait is not None:
+            wait = Wait(wait.until - lead, wait.reason) if wait.until - lead > now else None
         if was_paused and pacer.paused_until is None:
             await self.store.set_pacing_pause(company, None, None)
             log.info("sending resumed after a rate-limit pause", company=company)

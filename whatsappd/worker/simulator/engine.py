@@ -265,9 +265,10 @@ class SimulatorEngine(Engine):
             "filename": send.filename,
             "mimetype": None if send.kind == "text" else send.mimetype or actions.DEFAULT_MIMETYPES[send.kind],
             "size": size,
-            "typing": send.typing or None,
             "timestamp": iso(now()),
         }
+        if send.typing:
+            record["typing"] = send.typing  # the "typing…" shown before it (simulator-presence.jsonl)
         record, duplicate = self._sent.send(record)
         if not duplicate:
             self._schedule_receipts(record["wa_id"], record["to"])
