@@ -25,7 +25,7 @@ from whatsappd.pacing import (
     bucket_violations,
     parse_rate,
 )
-from whatsappd.testing.daemon import wait_until
+from whatsappd.testing.daemon import run_ctl, wait_until
 from whatsappd.testing.events import wait_message
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, sim_config
 from whatsappd.worker.simulator.server import PRESENCE_LOG_FILE, read_send_log, send_log_stats
@@ -83,6 +83,20 @@ def test_jitter_adds_a_random_wait_after_each_send_within_its_bound():
             now = wait.until
         pacer.sent(p, now)
     assert all(0 <= d <= 2.0 for d in delays) and len(set(delays)) > 10
+
+
+def test_jitter_varies_the_gaps_of_a_steady_stream_on_top_of_the_rate():
+    """At the bucket's rate the jitter still applies: every gap is 1/rate plus 0..jitter, and they differ."""
+    pacer, p = CompanyPacer(random.Random(3)), policy(rate=parse_rate("1/s"), burst=1, jitter=0.5)
+    now, sends = T0, []
+    for _ in range(20):
+        wait = pacer.decide(p, now)
+        now = wait.until if wait is not None else now
+        pacer.sent(p, now)
+        sends.append(now)
+    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    assert all(1.0 <= g <= 1.5 for g in gaps) and len({round(g, 6) for g in gaps}) > 10
+    assert bucket_violations(sends, 1.0, 1) == []
 
 
 def test_first_contact_budget_waits_until_the_oldest_leaves_the_24h_window():
@@ -266,7 +280,7 @@ def test_first_contact_budget_of_5_a_day_holds_across_a_daemon_restart(daemons):
 def test_a_rate_limit_error_pauses_the_company_then_it_resumes_after_the_pause(daemons):
     """WhatsApp answers 463: the message stays queued (error rate_limited), the company shows
     `paused` with the reason in GET and health, nothing is retried during the pause, then it is sent once."""
-    d = daemons(sim_config("rl", workers=SLOW_BOOT, pacing={"limit_pause": "3s"}))
+    d = daemons(sim_config("rl", workers=SLOW_BOOT, pacing={"limit_pause": "4s"}))
     d.start(timeout=30)
     d.pair("rl", timeout=30)
     armed = d.simulate("rl", "rate_limit", count=1, code=463)
@@ -276,8 +290,10 @@ def test_a_rate_limit_error_pauses_the_company_then_it_resumes_after_the_pause(d
     company = wait_until(lambda: (c := d.client.get("/v1/companies/rl").json())["sending"]["state"] == "paused"
                          and c, timeout=10, what="the company to pause")
     assert "463" in company["sending"]["reason"]
-    assert parse_iso(company["sending"]["until"]) == pytest.approx(started + 3, abs=1.5)
+    assert parse_iso(company["sending"]["until"]) == pytest.approx(started + 4, abs=1.5)
     assert "rl" in d.client.get("/v1/health").json()["sending_paused"]
+    assert "sending:   rl PAUSED until" in run_ctl("--socket", str(d.socket_path), "health").stdout
+    assert "sending:    paused until" in run_ctl("--socket", str(d.socket_path), "status", "rl").stdout
     message = d.client.get(f"/v1/companies/rl/messages/{mid}").json()
     assert message["status"] == "queued" and message["error"]["code"] == ErrorCode.RATE_LIMITED
     assert message["paced_reason"] == "paused" and message["attempts"] == 1

@@ -6,8 +6,8 @@ to people who never wrote first, and bans after bursts of 5-8 such messages. So 
 outbox passes three gates before every send (README: "Send pacing"):
 
 - a token bucket (`rate`, `burst`): at most `burst` messages back to back, then one per 1/rate;
-- random jitter: each send waits an extra uniform(0, `jitter`) after the previous one, so the
-  gaps are not machine-regular;
+- random jitter: each send waits an extra uniform(0, `jitter`) after the bucket allows it, so
+  the gaps are not machine-regular (the mean rate is then a little below `rate`);
 - a first-contact budget: at most `first_contact_per_day` distinct recipients who never wrote to
   this number, in any rolling 24 hours (the store counts them, so it holds across restarts).
 
@@ -119,25 +119,25 @@ class Wait:
 
 
 class _Bucket:
-    """A token bucket: `burst` tokens at most, refilled at `rate` per second; a send takes one."""
+    """A token bucket: `burst` tokens at most, refilled at `rate` per second; a send takes one.
+
+    Its state changes only when a send takes a token, so `ready_at` is a fixed moment that a
+    later call (at any time) answers the same, and the jitter can be added to it.
+    """
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate, self.burst = rate, burst
         self.tokens = float(burst)
-        self.at = now
+        self.at = now  # when tokens was counted
 
-    def _refill(self, now: float) -> None:
-        # max(0, ...): a wall clock set back refills nothing rather than draining tokens.
-        self.tokens = min(float(self.burst), self.tokens + max(0.0, now - self.at) * self.rate)
-        self.at = max(self.at, now)
-
-    def ready_at(self, now: float) -> float:
-        self._refill(now)
-        return now if self.tokens >= 1 else now + (1 - self.tokens) / self.rate
+    def ready_at(self) -> float:
+        """When the bucket holds a whole token (the past, if it does already)."""
+        return self.at + max(0.0, 1 - self.tokens) / self.rate
 
     def take(self, now: float) -> None:
-        self._refill(now)
-        self.tokens -= 1  # may go below zero if a send went early (never by our own decision)
+        # max(0, ...): a wall clock set back refills nothing rather than draining tokens.
+        self.tokens = min(float(self.burst), self.tokens + max(0.0, now - self.at) * self.rate) - 1
+        self.at = max(self.at, now)
 
 
 class CompanyPacer:
@@ -156,7 +156,7 @@ class CompanyPacer:
         if bucket is None:
             bucket = self._bucket = _Bucket(policy.rate.per_second, policy.burst, now)
         elif (bucket.rate, bucket.burst) != (policy.rate.per_second, policy.burst):
-            bucket._refill(now)  # a reload changed the settings: keep what is spent, under the new cap
+            # A reload changed the settings: keep what is spent, under the new cap.
             bucket.rate, bucket.burst = policy.rate.per_second, policy.burst
             bucket.tokens = min(bucket.tokens, float(policy.burst))
         return bucket
@@ -183,9 +183,11 @@ class CompanyPacer:
             self.paused_until = self.pause_reason = None
         if not policy.enabled:
             return None
-        waits = [Wait(self._bucket_for(policy, now).ready_at(now), WaitReason.RATE)]
+        ready = self._bucket_for(policy, now).ready_at()
         if self.last_send is not None:
-            waits.append(Wait(self.last_send + self._jitter, WaitReason.RATE))
+            # The jitter comes on top of what the bucket allows, so even a steady stream's gaps vary.
+            ready = max(ready, self.last_send) + self._jitter
+        waits = [Wait(ready, WaitReason.RATE)]
         if first_contacts is not None:
             recent = sorted(t for t in first_contacts if t > now - FIRST_CONTACT_WINDOW)
             if len(recent) >= policy.first_contact_per_day:
