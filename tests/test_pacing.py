@@ -25,6 +25,7 @@ from whatsappd.pacing import (
     bucket_violations,
     parse_rate,
 )
+from whatsappd.supervisor.registry import RuntimeRegistry
 from whatsappd.testing.daemon import run_ctl, wait_until
 from whatsappd.testing.events import wait_message
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, sim_config
@@ -166,6 +167,16 @@ def test_bad_pacing_values_are_named_with_their_place():
     text = "\n".join(caught.value.problems)
     assert 'pacing.rate = "6 per minute": expected a rate such as "6/min"' in text
     assert "companies[0] (id 'a').pacing.burst = 0" in text and "pacing.speed: unknown key" in text
+
+
+def test_a_runtime_company_keeps_its_pacing_across_a_registry_reload(tmp_path):
+    """PUT's pacing is written to companies.json as the config file writes it and read back equal."""
+    config = build_config({"companies": [{"id": "a", "pacing": {"rate": "10/min", "jitter": "1s500ms",
+                                                                  "enabled": False}}]}, "test")
+    company = config.company("a")
+    assert company is not None
+    RuntimeRegistry(tmp_path / "companies.json").put(company)
+    assert RuntimeRegistry(tmp_path / "companies.json").load() == [company]
 
 
 # ------------------------------------------------------------------------------ a real daemon

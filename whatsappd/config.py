@@ -414,7 +414,7 @@ SETTINGS: tuple[Setting, ...] = (
             "bursts of 5-8 messages to new contacts, hence 3."),
     Setting("pacing", "jitter", _duration_range(0, 3600), "3s",
             "Each send waits an extra random 0..jitter after the rate allows it, so gaps are not "
-            "machine-regular (the mean rate is then a little below rate).", render=format_duration),
+            "machine-regular (the bucket keeps the long-run rate).", render=format_duration),
     Setting("pacing", "first_contact_per_day", _int_range(1, 1_000_000), 15,
             "Distinct recipients who never wrote to this number that may be sent to in any 24 hours "
             "(kept in the store: a restart does not reset it). Restrictions (error 463) are reported "

@@ -7,7 +7,7 @@ outbox passes three gates before every send (README: "Send pacing"):
 
 - a token bucket (`rate`, `burst`): at most `burst` messages back to back, then one per 1/rate;
 - random jitter: each send waits an extra uniform(0, `jitter`) after the bucket allows it, so
-  the gaps are not machine-regular (the mean rate is then a little below `rate`);
+  the gaps are not machine-regular (the bucket refills meanwhile: the long-run rate stays `rate`);
 - a first-contact budget: at most `first_contact_per_day` distinct recipients who never wrote to
   this number, in any rolling 24 hours (the store counts them, so it holds across restarts).
 
