@@ -257,7 +257,7 @@ class OutboxSender:
                 recent = list(counted.values())
         # The constraints hold for the moment the message reaches WhatsApp; "typing…" comes first,
         # so the send starts that much earlier (a pause, above, is waited out whole).
-        lead = policy.typing_for(message["kind"], message.get("text"))
+        lead = self._typing(policy, message)
         wait = pacer.decide(policy, now + lead, recent)
         if wait is not None:
             wait = Wait(wait.until - lead, wait.reason) if wait.until - lead > now else None
@@ -265,6 +265,10 @@ class OutboxSender:
             await self.store.set_pacing_pause(company, None, None)
             log.info("sending resumed after a rate-limit pause", company=company)
         return wait, recent is not None
+
+    def _typing(self, policy: PacingPolicy, message: OutboxMessage) -> float:
+        """Seconds of "typing…" before message; never so long that the send itself would time out."""
+        return min(policy.typing_for(message["kind"], message.get("text")), self._config().outbox_send_timeout / 2)
 
     async def _pause(self, company: str, policy: PacingPolicy, reason: str) -> None:
         until = time.time() + policy.limit_pause
@@ -349,7 +353,7 @@ class OutboxSender:
             "text": message.get("text"), "caption": message.get("caption"),
             "filename": message.get("filename"), "mimetype": message.get("mimetype"),
         }
-        typing = policy.typing_for(message["kind"], message.get("text"))
+        typing = self._typing(policy, message)
         if typing:
             args["typing"] = typing
         config = self._config()
