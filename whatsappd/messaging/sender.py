@@ -298,9 +298,10 @@ class OutboxSender:
         """message, with `paced_until` and `paced_reason` while it is queued behind pacing."""
         if message["status"] is MessageStatus.QUEUED:
             wait = self._waits.get(message["company"])
-            waiting = wait is not None and wait.until > time.time()
-            message["paced_until"] = iso_or_none(wait.until) if waiting and wait else None
-            message["paced_reason"] = str(wait.reason) if waiting and wait else None
+            if wait is not None and wait.until <= time.time():
+                wait = None  # over: the sender is about to decide again
+            message["paced_until"] = None if wait is None else iso_or_none(wait.until)
+            message["paced_reason"] = None if wait is None else str(wait.reason)
         return message
 
     async def _settle_in_flight(self, runner: Runner) -> None:
