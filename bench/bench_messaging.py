@@ -132,6 +132,8 @@ def daemon_config(ids: list[str]) -> str:
     lines = [
         "[logging]", 'format = "json"', 'level = "warning"',
         "[reconnect]", "connect_rate = 1000", 'initial_delay = "10ms"', 'connect_timeout = "600s"',
+        # the figures are the outbox's own speed, as before send pacing (issue 12) existed
+        "[pacing]", "enabled = false",
     ]
     for cid in ids:
         lines += ["[[companies]]", f'id = "{cid}"', 'engine = "simulator"']

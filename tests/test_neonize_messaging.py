@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,13 @@ from whatsappd.worker.neonize.sendlog import SEND_LOG_FILE, SendLog, SendLogCorr
 
 from neonize.client import NewClient  # isort: skip  (imported by the engine above, side effects undone)
 from neonize.events import ConnectedEv, DisconnectedEv, MessageEv  # isort: skip
-from neonize.exc import DownloadError, IsOnWhatsAppError, SendMessageError, UploadError  # isort: skip
+from neonize.exc import (  # isort: skip
+    DownloadError,
+    IsOnWhatsAppError,
+    SendMessageError,
+    SendPresenceError,
+    UploadError,
+)
 from neonize.proto.Neonize_pb2 import (  # isort: skip
     JID,
     Device,
@@ -59,7 +66,7 @@ from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import (  # isort: skip
     StickerMessage,
     VideoMessage,
 )
-from neonize.utils.enum import MediaType  # isort: skip
+from neonize.utils.enum import ChatPresence, ChatPresenceMedia, MediaType  # isort: skip
 
 pytestmark = pytest.mark.neonize
 
@@ -373,6 +380,9 @@ class FakeClient:
         self.asked: list[str] = []
         self.download: bytes | Exception = b""
         self.stopped = 0
+        self.presences: list[tuple[str, ChatPresence, ChatPresenceMedia, float]] = []  # (user, state, media, when)
+        self.presence_error: Exception | None = None
+        self.sent_at: list[float] = []
 
     def get_me(self) -> Device:
         return self.me
@@ -396,7 +406,13 @@ class FakeClient:
         if self.send_error is not None:
             raise self.send_error
         self.sent.append((to, message))
+        self.sent_at.append(time.monotonic())
         return SendResponse(ID=f"3EB0{len(self.sent):016X}", Timestamp=int(NOW) + 5, ServerID=0)
+
+    def send_chat_presence(self, jid: JID, state: ChatPresence, media: ChatPresenceMedia) -> None:
+        if self.presence_error is not None:
+            raise self.presence_error
+        self.presences.append((jid.User, state, media, time.monotonic()))
 
     def is_on_whatsapp(self, *numbers: str) -> list[IsOnWhatsAppResponse]:
         self.asked.extend(numbers)
@@ -565,6 +581,36 @@ def test_send_errors(h: Harness, text: str, code: str, permanent: bool, state: s
         assert h.client.sent == []
 
 
+# ------------------------------------------------------------------------- pacing (issue 12)
+
+
+def test_a_send_with_typing_shows_composing_to_the_recipient_for_that_long_first(h: Harness) -> None:
+    """typing=0.2: a composing text presence to the recipient, then the message at least 0.2 s later."""
+    h.connect()
+    h.send(typing=0.2)
+    assert [(user, state, media) for user, state, media, _ in h.client.presences] == [
+        (CONTACT, ChatPresence.CHAT_PRESENCE_COMPOSING, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT)]
+    assert h.client.sent_at[0] - h.client.presences[0][3] >= 0.2
+
+
+def test_a_refused_typing_presence_does_not_stop_the_message(h: Harness) -> None:
+    """send_chat_presence failing is logged; the message is still sent, once."""
+    h.connect()
+    h.client.presence_error = SendPresenceError("presence refused")
+    assert h.send(typing=0.1)["wa_id"] and len(h.client.sent) == 1 and h.client.presences == []
+
+
+def test_a_send_whatsapp_rate_limits_is_not_sent_and_may_be_retried(h: Harness) -> None:
+    """server returned error 463: rate_limited, not permanent, the send log says not_sent (a later send goes)."""
+    h.connect()
+    h.client.send_error = SendMessageError("server returned error 463")
+    error = h.send_error()
+    assert error.code == "rate_limited" and not error.permanent
+    assert [r["state"] for r in h.log()] == ["attempted", "not_sent"]
+    h.client.send_error = None
+    assert h.send()["wa_id"] and len(h.client.sent) == 1
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -585,6 +631,10 @@ def test_send_errors(h: Harness, text: str, code: str, permanent: bool, state: s
         ("can't encrypt message for device: no signal session established", ("send_failed", False, False)),
         ("proto: cannot parse invalid wire-format data", ("send_failed", False, False)),
         ("context deadline exceeded", ("send_interrupted", True, True)),
+        # WhatsApp refuses the number's sending: the outbox pauses the company (pacing)
+        ("server returned error 463", ("rate_limited", False, False)),
+        ("failed to get device list: info query returned status 429: rate-overlimit", ("rate_limited", False, False)),
+        ("server returned error 479", ("send_failed", False, False)),
     ],
 )
 def test_classify_send_error(text: str, expected: tuple[str, bool, bool]) -> None:

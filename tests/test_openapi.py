@@ -100,6 +100,8 @@ _SEMANTIC = {
         "invalid_message",  # ttl within outbox.max_ttl, a setting
         "bad_request",  # timeout goes only with wait=sent
     },
+    # a pacing duration or rate outside its range (JSON Schema has no ranges for duration strings)
+    "PUT /v1/companies/{id}": {"bad_request"},
     "GET /v1/companies/{id}/contacts/{phone}": {"invalid_recipient"},  # the numbering plan again
     "POST /v1/companies/{id}/simulate": {"invalid_argument"},  # each action's arguments, checked by the simulator
 }

@@ -20,6 +20,7 @@ from typing import Any
 
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.metrics.address import ListenAddress, parse_listen, render_listen
+from whatsappd.pacing import PacingPolicy, Rate, parse_rate
 from whatsappd.terminal import describe, first_unsafe
 
 __all__ = [
@@ -206,6 +207,12 @@ def _float_range(lo: float, hi: float) -> Callable[[object], float]:
         return float(value)
 
     return parse
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
 
 
 def _duration_range(lo: float, hi: float) -> Callable[[object], float]:
@@ -401,7 +408,40 @@ SETTINGS: tuple[Setting, ...] = (
             "socket). Empty: only GET /v1/metrics on the control socket. Host names are refused; a "
             "non-loopback address is used because you wrote it, with a warning at start.",
             reloadable=False, render=render_listen),
+
+    # Send pacing (issue 12; whatsappd/pacing.py says why each default is what it is). Every key
+    # may be overridden per company: a [companies.pacing] table, or "pacing" in PUT /v1/companies.
+    Setting("pacing", "enabled", _bool, True,
+            "Pace each company's sends (the bucket, jitter, first-contact budget, typing). false: "
+            "send as fast as WhatsApp answers. A rate-limit pause applies either way."),
+    Setting("pacing", "rate", parse_rate, "4/min",
+            "Sustained sends per company, e.g. \"6/min\", \"20/h\", \"1/s\" (a token bucket's refill). "
+            "Default well below what ban reports show as dangerous.", render=str),
+    Setting("pacing", "burst", _int_range(1, 1000), 3,
+            "Messages that may go back to back before the rate applies. Reports show bans after "
+            "bursts of 5-8 messages to new contacts, hence 3."),
+    Setting("pacing", "jitter", _duration_range(0, 3600), "3s",
+            "Each send waits an extra random 0..jitter after the rate allows it, so gaps are not "
+            "machine-regular (the bucket keeps the long-run rate).", render=format_duration),
+    Setting("pacing", "first_contact_per_day", _int_range(1, 1_000_000), 15,
+            "Distinct recipients who never wrote to this number that may be sent to in any 24 hours "
+            "(kept in the store: a restart does not reset it). Restrictions (error 463) are reported "
+            "after 20-30 a day, hence 15. A message over budget waits, and the ones behind it too "
+            "(order is kept)."),
+    Setting("pacing", "typing_per_char", _duration_range(0, 1), "40ms",
+            "Show \"typing…\" to the recipient for this long per character before a text (0s: off).",
+            render=format_duration),
+    Setting("pacing", "typing_max", _duration_range(0, 30), "6s",
+            "The longest \"typing…\" before one text.", render=format_duration),
+    Setting("pacing", "limit_pause", _duration_range(1, 7 * 86400), "1h",
+            "When WhatsApp answers a send with a rate-limit or restriction error (463, 429), the "
+            "company sends nothing for this long instead of retrying into a ban.",
+            render=format_duration),
 )
+
+#: The [pacing] keys, each also allowed in a company's pacing table.
+PACING_KEYS = tuple(s.key for s in SETTINGS if s.section == "pacing")
+_PACING_SETTINGS = {s.key: s for s in SETTINGS if s.section == "pacing"}
 
 
 def _checked_size(value: object, lo: int, hi: int) -> int:
@@ -411,7 +451,7 @@ def _checked_size(value: object, lo: int, hi: int) -> int:
     return size
 
 
-_COMPANY_KEYS = ("id", "name", "engine", "proxy")
+_COMPANY_KEYS = ("id", "name", "engine", "proxy", "pacing")
 MAX_NAME_LENGTH = 200
 
 
@@ -434,6 +474,8 @@ class CompanyConfig:
     name: str = ""
     engine: str = "neonize"
     proxy: str | None = None  # e.g. "socks5://127.0.0.1:1080"
+    #: This company's [pacing] overrides: (key, parsed value) pairs, sorted by key.
+    pacing: tuple[tuple[str, Any], ...] = ()
 
     def to_toml(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id}
@@ -442,6 +484,8 @@ class CompanyConfig:
         out["engine"] = self.engine
         if self.proxy:
             out["proxy"] = self.proxy
+        if self.pacing:
+            out["pacing"] = {key: _render_pacing(key, value) for key, value in self.pacing}
         return out
 
 
@@ -493,6 +537,14 @@ class Config:
     outbox_default_country: str
     import_baileys_root: Path | None
     metrics_listen: ListenAddress | None
+    pacing_enabled: bool
+    pacing_rate: Rate
+    pacing_burst: int
+    pacing_jitter: float
+    pacing_first_contact_per_day: int
+    pacing_typing_per_char: float
+    pacing_typing_max: float
+    pacing_limit_pause: float
     companies: tuple[CompanyConfig, ...] = ()
 
     @property
@@ -501,6 +553,12 @@ class Config:
 
     def company(self, company_id: str) -> CompanyConfig | None:
         return next((c for c in self.companies if c.id == company_id), None)
+
+    def pacing_policy(self, company: CompanyConfig | None = None) -> PacingPolicy:
+        """The [pacing] settings with company's overrides applied."""
+        values = {key: getattr(self, f"pacing_{key}") for key in PACING_KEYS}
+        values.update(company.pacing if company is not None else ())
+        return PacingPolicy.from_settings(values)
 
 
 # Every setting must have a field of the same name, and no field may lack a setting.
@@ -576,8 +634,35 @@ def parse_companies(raw: object, problems: list[str]) -> tuple[CompanyConfig, ..
                 f"{where}.proxy = {proxy!r}: expected a proxy URL such as \"socks5://127.0.0.1:1080\""
             )
             continue
-        companies.append(CompanyConfig(id=cid, name=name, engine=engine, proxy=proxy or None))
+        pacing = parse_company_pacing(item.get("pacing", {}), f"{where}.pacing", problems)
+        if pacing is None:
+            continue
+        companies.append(CompanyConfig(id=cid, name=name, engine=engine, proxy=proxy or None, pacing=pacing))
     return tuple(companies)
+
+
+def parse_company_pacing(raw: object, where: str, problems: list[str]) -> tuple[tuple[str, Any], ...] | None:
+    """A company's pacing overrides ({key: value}, keys of [pacing]); None (and problems) if invalid."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table of [pacing] keys, e.g. {{ rate = \"6/min\", burst = 3 }}")
+        return None
+    before = len(problems)
+    parsed: list[tuple[str, Any]] = []
+    for key in sorted(raw):
+        setting = _PACING_SETTINGS.get(key)
+        if setting is None:
+            problems.append(f"{where}.{key}: unknown key (allowed: {', '.join(PACING_KEYS)})")
+            continue
+        try:
+            parsed.append((key, setting.parse(raw[key])))
+        except ValueError as exc:
+            problems.append(f"{where}.{key} = {_show(raw[key])}: {exc}")
+    return tuple(parsed) if len(problems) == before else None
+
+
+def _render_pacing(key: str, value: Any) -> Any:
+    setting = _PACING_SETTINGS[key]
+    return setting.render(value) if setting.render else value
 
 
 def build_config(
@@ -691,7 +776,9 @@ def render_config(config: Config) -> str:
         lines.append(f"{setting.key} = {toml_value(shown)}")
     for company in config.companies:
         lines += ["", "[[companies]]"]
-        lines += [f"{k} = {toml_value(v)}" for k, v in company.to_toml().items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in company.to_toml().items() if k != "pacing"]
+        if company.pacing:
+            lines += ["[companies.pacing]"] + [f"{k} = {toml_value(v)}" for k, v in company.to_toml()["pacing"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -772,6 +859,11 @@ def example_file(settings: Iterable[Setting] = SETTINGS) -> str:
         "#id = \"acme\"",
         "#name = \"ACME Imóveis\"",
         "#engine = \"neonize\"",
+        "# Optional, after a company's keys: its own pacing (any [pacing] key), e.g. for a number",
+        "# that has sent for years:",
+        "#   [companies.pacing]",
+        "#   rate = \"10/min\"",
+        "#   first_contact_per_day = 40",
     ]
     return "\n".join(lines) + "\n"
 

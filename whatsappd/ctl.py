@@ -125,6 +125,8 @@ def cmd_health(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     storage = body.get("storage") or {}
     if storage.get("state", "ok") != "ok":
         text += f"\nstorage:   {storage['state'].upper()} since {storage.get('since')}: {storage.get('message')}"
+    for cid, sending in (body.get("sending_paused") or {}).items():
+        text += f"\nsending:   {cid} PAUSED until {sending.get('until')}: {sending.get('reason')}"
     last = body["config"].get("last_reload")
     if last and not last.get("ok"):
         text += f"\nlast reload FAILED at {last['at']}: " + "; ".join(last.get("problems", []))
@@ -183,6 +185,9 @@ def _company_text(c: dict[str, Any]) -> str:
         lines.append(f"  reconnect:  attempt {reconnect['attempt']}, next retry at {reconnect['next_retry_at']}")
     if c.get("banned_until"):
         lines.append(f"  banned until {c['banned_until']}")
+    sending = c.get("sending") or {}
+    if sending.get("state") in ("paced", "paused"):
+        lines.append(f"  sending:    {sending['state']} until {sending.get('until')} ({sending.get('reason')})")
     worker = c.get("worker") or {}
     lines.append(f"  worker:     {'pid ' + str(worker['pid']) if worker.get('pid') else 'not running'}, "
                  f"{worker.get('restarts', 0)} restarts")

@@ -26,7 +26,7 @@ from whatsappd.control.socket_file import SocketSetupError, bind_control_socket
 from whatsappd.exits import EX_DATAERR
 from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging import EventBus, Maintenance, Messaging, OutboxSender
-from whatsappd.metrics.collector import DaemonMetrics
+from whatsappd.metrics.collector import CompanySeries, DaemonMetrics
 from whatsappd.metrics.listener import MetricsListener, bind_listen_socket
 from whatsappd.store import Store, StoreBackend, StoreCorrupt, StoreError
 from whatsappd.supervisor import Supervisor
@@ -70,6 +70,14 @@ class Daemon:
         self.metrics = DaemonMetrics(self.supervisor, self.store, lambda: len(self.bus.subscribers),
                                      lambda: self.config.daemon_state_dir, self.started_at)
         self.store.subscribe(self.metrics.on_commit)
+        self.metrics.company_series += [  # send pacing (issue 12); the queue's depth is whatsappd_outbox_pending_messages
+            CompanySeries("whatsappd_pacing_delay_seconds",
+                          "Seconds until pacing lets the company's next message go (0: it may send now).",
+                          lambda r: self.messaging.pacing_delay(r.id)),
+            CompanySeries("whatsappd_sending_paused",
+                          "1 while a rate-limit or restriction error keeps the company from sending.",
+                          lambda r: int(self.messaging.pacing(r.id)["state"] == "paused")),
+        ]
         self.metrics_listener: MetricsListener | None = None
         self.stopping = False
         self.socket_path: str = ""
@@ -98,6 +106,9 @@ class Daemon:
             "config": {"source": self.config.source, "last_reload": self.last_reload},
             "companies": {"total": sum(counts.values()), "by_state": counts},
             "storage": storage,
+            # Companies whose sending WhatsApp rate-limited: paused until, and why (pacing).
+            "sending_paused": {cid: pacing for cid in sorted(self.supervisor.companies)
+                               if (pacing := self.messaging.pacing(cid))["state"] == "paused"},
         }
 
     # --------------------------------------------------------------------------------- start

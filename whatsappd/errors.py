@@ -77,6 +77,8 @@ class ErrorCode(enum.StrEnum):
     SEND_FAILED = "send_failed", 409, "WhatsApp did not take the message; it is retried."
     SEND_IN_PROGRESS = "send_in_progress", 409, "A send of this message is already under way."
     SEND_INTERRUPTED = "send_interrupted", 409, "A send began but its outcome cannot be known; never resent."
+    RATE_LIMITED = "rate_limited", 429, ("WhatsApp refused a send as too fast or restricted (463, 429): the "
+                                         "company's sending is paused for pacing.limit_pause, the message kept.")
     EXPIRED = "expired", 409, "The message's ttl passed before it could be sent."
     # Moving a company from Baileys (POST /v1/companies/{id}/import-baileys, `whatsappd import-baileys`).
     IMPORT_DISABLED = "import_disabled", 409, "import.baileys_root is not set, so the import route is off."

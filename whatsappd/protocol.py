@@ -35,6 +35,7 @@ __all__ = [
     "MAX_REPLAY",
     "MAX_STATUS_IDS",
     "MAX_TEXT",
+    "MAX_TYPING",
     "RECEIPTS",
     "SEND_KINDS",
     "SIMULATE_ACTIONS",
@@ -91,6 +92,8 @@ MAX_STATUS_IDS = 100_000
 MAX_RAW_CHARS = 1024 * 1024
 #: The most events one `simulate burst` may emit.
 MAX_BURST = 100_000
+#: The longest "typing…" presence a send may ask for (pacing.typing_max's bound).
+MAX_TYPING = 30.0
 #: What `send` can send.
 SEND_KINDS = ("text", "image", "document", "audio")
 #: The receipts a message.receipt event reports, in the order they happen.
@@ -184,6 +187,7 @@ class Send:
     filename: str | None = None
     mimetype: str | None = None
     media_path: str | None = None  # media kinds: a 0600 file the supervisor wrote with the bytes
+    typing: float = 0.0  # kind text: seconds of "typing…" presence shown to the recipient first (pacing)
 
     def to_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"outbox_id": self.outbox_id, "to": self.to.jid, "kind": self.kind,
@@ -191,6 +195,8 @@ class Send:
                                 "mimetype": self.mimetype}
         if self.media_path is not None:
             args["media_path"] = self.media_path
+        if self.typing:
+            args["typing"] = self.typing
         return args
 
 
@@ -355,8 +361,11 @@ def _parse_send(args: Mapping[str, Any]) -> Send:
     if kind not in SEND_KINDS:
         raise _invalid(f"'kind' must be one of {', '.join(SEND_KINDS)}", permanent=True)
     if kind == "text":
+        typing = args.get("typing", 0.0)
+        if isinstance(typing, bool) or not isinstance(typing, int | float) or not 0 <= typing <= MAX_TYPING:
+            raise _invalid(f"'typing' must be a number of seconds from 0 to {MAX_TYPING}", permanent=True)
         return Send(outbox_id, to, kind, text=_text(_string(args, "text", max_len=None, required=True),
-                                                    "a text message"))
+                                                    "a text message"), typing=float(typing))
     caption = _text(_string(args, "caption", max_len=None), "a caption")
     filename = _string(args, "filename", max_len=255)
     mimetype = _string(args, "mimetype", max_len=255)
@@ -499,6 +508,11 @@ SIMULATE_ACTIONS: Mapping[str, SimulateAction] = MappingProxyType({
         "the server's clock runs skew seconds ahead of this machine's (negative: behind); the worker reports "
         "the server time it sees now if connected, and at every connect",
         {"skew": f"number of seconds from -{MAX_CLOCK_SKEW} to {MAX_CLOCK_SKEW} (0)"}),
+
+    "rate_limit": SimulateAction(
+        "WhatsApp answers the next sends with a rate-limit error (nothing is sent); answers how many are armed",
+        {"count": "whole number from 0 to 1000 (1): how many sends fail; 0 disarms",
+         "code": "463 (a restriction, the default) or 429 (rate-overlimit)"}),
     "burst": SimulateAction(
         "count incoming text messages at full speed, or paced at rate per second",
         {"count": f"whole number from 0 to {MAX_BURST}", "text": "string (burst)",

@@ -33,7 +33,9 @@ _SETTLE_WAIT = 10.0
 _RESTARTING = SETTLING - {State.CONNECTING}
 
 async def list_companies(request: web.Request) -> web.Response:
-    return web.json_response({"companies": services(request).supervisor.list()})
+    messaging = services(request).messaging
+    return web.json_response({"companies": [{**c, "sending": messaging.pacing(c["id"])}
+                                            for c in services(request).supervisor.list()]})
 
 
 async def get_company(request: web.Request) -> web.Response:
@@ -42,7 +44,7 @@ async def get_company(request: web.Request) -> web.Response:
             and runner.has_session()):
         # The old CRM's promise: a status call (a page refresh) brings a stored session back.
         runner.start("status call on a stopped company with a stored session")
-    return web.json_response(runner.snapshot())
+    return web.json_response({**runner.snapshot(), "sending": services(request).messaging.pacing(runner.id)})
 
 
 async def put_company(request: web.Request) -> web.Response:

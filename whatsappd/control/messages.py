@@ -199,7 +199,7 @@ async def send_message(request: web.Request) -> web.Response:
         message = await parts.messaging.wait_status(
             runner.id, message["id"], lambda m: m["status"] not in _UNSETTLED, wait_bound) or message
     headers = {} if created else {"Idempotent-Replayed": "true"}
-    return web.json_response(message, status=202 if created else 200, headers=headers)
+    return web.json_response(parts.messaging.with_pacing(message), status=202 if created else 200, headers=headers)
 
 
 async def get_message(request: web.Request) -> web.Response:
@@ -208,7 +208,7 @@ async def get_message(request: web.Request) -> web.Response:
     message = await services(request).store.message(runner.id, message_id)
     if message is None:
         raise ApiError(ErrorCode.MESSAGE_NOT_FOUND, f"company {runner.id!r} has no message {message_id!r}")
-    return web.json_response(message)
+    return web.json_response(services(request).messaging.with_pacing(message))
 
 
 async def check_contact(request: web.Request) -> web.Response:

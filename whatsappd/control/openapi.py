@@ -190,8 +190,42 @@ SCHEMAS: dict[str, Any] = {
             "banned_until": _TIME_OR_NULL,
             "worker": {"type": "object", "properties": {"pid": {"type": ["integer", "null"]},
                                                          "restarts": {"type": "integer"}}},
+            "sending": _ref("Sending"),
         },
         "additionalProperties": True,
+    },
+    "Sending": {
+        "type": "object",
+        "description": "What the company's outbox waits for (README: Send pacing). `active`: nothing; `paced`: its "
+                       "next message waits for the rate, the jitter or the first-contact budget until `until`; "
+                       "`paused`: WhatsApp answered a send with a rate-limit or restriction error (463, 429) and "
+                       "nothing is sent until `until` (pacing.limit_pause).",
+        "required": ["state", "until", "reason"],
+        "properties": {
+            "state": {"type": "string", "enum": ["active", "paced", "paused"]},
+            "until": _TIME_OR_NULL,
+            "reason": {"type": ["string", "null"],
+                       "description": "paced: rate or first_contact_budget; paused: WhatsApp's error text"},
+        },
+    },
+    "Pacing": {
+        "type": "object",
+        "description": "This company's own values of [pacing] keys (README: Send pacing); absent keys follow "
+                       "the config file's [pacing] section.",
+        "properties": {
+            "enabled": {"type": "boolean"},
+            "rate": {"type": "string", "description": "more than 0, at most 1000/s",
+                     "pattern": r"^\s*\d+(\.\d+)?\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$",
+                     "examples": ["6/min", "20/h", "1/s"]},
+            "burst": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "jitter": {"type": "string", "pattern": _DURATION, "examples": ["3s"], "description": "0s to 1h"},
+            "first_contact_per_day": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "typing_per_char": {"type": "string", "pattern": _DURATION, "examples": ["40ms", "0s"],
+                                "description": "0s to 1s"},
+            "typing_max": {"type": "string", "pattern": _DURATION, "examples": ["6s"], "description": "0s to 30s"},
+            "limit_pause": {"type": "string", "pattern": _DURATION, "examples": ["1h"], "description": "1s to 7d"},
+        },
+        "additionalProperties": False,
     },
     "CompanyInput": {
         "type": "object",
@@ -201,6 +235,7 @@ SCHEMAS: dict[str, Any] = {
             "engine": {"type": "string", "enum": list(ENGINES), "default": "neonize"},
             "proxy": {"type": ["string", "null"], "pattern": PROXY_PATTERN,
                       "description": 'e.g. "socks5://127.0.0.1:1080"; null or absent: none'},
+            "pacing": _ref("Pacing"),
         },
         "additionalProperties": False,
     },
@@ -253,6 +288,11 @@ SCHEMAS: dict[str, Any] = {
             "sent_at": _TIME_OR_NULL, "delivered_at": _TIME_OR_NULL, "read_at": _TIME_OR_NULL,
             "caption": {"type": ["string", "null"]}, "filename": {"type": ["string", "null"]},
             "mimetype": {"type": ["string", "null"]}, "size": {"type": "integer"},
+            "paced_until": {**_TIME_OR_NULL, "description": "Only while `queued`: the company's sending waits for "
+                            "pacing until then (null: it does not wait). Messages go in order, so the ones behind "
+                            "the next message wait at least as long."},
+            "paced_reason": {"type": ["string", "null"], "enum": ["rate", "first_contact_budget", "paused", None],
+                             "description": "Only while `queued`: why it waits (see Sending)."},
         },
         "additionalProperties": True,
     },
@@ -313,6 +353,8 @@ SCHEMAS: dict[str, Any] = {
                     "message": {"type": "string"},
                 },
             },
+            "sending_paused": {"type": "object", "additionalProperties": _ref("Sending"),
+                               "description": "Companies whose sending a rate-limit error paused, by id."},
         },
     },
     "BaileysImportReport": {

@@ -1,5 +1,9 @@
 """The outbox sender: one task per company sends its queued messages, in order, while connected.
 
+Before each send the company's pacer (whatsappd/pacing.py) says whether the message may go now
+or waits, and until when (the message stays `queued`; the API shows `paced_until`). A send that
+WhatsApp refuses as rate-limited pauses the company's sending for pacing.limit_pause.
+
 A message is marked `sending` before the worker is asked; after a crash the worker's send log
 settles it (see docs/INTERNALS.md): sent once, or reported failed, never sent twice. The sender
 also applies what the supervisor reports about messages (EventBus hands it each event before
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import random
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -20,8 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from whatsappd.errors import ErrorCode, Failure
 from whatsappd.logs import get_logger
+from whatsappd.pacing import CompanyPacer, PacingPolicy, Wait, WaitReason
+from whatsappd.recipients import is_group_jid
 from whatsappd.states import State
 from whatsappd.store import RECEIPT_RANK, MessageStatus, OutboxMessage, OutgoingMessage, StorageFull, StoreBackend
+from whatsappd.timefmt import iso_or_none
 
 if TYPE_CHECKING:
     from whatsappd.config import Config
@@ -38,6 +46,8 @@ EARLY_RECEIPT_TTL = 300.0
 _RECEIPTS = {"delivered": MessageStatus.DELIVERED, "read": MessageStatus.READ, "played": MessageStatus.READ}
 #: Pause after a transient send failure before the next try (the worker is still connected).
 SEND_RETRY_PAUSE = (1.0, 30.0)
+#: The longest a paced sender sleeps before it decides again (a reload may change its pacing).
+PACING_RECHECK = 10.0
 
 
 class OutboxSender:
@@ -53,6 +63,10 @@ class OutboxSender:
         self._sending: set[str] = set()  # message ids a sender has asked a worker to send, right now
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
+        # Pacing, per company: its pacer, and what its next message waits for now (if anything).
+        self._pacers: dict[str, CompanyPacer] = {}
+        self._waits: dict[str, Wait] = {}
+        self._rng = random.Random()
 
     def start(self) -> None:
         for runner in self.sup.companies.values():
@@ -98,6 +112,10 @@ class OutboxSender:
         """React to a supervisor event (EventBus calls this before journaling it)."""
         company, data = event.company, event.data
         if event.type == "message.incoming":
+            chat = data.get("chat")
+            if company and isinstance(chat, str) and not data.get("is_group") and not data.get("from_me"):
+                # They wrote to this number: sending to them is no first contact (pacing).
+                self._spawn(lambda: self.store.record_contact(str(company), chat))
             raw = event.raw
             if raw and data.get("id"):
                 self._spawn(lambda: self.store.store_incoming_media(
@@ -169,13 +187,32 @@ class OutboxSender:
                 if settled_for_pid != worker.pid:
                     await self._settle_in_flight(runner)
                     settled_for_pid = worker.pid
+                if company not in self._pacers:
+                    await self._restore_pacer(company, self._config().pacing_policy(runner.config))
                 message = await self.store.next_pending(company)
                 if message is None:
+                    self._waits.pop(company, None)
                     wake.clear()
                     if await self.store.next_pending(company) is None:
                         await wake.wait()
                     continue
-                ok = await self._send_one(runner, message)
+                policy = self._config().pacing_policy(runner.config)
+                wait, first_contact = await self._pace(company, policy, message)
+                if wait is not None:
+                    self._waits[company] = wait
+                    wake.clear()
+                    try:
+                        await asyncio.wait_for(wake.wait(), min(max(wait.until - time.time(), 0.001), PACING_RECHECK))
+                    except TimeoutError:
+                        pass
+                    continue
+                self._waits.pop(company, None)
+                if first_contact:  # counted before the send: a crash may overcount, never undercount
+                    await self.store.record_first_contact(company, message["jid"], time.time())
+                ok = await self._send_one(runner, message, policy)
+                # The token is taken when the send is over, so the next one is paced from the moment
+                # this one reached WhatsApp (its send log time), whatever the typing took.
+                self._pacer(company).sent(policy, time.time())
                 pause = SEND_RETRY_PAUSE[0] if ok else min(pause * 2, SEND_RETRY_PAUSE[1])
                 if not ok:
                     wake.clear()
@@ -190,6 +227,82 @@ class OutboxSender:
             except Exception:
                 log.exception("outbox sender failed; retrying", company=company)
                 await asyncio.sleep(SEND_RETRY_PAUSE[0])
+
+    # ---------------------------------------------------------------------------- pacing
+
+    def _pacer(self, company: str) -> CompanyPacer:
+        return self._pacers.setdefault(company, CompanyPacer(self._rng))
+
+    async def _restore_pacer(self, company: str, policy: PacingPolicy) -> None:
+        """A new pacer from the store: a kept pause, and the recent sends (no fresh burst after a restart)."""
+        pacer = CompanyPacer(self._rng)
+        pacer.restore(policy, await self.store.recent_sends(company, policy.burst))
+        pause = (await self.store.pacing_pauses()).get(company)
+        if pause is not None:
+            pacer.pause(*pause)
+        self._pacers[company] = pacer
+
+    async def _pace(self, company: str, policy: PacingPolicy, message: OutboxMessage) -> tuple[Wait | None, bool]:
+        """(what the message waits for, None: it may go now; whether it is a first contact)."""
+        pacer = self._pacer(company)
+        was_paused = pacer.paused_until is not None
+        now = time.time()
+        if pacer.paused_until is not None and now < pacer.paused_until:
+            return Wait(pacer.paused_until, WaitReason.PAUSED), False
+        jid = message["jid"]
+        recent: list[float] | None = None
+        if policy.enabled and not is_group_jid(jid) and not await self.store.is_known_contact(company, jid):
+            counted = await self.store.first_contacts(company, now)
+            if jid not in counted:  # a second message to the same new recipient within 24 h is free
+                recent = list(counted.values())
+        # The constraints hold for the moment the message reaches WhatsApp; "typing…" comes first,
+        # so the send starts that much earlier (a pause, above, is waited out whole).
+        lead = self._typing(policy, message)
+        wait = pacer.decide(policy, now + lead, recent)
+        if wait is not None:
+            wait = Wait(wait.until - lead, wait.reason) if wait.until - lead > now else None
+        if was_paused and pacer.paused_until is None:
+            await self.store.set_pacing_pause(company, None, None)
+            log.info("sending resumed after a rate-limit pause", company=company)
+        return wait, recent is not None
+
+    def _typing(self, policy: PacingPolicy, message: OutboxMessage) -> float:
+        """Seconds of "typing…" before message; never so long that the send itself would time out."""
+        return min(policy.typing_for(message["kind"], message.get("text")), self._config().outbox_send_timeout / 2)
+
+    async def _pause(self, company: str, policy: PacingPolicy, reason: str) -> None:
+        until = time.time() + policy.limit_pause
+        self._pacer(company).pause(until, reason)
+        self._waits[company] = Wait(until, WaitReason.PAUSED)
+        await self.store.set_pacing_pause(company, until, reason)
+        log.warning("sending paused: WhatsApp answered with a rate-limit error", company=company,
+                    until=iso_or_none(until), reason=reason)
+
+    def pacing(self, company: str) -> dict[str, Any]:
+        """What the company's sending waits for now: {"state": "active" | "paced" | "paused", "until", "reason"}."""
+        now = time.time()
+        pacer = self._pacers.get(company)
+        if pacer is not None and pacer.paused_until is not None and pacer.paused_until > now:
+            return {"state": "paused", "until": iso_or_none(pacer.paused_until), "reason": pacer.pause_reason}
+        wait = self._waits.get(company)
+        if wait is not None and wait.until > now:
+            return {"state": "paced", "until": iso_or_none(wait.until), "reason": str(wait.reason)}
+        return {"state": "active", "until": None, "reason": None}
+
+    def pacing_delay(self, company: str) -> float:
+        """Seconds until the company's next message may go (0: now, or nothing waits)."""
+        wait = self._waits.get(company)
+        return max(0.0, wait.until - time.time()) if wait is not None else 0.0
+
+    def with_pacing(self, message: OutboxMessage) -> OutboxMessage:
+        """message, with `paced_until` and `paced_reason` while it is queued behind pacing."""
+        if message["status"] is MessageStatus.QUEUED:
+            wait = self._waits.get(message["company"])
+            if wait is not None and wait.until <= time.time():
+                wait = None  # over: the sender is about to decide again
+            message["paced_until"] = None if wait is None else iso_or_none(wait.until)
+            message["paced_reason"] = None if wait is None else str(wait.reason)
+        return message
 
     async def _settle_in_flight(self, runner: Runner) -> None:
         """Messages left `sending` by a crash: ask the worker's send log what became of them."""
@@ -224,23 +337,26 @@ class OutboxSender:
                 error="the session was logged out or quarantined while this message was being sent; it "
                       "may or may not have been delivered")
 
-    async def _send_one(self, runner: Runner, message: OutboxMessage) -> bool:
+    async def _send_one(self, runner: Runner, message: OutboxMessage, policy: PacingPolicy) -> bool:
         sending = await self.store.set_status(message["id"], MessageStatus.SENDING)
         if sending is None:
             return True  # expired or changed meanwhile
         self._sending.add(message["id"])
         try:
-            return await self._send_sending(runner, message)
+            return await self._send_sending(runner, message, policy)
         finally:
             self._sending.discard(message["id"])
 
-    async def _send_sending(self, runner: Runner, message: OutboxMessage) -> bool:
+    async def _send_sending(self, runner: Runner, message: OutboxMessage, policy: PacingPolicy) -> bool:
         media_path: Path | None = None
         args: dict[str, Any] = {
             "outbox_id": message["id"], "to": message["jid"], "kind": message["kind"],
             "text": message.get("text"), "caption": message.get("caption"),
             "filename": message.get("filename"), "mimetype": message.get("mimetype"),
         }
+        typing = self._typing(policy, message)
+        if typing:
+            args["typing"] = typing
         config = self._config()
         try:
             if message["kind"] != "text":
@@ -256,6 +372,12 @@ class OutboxSender:
             if exc.code == ErrorCode.WORKER_TIMEOUT:
                 if runner.worker is not None:
                     runner.worker.kill("send_timeout")  # its send log will settle the message
+                return False
+            if exc.code == ErrorCode.RATE_LIMITED:
+                # Nothing was sent; retrying now would only dig the hole deeper: pause the company.
+                await self.store.set_status(message["id"], MessageStatus.QUEUED, error_code=exc.code,
+                                            error=exc.message)
+                await self._pause(runner.id, policy, exc.message)
                 return False
             if exc.permanent or exc.code == ErrorCode.MEDIA_INVALID:
                 await self.store.set_status(message["id"], MessageStatus.FAILED, error_code=exc.code,

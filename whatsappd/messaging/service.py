@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from whatsappd.messaging.bus import EventBus, Subscriber
 from whatsappd.messaging.maintenance import Maintenance
@@ -54,3 +55,15 @@ class Messaging:
     async def wait_status(self, company: str, message_id: str, done: Callable[[OutboxMessage], bool],
                           timeout: float) -> OutboxMessage | None:
         return await self.bus.wait_status(company, message_id, done, timeout)
+
+    # ------------------------------------------------------------------------------ pacing
+
+    def pacing(self, company: str) -> dict[str, Any]:
+        """The company's sending: {"state": "active" | "paced" | "paused", "until", "reason"}."""
+        return self.sender.pacing(company)
+
+    def pacing_delay(self, company: str) -> float:
+        return self.sender.pacing_delay(company)
+
+    def with_pacing(self, message: OutboxMessage) -> OutboxMessage:
+        return self.sender.with_pacing(message)

@@ -148,3 +148,27 @@ class StoreBackend(Protocol):
 
     async def incoming_media(self, company: str, wa_id: str) -> IncomingMedia | None:
         """An incoming message's media reference, None if not kept (or pruned)."""
+
+    # ------------------------------------------------------------------------------- pacing
+
+    async def record_contact(self, company: str, jid: str) -> None:
+        """jid wrote to company's number: it is no first contact any more."""
+
+    async def is_known_contact(self, company: str, jid: str) -> bool:
+        """Whether jid ever wrote to company's number (as far as the store knows)."""
+
+    async def first_contacts(self, company: str, now: float) -> dict[str, float]:
+        """{jid: first send} of the company's first-contact recipients in the 24 hours before now."""
+
+    async def record_first_contact(self, company: str, jid: str, now: float) -> None:
+        """Count jid against the first-contact budget (once within the window)."""
+
+    async def recent_sends(self, company: str, limit: int) -> list[float]:
+        """The company's last limit send times, oldest first."""
+
+    async def set_pacing_pause(self, company: str, until: float | None, reason: str | None) -> None:
+        """Keep (until: Unix time) or end (None) the company's rate-limit pause."""
+
+    async def pacing_pauses(self) -> dict[str, tuple[float, str]]:
+        """Every kept pause: {company: (until, reason)}."""
+

@@ -115,6 +115,9 @@ class OutboxMessage(TypedDict):
     mimetype: NotRequired[str | None]
     size: NotRequired[int]
     text: NotRequired[str | None]
+    # While queued (the API adds them, from the sender): until when pacing holds it back, and why.
+    paced_until: NotRequired[str | None]
+    paced_reason: NotRequired[str | None]
 
 
 def new_message_id() -> str:

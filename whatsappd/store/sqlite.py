@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from whatsappd.errors import ErrorCode
 from whatsappd.logs import get_logger
+from whatsappd.store import pacing_sql
 from whatsappd.store.backend import IncomingMedia, StoreCorrupt, StoreError
 from whatsappd.store.core import GroupCommit, Writer, is_corrupt
 from whatsappd.store.journal import CommitListener, Event, JournalBuffer, NewEvent, Secret
@@ -216,8 +217,9 @@ class Store:
             damage = [row["quick_check"] for row in db.execute("PRAGMA quick_check(10)")]
             if damage != ["ok"]:
                 raise StoreCorrupt(self.path, "; ".join(damage), corrupt_fix(self.path))
-            db.executescript(SCHEMA)
+            db.executescript(SCHEMA + pacing_sql.SCHEMA)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            pacing_sql.backfill_contacts(db)
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
             if new:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (str(time.time()),))
@@ -390,6 +392,30 @@ class Store:
 
     async def incoming_media(self, company: str, wa_id: str) -> IncomingMedia | None:
         return await self.read(_select_incoming_media, company, wa_id)
+
+    # ------------------------------------------------------------------ pacing (pacing_sql.py)
+
+    async def record_contact(self, company: str, jid: str) -> None:
+        await self.run(pacing_sql.record_contact, company, jid, time.time())
+
+    async def is_known_contact(self, company: str, jid: str) -> bool:
+        return await self.read(pacing_sql.is_known_contact, company, jid)
+
+    async def first_contacts(self, company: str, now: float) -> dict[str, float]:
+        return await self.read(pacing_sql.first_contacts, company, now)
+
+    async def record_first_contact(self, company: str, jid: str, now: float) -> None:
+        await self.run(pacing_sql.record_first_contact, company, jid, now)
+
+    async def recent_sends(self, company: str, limit: int) -> list[float]:
+        return await self.read(pacing_sql.recent_sends, company, limit)
+
+    async def set_pacing_pause(self, company: str, until: float | None, reason: str | None) -> None:
+        await self.run(pacing_sql.set_pause, company, until, reason)
+
+    async def pacing_pauses(self) -> dict[str, tuple[float, str]]:
+        return await self.read(pacing_sql.pauses)
+
 
 
 # ------------------------------------------------------------------ functions on a connection

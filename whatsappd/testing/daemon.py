@@ -316,13 +316,15 @@ def _merge(head: str, extra: str) -> str:
     for text in (head, extra):
         for line in text.splitlines():
             stripped = line.strip()
-            if stripped.startswith("[") and not stripped.startswith("[["):
+            # [[companies]] and the tables inside its last entry ([companies.pacing]) stay in order, at the end.
+            in_array = stripped.startswith("[[") or stripped.startswith("[companies.")
+            if stripped.startswith("[") and not in_array:
                 current = stripped
                 if current not in sections:
                     sections[current] = []
                     order.append(current)
                 continue
-            if stripped.startswith("[["):
+            if in_array:
                 current = ""
                 sections.setdefault("__arrays__", [])
                 sections["__arrays__"].append(line)

@@ -39,6 +39,9 @@ _FAST_TABLES: dict[str, dict[str, Any]] = {
                   "connect_timeout": "10s"},
     "workers": {"heartbeat_interval": "200ms", "heartbeat_timeout": "5s", "stop_grace": "1s",
                 "crash_limit": 5, "crash_window": "1m"},
+    # Send pacing holds a real number to a few messages a minute; tests about pacing turn it on
+    # with a scaled rate (tests/test_pacing.py).
+    "pacing": {"enabled": False},
 }
 
 

@@ -42,6 +42,11 @@ _SEND_ERRORS: tuple[tuple[re.Pattern[str], ErrorCode, bool, bool], ...] = tuple(
         (r"timed out waiting for message send response", ErrorCode.SEND_INTERRUPTED, True, True),
         (r"websocket disconnected before message send returned response", ErrorCode.SEND_INTERRUPTED, True, True),
         (r"^websocket not connected$", ErrorCode.SEND_INTERRUPTED, True, True),  # retryFrame: resend impossible
+        # WhatsApp refuses the number's sending: 463 (a restriction, reported after many sends to new
+        # contacts) on the message node, 429 / rate-overlimit on the queries before it. Nothing was
+        # taken; the outbox pauses the company (pacing.limit_pause) rather than retry into a ban.
+        (r"^server returned error (463|429)\b|rate-overlimit|returned status 429\b",
+         ErrorCode.RATE_LIMITED, False, False),
         # rejected before anything was sent
         (r"^no LID found for \S+ from server", ErrorCode.NOT_ON_WHATSAPP, True, False),
         (r"^failed to get group members: (that group does not exist|you're not participating in that group)",

@@ -352,7 +352,7 @@ from neonize.proto.Neonize_pb2 import (  # noqa: E402
 )
 from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import AudioMessage, ExtendedTextMessage  # noqa: E402
 from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as WAMessage  # noqa: E402
-from neonize.utils.enum import ClientName, MediaType  # noqa: E402
+from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ClientName, MediaType  # noqa: E402
 from neonize.utils.jid import Jid2String  # noqa: E402
 from neonize.utils.log import log as go_log_level  # noqa: E402
 
@@ -363,6 +363,8 @@ neonize_ffmpeg._ffmpeg_checked = True
 __all__ = [
     "JID",
     "AudioMessage",
+    "ChatPresence",
+    "ChatPresenceMedia",
     "ClientName",
     "ClientOutdatedEv",
     "ConnectFailureEv",

@@ -4,6 +4,7 @@ send_status, check_number and download; each given typed, already-valid argument
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,15 @@ from whatsappd.worker.durable import write_private
 from whatsappd.worker.media import media_chunks
 from whatsappd.worker.neonize.classify import classify_download_error, classify_send_error, is_not_connected
 from whatsappd.worker.neonize.incoming import LID_SERVERS, PN_SERVER, decode_media_raw
-from whatsappd.worker.neonize.lib import JID, DownloadError, IsOnWhatsAppError, NeonizeError, SendMessageError
+from whatsappd.worker.neonize.lib import (
+    JID,
+    ChatPresence,
+    ChatPresenceMedia,
+    DownloadError,
+    IsOnWhatsAppError,
+    NeonizeError,
+    SendMessageError,
+)
 from whatsappd.worker.neonize.media import build_message
 from whatsappd.worker.neonize.sendlog import SendLog
 
@@ -55,6 +64,8 @@ class Messenger:
             return {"wa_id": previous["wa_id"], "timestamp": previous["timestamp"]}
         try:
             self._connected_client("sending a message")  # before reading a big file for nothing
+            if send.typing > 0:
+                self._show_typing(send)
             data = None if send.media_path is None else b"".join(media_chunks(send.media_path, send.kind))
             with self._go_call("sending a message") as client:
                 message = build_message(client, send, data)
@@ -88,6 +99,23 @@ class Messenger:
             return {"wa_id": record["wa_id"], "timestamp": record["timestamp"]}
         finally:
             self.send_log.release(outbox_id)
+
+    def _show_typing(self, send: Send) -> None:
+        """"typing…" to the recipient for send.typing seconds (pacing); the message then clears it.
+
+        The presence is a Go call of its own and the wait holds none, so a logout or stop is not
+        kept waiting. A refused presence is only logged: it is politeness, not the message.
+        """
+        jid = _jid(send.to.user, send.to.server)
+        try:
+            with self._go_call("showing typing") as client:
+                client.send_chat_presence(jid, ChatPresence.CHAT_PRESENCE_COMPOSING,
+                                          ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT)
+        except NeonizeError as exc:
+            self._log.warning("typing_presence_failed", outbox_id=send.outbox_id, error=str(exc))
+            return
+        self._log.info("typing_presence", outbox_id=send.outbox_id, seconds=send.typing)
+        time.sleep(send.typing)
 
     def send_status(self, command: SendStatus) -> dict[str, Any]:
         """What the send log says of each outbox id (a file read: works before connecting)."""

@@ -33,6 +33,7 @@ __all__ = [
     "optional_seconds",
     "optional_str",
     "parse_burst",
+    "parse_rate_limit",
     "parse_receipts",
 ]
 
@@ -213,3 +214,14 @@ def burst_event(burst: Burst, message_id: str, n: int, emitted_at_ns: int) -> In
             "push_name": burst.push_name, "timestamp": server.iso(server.now()), "is_group": False,
             "from_me": False, "kind": "text", "text": f"{burst.text} {n + 1}", "media": None,
             "emitted_at_ns": emitted_at_ns}
+
+
+def parse_rate_limit(args: Mapping[str, Any]) -> tuple[int, int]:
+    """(count, code) of `simulate rate_limit`."""
+    count = args.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1000:
+        raise _invalid("'count' must be a whole number from 0 to 1000")
+    code = args.get("code", 463)
+    if code not in (463, 429) or isinstance(code, bool):
+        raise _invalid("'code' must be 463 (a restriction) or 429 (rate-overlimit)")
+    return count, int(code)

@@ -140,6 +140,9 @@ class SimulatorEngine(Engine):
         self._receipts_due: list[tuple[float, int, tuple[str, str, str]]] = []  # (due, seq, (receipt, wa_id, to))
         self._receipt_seq = itertools.count()
         self._receipt_thread: threading.Thread | None = None
+        # simulate rate_limit: the next sends WhatsApp refuses, and with which error code
+        self._rate_limited_sends = 0
+        self._rate_limit_code = 463
 
     # ----------------------------------------------------------------- Engine interface
 
@@ -243,6 +246,14 @@ class SimulatorEngine(Engine):
         original = self._sent.duplicate(send.outbox_id)
         if original is not None:
             return {"wa_id": original["wa_id"], "timestamp": original["timestamp"]}
+        if send.typing > 0:
+            self._show_typing(send)
+        with self._cond:
+            if self._rate_limited_sends > 0:
+                self._rate_limited_sends -= 1
+                # whatsmeow's words for a refused message node (see neonize/classify.py)
+                raise EngineError(ErrorCode.RATE_LIMITED, f"WhatsApp did not take the message: server returned "
+                                  f"error {self._rate_limit_code} (simulated rate limit)")
         phone = send.to.phone
         if phone is not None and not server.on_whatsapp(phone):
             raise EngineError(ErrorCode.NOT_ON_WHATSAPP, f"{phone} is not on WhatsApp", permanent=True)
@@ -259,10 +270,24 @@ class SimulatorEngine(Engine):
             "size": size,
             "timestamp": iso(now()),
         }
+        if send.typing:
+            record["typing"] = send.typing  # the "typing…" shown before it (simulator-presence.jsonl)
         record, duplicate = self._sent.send(record)
         if not duplicate:
             self._schedule_receipts(record["wa_id"], record["to"])
         return {"wa_id": record["wa_id"], "timestamp": record["timestamp"]}
+
+    def _show_typing(self, send: Send) -> None:
+        """The "typing…" presence before a text, as whatsmeow sends it (composing, then the
+        message clears it): noted in the presence log, then held for its seconds (a drop or stop
+        ends it, and the send fails as not connected: nothing was sent)."""
+        server.log_presence(self.options.session_dir, {
+            "to": send.to.jid, "outbox_id": send.outbox_id, "state": "composing", "seconds": send.typing,
+            "timestamp": iso(now())})
+        log.info("simulator: typing presence to %s for %.3fs", send.to.jid, send.typing)
+        with self._cond:
+            self._cond.wait_for(lambda: self._phase != Phase.CONNECTED, send.typing)
+            self._require_connected("sending a message")
 
     def _send_status(self, command: SendStatus) -> dict[str, Any]:
         """What the send log says of each outbox id: sent (never "attempted": a send is atomic)."""
@@ -431,6 +456,11 @@ class SimulatorEngine(Engine):
     def _act_stats(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """What the send log holds (any phase, even not connected): sent, duplicates, per JID."""
         return self._sent.stats().as_dict()
+
+    def _act_rate_limit(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Arm the next count sends to fail as WhatsApp's rate-limit answer (463 or 429)."""
+        self._rate_limited_sends, self._rate_limit_code = actions.parse_rate_limit(args)
+        return {"armed": self._rate_limited_sends, "code": self._rate_limit_code}
 
     def _act_burst(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """count incoming text events as fast as they go (the throughput benchmark's source)."""

@@ -39,6 +39,7 @@ __all__ = [
     "DUPLICATES_FILE",
     "MAX_INLINE_MEDIA",
     "MEDIA_DIR",
+    "PRESENCE_LOG_FILE",
     "SEND_LOG_FILE",
     "SESSION_FILE",
     "SendLog",
@@ -48,6 +49,7 @@ __all__ = [
     "encode_raw",
     "has_session",
     "iso",
+    "log_presence",
     "media_chunks",
     "now",
     "on_whatsapp",
@@ -66,6 +68,8 @@ log = logging.getLogger("whatsappd.worker.simulator.engine")
 SESSION_FILE = SIMULATOR_FILE
 #: The "server" side of sending: one JSON line per unique outbox id sent, fsync'ed.
 SEND_LOG_FILE = "simulator-sent.jsonl"
+#: One JSON line per chat presence ("typing…") shown before a send: {"to", "outbox_id", "state", "seconds", "timestamp"}.
+PRESENCE_LOG_FILE = "simulator-presence.jsonl"
 #: One JSON line per send request for an outbox id that was already sent (nothing sent again).
 DUPLICATES_FILE = "simulator-duplicates.jsonl"
 #: Bytes of incoming media too big to ride inline in the event's `raw`.
@@ -89,6 +93,11 @@ def iso(moment: datetime) -> str:
 def wa_id() -> str:
     """A WhatsApp-web-like message id: 3EB0 and 16 uppercase hex digits."""
     return "3EB0" + secrets.token_hex(8).upper()
+
+
+def log_presence(session_dir: Path, record: dict[str, Any]) -> None:
+    """Note a chat presence the "server" was shown (fsync'ed: tests and benchmarks read it)."""
+    append_record(session_dir / PRESENCE_LOG_FILE, record)
 
 
 def on_whatsapp(phone: str) -> bool:
