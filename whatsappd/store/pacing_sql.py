@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
 
 from whatsappd.pacing import FIRST_CONTACT_WINDOW
 
