@@ -21,6 +21,12 @@ import structlog
 
 from whatsappd.testing.daemon import NOBODY, DaemonProcess, NotifySocket, user_switch
 from whatsappd.testing.disk import SmallDisk
+from whatsappd.worker.relay import LOOPBACK_ONLY_ENV
+
+# No test may let a real WhatsApp client dial past loopback, whatever its config says (a company
+# with no proxy, or a typo in one): every daemon and worker a test starts inherits this, and the
+# worker's relay then refuses any other destination (whatsappd/worker/relay.py).
+os.environ[LOOPBACK_ONLY_ENV] = "1"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

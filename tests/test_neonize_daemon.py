@@ -95,3 +95,16 @@ def test_a_session_directory_deleted_under_a_dialing_worker_ends_it_and_is_not_r
         time.sleep(1.5)
         assert not session.exists()
         assert d.stop() == 0
+
+
+def test_a_neonize_company_without_a_proxy_dials_nothing_off_loopback_under_the_test_suite(daemons):
+    """WHATSAPPD_LOOPBACK_ONLY (set for every test): a company with no proxy is refused by the relay, never dialed."""
+    d = daemons("[reconnect]\ninitial_delay = \"200ms\"\nmax_delay = \"1s\"\n"
+                "[[companies]]\nid = \"real\"\nengine = \"neonize\"\n")
+    d.start()
+    assert d.post("real", "connect").status == 202
+    wait_until(lambda: d.log_lines("relay_refused", company="real"), 40, what="the relay's refusal")
+    refused = d.log_lines("relay_refused", company="real")[0]
+    assert refused["reply"] == 2 and "not a loopback address" in refused["reason"]
+    assert refused["destination"] == "web.whatsapp.com:443"
+    assert d.snapshot("real")["state"] != "connected"

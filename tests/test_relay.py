@@ -8,6 +8,7 @@ the relay in tests/test_neonize_engine.py and tests/test_neonize_daemon.py.
 from __future__ import annotations
 
 import base64
+import os
 import queue
 import socket
 import struct
@@ -170,3 +171,41 @@ def test_an_http_proxy_with_credentials_gets_a_connect_and_the_tunnel_carries_by
     assert f"Proxy-Authorization: Basic {base64.b64encode(b'crm@acme:p:ss').decode()}" in head
     proxy.listener.close()
     relay.close()
+
+
+@pytest.mark.parametrize("upstream_url", [None, "socks5://proxy.example.com:1080", "http://proxy.example.org:3128"])
+def test_loopback_only_refuses_any_dial_that_would_leave_the_machine_before_resolving_a_name(grants, upstream_url):
+    """WHATSAPPD_LOOPBACK_ONLY: no proxy, or a proxy not on loopback, is 'not allowed' and nothing is dialed."""
+    relay = Relay(upstream_url, grants.gate, loopback_only=True).start()
+    try:
+        code, sock = socks_connect(relay.url, *MEDIA)  # media: no gate token involved
+        sock.close()
+        assert code == 2  # SOCKS5 "connection not allowed by ruleset"
+        grants.gate.grant()
+        code, sock = socks_connect(relay.url, *CHAT)
+        sock.close()
+        assert code == 2
+    finally:
+        relay.close()
+
+
+def test_loopback_only_still_reaches_a_proxy_on_loopback(grants):
+    """WHATSAPPD_LOOPBACK_ONLY lets the tests' 127.0.0.1 listeners work: the proxy sees the CONNECT."""
+    with Socks5FaultProxy(mode="refuse") as proxy:
+        relay = Relay(proxy.url, grants.gate, loopback_only=True).start()
+        try:
+            code, sock = socks_connect(relay.url, *MEDIA)
+            sock.close()
+            assert code == 5  # the proxy's own refusal, passed back
+            assert proxy.requests == [MEDIA]
+        finally:
+            relay.close()
+
+
+def test_the_test_suite_runs_with_loopback_only_and_daemons_it_starts_inherit_it():
+    """conftest sets WHATSAPPD_LOOPBACK_ONLY=1, and clean_env keeps it for every daemon and worker."""
+    from whatsappd.testing.daemon import clean_env
+    from whatsappd.worker.relay import LOOPBACK_ONLY_ENV
+
+    assert os.environ.get(LOOPBACK_ONLY_ENV) == "1"
+    assert clean_env().get(LOOPBACK_ONLY_ENV) == "1"

@@ -85,7 +85,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     """os.environ without what would make a child believe it runs under systemd, plus extra."""
     env = {
         k: v for k, v in os.environ.items()
-        if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_STREAM", "WHATSAPPD_"))
+        if (not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "JOURNAL_STREAM", "WHATSAPPD_"))
+            or k == "WHATSAPPD_LOOPBACK_ONLY")  # tests never let a real client dial past loopback
         and k not in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY")
     }
     env.update(extra)

@@ -18,6 +18,10 @@ forwarding it. So no attempt, whoever makes it, reaches the network unpaced.
   are not held.
 - A refusal by the upstream proxy is passed back with the same SOCKS reply code; anything
   else that fails before the tunnel is up gets "general failure" (or the matching code).
+- With ``WHATSAPPD_LOOPBACK_ONLY=1`` in the daemon's environment (a staging or test install
+  that must never reach WhatsApp), the relay opens no connection but to a loopback address
+  written as such (127.0.0.0/8, ::1, localhost): a company without a proxy, or with a proxy
+  elsewhere, gets "not allowed", and no name is even resolved. The test suite runs with it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import base64
 import contextlib
 import hmac
 import ipaddress
+import os
 import secrets
 import socket
 import ssl
@@ -36,10 +41,13 @@ from typing import Any
 
 from whatsappd.worker.gate import ConnectGate
 
-__all__ = ["CHAT_SERVERS", "Relay", "RelayRefused"]
+__all__ = ["CHAT_SERVERS", "LOOPBACK_ONLY_ENV", "Relay", "RelayRefused"]
 
 #: Where whatsmeow's chat websocket goes (whatsmeow socket.URL): connecting there is an attempt.
 CHAT_SERVERS = frozenset({("web.whatsapp.com", 443)})
+
+#: The environment variable that keeps every dial on loopback (see the module doc).
+LOOPBACK_ONLY_ENV = "WHATSAPPD_LOOPBACK_ONLY"
 
 _USER = "whatsappd"
 _UPSTREAM_CONNECT_TIMEOUT = 30.0  # as whatsmeow's own dialer (net.Dialer Timeout 30 s)
@@ -100,7 +108,8 @@ def _reply(sock: socket.socket, code: int) -> None:
 class _Upstream:
     """How to reach a destination: the company's proxy (parsed from its URL), or directly."""
 
-    def __init__(self, url: str | None) -> None:
+    def __init__(self, url: str | None, loopback_only: bool) -> None:
+        self.loopback_only = loopback_only
         self.scheme = ""
         self.host = ""
         self.port = 0
@@ -118,6 +127,9 @@ class _Upstream:
     def open(self, host: str, port: int) -> socket.socket:
         """A socket connected to host:port (through the proxy); raise RelayRefused."""
         target = (self.host, self.port) if self.scheme else (host, port)
+        if self.loopback_only and not _is_loopback(target[0]):
+            raise RelayRefused(REP_NOT_ALLOWED, f"{target[0]}:{target[1]} is not a loopback address, and "
+                                                f"{LOOPBACK_ONLY_ENV}=1 allows no other")
         try:
             sock = socket.create_connection(target, timeout=_UPSTREAM_CONNECT_TIMEOUT)
         except ConnectionRefusedError as exc:
@@ -201,11 +213,24 @@ def _splice(a: socket.socket, b: socket.socket) -> None:
     b.close()
 
 
+def _is_loopback(host: str) -> bool:
+    """host is a loopback address as written (a name other than localhost is never resolved)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Relay:
     """A SOCKS5 listener on 127.0.0.1 for this worker's WhatsApp client; see the module doc."""
 
-    def __init__(self, upstream: str | None, gate: ConnectGate, log: Any = None) -> None:
-        self._upstream = _Upstream(upstream)
+    def __init__(self, upstream: str | None, gate: ConnectGate, log: Any = None,
+                 loopback_only: bool | None = None) -> None:
+        if loopback_only is None:
+            loopback_only = os.environ.get(LOOPBACK_ONLY_ENV) == "1"
+        self._upstream = _Upstream(upstream, loopback_only)
         self._gate = gate
         self._log = log
         self._secret = secrets.token_hex(16)
