@@ -31,6 +31,7 @@ from whatsappd.supervisor import Supervisor
 from whatsappd.supervisor.registry import RegistryError
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
 from whatsappd.timefmt import iso
+from whatsappd.webhooks.delivery import WebhookDelivery
 
 __all__ = ["Daemon"]
 
@@ -64,6 +65,9 @@ class Daemon:
         self.store.subscribe(self.bus.committed)
         maintenance = Maintenance(self.store, sender.busy, lambda: self.config)
         self.messaging = Messaging(self.store, self.bus, sender, maintenance)
+        # Webhooks read the journal from their own cursors; a commit only wakes them.
+        self.webhooks = WebhookDelivery(self.store, lambda: self.config)
+        self.store.subscribe(self.webhooks.committed)
         self.started_at = time.time()
         self.stopping = False
         self.socket_path: str = ""
@@ -159,7 +163,8 @@ class Daemon:
             return 1
 
         services = Services(config=lambda: self.config, supervisor=self.supervisor, messaging=self.messaging,
-                            store=self.store, health=self.health, reload=self.reload, started_at=self.started_at)
+                            store=self.store, health=self.health, reload=self.reload, started_at=self.started_at,
+                            webhooks=self.webhooks)
         self._runner = web.AppRunner(
             build_app(services), handle_signals=False, access_log=None,
             keepalive_timeout=self.config.control_idle_timeout,
@@ -175,6 +180,7 @@ class Daemon:
         try:
             self.store.open()
             self.messaging.start()
+            await self.webhooks.start()
             await self.supervisor.start()
         except StoreCorrupt as exc:
             # One line that names the file and the fix; the exit status stops systemd's restarts.
@@ -267,6 +273,7 @@ class Daemon:
         return code
 
     async def _close_store(self) -> None:
+        await self.webhooks.close()
         await self.messaging.close()
         await self.store.close()
 
@@ -311,6 +318,7 @@ class Daemon:
             self.config = new  # messaging reads it from here
             try:
                 await self.supervisor.apply(new, diff)
+                await self.webhooks.apply(new)
             except Exception as exc:  # a bug: say so, but never leave systemd "reloading"
                 log.exception("applying the reloaded configuration failed part-way")
                 self.notifier.ready(self.supervisor.status_line())

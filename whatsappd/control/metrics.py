@@ -43,5 +43,6 @@ async def metrics(request: web.Request) -> web.Response:
               "# HELP whatsappd_storage_full_refusals_total Writes refused because the disk was full.",
               "# TYPE whatsappd_storage_full_refusals_total counter",
               f"whatsappd_storage_full_refusals_total {store.full_refusals}"]
+    lines += parts.webhooks.metric_lines()
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
                         headers={"X-Content-Format": "prometheus-0.0.4"})

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from whatsappd.messaging.service import Messaging
     from whatsappd.store import StoreBackend
     from whatsappd.supervisor import Runner, Supervisor
+    from whatsappd.webhooks.delivery import WebhookDelivery
 
 __all__ = ["SERVICES", "Services", "company_runner", "services"]
 
@@ -39,6 +40,8 @@ class Services:
     reload: Callable[[str], Awaitable[dict[str, Any]]]
     #: When the daemon started (time.time()), for the uptime metric.
     started_at: float
+    #: The webhooks and their delivery (issue 12).
+    webhooks: WebhookDelivery
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
