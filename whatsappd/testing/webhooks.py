@@ -128,6 +128,10 @@ class Receiver:
         async def stop() -> None:
             if self._runner is not None:
                 await self._runner.cleanup()
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # hung handlers
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)

@@ -22,15 +22,19 @@ them are reported, never skipped silently: the webhook's `lost_events` and `last
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
+import functools
 import json
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from whatsappd import __version__
 from whatsappd.errors import ErrorCode, Failure
@@ -64,6 +68,26 @@ IDLE_POLL = 5.0
 MAX_ANSWER = 64 * 1024
 #: Seconds between two tries to save a cursor while the store refuses writes (disk full).
 SAVE_RETRY = 1.0
+
+
+class OwnThreadResolver(AbstractResolver):
+    """Name lookups on the webhook's own thread. aiohttp's default resolver uses the loop's default
+    executor, which the store's reads use too: a DNS server that never answers would tie up its
+    threads and slow the event stream. Here it holds back only this webhook."""
+
+    def __init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="webhook-dns")
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[ResolveResult]:
+        lookup = functools.partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
+        infos = await asyncio.get_running_loop().run_in_executor(self._executor, lookup)
+        return [ResolveResult(hostname=host, host=str(address[0]), port=int(address[1]), family=found, proto=proto,
+                              flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+                for found, _, proto, _, address in infos if found in (socket.AF_INET, socket.AF_INET6)]
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class WebhookState(enum.StrEnum):
@@ -112,13 +136,15 @@ class Webhook:
         self._task: asyncio.Task[None] | None = None
         self._saving: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: OwnThreadResolver | None = None
 
     # ------------------------------------------------------------------------ start, stop
 
     def start(self) -> None:
         target = self.config.target
+        self._resolver = OwnThreadResolver()
         connector: aiohttp.BaseConnector = (aiohttp.UnixConnector(path=target.socket) if target.socket
-                                            else aiohttp.TCPConnector(limit=1))
+                                            else aiohttp.TCPConnector(limit=1, resolver=self._resolver))
         self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"whatsappd/{__version__}"})
         self.wake.set()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"webhook {self.config.id}")
@@ -130,6 +156,8 @@ class Webhook:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+        if self._resolver is not None:
+            await self._resolver.close()  # the connector closes only a resolver it made itself
         self._save()
         if self._saving is not None:
             await asyncio.gather(self._saving, return_exceptions=True)
