@@ -710,7 +710,7 @@ def render_config(config: Config) -> str:
     for webhook in config.webhooks:  # the secret is never printed
         lines += ["", "[[webhooks]]"]
         lines += [f"{k} = {toml_value(v)}" for k, v in webhook.definition().items() if k != "secret"]
-        lines.append('secret = "(set; not shown)"')
+        lines.append("# secret: set, not shown")
     return "\n".join(lines) + "\n"
 
 

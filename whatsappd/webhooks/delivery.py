@@ -3,8 +3,11 @@ in seq order (so in order per company), from a cursor persisted in the store.
 
 The journal is the source of truth. Each webhook has its own task, which reads the journal after
 its cursor (`StoreBackend.events_after`), POSTs one event at a time and moves its cursor once the
-receiver answered 2xx. Commit listeners only wake it (`committed`): nothing is handed over in
-memory, so a restart, a reload or a crash resumes from the cursor and loses nothing. The cursor
+receiver answered 2xx. The commit listener (`committed`) wakes it; while it is caught up, it also
+keeps the committed events it is handed (at most LIVE_MAX) so that it need not read back what was
+just written. They are the journal's rows (a listener sees only committed events), and the
+cursor is what survives: a restart, a reload or a crash resumes from the cursor, reading the
+journal, and loses nothing. The cursor
 is saved with at most one write in flight per webhook (a newer value replaces a pending one), so
 a kill -9 re-delivers at most the events delivered during the last cursor write.
 
@@ -66,6 +69,8 @@ BATCH = 500
 IDLE_POLL = 5.0
 #: The most of a receiver's answer that is read (the rest is dropped with the connection).
 MAX_ANSWER = 64 * 1024
+#: Events kept in memory for a caught-up webhook at most; past this it reads the journal again.
+LIVE_MAX = 2 * BATCH
 #: Seconds between two tries to save a cursor while the store refuses writes (disk full).
 SAVE_RETRY = 1.0
 
@@ -137,6 +142,10 @@ class Webhook:
         self._saving: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._resolver: OwnThreadResolver | None = None
+        #: While caught up: the matching events committed after _live_from, as the listener handed
+        #: them over (None: not kept; the journal is read).
+        self._live: list[Event] | None = None
+        self._live_from = 0
 
     # ------------------------------------------------------------------------ start, stop
 
@@ -164,22 +173,41 @@ class Webhook:
 
     # -------------------------------------------------------------------------- delivery
 
+    def offer(self, event: Event) -> None:
+        """A committed event its filters match (from the commit listener): kept while the webhook is
+        caught up, so that it need not read back what it was just handed; then it is woken."""
+        if self._live is not None:
+            if len(self._live) < LIVE_MAX:
+                self._live.append(event)
+            else:  # it fell behind (a receiver down): read the journal again when it catches up
+                self._live = None
+        self.wake.set()
+
     async def _run(self) -> None:
         store, config = self._store, self.config
         while True:
             try:
                 self.wake.clear()  # before reading: anything committed from now on wakes us again
-                top = store.last_seq
-                batch = await store.events_after(self.cursor, BATCH, config.companies, config.events, until=top)
-                await self._check_lost(batch[0].seq if batch else top + 1)
+                top = store.last_seq  # every event up to here has been offered (deliver() is synchronous)
+                full = False
+                if self._live is not None and self._live_from <= self.cursor:
+                    # Caught up: what the listener handed over since _live_from is every matching event.
+                    batch = [event for event in self._live if event.seq > self.cursor]
+                    self._live, self._live_from = [], top
+                else:
+                    batch = await store.events_after(self.cursor, BATCH, config.companies, config.events, until=top)
+                    await self._check_lost(batch[0].seq if batch else top + 1)
+                    full = len(batch) == BATCH
                 for event in batch:
                     await self._deliver(event)
                     self.cursor = event.seq
                     self._save()
-                if len(batch) < BATCH:
+                if not full:
                     if top > self.cursor:  # what is left up to top, its filters left out
                         self.cursor = top
                         self._save()
+                    if self._live is None:  # keep what is committed from now on; the journal has the rest
+                        self._live, self._live_from = [], store.last_seq
                     try:
                         await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
                     except TimeoutError:
@@ -188,6 +216,7 @@ class Webhook:
                 raise
             except Exception:  # a store read failed (or a bug): say so, wait, start over from the cursor
                 log.exception("webhook delivery failed; retrying", webhook=config.id)
+                self._live = None
                 await asyncio.sleep(SAVE_RETRY)
 
     async def _check_lost(self, first: int) -> None:
@@ -369,6 +398,7 @@ class WebhookDelivery:
         hook = self.hooks.pop(webhook_id)
         await hook.stop()
         self._cursors[webhook_id] = hook.cursor
+        log.info("webhook stopped", webhook=webhook_id, cursor=hook.cursor)
 
     async def close(self) -> None:
         async with self._lock:
@@ -381,7 +411,7 @@ class WebhookDelivery:
         """A committed journal event (the store calls this): wake the webhooks it is for."""
         for hook in self.hooks.values():
             if hook.config.wants(event.company, event.type):
-                hook.wake.set()
+                hook.offer(event)
 
     # ------------------------------------------------------------------------ for the API
 
