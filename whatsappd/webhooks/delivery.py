@@ -169,7 +169,12 @@ class Webhook:
             await self._resolver.close()  # the connector closes only a resolver it made itself
         self._save()
         if self._saving is not None:
-            await asyncio.gather(self._saving, return_exceptions=True)
+            # Bounded: a store that refuses writes (full disk) must not hold up a shutdown; the
+            # cursor saved before is then where delivery resumes (those events come again).
+            done, _ = await asyncio.wait({self._saving}, timeout=SAVE_RETRY * 5)
+            if not done:
+                self._saving.cancel()
+                await asyncio.gather(self._saving, return_exceptions=True)
 
     # -------------------------------------------------------------------------- delivery
 
