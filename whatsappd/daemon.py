@@ -180,8 +180,8 @@ class Daemon:
         try:
             self.store.open()
             self.messaging.start()
-            await self.webhooks.start()
             await self.supervisor.start()
+            await self.webhooks.start()  # last: its store read must not reorder the others' first steps
         except StoreCorrupt as exc:
             # One line that names the file and the fix; the exit status stops systemd's restarts.
             log.error("cannot start: the store is damaged", path=str(exc.path), problem=exc.problem, fix=exc.fix,
