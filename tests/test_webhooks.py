@@ -14,6 +14,7 @@ import hmac
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -286,6 +287,31 @@ def test_whatsappctl_webhooks_shows_cursor_lag_state_and_last_error(sim):
     assert any(row.split()[0] == "cfg" and row.split()[1] == "ok" for row in rows), out.stdout
     as_json = run_ctl("webhooks", "--json", "--socket", str(sim.socket_path))
     assert "cfg" in {w["id"] for w in __import__("json").loads(as_json.stdout)["webhooks"]}
+
+
+def test_a_reload_gives_the_config_file_precedence_and_gives_back_the_api_webhook(tmp_path):
+    """A config webhook added by reload takes over an API one of the same id (same cursor); removed
+    from the file again, the API one comes back; check-config never prints a secret."""
+    with daemon_pool(tmp_path) as make:
+        d = make(sim_config("acme"))
+        d.start(timeout=30)
+        assert put(d, "crm", {"url": "http://127.0.0.1:9/api", "secret": SECRET}).status == 201
+        assert d.config_path is not None
+        plain = d.config_path.read_text()
+        d.config_path.write_text(plain + "[[webhooks]]\nid = \"crm\"\nurl = \"http://127.0.0.1:9/file\"\n"
+                                 f"secret = \"{SECRET}-file\"\n")
+        assert d.client.post("/v1/reload").status == 200
+        taken = status(d, "crm")
+        assert (taken["source"], taken["url"]) == ("config", "http://127.0.0.1:9/file")
+        assert put(d, "crm", {"url": "http://127.0.0.1:9/api"}).json()["error"]["code"] == "defined_in_config"
+        checked = subprocess.run([sys.executable, "-m", "whatsappd", "check-config", "--config", str(d.config_path)],
+                                 capture_output=True, text=True, timeout=30)
+        assert "[[webhooks]]" in checked.stdout and SECRET not in checked.stdout + checked.stderr
+        d.config_path.write_text(plain)
+        assert d.client.post("/v1/reload").status == 200
+        back = status(d, "crm")
+        assert (back["source"], back["url"], back["cursor"]) == ("runtime", "http://127.0.0.1:9/api", taken["cursor"])
+        assert d.stop() == 0
 
 
 # ------------------------------------------------------------------ crashes and retention
