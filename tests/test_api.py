@@ -594,7 +594,8 @@ def _served_routes() -> set[tuple[str, str]]:
     daemon = Daemon(config, None)
     app = build_app(Services(config=lambda: config, supervisor=daemon.supervisor, messaging=daemon.messaging,
                              store=daemon.store, health=daemon.health, reload=daemon.reload,
-                             started_at=daemon.started_at, metrics=daemon.metrics))
+                             started_at=daemon.started_at, metrics=daemon.metrics,
+                             webhooks=daemon.webhooks))
     routes = set()
     for route in app.router.routes():
         if route.method == "HEAD":

@@ -340,8 +340,9 @@ def test_example_file_parses_to_the_defaults() -> None:
     uncommented = "\n".join(line[1:] if line.startswith("#") and not line.startswith("# ") else line
                             for line in text.splitlines())
     config = build_config(tomllib.loads(uncommented), "x", env={}, uid=0)
-    assert dataclasses.replace(config, companies=()) == defaults
+    assert dataclasses.replace(config, companies=(), webhooks=()) == defaults
     assert config.companies == (CompanyConfig(id="acme", name="ACME Imóveis", engine="neonize"),)
+    assert [w.id for w in config.webhooks] == ["crm"]  # the [[webhooks]] example is valid too
 
 
 def test_example_file_documents_every_setting() -> None:

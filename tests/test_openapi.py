@@ -121,6 +121,9 @@ _CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance
 #: Operations that may end the company's session, explored last so the others meet it alive.
 _LAST = ("POST /v1/companies/{id}/simulate", "POST /v1/companies/{id}/logout", "DELETE /v1/companies/{id}")
 _EXAMPLES = 15  # per operation and mode: about 500 requests, well under a minute
+#: Not explored: a generated webhook would make the daemon POST to a generated host (the network).
+#: tests/test_webhooks.py checks its refusals and answers instead.
+_NOT_EXPLORED = ("PUT /v1/webhooks/{id}",)
 
 
 @pytest.fixture
@@ -166,7 +169,7 @@ def test_schemathesis_finds_no_undocumented_answer(api: tuple[DaemonProcess, Any
     schema.config.update(base_url="http://localhost")
     failures: list[str] = []
     started = time.monotonic()
-    operations = sorted((result.ok() for result in schema.get_all_operations()),
+    operations = sorted((op for result in schema.get_all_operations() if (op := result.ok()).label not in _NOT_EXPLORED),
                         key=lambda op: _LAST.index(op.label) if op.label in _LAST else -1)
     for operation in operations:
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):

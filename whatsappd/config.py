@@ -22,6 +22,7 @@ from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.metrics.address import ListenAddress, parse_listen, render_listen
 from whatsappd.pacing import PacingPolicy, Rate, parse_rate
 from whatsappd.terminal import describe, first_unsafe
+from whatsappd.webhooks.spec import WebhookConfig, parse_webhooks
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -437,6 +438,21 @@ SETTINGS: tuple[Setting, ...] = (
             "When WhatsApp answers a send with a rate-limit or restriction error (463, 429), the "
             "company sends nothing for this long instead of retrying into a ban.",
             render=format_duration),
+
+    # Webhook delivery (issue 12; the webhooks themselves are [[webhooks]] tables, README "Webhooks").
+    Setting("webhook_delivery", "timeout", _duration_range(0.1, 600), "10s",
+            "A POST not answered within this counts as failed (and is retried): a hung receiver holds "
+            "its own webhook back this long per attempt, never the daemon or other webhooks.",
+            render=format_duration),
+    Setting("webhook_delivery", "initial_delay", _duration_range(0.01, 3600), "1s",
+            "Bound of the first retry delay after a failed POST; it doubles with each failure in a row "
+            "(the delay is drawn uniformly below the bound: full jitter).", render=format_duration),
+    Setting("webhook_delivery", "max_delay", _duration_range(0.01, 86400), "5m",
+            "Cap of the retry delay bound: a receiver that is down is tried at least this often.",
+            render=format_duration),
+    Setting("webhook_delivery", "failing_after", _int_range(1, 1_000_000), 5,
+            "Failed POSTs in a row after which a webhook is marked `failing` (it keeps retrying and "
+            "resumes from its cursor when the receiver answers again)."),
 )
 
 #: The [pacing] keys, each also allowed in a company's pacing table.
@@ -545,7 +561,13 @@ class Config:
     pacing_typing_per_char: float
     pacing_typing_max: float
     pacing_limit_pause: float
+
+    webhook_delivery_timeout: float
+    webhook_delivery_initial_delay: float
+    webhook_delivery_max_delay: float
+    webhook_delivery_failing_after: int
     companies: tuple[CompanyConfig, ...] = ()
+    webhooks: tuple[WebhookConfig, ...] = ()
 
     @property
     def sessions_dir(self) -> Path:
@@ -562,7 +584,7 @@ class Config:
 
 
 # Every setting must have a field of the same name, and no field may lack a setting.
-assert {s.attr for s in SETTINGS} == {f.name for f in fields(Config)} - {"source", "companies"}
+assert {s.attr for s in SETTINGS} == {f.name for f in fields(Config)} - {"source", "companies", "webhooks"}
 
 
 def default_paths(env: Mapping[str, str] | None = None, uid: int | None = None) -> tuple[Path, Path]:
@@ -672,8 +694,8 @@ def build_config(
     problems: list[str] = []
     sections = {s.section for s in SETTINGS}
     for key in data:
-        if key not in sections and key != "companies":
-            allowed = ", ".join(f"[{s}]" for s in sorted(sections)) + ", [[companies]]"
+        if key not in sections and key not in ("companies", "webhooks"):
+            allowed = ", ".join(f"[{s}]" for s in sorted(sections)) + ", [[companies]], [[webhooks]]"
             problems.append(f"{key}: unknown section or key (allowed: {allowed})")
     for section in sections:
         value = data.get(section, {})
@@ -697,6 +719,7 @@ def build_config(
         except ValueError as exc:
             problems.append(f"{setting.dotted} = {_show(raw)}: {exc}")
     companies = parse_companies(data.get("companies", []), problems)
+    webhooks = parse_webhooks(data.get("webhooks", []), problems)
     if not problems:
         if values["reconnect_max_delay"] < values["reconnect_initial_delay"]:
             problems.append(
@@ -708,6 +731,8 @@ def build_config(
                 "workers.heartbeat_timeout: must be more than twice workers.heartbeat_interval, "
                 "or one late heartbeat would kill a healthy worker"
             )
+        if values["webhook_delivery_max_delay"] < values["webhook_delivery_initial_delay"]:
+            problems.append("webhook_delivery.max_delay: must not be shorter than webhook_delivery.initial_delay")
         root = values["import_baileys_root"]
         if root is not None and root.is_relative_to(values["daemon_state_dir"]):
             problems.append(
@@ -716,7 +741,7 @@ def build_config(
             )
     if problems:
         raise ConfigError(source, problems)
-    return Config(source=source, companies=companies, **values)
+    return Config(source=source, companies=companies, webhooks=webhooks, **values)
 
 
 def _show(raw: object) -> str:
@@ -779,6 +804,12 @@ def render_config(config: Config) -> str:
         lines += [f"{k} = {toml_value(v)}" for k, v in company.to_toml().items() if k != "pacing"]
         if company.pacing:
             lines += ["[companies.pacing]"] + [f"{k} = {toml_value(v)}" for k, v in company.to_toml()["pacing"].items()]
+
+        lines += [f"{k} = {toml_value(v)}" for k, v in company.to_toml().items()]
+    for webhook in config.webhooks:  # the secret is never printed
+        lines += ["", "[[webhooks]]"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in webhook.definition().items() if k != "secret"]
+        lines.append("# secret: set, not shown")
     return "\n".join(lines) + "\n"
 
 
@@ -864,6 +895,18 @@ def example_file(settings: Iterable[Setting] = SETTINGS) -> str:
         "#   [companies.pacing]",
         "#   rate = \"10/min\"",
         "#   first_contact_per_day = 40",
+
+        "",
+        "# One table per webhook (README \"Webhooks\"): every journal event matching its filters is",
+        "# POSTed to url, signed with secret (HMAC-SHA256). url: http://, https:// or",
+        "# \"unix:/path/to.sock:/route\". events, companies: empty or left out: all.",
+        "# Webhooks added with PUT /v1/webhooks/{id} cannot reuse an id defined here.",
+        "#[[webhooks]]",
+        "#id = \"crm\"",
+        "#url = \"https://crm.example.com/hooks/whatsapp\"",
+        "#secret = \"<the output of: openssl rand -hex 32>\"",
+        "#events = [\"message.incoming\", \"message.status\"]",
+        "#companies = []",
     ]
     return "\n".join(lines) + "\n"
 

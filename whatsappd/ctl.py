@@ -380,6 +380,22 @@ def cmd_doctor(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     return raw, report_text(findings)
 
 
+def cmd_webhooks(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    """Each webhook: state, cursor, lag (journal events after its cursor), source, last error."""
+    raw, body = _check(client.get("/v1/webhooks"))
+    rows = [("ID", "STATE", "CURSOR", "LAG", "SOURCE", "LAST ERROR")]
+    for w in body["webhooks"]:
+        error = w.get("last_error") or {}
+        note = f"{error['message']} (seq {error.get('seq')}, {error.get('at')})" if error and w["state"] != "ok" else ""
+        if w.get("lost_events"):
+            note = f"{w['lost_events']} events lost (pruned before delivery); {note}".rstrip("; ")
+        rows.append((w["id"], w["state"], str(w["cursor"]), str(w["lag"]), w["source"], note))
+    if len(rows) == 1:
+        return raw, "no webhooks (add [[webhooks]] to the config, or PUT /v1/webhooks/ID)"
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return raw, "\n".join(("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5]).rstrip() for r in rows)
+
+
 def _tty() -> bool:
     return sys.stdout.isatty()
 
@@ -406,6 +422,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any,
     "remove": ("remove a company (--wipe: also unlink it on WhatsApp and delete its session)", cmd_remove),
     "simulate": ("drive a simulator company: simulate ID ACTION [KEY=VALUE ...]", cmd_simulate),
     "doctor": ("is anything wrong? one line per finding with its fix; exit 1 if any", cmd_doctor),
+    "webhooks": ("every webhook: state, cursor, lag, source, last error", cmd_webhooks),
 }
 
 

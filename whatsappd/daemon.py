@@ -33,6 +33,7 @@ from whatsappd.supervisor import Supervisor
 from whatsappd.supervisor.registry import RegistryError
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
 from whatsappd.timefmt import iso
+from whatsappd.webhooks.delivery import WebhookDelivery
 
 __all__ = ["Daemon"]
 
@@ -66,10 +67,14 @@ class Daemon:
         self.store.subscribe(self.bus.committed)
         maintenance = Maintenance(self.store, sender.busy, lambda: self.config)
         self.messaging = Messaging(self.store, self.bus, sender, maintenance)
+        # Webhooks read the journal from their own cursors; a commit only wakes them.
+        self.webhooks = WebhookDelivery(self.store, lambda: self.config)
+        self.store.subscribe(self.webhooks.committed)
         self.started_at = time.time()
         self.metrics = DaemonMetrics(self.supervisor, self.store, lambda: len(self.bus.subscribers),
                                      lambda: self.config.daemon_state_dir, self.started_at)
         self.store.subscribe(self.metrics.on_commit)
+        self.metrics.registry.register(self.webhooks)  # per-webhook series (WebhookDelivery.collect)
         self.metrics.company_series += [  # send pacing (issue 12); the queue's depth is whatsappd_outbox_pending_messages
             CompanySeries("whatsappd_pacing_delay_seconds",
                           "Seconds until pacing lets the company's next message go (0: it may send now).",
@@ -187,7 +192,7 @@ class Daemon:
 
         services = Services(config=lambda: self.config, supervisor=self.supervisor, messaging=self.messaging,
                             store=self.store, health=self.health, reload=self.reload, started_at=self.started_at,
-                            metrics=self.metrics)
+                            metrics=self.metrics, webhooks=self.webhooks)
         self._runner = web.AppRunner(
             build_app(services), handle_signals=False, access_log=None,
             keepalive_timeout=self.config.control_idle_timeout,
@@ -204,6 +209,7 @@ class Daemon:
             self.store.open()
             self.messaging.start()
             await self.supervisor.start()
+            await self.webhooks.start()  # last: its store read must not reorder the others' first steps
         except StoreCorrupt as exc:
             # One line that names the file and the fix; the exit status stops systemd's restarts.
             log.error("cannot start: the store is damaged", path=str(exc.path), problem=exc.problem, fix=exc.fix,
@@ -304,6 +310,7 @@ class Daemon:
             self.metrics_listener = None
 
     async def _close_store(self) -> None:
+        await self.webhooks.close()
         await self.messaging.close()
         await self.store.close()
 
@@ -349,6 +356,7 @@ class Daemon:
             self.config = new  # messaging reads it from here
             try:
                 await self.supervisor.apply(new, diff)
+                await self.webhooks.apply(new)
             except Exception as exc:  # a bug: say so, but never leave systemd "reloading"
                 log.exception("applying the reloaded configuration failed part-way")
                 self.notifier.ready(self.supervisor.status_line())

@@ -48,7 +48,7 @@ class ErrorCode(enum.StrEnum):
     CONFIG_INVALID = "config_invalid", 422, "The configuration file is invalid; the running one stays in force."
     SINCE_EXPIRED = "since_expired", 410, "Events after this cursor were pruned from the journal."
     # The company's state does not allow it now.
-    DEFINED_IN_CONFIG = "defined_in_config", 409, "The company is defined in the config file; change it there."
+    DEFINED_IN_CONFIG = "defined_in_config", 409, "The company (or webhook) is defined in the config file; change it there."
     NO_QR = "no_qr", 409, "No QR code is available now."
     NOT_PAIRING = "not_pairing", 409, "The company is not pairing."
     NOT_RUNNING = "not_running", 409, "The company has no running worker."
@@ -98,6 +98,10 @@ class ErrorCode(enum.StrEnum):
     WRITE_FAILED = "write_failed", 500, "The converted store could not be written (permissions, disk); nothing was put in place."
     # Backups (POST /v1/backup).
     BACKUP_FAILED = "backup_failed", 500, "The backup could not be taken (a full disk under STATE_DIR/tmp, an unreadable file)."
+    # Webhooks (PUT/GET/DELETE /v1/webhooks/{id}).
+    INVALID_WEBHOOK_ID = "invalid_webhook_id", 400, "The webhook id does not match ^[a-z0-9][a-z0-9_-]{0,63}$."
+    INVALID_WEBHOOK = "invalid_webhook", 400, "The webhook is malformed (url, secret, events, companies); error.problems lists why."
+    WEBHOOK_NOT_FOUND = "webhook_not_found", 404, "No webhook with this id."
     # The daemon.
     WORKER_TIMEOUT = "worker_timeout", 504, "The worker did not answer in time."
     TOO_MANY_CONNECTIONS = "too_many_connections", 503, "All control connections (or this uid's) are taken."

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from whatsappd.control import backup, companies, doctor, events, imports, messages, metrics, system
+from whatsappd.control import backup, companies, doctor, events, imports, messages, metrics, system, webhooks
 from whatsappd.control.middleware import MIDDLEWARES
 from whatsappd.control.services import SERVICES, Services
 
@@ -43,6 +43,10 @@ def build_app(services: Services) -> web.Application:
     r.add_get("/v1/companies/{id}/media/{message_id}", messages.get_media)
     r.add_get("/v1/events", events.events)
     r.add_get("/v1/metrics", metrics.metrics)
+    r.add_get("/v1/webhooks", webhooks.list_webhooks)
+    r.add_get("/v1/webhooks/{id}", webhooks.get_webhook)
+    r.add_put("/v1/webhooks/{id}", webhooks.put_webhook)
+    r.add_delete("/v1/webhooks/{id}", webhooks.delete_webhook)
     r.add_post("/v1/reload", system.reload)
     r.add_get("/v1/openapi.json", system.openapi)
     r.add_post("/v1/backup", backup.backup)

@@ -19,6 +19,7 @@ from whatsappd.recipients import GROUP_JID_PATTERN, USER_JID_PATTERN
 from whatsappd.states import LastError, State
 from whatsappd.store import EVENT_TYPES, STATUSES
 from whatsappd.terminal import safe_text_pattern
+from whatsappd.webhooks.spec import MIN_SECRET, WEBHOOK_ID_PATTERN
 
 __all__ = ["SIMULATE_ACTIONS", "openapi_document"]
 
@@ -437,6 +438,56 @@ _SIMULATE_INPUT = {
 
 _COMPANY_OUT = _json(_ref("Company"), "The company.")
 
+# Webhooks (issue 12; README "Webhooks").
+_WEBHOOK_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": WEBHOOK_ID_PATTERN}}
+_WEBHOOK_FILTERS = {
+    "events": {"type": "array", "items": {"type": "string", "enum": list(EVENT_TYPES)},
+               "description": "Event types to deliver; empty or left out: all."},
+    "companies": {"type": "array", "items": {"type": "string", "pattern": COMPANY_ID_PATTERN},
+                  "description": "Companies whose events to deliver; empty or left out: all."},
+}
+SCHEMAS["Webhook"] = {
+    "type": "object",
+    "required": ["id", "url", "events", "companies", "source", "state", "cursor", "last_seq", "lag"],
+    "properties": {
+        "id": {"type": "string", "pattern": WEBHOOK_ID_PATTERN},
+        "url": {"type": "string"}, **_WEBHOOK_FILTERS,
+        "source": {"type": "string", "enum": ["config", "runtime"]},
+        "has_secret": {"const": True, "description": "The secret is write-only: never shown."},
+        "state": {"type": "string", "enum": ["ok", "retrying", "failing"],
+                  "description": "failing: webhook_delivery.failing_after POSTs in a row failed; still retried."},
+        "cursor": {"type": "integer", "description": "The newest seq delivered (or left out by the filters)."},
+        "last_seq": {"type": "integer", "description": "The journal's newest seq."},
+        "lag": {"type": "integer", "description": "last_seq - cursor: journal events not yet delivered or passed over."},
+        "pending_since": _TIME_OR_NULL, "delivered": {"type": "integer"}, "failures": {"type": "integer"},
+        "consecutive_failures": {"type": "integer"},
+        "last_error": _nullable({"type": "object", "properties": {
+            "message": {"type": "string"}, "seq": {"type": "integer"}, "at": _TIME_OR_NULL}}),
+        "last_success_at": _TIME_OR_NULL, "next_attempt_at": _TIME_OR_NULL,
+        "lost_events": {"type": "integer", "description": "Events pruned from the journal before delivery (since start)."},
+        "last_lost": _nullable({"type": "object", "properties": {
+            "first_seq": {"type": "integer"}, "last_seq": {"type": "integer"}, "count": {"type": "integer"},
+            "at": _TIME_OR_NULL}}),
+    },
+    "additionalProperties": True,
+}
+SCHEMAS["WebhookInput"] = {
+    "type": "object",
+    "required": ["url"],
+    "properties": {
+        "id": {"type": "string", "description": "Optional: if given, the path's id (400 otherwise)."},
+        "url": {"type": "string", "minLength": 1, "maxLength": 2048,
+                "examples": ["https://crm.example.com/hooks/whatsapp", "unix:/run/crm/hooks.sock:/whatsapp"],
+                "description": "http://, https:// (no user:password@), or unix:/absolute/path.sock:/route."},
+        "secret": {"type": "string", "minLength": MIN_SECRET, "maxLength": 1024,
+                   "description": "The HMAC-SHA256 key (write-only). Required when the webhook is created; "
+                                  "left out of an update, the current one is kept."},
+        **_WEBHOOK_FILTERS,
+    },
+    "additionalProperties": False,
+}
+_WEBHOOK_OUT = _json(_ref("Webhook"), "The webhook and its delivery.")
+
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/health": {
         "get": {
@@ -677,6 +728,41 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": _responses({"200": {"description": "Metrics.", "content": {
                 "text/plain": {"schema": {"type": "string"}},
                 "application/openmetrics-text": {"schema": {"type": "string"}}}}}),
+        },
+    },
+    "/v1/webhooks": {
+        "get": {
+            "summary": "Every webhook with its delivery state, cursor, lag and last error",
+            "operationId": "listWebhooks",
+            "responses": _responses({"200": _json(
+                {"type": "object", "required": ["webhooks"],
+                 "properties": {"webhooks": {"type": "array", "items": _ref("Webhook")}}}, "All webhooks, by id.")}),
+        }
+    },
+    "/v1/webhooks/{id}": {
+        "parameters": [_WEBHOOK_ID],
+        "get": {
+            "summary": "One webhook: its filters, delivery state, cursor, lag, last error, lost events",
+            "operationId": "getWebhook",
+            "responses": _responses({"200": _WEBHOOK_OUT}, "invalid_webhook_id", "webhook_not_found"),
+        },
+        "put": {
+            "summary": "Add (201) or replace (200) a webhook; stored before the answer",
+            "description": "Every journal event matching the filters is POSTed to url, one at a time, in seq "
+                           "order, signed (README \"Webhooks\"). A new webhook gets the events from now on; a "
+                           "replaced one keeps its cursor. A webhook of the config file is changed there (409).",
+            "operationId": "putWebhook",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("WebhookInput")}}},
+            "responses": _responses({"200": _json(_ref("Webhook"), "Replaced."), "201": _json(_ref("Webhook"), "Added.")},
+                                    "invalid_webhook_id", *_BODY, "invalid_webhook", "defined_in_config",
+                                    "storage_full"),
+        },
+        "delete": {
+            "summary": "Remove a webhook added through the API, with its cursor",
+            "operationId": "deleteWebhook",
+            "responses": _responses({"200": _json({"type": "object", "required": ["id", "removed", "cursor"], "properties": {
+                "id": {"type": "string"}, "removed": {"const": True}, "cursor": {"type": "integer"}}}, "Removed.")},
+                "invalid_webhook_id", "webhook_not_found", "defined_in_config", "storage_full"),
         },
     },
     "/v1/reload": {

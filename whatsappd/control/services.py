@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from whatsappd.metrics.collector import DaemonMetrics
     from whatsappd.store import StoreBackend
     from whatsappd.supervisor import Runner, Supervisor
+    from whatsappd.webhooks.delivery import WebhookDelivery
 
 __all__ = ["SERVICES", "Services", "company_runner", "services"]
 
@@ -42,6 +43,8 @@ class Services:
     started_at: float
     #: The Prometheus registry and the histograms routes feed (the event stream's lag).
     metrics: DaemonMetrics
+    #: The webhooks and their delivery (issue 12).
+    webhooks: WebhookDelivery
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

@@ -7,7 +7,7 @@
 - sqlite.py: `Store`, the SQLite backend, with all of its SQL
 """
 
-from whatsappd.store.backend import IncomingMedia, StorageFull, StoreBackend, StoreCorrupt, StoreError
+from whatsappd.store.backend import IncomingMedia, StorageFull, StoreBackend, StoreCorrupt, StoredWebhook, StoreError
 from whatsappd.store.journal import EVENT_TYPES, CommitListener, Event, Secret
 from whatsappd.store.outbox import (
     ALLOWED,
@@ -23,4 +23,4 @@ from whatsappd.store.sqlite import Store, check_database, corrupt_fix
 
 __all__ = ["ALLOWED", "EVENT_TYPES", "RECEIPT_RANK", "STATUSES", "CommitListener", "Event", "IdempotencyConflict", "IncomingMedia",
            "MessageStatus", "OutboxMessage", "OutgoingMessage", "Payload", "Secret", "StorageFull", "Store",
-           "StoreBackend", "StoreCorrupt", "StoreError", "check_database", "corrupt_fix"]
+           "StoreBackend", "StoreCorrupt", "StoreError", "StoredWebhook", "check_database", "corrupt_fix"]

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypedDict
 from whatsappd.store.journal import CommitListener, Event, Secret
 from whatsappd.store.outbox import MessageStatus, OutboxMessage, OutgoingMessage
 
-__all__ = ["IncomingMedia", "StorageFull", "StoreBackend", "StoreCorrupt", "StoreError"]
+__all__ = ["IncomingMedia", "StorageFull", "StoreBackend", "StoreCorrupt", "StoreError", "StoredWebhook"]
 
 
 class StoreError(Exception):
@@ -50,6 +50,14 @@ class IncomingMedia(TypedDict):
     kind: str
     mimetype: str | None
     raw: str  # what the engine needs to download it
+
+
+class StoredWebhook(TypedDict):
+    """A webhook's row: its delivery cursor, and its definition if it was added through the API."""
+
+    id: str
+    cursor: int  # the newest seq delivered, or passed over by its filters
+    definition: dict[str, Any] | None  # None: the webhook comes from the config file
 
 
 class StoreBackend(Protocol):
@@ -172,3 +180,21 @@ class StoreBackend(Protocol):
     async def pacing_pauses(self) -> dict[str, tuple[float, str]]:
         """Every kept pause: {company: (until, reason)}."""
 
+    # ----------------------------------------------------------------------------- webhooks
+    # One row per webhook (whatsappd/webhooks/): its cursor in the journal, and for a webhook
+    # added with PUT /v1/webhooks/{id} its definition (secret included). Cursor writes come often
+    # (coalesced by the caller: one in flight at a time per webhook) and need not be group-committed
+    # with anything else; losing the last ones in a crash only re-delivers those events.
+
+    async def webhooks(self) -> list[StoredWebhook]:
+        """Every webhook row, by id."""
+
+    async def put_webhook(self, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
+        """Create the row at cursor, or replace the definition of an existing one keeping its cursor;
+        returns the row's cursor (committed when it returns)."""
+
+    async def set_webhook_cursor(self, webhook_id: str, cursor: int) -> None:
+        """Move a webhook's cursor (committed when it returns; no row: nothing happens)."""
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """Forget a webhook's row (definition and cursor)."""

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from whatsappd.errors import ErrorCode
 from whatsappd.logs import get_logger
 from whatsappd.store import pacing_sql
-from whatsappd.store.backend import IncomingMedia, StoreCorrupt, StoreError
+from whatsappd.store.backend import IncomingMedia, StoreCorrupt, StoredWebhook, StoreError
 from whatsappd.store.core import GroupCommit, Writer, is_corrupt
 from whatsappd.store.journal import CommitListener, Event, JournalBuffer, NewEvent, Secret
 from whatsappd.store.outbox import (
@@ -98,6 +98,12 @@ CREATE TABLE IF NOT EXISTS incoming_media (
     mimetype TEXT,
     raw TEXT NOT NULL,
     PRIMARY KEY (company, wa_id)
+);
+CREATE TABLE IF NOT EXISTS webhooks (         -- one row per webhook ever delivered to (issue 12)
+    id TEXT PRIMARY KEY,
+    cursor INTEGER NOT NULL,                  -- the last seq delivered (or skipped by its filters)
+    definition TEXT,                          -- JSON, for webhooks added with PUT; NULL: from the config file
+    updated_at REAL NOT NULL
 );
 """
 
@@ -416,6 +422,23 @@ class Store:
     async def pacing_pauses(self) -> dict[str, tuple[float, str]]:
         return await self.read(pacing_sql.pauses)
 
+    # ----------------------------------------------------------------------------- webhooks
+
+    async def webhooks(self) -> list[StoredWebhook]:
+        return await self.read(lambda db: [
+            {"id": r["id"], "cursor": r["cursor"],
+             "definition": None if r["definition"] is None else json.loads(r["definition"])}
+            for r in db.execute("SELECT id, cursor, definition FROM webhooks ORDER BY id")])
+
+    async def put_webhook(self, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
+        return await self.run(_put_webhook, webhook_id, definition, cursor)
+
+    async def set_webhook_cursor(self, webhook_id: str, cursor: int) -> None:
+        await self.run(lambda db: db.execute("UPDATE webhooks SET cursor = ?, updated_at = ? WHERE id = ?",
+                                             (cursor, time.time(), webhook_id)))
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        await self.run(lambda db: db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)))
 
 
 # ------------------------------------------------------------------ functions on a connection
@@ -424,6 +447,16 @@ class Store:
 def _close(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
+
+
+def _put_webhook(db: sqlite3.Connection, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
+    """Insert (at cursor) or update a webhook's row, its cursor kept; the cursor it has now."""
+    text = None if definition is None else json.dumps(definition, separators=(",", ":"))
+    with _transaction(db):
+        db.execute("INSERT INTO webhooks (id, cursor, definition, updated_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (id) DO UPDATE SET definition = excluded.definition, updated_at = excluded.updated_at",
+                   (webhook_id, cursor, text, time.time()))
+        return int(db.execute("SELECT cursor FROM webhooks WHERE id = ?", (webhook_id,)).fetchone()["cursor"])
 
 
 def _insert_events(db: sqlite3.Connection, batch: list[NewEvent]) -> list[Event]:

@@ -157,6 +157,13 @@ class SimDaemon(DaemonProcess):
         assert response.status == 200, response.body
         return self.wait_state(company, "connected", timeout=timeout)
 
+    def start_paired(self, *companies: str, timeout: float = 30.0) -> SimDaemon:
+        """Start the daemon and pair each company (none has a session yet); patient, for a loaded machine."""
+        self.start(timeout=timeout)
+        for company in companies:
+            self.pair(company, timeout=timeout)
+        return self
+
     def session_dir(self, company: str) -> Path:
         return self.state_dir / "sessions" / f"session-{company}"
 
