@@ -804,8 +804,6 @@ def render_config(config: Config) -> str:
         lines += [f"{k} = {toml_value(v)}" for k, v in company.to_toml().items() if k != "pacing"]
         if company.pacing:
             lines += ["[companies.pacing]"] + [f"{k} = {toml_value(v)}" for k, v in company.to_toml()["pacing"].items()]
-
-        lines += [f"{k} = {toml_value(v)}" for k, v in company.to_toml().items()]
     for webhook in config.webhooks:  # the secret is never printed
         lines += ["", "[[webhooks]]"]
         lines += [f"{k} = {toml_value(v)}" for k, v in webhook.definition().items() if k != "secret"]
