@@ -13,7 +13,9 @@ Phases (each figure next to its target from issue 9):
     worker handles --messages incoming messages through the real neonize event path (the
     engine's `replay`: serialized events through the ctypes callback neonize hands to Go, then
     neonize's dispatch, the engine's handler, the channel to the bench), and PSS again: the
-    copy-on-write drift.
+    copy-on-write drift. Where the host runs kernel same-page merging (KSM: workers and zygotes
+    ask for it, `/sys/kernel/mm/ksm/run` = 1 decides), each figure is taken after --ksm-scans
+    more full scans of ksmd (the zygote's own figure too), and the KSM settings are printed.
  2. memory, simulator: the same with connected simulator workers and `simulate burst`.
  3. spawn -> `hello` latency: one worker at a time (median of --latency-runs), per launcher and
     engine, the zygote already up; plus a zygote's own boot.
@@ -186,11 +188,37 @@ def pss_mib(pids: Iterable[int]) -> float:
     return sum(smaps_rollup(pid)["Pss"] for pid in pids) / MiB
 
 
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def ksm_state() -> dict[str, Any]:
+    """Whether the host runs kernel same-page merging (the workers ask for it; the host decides)."""
+    try:
+        return {"run": int((KSM / "run").read_text()), "pages_to_scan": int((KSM / "pages_to_scan").read_text()),
+                "sleep_millisecs": int((KSM / "sleep_millisecs").read_text())}
+    except (OSError, ValueError):
+        return {"run": 0}
+
+
+async def ksm_settle(scans: int, timeout: float = 900.0) -> int:
+    """Where KSM runs: wait for `scans` more full scans, so that what can merge has merged."""
+    if not scans or ksm_state()["run"] != 1:
+        return 0
+    start = int((KSM / "full_scans").read_text())
+    deadline = time.monotonic() + timeout
+    while int((KSM / "full_scans").read_text()) < start + scans:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"KSM did not finish {scans} full scans within {timeout:g}s")
+        await asyncio.sleep(0.5)
+    return scans
+
+
 # ------------------------------------------------------------------------------ phases 1, 2, 4
 
 
 async def memory_run(engine: str, launcher_name: str, n: int, messages: int, root: Path, settle: float,
-                     zygote_args: tuple[str, ...] = (), full_collection: bool = False) -> dict[str, Any]:
+                     zygote_args: tuple[str, ...] = (), full_collection: bool = False,
+                     ksm_scans: int = 2) -> dict[str, Any]:
     """n workers of one engine through one launcher: marginal PSS per company, before and after
     each handled `messages` incoming messages."""
     launcher = make_launch(launcher_name, zygote_args)
@@ -211,6 +239,7 @@ async def memory_run(engine: str, launcher_name: str, n: int, messages: int, roo
             if zygote is None:
                 raise RuntimeError("the zygote did not start")
             await asyncio.sleep(0.5)
+            await ksm_settle(ksm_scans)  # the zygote's own identical pages merge too: not the workers' saving
             base = pss_mib([zygote])
             result["zygote_alone_pss_mib"] = round(base, 2)
         workers = await spawn_many(launcher, engine, root, n, url, f"{engine[:3]}-{launcher_name}")
@@ -221,6 +250,7 @@ async def memory_run(engine: str, launcher_name: str, n: int, messages: int, roo
             for w in workers:
                 await w.until(lambda w: "connected" in w.states, 60, "connected")
         await asyncio.sleep(settle)
+        result["ksm_full_scans_waited"] = await ksm_settle(ksm_scans)
         pids = [w.proc.pid for w in workers]
         everything = [*([zygote] if zygote else []), *pids]
 
@@ -247,6 +277,7 @@ async def memory_run(engine: str, launcher_name: str, n: int, messages: int, roo
             result["messages_seconds"] = round(time.monotonic() - t0, 2)
             result["events_received"] = sum(w.events for w in workers)
             await asyncio.sleep(settle)
+            await ksm_settle(ksm_scans)
             figures("after_messages")
             result["drift_mib"] = round(result["after_messages_marginal_pss_mib"] - result["idle_marginal_pss_mib"], 2)
             say(f"    ... after {messages} messages each: {result['after_messages_marginal_pss_mib']} MiB/company")
@@ -458,7 +489,7 @@ def report(m: dict[str, Any], r: dict[str, Any]) -> None:
                      f"{len(s['left_after_stop'])} left", "no growth; 0"))
     print(f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, Linux {m['kernel']}, "
           f"Python {m['python']}, neonize {m['neonize']}; load {' '.join(m['loadavg_start'])} -> "
-          f"{' '.join(m.get('loadavg_end', []))}")
+          f"{' '.join(m.get('loadavg_end', []))}; KSM {m['ksm']}")
     print_rows(rows)
 
 
@@ -486,7 +517,8 @@ async def run_all(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 for name in args.launchers.split(","):
                     say(f"[memory] {engine}, {name}, N = {n}")
                     r["memory"].append(await memory_run(engine, name, n, args.messages,
-                                                        base / f"mem-{engine}-{name}-{n}", args.settle))
+                                                        base / f"mem-{engine}-{name}-{n}", args.settle,
+                                                        ksm_scans=args.ksm_scans))
     if "latency" in phases:
         r["latency"] = {}
         for engine in ("neonize", "simulator"):
@@ -525,6 +557,8 @@ def main() -> int:
     p.add_argument("--phases", default="memory,latency,steps,stress")
     p.add_argument("--engines", default="neonize,simulator", help="memory phase: engines (default both)")
     p.add_argument("--launchers", default="exec,zygote", help="memory phase: launchers (default both)")
+    p.add_argument("--ksm-scans", type=int, default=2,
+                   help="memory phase, where the host runs KSM: full scans to wait for before measuring (default 2)")
     p.add_argument("--json", type=Path, help="also write every figure (raw) to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (workers' logs)")
     args = p.parse_args()
@@ -534,6 +568,7 @@ def main() -> int:
     os.environ[REPLAY_ENV] = "1"  # every worker may replay; the zygote preloads the replay they run
     os.environ["WHATSAPPD_SIM_CONNECT_DELAY"] = "0.05"
     m = machine()
+    m["ksm"] = ksm_state()
     base = Path(tempfile.mkdtemp(prefix="wbench-zygote-"))
     os.chmod(base, 0o700)
     # Workers and zygotes write their logs to stderr, which they inherit: a file, not the terminal.

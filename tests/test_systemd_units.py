@@ -1,7 +1,8 @@
 """The shipped units under a real systemd 252, in a container (tests/systemd/sdharness-proof.sh).
 
 Start, STATUS=, the journal, reload, stop, a watchdog restart, socket activation, exit 78 and 65
-without a restart loop, the security score (2.0 or less), and real workers under the sandbox.
+without a restart loop, the security score (2.0 or less), real workers under the sandbox, and the
+zygote under it (a forked worker's parent is MainPID; kill -9 of the zygote spares the workers).
 It needs root and the sdharness tool: $WHATSAPPD_SDHARNESS, else shared/tools/sdharness beside
 the repository (../shared/tools/sdharness from its root); where either is missing it is
 skipped, and says why. The Debian rootfs it builds (about 520 MB; a run takes about 4 minutes

@@ -67,6 +67,15 @@ def zygote_of(daemon: SimDaemon, engine: str = "simulator") -> int:
     return pid
 
 
+def merge_any(pid: int) -> str | None:
+    """`ksm_merge_any` of /proc/PID/ksm_stat ("yes": PR_SET_MEMORY_MERGE), None where there is none."""
+    try:
+        lines = Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    return next((line.split(":")[1].strip() for line in lines if line.startswith("ksm_merge_any:")), None)
+
+
 def fds(pid: int) -> list[str]:
     base = Path(f"/proc/{pid}/fd")
     return sorted(os.readlink(base / name) for name in os.listdir(base))
@@ -102,6 +111,20 @@ def test_a_zygote_worker_is_the_daemons_child_in_its_own_session_with_a_scrubbed
         assert d.log_lines("worker exited", mark, company="acme", exit_code=17)
     finally:
         os.close(holder)
+
+
+@pytest.mark.parametrize("launcher", ["zygote", "exec"])
+def test_workers_and_zygotes_ask_for_kernel_same_page_merging(daemons, launcher):
+    """Every worker, forked or exec'd, and every zygote asked for KSM merging of all its memory."""
+    if merge_any(os.getpid()) is None:
+        pytest.skip("this kernel shows no ksm_merge_any in /proc/PID/ksm_stat (PR_SET_MEMORY_MERGE: Linux 6.4+)")
+    d = daemons(sim_config("acme", workers={"launcher": launcher}))
+    d.start()
+    worker = d.pair("acme")["worker"]["pid"]
+    for pid in (worker, *([zygote_of(d)] if launcher == "zygote" else [])):
+        assert merge_any(pid) == "yes", cmdline(pid)
+    assert merge_any(d.pid) == "no"  # the daemon itself is not offered
+    assert d.stop() == 0
 
 
 def test_the_zygote_holds_no_thread_and_no_file_but_its_channel(daemons):

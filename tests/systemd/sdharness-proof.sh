@@ -6,10 +6,11 @@
 # venv at /opt/whatsappd, installs the units, sysusers and tmpfiles, and checks: the
 # systemd-analyze security score, Type=notify start, STATUS=, the journal, the control socket
 # (and who may use it), neonize workers inside the sandbox (reload; a company behind a refusing
-# SOCKS5 listener goes reconnecting with backoff), a simulator company that pairs, connects and
-# is restored after a restart, a message sent and the event journal, exit 78 (bad config) and
-# 65 (damaged store) without restart loop, watchdog kill + restart, clean stop, and socket
-# activation. Every neonize company dials
+# SOCKS5 listener goes reconnecting with backoff), the zygote (a forked worker's parent is
+# MainPID; kill -9 of the zygote leaves workers running and the next start works), a
+# simulator company that pairs, connects and is restored after a restart, a message sent and
+# the event journal, exit 78 (bad config) and 65 (damaged store) without restart loop,
+# watchdog kill + restart, clean stop, and socket activation. Every neonize company dials
 # through a SOCKS5 listener or closed port on the container's 127.0.0.1. Stops the container at
 # the end whatever happens.
 #
@@ -346,6 +347,49 @@ sed 's/^/   session file: /' <<<"$store"
 check "neonize created the session stores" has 'session-acme/' "$store"
 loose=$(X find /var/lib/whatsappd -perm /077 -printf '%m %p\n' 2>&1)
 check "the stores are private (UMask=0077)${loose:+: $loose}" test -z "$loose"
+check "still active" active whatsappd.service
+
+# ---------------------------------------------------------------- the zygote (issue 9)
+step "the neonize zygote under systemd: its workers are the daemon's children; kill -9 of it"
+# The default launcher forks workers from one zygote per engine (a child of the daemon); each
+# worker is reparented to the daemon (a child subreaper), so systemd's MainPID is its parent.
+# The zygote: MainPID's child with the zygote's command line and one thread (a forked worker
+# shows the same command line, but runs threads).
+zygote_pid() {
+  X ps -o pid=,nlwp=,args= --ppid "$PID" | awk '$2 == 1 && /whatsappd\.worker\.zygote --engine neonize/ { print $1; exit }'
+}
+ppid_of() { X ps -o ppid= -p "$1" | tr -d ' '; }
+zp=$(zygote_pid || true)
+check "a neonize zygote runs as a child of MainPID $PID (pid ${zp:-none})" test -n "$zp"
+wp=$(worker_pid stuck || true)
+info "stuck's worker: pid ${wp:-none}, parent $(ppid_of "${wp:-0}" 2>/dev/null), $(X ps -o args= -p "${wp:-0}" | cut -c1-80)"
+check "stuck's worker was forked by the zygote (its command line)" \
+  has 'whatsappd\.worker\.zygote' "$(X ps -o args= -p "${wp:-0}" 2>/dev/null)"
+check "stuck's worker's parent is MainPID, not the zygote" test -n "$wp" -a "$(ppid_of "${wp:-0}")" == "$PID"
+c=$(cursor)
+[[ -n $zp ]] && X kill -9 "$zp" || true
+zygote_gone() { ! X kill -0 "${zp:-0}" 2>/dev/null; }
+check "kill -9 of the zygote (pid ${zp:-none}) ended it" wait_until 10 zygote_gone
+zygote_logged() { journal_since "$c" unit=whatsappd.service | grep -q 'zygote exited; its workers run on'; }
+check "the daemon noticed: 'zygote exited; its workers run on'" wait_until 15 zygote_logged
+check "stuck's worker still runs, still a child of MainPID" \
+  test -n "$wp" -a "$(ppid_of "${wp:-0}" 2>/dev/null)" == "$PID"
+check "the daemon is still active, same MainPID" test "$(prop whatsappd.service MainPID)" == "$PID"
+check "stuck is still connecting on that worker" \
+  company_matches stuck "d['state'] == 'connecting' and (d.get('worker') or {}).get('pid') == ${wp:-0}"
+zygote_ready() { journal_since "$c" unit=whatsappd.service | grep 'zygote started' | grep -q 'engine=neonize'; }
+check "a new zygote replaces it (backoff 1s) and is ready" wait_until 30 zygote_ready
+zp2=$(zygote_pid || true)
+http /v1/companies/stuck/restart -X POST
+check "the next start works: POST /v1/companies/stuck/restart: HTTP $CODE" test "$CODE" == 202
+new_worker() { local p; p=$(worker_pid stuck) && [[ $p != "$wp" ]]; }
+check "stuck has a new live worker" wait_until 30 new_worker
+wp2=$(worker_pid stuck || true)
+check "the old worker ended" not X kill -0 "${wp:-0}" 2>/dev/null
+check "the new zygote (pid ${zp2:-none}) is not the old one" test -n "$zp2" -a "$zp2" != "$zp"
+check "the new worker (pid ${wp2:-none}) is MainPID's child" test -n "$wp2" -a "$(ppid_of "${wp2:-0}" 2>/dev/null)" == "$PID"
+check "... and was forked by the new zygote (its command line is the zygote's)" \
+  has 'whatsappd\.worker\.zygote' "$(X ps -o args= -p "${wp2:-0}" 2>/dev/null)"
 check "still active" active whatsappd.service
 
 # ------------------------------------------------ neonize behind a refusing SOCKS5 listener

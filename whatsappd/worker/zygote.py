@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     if args.bench_gc == "disable-freeze":
         gc.disable()
-    from whatsappd.worker.__main__ import _die_with_parent
+    from whatsappd.worker.__main__ import _die_with_parent, offer_pages_for_merging
 
     _die_with_parent(args.parent_pid)
+    # Its workers inherit this; and the pages a worker copied but left equal can merge with ours.
+    merging = offer_pages_for_merging()
     from whatsappd.logs import configure_logging, get_logger
 
     configure_logging(args.log_format, args.log_level)
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "seconds": seconds}).encode())
     except OSError:
         return 0  # the supervisor is gone
-    log.info("zygote ready", pid=os.getpid(), preload_seconds=seconds, frozen_objects=gc.get_freeze_count())
+    log.info("zygote ready", pid=os.getpid(), preload_seconds=seconds, frozen_objects=gc.get_freeze_count(),
+             page_merging=merging)
     return _serve(control, args.parent_pid, log)
 
 
