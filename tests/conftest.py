@@ -20,6 +20,7 @@ import pytest
 import structlog
 
 from whatsappd.testing.daemon import NOBODY, DaemonProcess, NotifySocket, user_switch
+from whatsappd.testing.postgres import PostgresServer, PostgresUnavailable
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -116,3 +117,27 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(access_level)
     structlog.configure(**config)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (whatsappd.testing.postgres), on a Unix
+    socket in a temporary directory; stopped by its pid at the end.
+
+    Without PostgreSQL installed the tests that need it skip, saying what to install; in CI
+    (CI=true, which installs it) that is a failure instead, so a missing package cannot hide.
+    """
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_dsn(postgres: PostgresServer) -> str:
+    """The DSN of a new, empty database on the session's PostgreSQL server (one per test)."""
+    return postgres.create_database()
