@@ -43,6 +43,7 @@ LAUNCHERS = ("zygote", "exec")
 PROXY_PATTERN = r"^(socks5|http|https)://[^\s/]+(:\d+)?/?$"
 LOG_FORMATS = ("auto", "journal", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 
 class ConfigError(Exception):
@@ -178,6 +179,18 @@ def _optional_path(value: object) -> Path | None:
 
 def _render_dirs(value: tuple[Path, ...]) -> list[str]:
     return [str(v) for v in value]
+
+
+def _dsn(value: object) -> str:
+    """A PostgreSQL URL, or "" for none. Only the URL form: neonize's Go side (lib/pq) takes a
+    store for PostgreSQL only when its name starts with "postgres", and would open a key=value
+    DSN as a SQLite file."""
+    if not isinstance(value, str):
+        raise ValueError('expected a string such as "postgresql://whatsappd@db.example.com/whatsappd"')
+    if value and not re.match(r"postgres(ql)?://", value):
+        raise ValueError('expected a URL starting with "postgresql://" (or "postgres://"), '
+                         'e.g. "postgresql://whatsappd@db.example.com/whatsappd"')
+    return value
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
@@ -394,6 +407,15 @@ SETTINGS: tuple[Setting, ...] = (
             "session-<id>/ in it, never from a path a request names. Empty: that route is off "
             "(409 import_disabled); `whatsappd import-baileys` works either way.",
             render=_render_path),
+    Setting("store", "backend", _choice(STORE_BACKENDS), "sqlite",
+            "Where the journal and the outbox live: \"sqlite\" (one file in state_dir, the default) or "
+            "\"postgresql\" (the database store.dsn names; `whatsappd migrate` creates its tables, and "
+            "the daemon runs it at start).", reloadable=False),
+    Setting("store", "dsn", _dsn, "",
+            "With backend = \"postgresql\": the database, as a URL such as "
+            "\"postgresql://whatsappd@db.example.com/whatsappd?sslmode=verify-full\" (or with "
+            "?host=/run/postgresql for a Unix socket). Keep the password out of it: libpq reads "
+            "~/.pgpass or PGPASSFILE.", reloadable=False),
 )
 
 
@@ -485,6 +507,8 @@ class Config:
     outbox_max_file_size: int
     outbox_default_country: str
     import_baileys_root: Path | None
+    store_backend: str
+    store_dsn: str
     companies: tuple[CompanyConfig, ...] = ()
 
     @property
@@ -621,6 +645,9 @@ def build_config(
                 f"import.baileys_root = {_show(str(root))}: must not lie inside daemon.state_dir "
                 f"({values['daemon_state_dir']}): whatsappd's own sessions are never a Baileys source"
             )
+    if values.get("store_backend") == "postgresql" and values.get("store_dsn") == "":
+        problems.append('store.dsn: required with store.backend = "postgresql" (the database to use, '
+                        'e.g. "postgresql://whatsappd@db.example.com/whatsappd")')
     if problems:
         raise ConfigError(source, problems)
     return Config(source=source, companies=companies, **values)
