@@ -141,3 +141,24 @@ def postgres() -> Iterator[PostgresServer]:
 def pg_dsn(postgres: PostgresServer) -> str:
     """The DSN of a new, empty database on the session's PostgreSQL server (one per test)."""
     return postgres.create_database()
+
+
+@pytest.fixture(scope="session")
+def store_tables(request: pytest.FixtureRequest) -> Callable[[str], dict[str, str]]:
+    """store_tables(backend) -> the [store] table for a scenario daemon on backend: {} for SQLite
+    (the default), or a new database on the session's PostgreSQL server (started on first use)."""
+
+    def make(backend: str) -> dict[str, str]:
+        if backend == "sqlite":
+            return {}
+        server: PostgresServer = request.getfixturevalue("postgres")
+        return {"backend": "postgresql", "dsn": server.create_database()}
+
+    return make
+
+
+@pytest.fixture
+def store_table(request: pytest.FixtureRequest, store_tables: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """The [store] table for a test's daemon: SQLite unless the test is parametrized indirectly,
+    `@pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)`."""
+    return store_tables(getattr(request, "param", "sqlite"))

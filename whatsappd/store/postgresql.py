@@ -11,12 +11,16 @@ Schema: `migrate()` creates or upgrades it, in order, under a session advisory l
 key (`MIGRATE_LOCK`), so daemons starting at once never race (the second waits, then finds
 nothing to do). `whatsappd migrate` runs it; so does `open()`, before anything else.
 
-Seq order is commit order: every transaction that inserts events first takes the transaction
-advisory lock `JOURNAL_LOCK`, so seqs are handed out and committed one transaction at a time,
-even with several writers on one database, and a reader tailing `seq > last` never skips one
-that commits late. The same transaction sends NOTIFY `whatsappd_journal` with its newest seq:
-a wake-up for readers on other connections only (it is lost while a listener is away, and
-does not pass PgBouncer's transaction pooling); the journal table is the truth.
+Seqs come from a one-row counter (`whatsappd_journal_head`) updated in the inserting
+transaction, not from a sequence: a sequence is not transactional, so a daemon killed mid-
+transaction would leave a gap a reader cannot tell from a lost event. Seq order is commit
+order: every transaction that inserts events first takes the transaction advisory lock
+`JOURNAL_LOCK`, so seqs are handed out and committed one transaction at a time, even with
+several writers on one database (taken first, it also keeps them from deadlocking over message
+rows and the counter), and a reader tailing `seq > last` never skips one that commits late.
+The same transaction sends NOTIFY `whatsappd_journal` with its newest seq: a wake-up for
+readers on other connections only (it is lost while a listener is away, and does not pass
+PgBouncer's transaction pooling); the journal table is the truth.
 
 Cluster work to come (leases): a `whatsappd_company_leases (company PRIMARY KEY, owner, token
 bigint, expires_at)` table is a next migration. The token is checked where an owner writes for
@@ -76,8 +80,13 @@ DISK_FULL = "53100"
 #: one; append the next (the lease table goes here as version 2).
 MIGRATIONS: tuple[str, ...] = (
     """
+    CREATE TABLE whatsappd_journal_head (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        seq bigint NOT NULL                       -- the newest seq handed out (and committed)
+    );
+    INSERT INTO whatsappd_journal_head (seq) VALUES (0);
     CREATE TABLE whatsappd_events (
-        seq bigserial PRIMARY KEY,
+        seq bigint PRIMARY KEY,
         at double precision NOT NULL,
         company text,
         type text NOT NULL,
@@ -199,7 +208,7 @@ class PostgresStore:
         migrate(self.dsn)
         self._db = connect(self.dsn)
         try:
-            row = self._db.execute("SELECT pg_sequence_last_value('whatsappd_events_seq_seq') AS seq").fetchone()
+            row = self._db.execute("SELECT seq FROM whatsappd_journal_head").fetchone()
         except psycopg.Error as exc:
             raise StoreError(f"cannot read the PostgreSQL store {self.where}: {exc}") from exc
         self._journal.last_seq = int(row["seq"] or 0) if row else 0
@@ -399,8 +408,12 @@ def _notify(db: Db, events: list[Event]) -> None:
 
 
 def _insert_event(db: Db, at: float, company: str | None, type_: str, data: dict[str, Any]) -> Event:
-    row = db.execute("INSERT INTO whatsappd_events (at, company, type, data) VALUES (%s, %s, %s, %s::json) "
-                     "RETURNING seq", (at, company, type_, json.dumps(data, separators=(",", ":")))).fetchone()
+    """One journal row with the next seq from the head row: unlike a sequence, the head is
+    transactional, so a transaction that never commits (a killed daemon's) leaves no gap."""
+    row = db.execute("WITH head AS (UPDATE whatsappd_journal_head SET seq = seq + 1 RETURNING seq) "
+                     "INSERT INTO whatsappd_events (seq, at, company, type, data) "
+                     "SELECT seq, %s, %s, %s, %s::json FROM head RETURNING seq",
+                     (at, company, type_, json.dumps(data, separators=(",", ":")))).fetchone()
     assert row is not None
     return Event(int(row["seq"]), at, company, type_, data)
 
