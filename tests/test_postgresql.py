@@ -150,3 +150,14 @@ def test_an_unreachable_database_is_a_store_error_without_its_password(tmp_path:
     with pytest.raises(StoreError) as failed:
         PostgresStore(dsn).open()
     assert "s3cret" not in str(failed.value) and redact(dsn) in str(failed.value)
+
+
+def test_a_daemon_whose_database_is_unreachable_exits_1_naming_it(daemon_factory, tmp_path: Path):
+    """A daemon whose PostgreSQL store cannot be reached stops its start with exit 1 and one line naming it."""
+    dsn = f"postgresql://whatsappd:s3cret@/whatsappd?host={tmp_path}"
+    d = daemon_factory(f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\n')
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(30) == 1
+    lines = [e for e in d.log_events() if e.get("event", "").startswith("cannot start")]
+    assert len(lines) == 1 and redact(dsn) in lines[0]["reason"], d.logs()
+    assert "s3cret" not in d.logs()
