@@ -33,16 +33,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.metadata
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
+from whatsappd.baileys.verify import listed_jids
 from whatsappd.errors import ErrorCode
 from whatsappd.logs import get_logger
 from whatsappd.store.backend import IncomingMedia, StorageFull, StoreError
@@ -61,8 +63,8 @@ from whatsappd.store.outbox import (
 )
 from whatsappd.timefmt import iso
 
-__all__ = ["JOURNAL_LOCK", "MIGRATE_LOCK", "NOTIFY_CHANNEL", "SCHEMA_VERSION", "PostgresStore", "migrate",
-           "redact"]
+__all__ = ["JOURNAL_LOCK", "MIGRATE_LOCK", "NOTIFY_CHANNEL", "SCHEMA_VERSION", "Migration", "PostgresStore",
+           "migrate", "redact"]
 
 T = TypeVar("T")
 Db = psycopg.Connection[DictRow]
@@ -153,8 +155,23 @@ def connect(dsn: str) -> Db:
                          "that the server runs and that the role may log in") from exc
 
 
-def migrate(dsn: str) -> tuple[int, int]:
-    """Create or upgrade the schema under the migration lock: (version before, version now).
+class Migration(NamedTuple):
+    """What `migrate` found and did."""
+
+    before: int  # whatsappd's schema version found
+    now: int  # and left
+    whatsmeow_by: str | None  # who created or upgraded whatsmeow's tables just now (None: nobody)
+
+
+def migrate(dsn: str, whatsmeow: bool = False) -> Migration:
+    """Create or upgrade the schema under the migration lock.
+
+    With whatsmeow, also whatsmeow's own schema (its tables share the database), still under the
+    lock: whatsmeow's upgrade takes no lock of its own, and two clients cold-starting on an
+    empty database failed it ("failed to upgrade database") most of the time. It runs neonize in
+    a subprocess (whatsappd.baileys.verify), once per neonize version. Whoever first starts
+    workers on this database must have done this (today `whatsappd migrate` does it; the daemon
+    at start migrates only its own tables, as its workers' stores are still files).
 
     A database written by a newer whatsappd (a version this one does not know) is a StoreError
     and is left untouched.
@@ -175,11 +192,29 @@ def migrate(dsn: str) -> tuple[int, int]:
                         log.info("store schema upgraded", backend="postgresql", version=version)
                     db.execute("INSERT INTO whatsappd_meta VALUES ('schema_version', %s) "
                                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (str(SCHEMA_VERSION),))
+                whatsmeow_by = _migrate_whatsmeow(db, dsn) if whatsmeow else None
             finally:
                 db.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
         except psycopg.Error as exc:
             raise StoreError(f"cannot migrate the PostgreSQL store {redact(dsn)}: {exc}") from exc
-    return before, SCHEMA_VERSION
+    return Migration(before, SCHEMA_VERSION, whatsmeow_by)
+
+
+def _migrate_whatsmeow(db: Db, dsn: str) -> str | None:
+    """whatsmeow's schema, by neonize itself, unless this neonize version already did it here:
+    who did it now, or None."""
+    done_by = f"neonize {importlib.metadata.version('neonize')}"
+    row = db.execute("SELECT value FROM whatsappd_meta WHERE key = 'whatsmeow_schema'").fetchone()
+    if row is not None and row["value"] == done_by:
+        return None
+    try:
+        listed_jids(dsn)  # opening the store creates or upgrades whatsmeow's tables
+    except RuntimeError as exc:
+        raise StoreError(f"cannot create whatsmeow's tables in {redact(dsn)}: {exc}") from exc
+    db.execute("INSERT INTO whatsappd_meta VALUES ('whatsmeow_schema', %s) "
+               "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (done_by,))
+    log.info("whatsmeow schema created or upgraded", backend="postgresql", by=done_by)
+    return done_by
 
 
 class PostgresStore:

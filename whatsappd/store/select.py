@@ -35,9 +35,10 @@ def migrate_store(config: Config) -> str:
     if config.store_backend == "postgresql":
         from whatsappd.store.postgresql import migrate, redact
 
-        before, now = migrate(config.store_dsn)
-        done = "up to date" if before == now else f"upgraded from schema {before}"
-        return f"PostgreSQL store {redact(config.store_dsn)}: schema {now}, {done}"
+        done = migrate(config.store_dsn, whatsmeow=True)
+        ours = "up to date" if done.before == done.now else f"upgraded from schema {done.before}"
+        theirs = f"created or upgraded by {done.whatsmeow_by}" if done.whatsmeow_by else "up to date"
+        return f"PostgreSQL store {redact(config.store_dsn)}: schema {done.now}, {ours}; whatsmeow's tables {theirs}"
     store = Store(config.daemon_state_dir / SQLITE_FILE)
     store.open()  # creates or upgrades the schema
     asyncio.run(store.close())
