@@ -183,3 +183,29 @@ def test_a_daemon_whose_database_is_unreachable_exits_1_naming_it(daemon_factory
     lines = [e for e in d.log_events() if e.get("event", "").startswith("cannot start")]
     assert len(lines) == 1 and redact(dsn) in lines[0]["reason"], d.logs()
     assert "s3cret" not in d.logs()
+
+
+def test_events_appended_while_the_connection_is_lost_are_kept_and_committed_after_it(pg_dsn: str):
+    """The writer's connection killed by the server: the batch is kept, retried on a new connection, nothing lost."""
+
+    async def body() -> tuple[list[int], list[int]]:
+        store = PostgresStore(pg_dsn)
+        store.open()
+        delivered: list[int] = []
+        store.subscribe(lambda event, secret: delivered.append(event.data["i"]))
+        try:
+            store.append("acme", "message.incoming", {"i": 0})
+            await store.flush()
+            with psycopg.connect(pg_dsn, autocommit=True) as admin:
+                killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                       "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+            assert killed, "no connection of the store's to end"
+            for i in range(1, 4):
+                store.append("acme", "message.incoming", {"i": i})
+            await asyncio.wait_for(store.flush(), 30)
+            return delivered, [e.data["i"] for e in await store.events_after(0, 100)]
+        finally:
+            await store.close()
+
+    delivered, stored = asyncio.run(body())
+    assert delivered == stored == [0, 1, 2, 3]
