@@ -209,3 +209,24 @@ def test_events_appended_while_the_connection_is_lost_are_kept_and_committed_aft
 
     delivered, stored = asyncio.run(body())
     assert delivered == stored == [0, 1, 2, 3]
+
+
+def test_a_store_holds_at_most_five_connections_however_many_reads_run_at_once(pg_dsn: str):
+    """Fifty reads at once: the store still holds one writing and at most four reading connections."""
+
+    async def body() -> int:
+        store = PostgresStore(pg_dsn)
+        store.open()
+        try:
+            store.append("acme", "message.incoming", {})
+            await store.flush()
+            await asyncio.gather(*(store.events_after(0, 10) for _ in range(50)))
+            with psycopg.connect(pg_dsn) as admin:
+                row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND pid <> pg_backend_pid()").fetchone()
+            assert row is not None
+            return int(row[0])
+        finally:
+            await store.close()
+
+    assert 2 <= asyncio.run(body()) <= 5

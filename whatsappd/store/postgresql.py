@@ -75,6 +75,8 @@ MIGRATE_LOCK = 0x77_68_61_74_73_61_01  # "whatsa" + 1
 JOURNAL_LOCK = 0x77_68_61_74_73_61_02
 #: The channel NOTIFY wakes journal readers on (payload: the newest committed seq).
 NOTIFY_CHANNEL = "whatsappd_journal"
+#: Reader threads (each with its own connection) per store.
+READERS = 4
 #: SQLSTATE of a full disk on the server (class 53: insufficient resources).
 DISK_FULL = "53100"
 
@@ -224,6 +226,9 @@ class PostgresStore:
         self.dsn = dsn
         self.where = redact(dsn)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        # Readers on threads of their own, each with its connection: a fixed number, so a daemon
+        # holds READERS + 1 connections whatever the machine's size (the cluster's budget).
+        self._reading = concurrent.futures.ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="store-reader")
         self._db: Db | None = None  # the writer thread's connection; None: connect on next use
         self._readers: list[Db] = []
         self._readers_lock = threading.Lock()
@@ -256,6 +261,7 @@ class PostgresStore:
         self._closed = True
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close_writer)
         self._executor.shutdown(wait=True)
+        self._reading.shutdown(wait=True)
         with self._readers_lock:
             readers, self._readers = self._readers, []
         for db in readers:
@@ -339,8 +345,8 @@ class PostgresStore:
         return db
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(read_connection, *args) on a worker thread."""
-        return await asyncio.to_thread(lambda: fn(self._reader(), *args))
+        """Run fn(read_connection, *args) on a reader thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._reading, lambda: fn(self._reader(), *args))
 
     # ------------------------------------------------------------------------------ journal
 
