@@ -168,10 +168,12 @@ def test_seq_order_is_commit_order_with_two_stores_writing_at_once(pg_dsn: str):
 
 def test_an_unreachable_database_is_a_store_error_without_its_password(tmp_path: Path):
     """A DSN nobody answers on fails open() with a StoreError that names it, password redacted."""
-    dsn = f"postgresql://whatsappd:s3cret@/whatsappd?host={tmp_path}"
-    with pytest.raises(StoreError) as failed:
-        PostgresStore(dsn).open()
-    assert "s3cret" not in str(failed.value) and redact(dsn) in str(failed.value)
+    for dsn in (f"postgresql://whatsappd:s3cret@/whatsappd?host={tmp_path}",
+                f"postgresql://whatsappd@/whatsappd?host={tmp_path}&password=s3cret"):
+        with pytest.raises(StoreError) as failed:
+            PostgresStore(dsn).open()
+        assert "s3cret" not in str(failed.value) and redact(dsn) in str(failed.value)
+        assert "***" in redact(dsn)
 
 
 def test_a_daemon_whose_database_is_unreachable_exits_1_naming_it(daemon_factory, tmp_path: Path):

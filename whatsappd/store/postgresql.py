@@ -140,12 +140,15 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def redact(dsn: str) -> str:
-    """The DSN with any password replaced by ***, for logs, errors and health."""
+    """The DSN with any password (in the user part or a `password=` parameter) replaced by ***,
+    for logs, errors and health."""
     parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
+                     for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def connect(dsn: str) -> Db:
