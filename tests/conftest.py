@@ -21,6 +21,7 @@ import structlog
 
 from whatsappd.testing.daemon import NOBODY, DaemonProcess, NotifySocket, user_switch
 from whatsappd.testing.disk import SmallDisk
+from whatsappd.testing.postgres import PostgresServer, PostgresUnavailable
 from whatsappd.worker.relay import LOOPBACK_ONLY_ENV
 
 # No test may let a real WhatsApp client dial past loopback, whatever its config says (a company
@@ -136,3 +137,48 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
         yield disk
     finally:
         disk.umount()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (whatsappd.testing.postgres), on a Unix
+    socket in a temporary directory; stopped by its pid at the end.
+
+    Without PostgreSQL installed the tests that need it skip, saying what to install; in CI
+    (CI=true, which installs it) that is a failure instead, so a missing package cannot hide.
+    """
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_dsn(postgres: PostgresServer) -> str:
+    """The DSN of a new, empty database on the session's PostgreSQL server (one per test)."""
+    return postgres.create_database()
+
+
+@pytest.fixture(scope="session")
+def store_tables(request: pytest.FixtureRequest) -> Callable[[str], dict[str, str]]:
+    """store_tables(backend) -> the [store] table for a scenario daemon on backend: {} for SQLite
+    (the default), or a new database on the session's PostgreSQL server (started on first use)."""
+
+    def make(backend: str) -> dict[str, str]:
+        if backend == "sqlite":
+            return {}
+        server: PostgresServer = request.getfixturevalue("postgres")
+        return {"backend": "postgresql", "dsn": server.create_database()}
+
+    return make
+
+
+@pytest.fixture
+def store_table(request: pytest.FixtureRequest, store_tables: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """The [store] table for a test's daemon: SQLite unless the test is parametrized indirectly,
+    `@pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)`."""
+    return store_tables(getattr(request, "param", "sqlite"))

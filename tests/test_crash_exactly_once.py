@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from whatsappd.testing.daemon import wait_until
@@ -39,9 +40,13 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
         yield make
 
 
-def statuses_on_disk(path: Path, status: str) -> list[str]:
-    """Ids of the messages with this status in the daemon's store file (the daemon is dead)."""
-    db = sqlite3.connect(path)
+def statuses_on_disk(d: SimDaemon, status: str) -> list[str]:
+    """Ids of the messages with this status in the daemon's store (the daemon is dead)."""
+    if d.store:
+        with psycopg.connect(d.store["dsn"]) as pg:
+            return [row[0] for row in pg.execute("SELECT id FROM whatsappd_messages WHERE status = %s ORDER BY n",
+                                                 (status,))]
+    db = sqlite3.connect(d.state_dir / "whatsappd.sqlite")
     try:
         return [row[0] for row in db.execute("SELECT id FROM messages WHERE status = ? ORDER BY n", (status,))]
     finally:
@@ -57,9 +62,10 @@ def journal(daemon: SimDaemon) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_kill_9_midway_through_sending_1000_queued_messages_sends_each_exactly_once(daemons):
+@pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)
+def test_kill_9_midway_through_sending_1000_queued_messages_sends_each_exactly_once(daemons, store_table):
     """1,000 queued messages, kill -9 midway through sending: each is sent once, in order, status right."""
-    d = daemons(sim_config("acme", workers=SLOW_BOOT), env={"WHATSAPPD_SIM_SEND_DELAY": SEND_DELAY})
+    d = daemons(sim_config("acme", workers=SLOW_BOOT), env={"WHATSAPPD_SIM_SEND_DELAY": SEND_DELAY}, store=store_table)
     d.start(timeout=30)
     d.pair("acme", timeout=30)
     assert d.simulate("acme", "drop").status == 200
@@ -88,7 +94,7 @@ def test_kill_9_midway_through_sending_1000_queued_messages_sends_each_exactly_o
     sent_at_kill = len(read_send_log(session))
     wait_until(lambda: process_gone(worker), timeout=10, what="the worker to die with the daemon")
     assert MESSAGES // 4 < sent_at_kill < MESSAGES, f"the kill did not land midway ({sent_at_kill} sent)"
-    in_flight = statuses_on_disk(d.state_dir / "whatsappd.sqlite", "sending")
+    in_flight = statuses_on_disk(d, "sending")
     assert len(in_flight) <= 1, f"one message at a time is sent, yet {in_flight} were in flight"
     in_flight_logged = [mid for mid in in_flight if mid in {r["outbox_id"] for r in read_send_log(session)}]
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from whatsappd.testing.daemon import clean_env, ctl_command, wait_until
@@ -31,12 +32,19 @@ HEARTBEAT = "200ms"
 WRITE_TIMEOUT = 6.0
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimDaemon]:
-    """A daemon with companies acme and beta connected."""
+#: The store backends the journal's scenarios run on (the module daemon's tests and the resume
+#: across restarts); the event bus's own (a stalled or slow reader, retention) run on SQLite.
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def sim(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+        store_tables: Callable[[str], dict[str, str]]) -> Iterator[SimDaemon]:
+    """A daemon with companies acme and beta connected, on each store backend."""
     with daemon_pool(tmp_path_factory.mktemp("events")) as make:
         d = make(sim_config("acme", "beta", workers=SLOW_BOOT, events={"heartbeat_interval": HEARTBEAT,
-                                                    "write_timeout": f"{WRITE_TIMEOUT}s"}))
+                                                    "write_timeout": f"{WRITE_TIMEOUT}s"}),
+                 store=store_tables(request.param))
         d.start(timeout=30)
         d.pair("acme", timeout=30)
         d.pair("beta", timeout=30)
@@ -145,6 +153,7 @@ def test_bad_stream_requests_are_refused_with_clear_errors(sim):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sim", ["sqlite"], indirect=True)  # the event bus's own: any backend will do
 def test_a_stalled_reader_does_not_delay_another_readers_live_events(sim):
     """Readers that never read delay neither another reader's live events nor the API; they are dropped."""
     # Readers of earlier tests are gone once the daemon notices (at its next heartbeat write).
@@ -212,9 +221,10 @@ def test_a_reader_that_falls_too_far_behind_is_cut_with_a_final_line_and_resumes
 
 
 @pytest.mark.slow
-def test_a_reader_resuming_after_a_restart_or_a_crash_sees_no_gap_and_no_duplicate(daemons):
+@pytest.mark.parametrize("store_table", BACKENDS, indirect=True)
+def test_a_reader_resuming_after_a_restart_or_a_crash_sees_no_gap_and_no_duplicate(daemons, store_table):
     """A reader resuming after a graceful restart and after a kill -9 sees every seq exactly once."""
-    d = daemons(sim_config("acme", workers=SLOW_BOOT))
+    d = daemons(sim_config("acme", workers=SLOW_BOOT), store=store_table)
     d.start(timeout=30)
     d.pair("acme", timeout=30)
     seen: list[int] = []
@@ -280,7 +290,7 @@ def test_since_older_than_the_retention_is_410_with_the_oldest_available(daemons
 # ----------------------------------------------------------------------------- QR codes
 
 
-def test_qr_codes_reach_live_readers_but_never_the_disk(sim):
+def test_qr_codes_reach_live_readers_but_never_the_disk(sim, request):
     """The QR code rides only on the live company.pairing event: neither the journal, files nor log hold it."""
     response = sim.client.request("PUT", "/v1/companies/qr-check", {"engine": "simulator"})
     assert response.status == 201
@@ -296,7 +306,15 @@ def test_qr_codes_reach_live_readers_but_never_the_disk(sim):
 
     secret_parts = [code.encode(), code.split(",")[0].encode(), code.split(",")[1].encode()]
     files = [p for p in sim.root.rglob("*") if p.is_file() and not p.is_socket()]
-    assert any(p.name == "whatsappd.sqlite" for p in files) and sim.log_path in files
+    assert sim.log_path in files
+    if sim.store:  # PostgreSQL: its cluster's files (tables and WAL) are the disk
+        server = request.getfixturevalue("postgres")
+        with psycopg.connect(sim.store["dsn"], autocommit=True) as db:
+            db.execute("CHECKPOINT")  # whatever it holds is written out to the files below
+            oid = db.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
+        for where in (server.data / "base" / str(oid), server.data / "pg_wal", server.data / "global"):
+            files += [p for p in where.rglob("*") if p.is_file()]
+    assert any(p.name in ("whatsappd.sqlite", "pg_control") for p in files)
     for path in files:
         data = path.read_bytes()
         for part in secret_parts:

@@ -38,15 +38,24 @@ _COMPANY_NUMBERS = itertools.count(1)
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
 
+#: The store backends the outbox's own scenarios run on (`@BOTH_STORES`); request validation and
+#: the rest run on the default, SQLite.
+BACKENDS = ["sqlite", "postgresql"]
+BOTH_STORES = pytest.mark.parametrize("sim", BACKENDS, indirect=True)
+
+
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimDaemon]:
+def sim(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+        store_tables: Callable[[str], dict[str, str]]) -> Iterator[SimDaemon]:
     """A daemon with company `acme` connected; small body and file limits; a send-fail file per
-    company (`send_fail(d, company)`) that does not exist until a test makes it."""
-    base = tmp_path_factory.mktemp("outbox")
+    company (`send_fail(d, company)`) that does not exist until a test makes it. On SQLite unless
+    a test is parametrized with BOTH_STORES."""
+    backend = getattr(request, "param", "sqlite")
+    base = tmp_path_factory.mktemp(f"outbox-{backend}")
     with daemon_pool(base) as make:
         d = make(sim_config("acme", workers=SLOW_BOOT, control={"max_body_size": MAX_BODY},
                             outbox={"max_file_size": MAX_FILE, "media_dirs": ["/tmp"]}),
-                 env={"WHATSAPPD_SIM_SEND_FAIL_FILE": str(base / "send-fail-{company}")})
+                 env={"WHATSAPPD_SIM_SEND_FAIL_FILE": str(base / "send-fail-{company}")}, store=store_tables(backend))
         d.start(timeout=30)
         d.pair("acme", timeout=30)
         yield d
@@ -90,6 +99,7 @@ def sent_to(d: SimDaemon, company: str, jid: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ sending
 
 
+@BOTH_STORES
 def test_a_text_message_is_queued_then_sent_once_with_its_whatsapp_id(sim):
     """POST gives 202 `queued`; the message is sent once and GET and the journal show it `sent` with its wa_id."""
     response = post(sim, "acme", {"to": "+55 11 99999-1001", "text": "hello there"})
@@ -107,6 +117,7 @@ def test_a_text_message_is_queued_then_sent_once_with_its_whatsapp_id(sim):
     assert message_statuses(sim.socket_path, "acme", message["id"], "sent") == ["queued", "sending", "sent"]
 
 
+@BOTH_STORES
 def test_wait_sent_answers_once_the_message_is_sent(sim):
     """?wait=sent holds the request until the message is sent and returns it `sent` with its wa_id."""
     response = post(sim, "acme", {"to": "+55 11 99999-1002", "text": "now"}, query="?wait=sent")
@@ -124,6 +135,7 @@ def test_wait_sent_returns_queued_after_its_timeout_while_disconnected(sim, fres
     assert 0.25 < time.monotonic() - started < 3
 
 
+@BOTH_STORES
 def test_media_by_path_and_by_base64_are_sent_with_size_caption_filename_and_mimetype(sim, tmp_path):
     """Media by path or base64 is sent with its size, caption, file name and (guessed) mimetype."""
     image = tmp_path / "house.png"
@@ -155,6 +167,7 @@ def test_jid_recipients_are_sent_to_as_normalised(sim):
         assert [r["outbox_id"] for r in sent_to(sim, "acme", jid)] == [response.json()["id"]]
 
 
+@BOTH_STORES
 def test_messages_are_kept_while_disconnected_then_sent_in_order(sim, fresh):
     """Messages posted while disconnected stay queued, then go out in posting order after the reconnect."""
     company = fresh()
@@ -175,6 +188,7 @@ def test_messages_are_kept_while_disconnected_then_sent_in_order(sim, fresh):
     assert [r["text"] for r in log] == [f"#{n}" for n in range(8)]
 
 
+@BOTH_STORES
 def test_a_permanent_failure_marks_the_message_failed_with_the_reason(sim):
     """A number not on WhatsApp makes the message `failed` (not_on_whatsapp) with an event; nothing is sent."""
     response = post(sim, "acme", {"to": "+55 11 99999-0000", "text": "anyone?"}, query="?wait=sent")
@@ -188,6 +202,7 @@ def test_a_permanent_failure_marks_the_message_failed_with_the_reason(sim):
 
 
 @pytest.mark.slow
+@BOTH_STORES
 def test_a_transient_failure_keeps_the_message_queued_until_a_send_succeeds_once(sim, fresh):
     """Transient send failures keep the message `queued` (with the error); once they stop it is sent once."""
     company = fresh()
@@ -215,6 +230,7 @@ def test_a_transient_failure_keeps_the_message_queued_until_a_send_succeeds_once
 
 
 @pytest.mark.slow
+@BOTH_STORES
 def test_a_message_not_sent_within_its_ttl_expires(sim, fresh):
     """A message not sent within its ttl becomes `expired` (ttl_expired) with an event and is never sent."""
     company = fresh()
@@ -245,6 +261,7 @@ def test_an_unknown_message_id_is_404_message_not_found(sim, fresh):
 # --------------------------------------------------------------------------- idempotency
 
 
+@BOTH_STORES
 def test_a_replayed_idempotency_key_returns_the_first_message_and_sends_once(sim):
     """A replayed key gives 200, Idempotent-Replayed: true and the first id; the message is sent once."""
     body = {"to": "+55 11 99999-1101", "text": "only once"}
@@ -281,6 +298,7 @@ def test_a_replay_answers_the_message_as_it_is_now_as_readme_and_openapi_say(sim
     assert "current status" in operation["responses"]["200"]["description"]
 
 
+@BOTH_STORES
 def test_a_reused_idempotency_key_with_a_different_body_is_422(sim):
     """A key reused with another body is 422 idempotency_key_reused naming the first message."""
     first = post(sim, "acme", {"to": "+55 11 99999-1102", "text": "one"}, key="order-1102", query="?wait=sent")
@@ -622,6 +640,7 @@ def test_whatsappctl_send_queues_a_text_and_reports_it(sim):
 # ------------------------------------------------------------------------------- metrics
 
 
+@BOTH_STORES
 def test_metrics_count_outbox_messages_by_status(sim):
     """GET /v1/metrics has whatsappd_outbox_messages by status, matching what was sent and failed."""
     text = sim.client.get("/v1/metrics").body.decode()

@@ -1,8 +1,10 @@
-"""whatsappd/store/ in-process: the event journal and the outbox on a real SQLite file.
+"""whatsappd/store/ in-process: the event journal and the outbox on a real SQLite file, and the
+backend-independent behaviour on a real PostgreSQL database too (the `where` fixture).
 
-Each test runs its own event loop (asyncio.run) over a Store opened on a file under tmp_path;
-nothing is faked. What a daemon does with the store is covered end to end in test_outbox.py,
-test_events.py and test_crash_exactly_once.py.
+Each test runs its own event loop (asyncio.run) over a Store opened on a file under tmp_path
+(or a PostgresStore on a new database of the session's server); nothing is faked. What a daemon
+does with the store is covered end to end in test_outbox.py, test_events.py and
+test_crash_exactly_once.py.
 """
 
 from __future__ import annotations
@@ -18,18 +20,33 @@ from typing import Any, TypeVar
 
 import pytest
 
-from whatsappd.store import Event, IdempotencyConflict, OutgoingMessage, Payload, Store, StoreError
+from whatsappd.store import Event, IdempotencyConflict, OutgoingMessage, Payload, Store, StoreBackend, StoreError
 
 T = TypeVar("T")
 DAY = 86400.0
 JID = "5511999990001@s.whatsapp.net"
 
 
-def run(path: Path, body: Callable[[Store], Awaitable[T]]) -> T:
-    """Open a Store on path, run body(store) in a fresh event loop, close the store."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a backend-independent test's store lives: a SQLite file, or a new PostgreSQL database's DSN."""
+    if request.param == "sqlite":
+        return tmp_path / "whatsappd.sqlite"
+    return str(request.getfixturevalue("pg_dsn"))
+
+
+def run(path: Path | str, body: Callable[[Any], Awaitable[T]]) -> T:
+    """Open a store on path (a SQLite file, or a PostgreSQL DSN), run body(store) in a fresh event
+    loop, close the store."""
 
     async def main() -> T:
-        store = Store(path)
+        store: StoreBackend
+        if isinstance(path, Path):
+            store = Store(path)
+        else:
+            from whatsappd.store.postgresql import PostgresStore
+
+            store = PostgresStore(path)
         store.open()
         try:
             return await body(store)
@@ -76,9 +93,9 @@ def rows(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 # ------------------------------------------------------------------------------ the journal
 
 
-def test_seq_is_monotonic_and_durable_across_reopen(tmp_path):
+def test_seq_is_monotonic_and_durable_across_reopen(where):
     """Seqs go 1, 2, 3... across batches; after close and reopen they continue from the last one."""
-    path = tmp_path / "whatsappd.sqlite"
+    path = where
 
     async def first(store: Store) -> list[int]:
         for n in range(3):
@@ -102,9 +119,9 @@ def test_seq_is_monotonic_and_durable_across_reopen(tmp_path):
     assert events[-1].type == "company.state" and events[-1].data == {"new": "connected"}
 
 
-def test_seqs_are_never_reused_even_after_every_event_was_pruned(tmp_path):
+def test_seqs_are_never_reused_even_after_every_event_was_pruned(where):
     """Pruning the whole journal and reopening keeps counting up: a reader's cursor stays valid."""
-    path = tmp_path / "whatsappd.sqlite"
+    path = where
 
     async def fill_and_prune(store: Store) -> int:
         for i in range(5):
@@ -157,7 +174,7 @@ def test_appends_in_one_tick_are_one_batch_delivered_in_order_after_commit(tmp_p
     assert all(on_disk_when_seen) and len(on_disk_when_seen) == 503
 
 
-def test_events_after_filters_by_company_type_and_until(tmp_path):
+def test_events_after_filters_by_company_type_and_until(where):
     """events_after returns events after `since`, up to `until`, of the given companies and types."""
 
     async def body(store: Store) -> dict[str, list[int]]:
@@ -175,12 +192,12 @@ def test_events_after_filters_by_company_type_and_until(tmp_path):
             "both": [e.seq for e in await store.events_after(0, 100, ["beta", "acme"], ["company.state"])],
         }
 
-    got = run(tmp_path / "whatsappd.sqlite", body)
+    got = run(where, body)
     assert got == {"all": list(range(1, 9)), "since": [6, 7, 8], "limit": [1, 2, 3], "until": [3, 4],
                    "acme": [1, 2, 5, 6], "type": [2, 4, 6, 8], "both": [1, 3, 5]}
 
 
-def test_prune_by_count_keeps_only_the_newest_events(tmp_path):
+def test_prune_by_count_keeps_only_the_newest_events(where):
     """prune(max_events=20) over 50 events deletes the 30 oldest; the oldest seq left is 31."""
 
     async def body(store: Store) -> tuple[int, int | None, int]:
@@ -190,10 +207,10 @@ def test_prune_by_count_keeps_only_the_newest_events(tmp_path):
         pruned = await store.prune(max_age=DAY, max_events=20)
         return pruned, await store.oldest_seq(), len(await store.events_after(0, 1000))
 
-    assert run(tmp_path / "whatsappd.sqlite", body) == (30, 31, 20)
+    assert run(where, body) == (30, 31, 20)
 
 
-def test_prune_by_age_deletes_older_events_and_incoming_media(tmp_path):
+def test_prune_by_age_deletes_older_events_and_incoming_media(where):
     """prune(max_age) deletes events and incoming media older than max_age, and keeps newer ones."""
 
     async def body(store: Store) -> tuple[int, int | None, Any, Any]:
@@ -210,7 +227,7 @@ def test_prune_by_age_deletes_older_events_and_incoming_media(tmp_path):
         return (pruned, await store.oldest_seq(), await store.incoming_media("acme", "3EB0OLD"),
                 await store.incoming_media("acme", "3EB0NEW"))
 
-    pruned, oldest, old, new = run(tmp_path / "whatsappd.sqlite", body)
+    pruned, oldest, old, new = run(where, body)
     assert (pruned, oldest, old) == (10, 11, None)
     assert new == {"kind": "image", "mimetype": "image/jpeg", "raw": "bmV3"}
 
@@ -240,9 +257,9 @@ def test_enqueue_stores_a_queued_message_and_journals_its_queued_event_with_it(t
     assert journaled == [("acme", "message.status", message["id"], "queued")]
 
 
-def test_status_transitions_follow_the_table_and_refused_ones_change_nothing(tmp_path):
+def test_status_transitions_follow_the_table_and_refused_ones_change_nothing(where):
     """Status moves follow the table; refused ones (e.g. read -> sent) return None and journal nothing."""
-    path = tmp_path / "whatsappd.sqlite"
+    path = where
 
     async def body(store: Store) -> tuple[dict[str, Any], dict[str, Any], list[tuple[str, str]], list[Any]]:
         recorder = Recorder(store)
@@ -273,7 +290,7 @@ def test_status_transitions_follow_the_table_and_refused_ones_change_nothing(tmp
                         (a["id"], "delivered"), (a["id"], "read"), (b["id"], "sending"), (b["id"], "failed")]
 
 
-def test_receipts_only_move_a_message_forward(tmp_path):
+def test_receipts_only_move_a_message_forward(where):
     """Receipts only move a message forward; ids no message of that company carries come back unknown."""
 
     async def body(store: Store) -> dict[str, Any]:
@@ -287,7 +304,7 @@ def test_receipts_only_move_a_message_forward(tmp_path):
         return {"read": read, "unknown": unknown, "late": late, "again": again, "other": other_company,
                 "other_unknown": other_unknown, "now": await store.message("acme", m["id"])}
 
-    got = run(tmp_path / "whatsappd.sqlite", body)
+    got = run(where, body)
     assert [m["status"] for m in got["read"]] == ["read"]
     assert got["unknown"] == ["3EB0NOPE"]
     assert got["late"] == [] and got["again"] == []
@@ -295,7 +312,7 @@ def test_receipts_only_move_a_message_forward(tmp_path):
     assert got["now"]["status"] == "read" and got["now"]["delivered_at"] and got["now"]["read_at"]
 
 
-def test_expire_turns_overdue_queued_messages_expired_and_drops_their_media(tmp_path):
+def test_expire_turns_overdue_queued_messages_expired_and_drops_their_media(where):
     """Queued messages past their ttl become `expired` and lose their media; in-flight ones are left alone."""
 
     async def body(store: Store) -> dict[str, Any]:
@@ -311,7 +328,7 @@ def test_expire_turns_overdue_queued_messages_expired_and_drops_their_media(tmp_
                 "pending": await store.next_pending("acme"), "inflight": await store.message("acme", inflight["id"]),
                 "events": recorder.statuses(), "ids": (short["id"], long["id"])}
 
-    got = run(tmp_path / "whatsappd.sqlite", body)
+    got = run(where, body)
     short_id, long_id = got["ids"]
     assert [(m["id"], m["status"]) for m in got["expired"]] == [(short_id, "expired")]
     assert got["expired"][0]["error"]["code"] == "ttl_expired"
@@ -321,7 +338,7 @@ def test_expire_turns_overdue_queued_messages_expired_and_drops_their_media(tmp_
     assert got["events"][-1] == (short_id, "expired")
 
 
-def test_a_sending_message_nobody_can_settle_fails_after_its_ttl_unless_a_send_is_under_way(tmp_path):
+def test_a_sending_message_nobody_can_settle_fails_after_its_ttl_unless_a_send_is_under_way(where):
     """`sending` past its ttl: failed with send_interrupted, journalled; one a sender holds is left alone."""
 
     async def body(store: Store) -> dict[str, Any]:
@@ -337,7 +354,7 @@ def test_a_sending_message_nobody_can_settle_fails_after_its_ttl_unless_a_send_i
                 "busy": await store.message("acme", busy["id"]), "young": await store.message("acme", young["id"]),
                 "events": recorder.statuses(), "stale": stale["id"], "busy_id": busy["id"]}
 
-    got = run(tmp_path / "whatsappd.sqlite", body)
+    got = run(where, body)
     assert [(m["id"], m["status"], m["error"]["code"]) for m in got["failed"]] == [
         (got["stale"], "failed", "send_interrupted")]
     assert [m["id"] for m in got["again"]] == [got["busy_id"]]  # once nobody holds it any more
@@ -345,7 +362,7 @@ def test_a_sending_message_nobody_can_settle_fails_after_its_ttl_unless_a_send_i
     assert (got["stale"], "failed") in got["events"]
 
 
-def test_idempotency_key_replays_within_the_window_and_is_reusable_after_it(tmp_path):
+def test_idempotency_key_replays_within_the_window_and_is_reusable_after_it(where):
     """A key replays within the window, conflicts on another body, is per company, and is free after it."""
 
     async def body(store: Store) -> dict[str, Any]:
@@ -360,7 +377,7 @@ def test_idempotency_key_replays_within_the_window_and_is_reusable_after_it(tmp_
         return {"first": first, "replay": replay, "conflict": conflict.value.args[0], "other": other,
                 "later": later, "old": await store.message("acme", first["id"])}
 
-    got = run(tmp_path / "whatsappd.sqlite", body)
+    got = run(where, body)
     first = got["first"]
     assert got["replay"] == (False, first)
     assert got["conflict"] == first["id"]

@@ -1,4 +1,4 @@
-"""`whatsappd`: run | check-config | check-store | clean-sessions | import-baileys | backup | restore | doctor."""
+"""`whatsappd`: run | check-config | check-store | migrate | clean-sessions | import-baileys | backup | restore | doctor."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--path", type=Path, metavar="FILE", action="append",
                        help="check this SQLite file instead (repeatable); default: STATE_DIR/whatsappd.sqlite "
                             "and every sessions/session-*/store.db")
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the store's schema (the daemon also does it at "
+                             "start; under a lock, so concurrent starts never race)")
+    add_config(migrate)
 
     clean = sub.add_parser("clean-sessions",
                            help="find and remove legacy browser-profile and Baileys sessions")
@@ -210,6 +214,22 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    """Create or upgrade the configured store's schema: one line on success; 1 if it cannot."""
+    from whatsappd.store import StoreError
+    from whatsappd.store.select import migrate_store
+
+    config = _load(args.config, sys.stderr)
+    if config is None:
+        return EX_CONFIG
+    try:
+        print(migrate_store(config))
+    except StoreError as exc:
+        print(f"whatsappd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _check_store(args: argparse.Namespace) -> int:
     """PRAGMA integrity_check on each store: one line per finding; 0 if all are sound, else 1."""
     from whatsappd.sessions import NEONIZE_STORE
@@ -356,7 +376,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "check-config": _check_config, "check-store": _check_store,
+    handler = {"run": _run, "check-config": _check_config, "check-store": _check_store, "migrate": _migrate,
                "clean-sessions": _clean_sessions, "import-baileys": _import_baileys,
                "backup": _backup, "restore": _restore,
                "doctor": _doctor}[args.command]

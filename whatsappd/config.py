@@ -46,6 +46,7 @@ LAUNCHERS = ("zygote", "exec")
 PROXY_PATTERN = r"^(socks5|http|https)://[^\s/]+(:\d+)?/?$"
 LOG_FORMATS = ("auto", "journal", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 
 class ConfigError(Exception):
@@ -181,6 +182,18 @@ def _optional_path(value: object) -> Path | None:
 
 def _render_dirs(value: tuple[Path, ...]) -> list[str]:
     return [str(v) for v in value]
+
+
+def _dsn(value: object) -> str:
+    """A PostgreSQL URL, or "" for none. Only the URL form: neonize's Go side (lib/pq) takes a
+    store for PostgreSQL only when its name starts with "postgres", and would open a key=value
+    DSN as a SQLite file."""
+    if not isinstance(value, str):
+        raise ValueError('expected a string such as "postgresql://whatsappd@db.example.com/whatsappd"')
+    if value and not re.match(r"postgres(ql)?://", value):
+        raise ValueError('expected a URL starting with "postgresql://" (or "postgres://"), '
+                         'e.g. "postgresql://whatsappd@db.example.com/whatsappd"')
+    return value
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
@@ -453,6 +466,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("webhook_delivery", "failing_after", _int_range(1, 1_000_000), 5,
             "Failed POSTs in a row after which a webhook is marked `failing` (it keeps retrying and "
             "resumes from its cursor when the receiver answers again)."),
+
+    Setting("store", "backend", _choice(STORE_BACKENDS), "sqlite",
+            "Where the journal and the outbox live: \"sqlite\" (one file in state_dir, the default) or "
+            "\"postgresql\" (the database store.dsn names; `whatsappd migrate` creates its tables, and "
+            "the daemon runs it at start).", reloadable=False),
+    Setting("store", "dsn", _dsn, "",
+            "With backend = \"postgresql\": the database, as a URL such as "
+            "\"postgresql://whatsappd@db.example.com/whatsappd?sslmode=verify-full\" (or with "
+            "?host=/run/postgresql for a Unix socket). Keep the password out of it: libpq reads "
+            "~/.pgpass or PGPASSFILE.", reloadable=False),
 )
 
 #: The [pacing] keys, each also allowed in a company's pacing table.
@@ -566,6 +589,9 @@ class Config:
     webhook_delivery_initial_delay: float
     webhook_delivery_max_delay: float
     webhook_delivery_failing_after: int
+
+    store_backend: str
+    store_dsn: str
     companies: tuple[CompanyConfig, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
 
@@ -739,6 +765,9 @@ def build_config(
                 f"import.baileys_root = {_show(str(root))}: must not lie inside daemon.state_dir "
                 f"({values['daemon_state_dir']}): whatsappd's own sessions are never a Baileys source"
             )
+    if values.get("store_backend") == "postgresql" and values.get("store_dsn") == "":
+        problems.append('store.dsn: required with store.backend = "postgresql" (the database to use, '
+                        'e.g. "postgresql://whatsappd@db.example.com/whatsappd")')
     if problems:
         raise ConfigError(source, problems)
     return Config(source=source, companies=companies, webhooks=webhooks, **values)

@@ -28,7 +28,8 @@ from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging import EventBus, Maintenance, Messaging, OutboxSender
 from whatsappd.metrics.collector import CompanySeries, DaemonMetrics
 from whatsappd.metrics.listener import MetricsListener, bind_listen_socket
-from whatsappd.store import Store, StoreBackend, StoreCorrupt, StoreError
+from whatsappd.store import StoreBackend, StoreCorrupt, StoreError
+from whatsappd.store.select import make_store
 from whatsappd.supervisor import Supervisor
 from whatsappd.supervisor.registry import RegistryError
 from whatsappd.systemd import Notifier, listen_sockets, watchdog_interval
@@ -57,7 +58,7 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.supervisor = Supervisor(config, on_change=self._status_changed)
-        self.store: StoreBackend = Store(config.daemon_state_dir / "whatsappd.sqlite")
+        self.store: StoreBackend = make_store(config)
         # The event path (messaging/bus.py): the supervisor's events go to the bus, which lets the
         # outbox sender react and then journals them; each committed event comes back to the bus,
         # which hands it to the live stream readers and to the callers waiting for a status.

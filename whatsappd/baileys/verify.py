@@ -1,4 +1,5 @@
-"""Open a converted store with neonize, in a subprocess, and list its devices. No network.
+"""Open a converted store with neonize, in a subprocess, and list its devices. No network
+(but the PostgreSQL server a `postgresql://` store names).
 
 `python -m whatsappd.baileys.verify STORE` prints one line `RESULT {"devices": [...]}` (or
 `{"error": ...}`). It calls goneonize's `GetAllDevices`, which opens the store exactly as a
@@ -14,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -23,12 +25,23 @@ _MARK = "RESULT "
 _SEPARATOR = "|\x01|"  # goneonize's delimiter between devices
 
 
-def listed_jids(store: Path, timeout: float = 60.0) -> list[str]:
-    """The JIDs neonize lists in store; raises RuntimeError saying why it could not open it."""
+def _is_dsn(store: Path | str) -> bool:
+    """A PostgreSQL URL (goneonize opens a name starting with "postgres" with lib/pq), not a file."""
+    return isinstance(store, str) and store.startswith("postgres")
+
+
+def listed_jids(store: Path | str, timeout: float = 60.0) -> list[str]:
+    """The JIDs neonize lists in store (a SQLite file, or a PostgreSQL URL: opening it creates or
+    upgrades whatsmeow's schema there); raises RuntimeError saying why it could not open it."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     try:
-        proc = subprocess.run([sys.executable, "-m", "whatsappd.baileys.verify", str(store)], cwd=store.parent,
-                              env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        with tempfile.TemporaryDirectory(prefix="whatsappd-verify-") as scratch:
+            # A DSN runs in an empty scratch directory: goneonize tries SQLite before lib/pq.
+            cwd = scratch if _is_dsn(store) else Path(store).parent
+            # A DSN goes through stdin ("-"), not argv, which any local user can read in ps.
+            arg, given = ("-", str(store)) if _is_dsn(store) else (str(store), "")
+            proc = subprocess.run([sys.executable, "-m", "whatsappd.baileys.verify", arg], cwd=cwd, env=env,
+                                  input=given, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"neonize did not open the store within {timeout:g} s") from None
     for line in reversed(proc.stdout.splitlines()):
@@ -51,8 +64,9 @@ def _main(store: str) -> int:
     from neonize._binder import func_callback_bytes2, gocode
     from neonize.utils.log import log_whatsmeow
 
-    # goneonize opens "file:{name}?_foreign_keys=on"; SQLite decodes the URI, so the path is quoted.
-    raw = gocode.GetAllDevices(urllib.parse.quote(store, safe="/").encode(), func_callback_bytes2(log_whatsmeow))
+    # goneonize opens "file:{name}?_foreign_keys=on"; SQLite decodes the URI, so a path is quoted.
+    name = store if _is_dsn(store) else urllib.parse.quote(store, safe="/")
+    raw = gocode.GetAllDevices(name.encode(), func_callback_bytes2(log_whatsmeow))
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     if text.startswith("error: "):
         result: dict[str, object] = {"error": text.removeprefix("error: ")}
@@ -64,9 +78,11 @@ def _main(store: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
-        print("usage: python -m whatsappd.baileys.verify STORE (an existing file)", file=sys.stderr)
+    given = sys.stdin.readline().strip() if sys.argv[1:] == ["-"] else (sys.argv[1] if len(sys.argv) == 2 else "")
+    if not (_is_dsn(given) or (given and Path(given).is_file())):
+        print("usage: python -m whatsappd.baileys.verify STORE (an existing file), or - with a postgresql:// "
+              "URL on stdin", file=sys.stderr)
         sys.exit(2)
-    code = _main(sys.argv[1])
+    code = _main(given)
     sys.stdout.flush()
     os._exit(code)  # the Go runtime's threads must not keep the process alive

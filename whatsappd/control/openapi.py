@@ -349,7 +349,9 @@ SCHEMAS: dict[str, Any] = {
                                "refused (507 storage_full) until there is room again; checked once a second.",
                 "properties": {
                     "state": {"type": "string", "enum": ["ok", "full"]},
-                    "path": {"type": "string"},
+                    "path": {"type": "string", "description": "The SQLite file, or the PostgreSQL DSN (password "
+                                                              "redacted)."},
+                    "backend": {"type": "string", "enum": ["sqlite", "postgresql"]},
                     "since": {"type": "string", "format": "date-time"},
                     "message": {"type": "string"},
                 },

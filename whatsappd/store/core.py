@@ -29,7 +29,7 @@ from whatsappd.store.backend import StorageFull, StoreCorrupt, StoreError
 from whatsappd.store.journal import Event
 from whatsappd.timefmt import iso
 
-__all__ = ["GroupCommit", "Writer"]
+__all__ = ["GroupCommit", "Writer", "delivered_in_order"]
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -61,6 +61,23 @@ def _free_bytes(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+async def delivered_in_order(future: asyncio.Future[tuple[T, list[Event]]], deliver: Callable[[list[Event]], None]) -> T:
+    """Await a writer-thread future giving (result, events it inserted); return the result.
+
+    The events go to deliver() from the future's done callback, so they reach listeners in seq
+    order (futures of one writer thread complete in order) even if the caller is cancelled
+    meanwhile.
+    """
+
+    def done(finished: asyncio.Future[tuple[T, list[Event]]]) -> None:
+        if not finished.cancelled() and finished.exception() is None:
+            deliver(finished.result()[1])
+
+    future.add_done_callback(done)
+    result, _ = await asyncio.shield(future)
+    return result
+
+
 class Writer:
     """The writer thread and its connection; the store's full/ok state."""
 
@@ -90,22 +107,10 @@ class Writer:
 
     async def run_journaled(self, deliver: Callable[[list[Event]], None],
                             fn: Callable[..., tuple[T, list[Event]]], *args: Any) -> T:
-        """Run fn(db, *args) -> (result, events it inserted) on the writer thread; return result.
-
-        The events go to deliver() from the future's done callback, so they reach listeners in
-        seq order (futures of the one writer thread complete in order) even if the caller is
-        cancelled meanwhile.
-        """
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._write, fn, *args)
-
-        def done(finished: asyncio.Future[tuple[T, list[Event]]]) -> None:
-            if not finished.cancelled() and finished.exception() is None:
-                deliver(finished.result()[1])
-
-        future.add_done_callback(done)
-        result, _ = await asyncio.shield(future)
-        return result
+        """Run fn(db, *args) -> (result, events it inserted) on the writer thread; return result,
+        the events delivered in seq order (delivered_in_order)."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._write, fn, *args)
+        return await delivered_in_order(future, deliver)
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(db, *args) on the writer thread, every write's one way in: what fails is classified.
@@ -164,8 +169,9 @@ class Writer:
     def health(self) -> dict[str, Any]:
         """{"state": "ok"} or, while the disk is full, "full" with since, path and message."""
         if self.full_since is None:
-            return {"state": "ok", "path": str(self.path)}
-        return {"state": "full", "path": str(self.path), "since": iso(self.full_since), "message": self.full_message}
+            return {"state": "ok", "backend": "sqlite", "path": str(self.path)}
+        return {"state": "full", "backend": "sqlite", "path": str(self.path), "since": iso(self.full_since),
+                "message": self.full_message}
 
     async def close(self, fn: Callable[[sqlite3.Connection], None]) -> None:
         """Run fn(db) last on the writer thread (it closes the connection), then end the thread."""

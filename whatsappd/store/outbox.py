@@ -12,12 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
 
+from whatsappd.timefmt import iso_or_none
+
 __all__ = ["ALLOWED", "RECEIPT_RANK", "STATUSES", "IdempotencyConflict", "MessageError", "MessageStatus",
-           "OutboxMessage", "OutgoingMessage", "Payload", "body_hash", "new_message_id"]
+           "OutboxMessage", "OutgoingMessage", "Payload", "body_hash", "message_from_row", "new_message_id",
+           "status_event_data"]
 
 
 class MessageStatus(StrEnum):
@@ -126,3 +130,31 @@ def new_message_id() -> str:
 
 def body_hash(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def message_from_row(row: Mapping[str, Any]) -> OutboxMessage:
+    """A stored message row (every backend's columns have the same names) as the API shows it.
+
+    The text stays out: only the sender reads it back (a backend's next_pending adds it).
+    """
+    out: OutboxMessage = {
+        "id": row["id"], "company": row["company"], "to": row["to_input"], "jid": row["recipient"],
+        "kind": row["kind"], "status": MessageStatus(row["status"]), "wa_id": row["wa_id"],
+        "attempts": row["attempts"], "created_at": iso_or_none(row["created_at"]),
+        "updated_at": iso_or_none(row["updated_at"]), "expires_at": iso_or_none(row["expires_at"]),
+        "sent_at": iso_or_none(row["sent_at"]), "delivered_at": iso_or_none(row["delivered_at"]),
+        "read_at": iso_or_none(row["read_at"]),
+        "error": {"code": row["error_code"], "message": row["error"]} if row["error_code"] else None,
+        "idempotency_key": row["idem_key"],
+    }
+    out.update({k: v for k, v in json.loads(row["payload"]).items() if k != "text"})  # type: ignore[typeddict-item]
+    return out
+
+
+def status_event_data(message: OutboxMessage) -> dict[str, Any]:
+    """What the `message.status` event for a message's new status carries."""
+    data: dict[str, Any] = {"message_id": message["id"], "status": message["status"],
+                            "wa_id": message.get("wa_id"), "to": message.get("to")}
+    if message.get("error"):
+        data["error"] = message["error"]
+    return data

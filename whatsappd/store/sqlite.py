@@ -41,9 +41,10 @@ from whatsappd.store.outbox import (
     MessageStatus,
     OutboxMessage,
     OutgoingMessage,
+    message_from_row,
     new_message_id,
+    status_event_data,
 )
-from whatsappd.timefmt import iso_or_none
 
 __all__ = ["Store", "check_database", "corrupt_fix"]
 
@@ -504,30 +505,14 @@ def _prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
 
 def _insert_status_event(db: sqlite3.Connection, message: OutboxMessage) -> Event:
     """The message.status event for message's new status, inside the caller's transaction."""
-    data: dict[str, Any] = {"message_id": message["id"], "status": message["status"],
-                            "wa_id": message.get("wa_id"), "to": message.get("to")}
-    if message.get("error"):
-        data["error"] = message["error"]
+    data = status_event_data(message)
     at = time.time()
     cur = db.execute("INSERT INTO events (at, company, type, data) VALUES (?, ?, 'message.status', ?)",
                      (at, message["company"], json.dumps(data, separators=(",", ":"))))
     return Event(int(cur.lastrowid or 0), at, message["company"], "message.status", data)
 
 
-def _row_message(row: sqlite3.Row) -> OutboxMessage:
-    """A messages row as the API shows it (the text stays out: see _next_pending)."""
-    out: OutboxMessage = {
-        "id": row["id"], "company": row["company"], "to": row["to_input"], "jid": row["recipient"],
-        "kind": row["kind"], "status": MessageStatus(row["status"]), "wa_id": row["wa_id"],
-        "attempts": row["attempts"], "created_at": iso_or_none(row["created_at"]),
-        "updated_at": iso_or_none(row["updated_at"]), "expires_at": iso_or_none(row["expires_at"]),
-        "sent_at": iso_or_none(row["sent_at"]), "delivered_at": iso_or_none(row["delivered_at"]),
-        "read_at": iso_or_none(row["read_at"]),
-        "error": {"code": row["error_code"], "message": row["error"]} if row["error_code"] else None,
-        "idempotency_key": row["idem_key"],
-    }
-    out.update({k: v for k, v in json.loads(row["payload"]).items() if k != "text"})  # type: ignore[typeddict-item]
-    return out
+_row_message = message_from_row
 
 
 def _message_by_id(db: sqlite3.Connection, message_id: str) -> OutboxMessage:

@@ -70,8 +70,12 @@ class SimDaemon(DaemonProcess):
     """A DaemonProcess with helpers to drive and watch its companies through the API."""
 
     def __init__(self, root: Path, config: str | None = "", env: dict[str, str] | None = None,
-                 **kw: Any) -> None:
+                 store: dict[str, str] | None = None, **kw: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
+        #: The config's [store] table ({}: the default, SQLite in the state directory).
+        self.store = dict(store or {})
+        if config is not None and self.store:
+            config += "[store]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in self.store.items())
         super().__init__(root, config, env={**SIM_ENV, **(env or {})}, **kw)
 
     # ------------------------------------------------------------------------------ the log

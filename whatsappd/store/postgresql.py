@@ -1,0 +1,680 @@
+"""The PostgreSQL store: the event journal, the outbox and media in one database, and all their SQL.
+
+`PostgresStore` implements `StoreBackend` (store/backend.py) with the SQLite store's semantics:
+events are group-committed by the journal buffer (store/journal.py), outbox enqueues by
+`GroupCommit` (store/core.py), every other write runs on one writer thread with its own
+connection, and an outbox status change and its `message.status` event are one transaction.
+Reads use one connection per reader thread. The tables carry a `whatsappd_` prefix: they share
+a schema with whatsmeow's (one shared schema, devices selected by JID: see the cluster notes).
+
+Schema: `migrate()` creates or upgrades it, in order, under a session advisory lock on a fixed
+key (`MIGRATE_LOCK`), so daemons starting at once never race (the second waits, then finds
+nothing to do). `whatsappd migrate` runs it; so does `open()`, before anything else.
+
+Seqs come from a one-row counter (`whatsappd_journal_head`) updated in the inserting
+transaction, not from a sequence: a sequence is not transactional, so a daemon killed mid-
+transaction would leave a gap a reader cannot tell from a lost event. Seq order is commit
+order: every transaction that inserts events first takes the transaction advisory lock
+`JOURNAL_LOCK`, so seqs are handed out and committed one transaction at a time, even with
+several writers on one database (taken first, it also keeps them from deadlocking over message
+rows and the counter), and a reader tailing `seq > last` never skips one that commits late.
+The same transaction sends NOTIFY `whatsappd_journal` with its newest seq: a wake-up for
+readers on other connections only (it is lost while a listener is away, and does not pass
+PgBouncer's transaction pooling); the journal table is the truth.
+
+Cluster work to come (leases): a `whatsappd_company_leases (company PRIMARY KEY, owner, token
+bigint, expires_at)` table is a next migration. The token is checked where an owner writes for
+a company: the claim `queued -> sending` and `sending -> sent/failed/queued` in `_set_status`
+(`... AND EXISTS (lease with this token)`), and each journal insert for the company
+(`_insert_events`, `_insert_status_event`); a zero-row answer there means "no longer yours".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.metadata
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+
+from whatsappd.baileys.verify import listed_jids
+from whatsappd.errors import ErrorCode
+from whatsappd.logs import get_logger
+from whatsappd.store.backend import IncomingMedia, StorageFull, StoreError
+from whatsappd.store.core import GroupCommit, delivered_in_order
+from whatsappd.store.journal import CommitListener, Event, JournalBuffer, NewEvent, Secret
+from whatsappd.store.outbox import (
+    ALLOWED,
+    RECEIPT_RANK,
+    IdempotencyConflict,
+    MessageStatus,
+    OutboxMessage,
+    OutgoingMessage,
+    message_from_row,
+    new_message_id,
+    status_event_data,
+)
+from whatsappd.timefmt import iso
+
+__all__ = ["JOURNAL_LOCK", "MIGRATE_LOCK", "NOTIFY_CHANNEL", "SCHEMA_VERSION", "Migration", "PostgresStore",
+           "migrate", "redact"]
+
+T = TypeVar("T")
+Db = psycopg.Connection[DictRow]
+log = get_logger()
+
+#: Advisory lock keys (one bigint each): schema migration; the journal's seq order.
+MIGRATE_LOCK = 0x77_68_61_74_73_61_01  # "whatsa" + 1
+JOURNAL_LOCK = 0x77_68_61_74_73_61_02
+#: The channel NOTIFY wakes journal readers on (payload: the newest committed seq).
+NOTIFY_CHANNEL = "whatsappd_journal"
+#: Reader threads (each with its own connection) per store.
+READERS = 4
+#: SQLSTATE of a full disk on the server (class 53: insufficient resources).
+DISK_FULL = "53100"
+
+#: The schema, one script per version: version N is MIGRATIONS[N - 1]. Never edit a released
+#: one; append the next (the lease table goes here as version 2).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE whatsappd_journal_head (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        seq bigint NOT NULL                       -- the newest seq handed out (and committed)
+    );
+    INSERT INTO whatsappd_journal_head (seq) VALUES (0);
+    CREATE TABLE whatsappd_events (
+        seq bigint PRIMARY KEY,
+        at double precision NOT NULL,
+        company text,
+        type text NOT NULL,
+        data json NOT NULL
+    );
+    CREATE INDEX whatsappd_events_at ON whatsappd_events (at);
+    CREATE TABLE whatsappd_messages (
+        n bigserial PRIMARY KEY,                  -- send order within a company
+        id text NOT NULL UNIQUE,                  -- msg_..., what the API hands out
+        company text NOT NULL,
+        idem_key text,
+        idem_at double precision,
+        body_hash text NOT NULL,
+        recipient text NOT NULL,                  -- the JID
+        to_input text NOT NULL,                   -- what the client wrote
+        kind text NOT NULL,
+        payload text NOT NULL,                    -- JSON: text, caption, filename, mimetype, size
+        status text NOT NULL,
+        wa_id text,
+        error_code text,
+        error text,
+        attempts integer NOT NULL DEFAULT 0,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        expires_at double precision NOT NULL,
+        sent_at double precision,
+        delivered_at double precision,
+        read_at double precision
+    );
+    CREATE UNIQUE INDEX whatsappd_messages_idem ON whatsappd_messages (company, idem_key) WHERE idem_key IS NOT NULL;
+    CREATE INDEX whatsappd_messages_pending ON whatsappd_messages (company, status, n);
+    CREATE INDEX whatsappd_messages_due ON whatsappd_messages (status, expires_at);
+    CREATE INDEX whatsappd_messages_wa ON whatsappd_messages (company, wa_id);
+    CREATE TABLE whatsappd_media (message_id text PRIMARY KEY, data bytea NOT NULL);
+    CREATE TABLE whatsappd_incoming_media (
+        company text NOT NULL,
+        wa_id text NOT NULL,
+        at double precision NOT NULL,
+        kind text NOT NULL,
+        mimetype text,
+        raw text NOT NULL,
+        PRIMARY KEY (company, wa_id)
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def redact(dsn: str) -> str:
+    """The DSN with any password (in the user part or a `password=` parameter) replaced by ***,
+    for logs, errors and health."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
+                     for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def connect(dsn: str) -> Db:
+    """An autocommit connection with dict rows (transactions are explicit: `db.transaction()`)."""
+    try:
+        return psycopg.connect(dsn, autocommit=True, row_factory=dict_row, connect_timeout=30)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to the PostgreSQL store {redact(dsn)}: {exc}; check store.dsn, "
+                         "that the server runs and that the role may log in") from exc
+
+
+class Migration(NamedTuple):
+    """What `migrate` found and did."""
+
+    before: int  # whatsappd's schema version found
+    now: int  # and left
+    whatsmeow_by: str | None  # who created or upgraded whatsmeow's tables just now (None: nobody)
+
+
+def migrate(dsn: str, whatsmeow: bool = False) -> Migration:
+    """Create or upgrade the schema under the migration lock.
+
+    With whatsmeow, also whatsmeow's own schema (its tables share the database), still under the
+    lock: whatsmeow's upgrade takes no lock of its own, and two clients cold-starting on an
+    empty database failed it ("failed to upgrade database") most of the time. It runs neonize in
+    a subprocess (whatsappd.baileys.verify), once per neonize version. Whoever first starts
+    workers on this database must have done this (today `whatsappd migrate` does it; the daemon
+    at start migrates only its own tables, as its workers' stores are still files).
+
+    A database written by a newer whatsappd (a version this one does not know) is a StoreError
+    and is left untouched.
+    """
+    with connect(dsn) as db:
+        try:
+            db.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+            try:
+                with db.transaction():
+                    db.execute("CREATE TABLE IF NOT EXISTS whatsappd_meta (key text PRIMARY KEY, value text NOT NULL)")
+                    row = db.execute("SELECT value FROM whatsappd_meta WHERE key = 'schema_version'").fetchone()
+                    before = int(row["value"]) if row else 0
+                    if before > SCHEMA_VERSION:
+                        raise StoreError(f"the PostgreSQL store {redact(dsn)} was written by a newer whatsappd "
+                                         f"(schema {before}, this one knows {SCHEMA_VERSION}); upgrade whatsappd")
+                    for version in range(before + 1, SCHEMA_VERSION + 1):
+                        db.execute(MIGRATIONS[version - 1])
+                        log.info("store schema upgraded", backend="postgresql", version=version)
+                    db.execute("INSERT INTO whatsappd_meta VALUES ('schema_version', %s) "
+                               "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (str(SCHEMA_VERSION),))
+                whatsmeow_by = _migrate_whatsmeow(db, dsn) if whatsmeow else None
+            finally:
+                db.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot migrate the PostgreSQL store {redact(dsn)}: {exc}") from exc
+    return Migration(before, SCHEMA_VERSION, whatsmeow_by)
+
+
+def _migrate_whatsmeow(db: Db, dsn: str) -> str | None:
+    """whatsmeow's schema, by neonize itself, unless this neonize version already did it here:
+    who did it now, or None."""
+    done_by = f"neonize {importlib.metadata.version('neonize')}"
+    row = db.execute("SELECT value FROM whatsappd_meta WHERE key = 'whatsmeow_schema'").fetchone()
+    if row is not None and row["value"] == done_by:
+        return None
+    try:
+        listed_jids(dsn)  # opening the store creates or upgrades whatsmeow's tables
+    except RuntimeError as exc:
+        raise StoreError(f"cannot create whatsmeow's tables in {redact(dsn)}: {exc}") from exc
+    db.execute("INSERT INTO whatsappd_meta VALUES ('whatsmeow_schema', %s) "
+               "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (done_by,))
+    log.info("whatsmeow schema created or upgraded", backend="postgresql", by=done_by)
+    return done_by
+
+
+class PostgresStore:
+    """The PostgreSQL backend: one writer connection on one thread, group-committed events and enqueues."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.where = redact(dsn)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        # Readers on threads of their own, each with its connection: a fixed number, so a daemon
+        # holds READERS + 1 connections whatever the machine's size (the cluster's budget).
+        self._reading = concurrent.futures.ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="store-reader")
+        self._db: Db | None = None  # the writer thread's connection; None: connect on next use
+        self._readers: list[Db] = []
+        self._readers_lock = threading.Lock()
+        self._local = threading.local()
+        self._closed = True
+        self._full_since: float | None = None
+        self._full_message = ""
+        self._full_refusals = 0
+        self._journal = JournalBuffer(self._commit_events, (StoreError, psycopg.Error), self.where)
+        self._enqueues: GroupCommit[tuple[OutgoingMessage, float], tuple[bool, OutboxMessage]] = GroupCommit(
+            self._commit_enqueues)
+
+    # ------------------------------------------------------------------------ open / close
+
+    def open(self) -> None:
+        """Migrate (under the lock), then connect the writer (blocking; before the loop serves)."""
+        migrate(self.dsn)
+        self._db = connect(self.dsn)
+        try:
+            row = self._db.execute("SELECT seq FROM whatsappd_journal_head").fetchone()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot read the PostgreSQL store {self.where}: {exc}") from exc
+        self._journal.last_seq = int(row["seq"] or 0) if row else 0
+        self._closed = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_writer)
+        self._executor.shutdown(wait=True)
+        self._reading.shutdown(wait=True)
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for db in readers:
+            db.close()
+
+    def _close_writer(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def health(self) -> dict[str, Any]:
+        if self._full_since is None:
+            return {"state": "ok", "backend": "postgresql", "path": self.where}
+        return {"state": "full", "backend": "postgresql", "path": self.where, "since": iso(self._full_since),
+                "message": self._full_message}
+
+    @property
+    def full_since(self) -> float | None:
+        return self._full_since
+
+    @property
+    def full_refusals(self) -> int:
+        return self._full_refusals
+
+    # ------------------------------------------------------------------ the writer, readers
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(db, *args) on the writer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._write, fn, *args)
+
+    async def _run_journaled(self, fn: Callable[..., tuple[T, list[Event]]], *args: Any) -> T:
+        """Run fn(db, *args) -> (result, events it inserted) on the writer; deliver the events in seq order."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._write, fn, *args)
+        return await delivered_in_order(future, self._journal.deliver)
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(db, *args) on the writer thread, every write's one way in: what fails is classified.
+
+        A full disk on the server raises StorageFull (and the store says `full` until a write
+        succeeds); a lost connection is dropped and made again on the next write.
+        """
+        if self._closed and self._db is None:
+            raise StoreError("the store is closed")
+        if self._db is None or self._db.closed or self._db.broken:
+            if self._db is not None:
+                self._db.close()
+            self._db = connect(self.dsn)
+        try:
+            result = fn(self._db, *args)
+        except psycopg.Error as exc:
+            if exc.sqlstate == DISK_FULL:
+                raise self._refuse_full(exc) from exc
+            if self._db.broken:
+                self._db.close()
+                self._db = None
+                raise StoreError(f"lost the connection to the PostgreSQL store {self.where}: {exc}") from exc
+            raise
+        if self._full_since is not None:
+            log.info("storage writable again", path=self.where,
+                     full_for_seconds=round(time.time() - self._full_since, 1), refused=self._full_refusals)
+            self._full_since = None
+        return result
+
+    def _refuse_full(self, exc: BaseException) -> StorageFull:
+        message = (f"the disk of the PostgreSQL server holding {self.where} is full: nothing was stored; free "
+                   "space there (whatsappd carries on by itself once there is room)")
+        self._full_refusals += 1
+        self._full_message = message
+        if self._full_since is None:
+            self._full_since = time.time()
+            log.error("storage full: writes are refused until there is room", path=self.where, error=str(exc))
+        return StorageFull(message)
+
+    def _reader(self) -> Db:
+        db: Db | None = getattr(self._local, "db", None)
+        if db is None or db.closed or db.broken:
+            db = connect(self.dsn)
+            self._local.db = db
+            with self._readers_lock:
+                self._readers.append(db)
+        return db
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(read_connection, *args) on a reader thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._reading, lambda: fn(self._reader(), *args))
+
+    # ------------------------------------------------------------------------------ journal
+
+    @property
+    def last_seq(self) -> int:
+        return self._journal.last_seq
+
+    def subscribe(self, listener: CommitListener) -> Callable[[], None]:
+        return self._journal.subscribe(listener)
+
+    def append(self, company: str | None, type_: str, data: dict[str, Any], secret: Secret = None) -> None:
+        self._journal.append(company, type_, data, secret)
+
+    async def _commit_events(self, batch: list[NewEvent]) -> list[Event]:
+        return await self.run(_insert_events, batch)
+
+    async def flush(self) -> None:
+        await self._journal.flush()
+
+    async def events_after(self, since: int, limit: int, companies: Iterable[str] = (),
+                           types: Iterable[str] = (), until: int | None = None) -> list[Event]:
+        return await self.read(_select_events, since, limit, list(companies), list(types), until)
+
+    async def oldest_seq(self) -> int | None:
+        return await self.read(lambda db: db.execute("SELECT MIN(seq) AS seq FROM whatsappd_events").fetchone()["seq"])
+
+    async def prune(self, max_age: float, max_events: int) -> int:
+        return await self.run(_prune, time.time() - max_age, max_events)
+
+    # ------------------------------------------------------------------------------- outbox
+
+    async def enqueue(self, message: OutgoingMessage, idem_window: float) -> tuple[bool, OutboxMessage]:
+        return await self._enqueues.submit((message, idem_window))
+
+    async def _commit_enqueues(self, batch: list[tuple[OutgoingMessage, float]]
+                               ) -> list[tuple[bool, OutboxMessage] | Exception]:
+        return await self._run_journaled(_enqueue_batch, batch)
+
+    async def message(self, company: str, message_id: str) -> OutboxMessage | None:
+        return await self.read(_select_message, company, message_id)
+
+    async def next_pending(self, company: str) -> OutboxMessage | None:
+        return await self.read(_next_pending, company)
+
+    async def set_status(self, message_id: str, status: MessageStatus, *, wa_id: str | None = None,
+                         error_code: str | None = None, error: str | None = None,
+                         sent_at: float | None = None) -> OutboxMessage | None:
+        return await self._run_journaled(_set_status, message_id, MessageStatus(status), wa_id, error_code, error,
+                                         sent_at)
+
+    async def receipt(self, company: str, wa_ids: list[str],
+                      status: MessageStatus) -> tuple[list[OutboxMessage], list[str]]:
+        return await self._run_journaled(_receipt, company, wa_ids, MessageStatus(status))
+
+    async def in_flight(self, company: str) -> list[OutboxMessage]:
+        return await self.read(lambda db: [message_from_row(r) for r in db.execute(
+            "SELECT * FROM whatsappd_messages WHERE company = %s AND status = %s ORDER BY n",
+            (company, MessageStatus.SENDING.value))])
+
+    async def expire(self) -> list[OutboxMessage]:
+        return await self._run_journaled(_expire, time.time())
+
+    async def fail_stale_sending(self, now: float, busy: frozenset[str]) -> list[OutboxMessage]:
+        return await self._run_journaled(_fail_stale_sending, now, busy)
+
+    async def counts(self) -> dict[str, int]:
+        return await self.read(lambda db: {row["status"]: row["n"] for row in db.execute(
+            "SELECT status, count(*) AS n FROM whatsappd_messages GROUP BY status")})
+
+    # -------------------------------------------------------------------------------- media
+
+    async def media(self, message_id: str) -> bytes | None:
+        return await self.read(_select_media, message_id)
+
+    async def store_incoming_media(self, company: str, wa_id: str, kind: str, mimetype: str | None,
+                                   raw: str) -> None:
+        await self.run(lambda db: db.execute(
+            "INSERT INTO whatsappd_incoming_media (company, wa_id, at, kind, mimetype, raw) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (company, wa_id) DO UPDATE SET at = EXCLUDED.at, "
+            "kind = EXCLUDED.kind, mimetype = EXCLUDED.mimetype, raw = EXCLUDED.raw",
+            (company, wa_id, time.time(), kind, mimetype, raw)))
+
+    async def incoming_media(self, company: str, wa_id: str) -> IncomingMedia | None:
+        return await self.read(_select_incoming_media, company, wa_id)
+
+
+# ------------------------------------------------------------------ functions on a connection
+
+
+def _journal_order(db: Db) -> None:
+    """First statement of a transaction that inserts events: seqs are then handed out and
+    committed one transaction at a time (seq order is commit order)."""
+    db.execute("SELECT pg_advisory_xact_lock(%s)", (JOURNAL_LOCK,))
+
+
+def _notify(db: Db, events: list[Event]) -> None:
+    """Wake journal readers on other connections (sent at COMMIT; a hint, not the stream)."""
+    if events:
+        db.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(events[-1].seq)))
+
+
+def _insert_event(db: Db, at: float, company: str | None, type_: str, data: dict[str, Any]) -> Event:
+    """One journal row with the next seq from the head row: unlike a sequence, the head is
+    transactional, so a transaction that never commits (a killed daemon's) leaves no gap."""
+    row = db.execute("WITH head AS (UPDATE whatsappd_journal_head SET seq = seq + 1 RETURNING seq) "
+                     "INSERT INTO whatsappd_events (seq, at, company, type, data) "
+                     "SELECT seq, %s, %s, %s, %s::json FROM head RETURNING seq",
+                     (at, company, type_, json.dumps(data, separators=(",", ":")))).fetchone()
+    assert row is not None
+    return Event(int(row["seq"]), at, company, type_, data)
+
+
+def _insert_events(db: Db, batch: list[NewEvent]) -> list[Event]:
+    with db.transaction():
+        _journal_order(db)
+        out = [_insert_event(db, new.at, new.company, new.type, new.data) for new in batch]
+        _notify(db, out)
+    return out
+
+
+def _select_events(db: Db, since: int, limit: int, companies: list[str], types: list[str],
+                   until: int | None) -> list[Event]:
+    sql = "SELECT seq, at, company, type, data FROM whatsappd_events WHERE seq > %s"
+    args: list[Any] = [since]
+    if until is not None:
+        sql += " AND seq <= %s"
+        args.append(until)
+    if companies:
+        sql += " AND company = ANY(%s)"
+        args.append(companies)
+    if types:
+        sql += " AND type = ANY(%s)"
+        args.append(types)
+    sql += " ORDER BY seq LIMIT %s"
+    args.append(limit)
+    return [Event(r["seq"], r["at"], r["company"], r["type"], r["data"]) for r in db.execute(sql, args)]
+
+
+def _prune(db: Db, cutoff: float, max_events: int) -> int:
+    with db.transaction():
+        n = db.execute("DELETE FROM whatsappd_events WHERE at < %s", (cutoff,)).rowcount
+        top = db.execute("SELECT MAX(seq) AS seq FROM whatsappd_events").fetchone()
+        if top is not None and top["seq"] is not None:
+            n += db.execute("DELETE FROM whatsappd_events WHERE seq <= %s", (top["seq"] - max_events,)).rowcount
+        db.execute("DELETE FROM whatsappd_incoming_media WHERE at < %s", (cutoff,))
+    return n
+
+
+def _insert_status_event(db: Db, message: OutboxMessage) -> Event:
+    """The message.status event for message's new status, inside the caller's transaction."""
+    return _insert_event(db, time.time(), message["company"], "message.status", status_event_data(message))
+
+
+def _message_by_id(db: Db, message_id: str) -> OutboxMessage:
+    row = db.execute("SELECT * FROM whatsappd_messages WHERE id = %s", (message_id,)).fetchone()
+    assert row is not None
+    return message_from_row(row)
+
+
+def _select_message(db: Db, company: str, message_id: str) -> OutboxMessage | None:
+    row = db.execute("SELECT * FROM whatsappd_messages WHERE id = %s AND company = %s",
+                     (message_id, company)).fetchone()
+    return message_from_row(row) if row else None
+
+
+def _next_pending(db: Db, company: str) -> OutboxMessage | None:
+    row = db.execute("SELECT * FROM whatsappd_messages WHERE company = %s AND status = %s AND expires_at > %s "
+                     "ORDER BY n LIMIT 1", (company, MessageStatus.QUEUED.value, time.time())).fetchone()
+    if row is None:
+        return None
+    message = message_from_row(row)
+    message["text"] = json.loads(row["payload"]).get("text")
+    return message
+
+
+def _select_media(db: Db, message_id: str) -> bytes | None:
+    row = db.execute("SELECT data FROM whatsappd_media WHERE message_id = %s", (message_id,)).fetchone()
+    return bytes(row["data"]) if row else None
+
+
+def _select_incoming_media(db: Db, company: str, wa_id: str) -> IncomingMedia | None:
+    row = db.execute("SELECT kind, mimetype, raw FROM whatsappd_incoming_media WHERE company = %s AND wa_id = %s",
+                     (company, wa_id)).fetchone()
+    return {"kind": row["kind"], "mimetype": row["mimetype"], "raw": row["raw"]} if row else None
+
+
+def _enqueue_batch(db: Db, batch: list[tuple[OutgoingMessage, float]]
+                   ) -> tuple[list[tuple[bool, OutboxMessage] | Exception], list[Event]]:
+    """Enqueue each (message, idempotency window) of batch in one transaction, each in its own
+    savepoint: one that fails (IdempotencyConflict, a unique key taken meanwhile) is undone alone
+    and its exception returned in its place. If the transaction itself fails, nothing is
+    committed and it raises."""
+    outcomes: list[tuple[bool, OutboxMessage] | Exception] = []
+    events: list[Event] = []
+    with db.transaction():
+        _journal_order(db)
+        for message, idem_window in batch:
+            try:
+                with db.transaction():  # a savepoint
+                    outcome, inserted = _enqueue(db, message, idem_window)
+            except (IdempotencyConflict, psycopg.IntegrityError) as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(outcome)
+            events.extend(inserted)
+        _notify(db, events)
+    return outcomes, events
+
+
+def _enqueue(db: Db, message: OutgoingMessage, idem_window: float) -> tuple[tuple[bool, OutboxMessage], list[Event]]:
+    """One message, inside the caller's transaction (see _enqueue_batch)."""
+    now = time.time()
+    digest = message.body_hash
+    key = message.idempotency_key
+    if key is not None:
+        row = db.execute("SELECT * FROM whatsappd_messages WHERE company = %s AND idem_key = %s",
+                         (message.company, key)).fetchone()
+        if row is not None:
+            if now - row["idem_at"] < idem_window:
+                if row["body_hash"] != digest:
+                    raise IdempotencyConflict(row["id"])
+                return (False, message_from_row(row)), []
+            # The key is older than the window: it may be used again for a new message.
+            db.execute("UPDATE whatsappd_messages SET idem_key = NULL WHERE n = %s", (row["n"],))
+    mid = new_message_id()
+    db.execute(
+        "INSERT INTO whatsappd_messages (id, company, idem_key, idem_at, body_hash, recipient, to_input, kind, "
+        "payload, status, created_at, updated_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+        "%s, %s)",
+        (mid, message.company, key, now if key else None, digest, message.recipient, message.to, message.kind,
+         json.dumps(message.payload), MessageStatus.QUEUED.value, now, now, now + message.ttl))
+    if message.media is not None:
+        db.execute("INSERT INTO whatsappd_media (message_id, data) VALUES (%s, %s)", (mid, message.media))
+    stored = _message_by_id(db, mid)
+    return (True, stored), [_insert_status_event(db, stored)]
+
+
+def _set_status(db: Db, message_id: str, status: MessageStatus, wa_id: str | None, error_code: str | None,
+                error: str | None, sent_at: float | None) -> tuple[OutboxMessage | None, list[Event]]:
+    now = time.time()
+    with db.transaction():
+        _journal_order(db)
+        row = db.execute("SELECT status FROM whatsappd_messages WHERE id = %s FOR UPDATE", (message_id,)).fetchone()
+        if row is None or status not in ALLOWED[MessageStatus(row["status"])]:
+            return None, []
+        sets: dict[str, Any] = {"status": status.value, "updated_at": now}
+        if status is MessageStatus.SENDING:
+            db.execute("UPDATE whatsappd_messages SET attempts = attempts + 1 WHERE id = %s", (message_id,))
+        if status is MessageStatus.SENT:
+            sets["sent_at"] = now if sent_at is None else sent_at
+            sets["wa_id"] = wa_id
+            sets["error_code"] = sets["error"] = None  # an earlier transient failure is history
+        if status in (MessageStatus.FAILED, MessageStatus.EXPIRED, MessageStatus.QUEUED):
+            sets["error_code"] = error_code
+            sets["error"] = error
+        if status in (MessageStatus.FAILED, MessageStatus.EXPIRED, MessageStatus.SENT):
+            db.execute("DELETE FROM whatsappd_media WHERE message_id = %s", (message_id,))
+        # The column names are ours (the keys above), never input.
+        db.execute(f"UPDATE whatsappd_messages SET {', '.join(f'{k} = %s' for k in sets)} WHERE id = %s",
+                   (*sets.values(), message_id))
+        message = _message_by_id(db, message_id)
+        events = [_insert_status_event(db, message)]
+        _notify(db, events)
+    return message, events
+
+
+def _receipt(db: Db, company: str, wa_ids: list[str],
+             status: MessageStatus) -> tuple[tuple[list[OutboxMessage], list[str]], list[Event]]:
+    """Apply a delivered/read receipt; only forward moves. The messages changed, the unknown wa ids."""
+    now = time.time()
+    changed: list[OutboxMessage] = []
+    unknown = []
+    events = []
+    column = {MessageStatus.DELIVERED: "delivered_at", MessageStatus.READ: "read_at"}[status]
+    with db.transaction():
+        _journal_order(db)
+        for wa_id in wa_ids:
+            row = db.execute("SELECT id, status FROM whatsappd_messages WHERE company = %s AND wa_id = %s FOR UPDATE",
+                             (company, wa_id)).fetchone()
+            if row is None:
+                unknown.append(wa_id)
+                continue
+            current = MessageStatus(row["status"])
+            if current not in RECEIPT_RANK or RECEIPT_RANK[current] >= RECEIPT_RANK[status]:
+                continue
+            extra = ", delivered_at = COALESCE(delivered_at, %s)" if status is MessageStatus.READ else ""
+            args: tuple[Any, ...] = (status.value, now, now, now, row["id"]) if extra else (status.value, now, now, row["id"])
+            db.execute(f"UPDATE whatsappd_messages SET status = %s, updated_at = %s, {column} = %s{extra} "
+                       "WHERE id = %s", args)
+            changed.append(_message_by_id(db, row["id"]))
+            events.append(_insert_status_event(db, changed[-1]))
+        _notify(db, events)
+    return (changed, unknown), events
+
+
+def _fail_stale_sending(db: Db, now: float, busy: frozenset[str]) -> tuple[list[OutboxMessage], list[Event]]:
+    stale = [row["id"] for row in db.execute("SELECT id FROM whatsappd_messages WHERE status = %s AND expires_at <= %s",
+                                             (MessageStatus.SENDING.value, now)) if row["id"] not in busy]
+    return _finish(db, stale, MessageStatus.SENDING, MessageStatus.FAILED, ErrorCode.SEND_INTERRUPTED.value,
+                   "its send was interrupted and could not be settled before its ttl ran out; it may or may "
+                   "not have been delivered", now)
+
+
+def _expire(db: Db, now: float) -> tuple[list[OutboxMessage], list[Event]]:
+    due = [row["id"] for row in db.execute("SELECT id FROM whatsappd_messages WHERE status = %s AND expires_at <= %s",
+                                           (MessageStatus.QUEUED.value, now))]
+    return _finish(db, due, MessageStatus.QUEUED, MessageStatus.EXPIRED, "ttl_expired",
+                   "not sent before its ttl ran out", now)
+
+
+def _finish(db: Db, ids: list[str], from_status: MessageStatus, status: MessageStatus, code: str,
+            error: str, now: float) -> tuple[list[OutboxMessage], list[Event]]:
+    """Move messages still in from_status to a final status, with their events, in one transaction."""
+    if not ids:
+        return [], []
+    with db.transaction():
+        _journal_order(db)
+        out = []
+        for mid in ids:
+            changed = db.execute("UPDATE whatsappd_messages SET status = %s, updated_at = %s, error_code = %s, "
+                                 "error = %s WHERE id = %s AND status = %s",
+                                 (status.value, now, code, error, mid, from_status.value)).rowcount
+            if changed:
+                db.execute("DELETE FROM whatsappd_media WHERE message_id = %s", (mid,))
+                out.append(_message_by_id(db, mid))
+        events = [_insert_status_event(db, message) for message in out]
+        _notify(db, events)
+    return out, events
