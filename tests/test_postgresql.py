@@ -232,3 +232,33 @@ def test_a_store_holds_at_most_five_connections_however_many_reads_run_at_once(p
             await store.close()
 
     assert 2 <= asyncio.run(body()) <= 5
+
+
+def test_an_upgrade_from_schema_1_knows_who_wrote_in_the_kept_journal(pg_dsn: str):
+    """Migration 2 (pacing's contacts) fills them from the kept `message.incoming` events, as the
+    SQLite store's backfill does: groups, own messages and other companies' chats are not contacts."""
+    from whatsappd.store.postgresql import MIGRATIONS
+
+    with psycopg.connect(pg_dsn, autocommit=True) as db:  # a database left by the first release
+        db.execute("CREATE TABLE whatsappd_meta (key text PRIMARY KEY, value text NOT NULL)")
+        db.execute(MIGRATIONS[0])
+        db.execute("INSERT INTO whatsappd_meta VALUES ('schema_version', '1')")
+        for seq, (chat, is_group, from_me) in enumerate([("a@s.whatsapp.net", False, False),
+                                                         ("g@g.us", True, False),
+                                                         ("me@s.whatsapp.net", False, True)], 1):
+            db.execute("INSERT INTO whatsappd_events VALUES (%s, 1.0, 'acme', 'message.incoming', %s::json)",
+                       (seq, f'{{"chat": "{chat}", "is_group": {str(is_group).lower()}, '
+                             f'"from_me": {str(from_me).lower()}}}'))
+
+    async def known() -> list[bool]:
+        store = PostgresStore(pg_dsn)
+        store.open()
+        try:
+            return [await store.is_known_contact(company, jid) for company, jid in (
+                ("acme", "a@s.whatsapp.net"), ("acme", "g@g.us"), ("acme", "me@s.whatsapp.net"),
+                ("beta", "a@s.whatsapp.net"))]
+        finally:
+            await store.close()
+
+    assert asyncio.run(known()) == [True, False, False, False]
+    assert schema_version(pg_dsn) == str(SCHEMA_VERSION)

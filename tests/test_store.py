@@ -387,6 +387,88 @@ def test_idempotency_key_replays_within_the_window_and_is_reusable_after_it(wher
     assert got["old"]["id"] == first["id"] and got["old"]["idempotency_key"] is None
 
 
+# ---------------------------------------------------------------- pacing and webhook rows
+
+
+def test_pacing_state_is_kept_across_a_reopen_with_the_same_semantics(where):
+    """Contacts, the first-contact window (one count per jid, old rows ignored), pauses and recent
+    send times read back the same after a reopen, on both backends."""
+    now = time.time()
+    other = "5511999990002@s.whatsapp.net"
+
+    async def write(store: Store) -> None:
+        await store.record_contact("acme", JID)
+        await store.record_contact("acme", JID)  # a second message from them changes nothing
+        await store.record_first_contact("acme", other, now - 100)
+        await store.record_first_contact("acme", other, now - 50)  # within the window: counted once
+        await store.record_first_contact("acme", "old@s.whatsapp.net", now - DAY - 10)  # outside it
+        await store.record_first_contact("beta", other, now - 10)
+        await store.set_pacing_pause("acme", now + 60, "rate_limited")
+        await store.set_pacing_pause("acme", now + 120, "rate_limited again")  # replaces it
+        await store.set_pacing_pause("beta", now + 60, None)
+        await store.set_pacing_pause("beta", None, None)  # ends it
+        for sent_at in (now - 30, now - 20, now - 10):
+            _, m = await enqueue(store, str(sent_at))
+            await store.set_status(m["id"], "sending")
+            await store.set_status(m["id"], "sent", wa_id=f"3EB0{int(sent_at)}", sent_at=sent_at)
+
+    async def read(store: Store) -> dict[str, Any]:
+        return {"known": [await store.is_known_contact("acme", JID), await store.is_known_contact("beta", JID),
+                          await store.is_known_contact("acme", other)],
+                "first": await store.first_contacts("acme", now), "beta": await store.first_contacts("beta", now),
+                "pauses": await store.pacing_pauses(), "recent": await store.recent_sends("acme", 2),
+                "none": await store.recent_sends("beta", 5)}
+
+    run(where, write)
+    got = run(where, read)
+    assert got["known"] == [True, False, False]
+    assert got["first"] == {other: pytest.approx(now - 100)}
+    assert got["beta"] == {other: pytest.approx(now - 10)}
+    assert got["pauses"] == {"acme": (pytest.approx(now + 120), "rate_limited again")}
+    assert got["recent"] == [pytest.approx(now - 20), pytest.approx(now - 10)]  # the last two, oldest first
+    assert got["none"] == []
+
+
+def test_webhook_rows_keep_their_cursor_across_a_redefinition_and_a_reopen(where):
+    """put_webhook creates a row at its cursor and a redefinition keeps the cursor; cursor moves and
+    deletes are kept across a reopen; moving an unknown webhook's cursor creates nothing."""
+    definition = {"url": "http://127.0.0.1:9/hook", "events": ["message.status"], "secret": "s3cret"}
+
+    async def write(store: Store) -> list[int]:
+        cursors = [await store.put_webhook("b-api", definition, 7),
+                   await store.put_webhook("a-file", None, 3)]
+        await store.set_webhook_cursor("b-api", 42)
+        cursors.append(await store.put_webhook("b-api", {**definition, "events": []}, 0))  # keeps 42
+        await store.set_webhook_cursor("nobody", 5)
+        await store.put_webhook("gone", None, 1)
+        await store.delete_webhook("gone")
+        return cursors
+
+    assert run(where, write) == [7, 3, 42]
+    assert run(where, lambda store: store.webhooks()) == [
+        {"id": "a-file", "cursor": 3, "definition": None},
+        {"id": "b-api", "cursor": 42, "definition": {**definition, "events": []}},
+    ]
+
+
+def test_counts_by_company_gives_each_status_count_and_its_oldest_message(where):
+    """counts_by_company: (company, status) -> (how many, the oldest created_at), for the metrics."""
+
+    async def body(store: Store) -> dict[tuple[str, str], tuple[int, float]]:
+        for text, company in (("a", "acme"), ("b", "acme"), ("c", "acme"), ("d", "beta")):
+            _, last = await enqueue(store, text, company=company)
+            if text == "b":
+                await store.set_status(last["id"], "sending")
+        return await store.counts_by_company()
+
+    before = time.time()
+    counts = run(where, body)
+    assert {key: n for key, (n, _) in counts.items()} == {("acme", "queued"): 2, ("acme", "sending"): 1,
+                                                           ("beta", "queued"): 1}
+    oldest = [counts[key][1] for key in (("acme", "queued"), ("acme", "sending"), ("beta", "queued"))]
+    assert before <= oldest[0] < oldest[1] < oldest[2] <= time.time()  # a, b, d: created in that order
+
+
 def test_store_files_are_private_whatever_the_umask(tmp_path):
     """The database, WAL and shm files are 0600 and a directory the store makes is 0700, even under umask 0."""
     path = tmp_path / "state" / "whatsappd.sqlite"

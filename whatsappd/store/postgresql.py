@@ -47,7 +47,8 @@ from psycopg.rows import DictRow, dict_row
 from whatsappd.baileys.verify import listed_jids
 from whatsappd.errors import ErrorCode
 from whatsappd.logs import get_logger
-from whatsappd.store.backend import IncomingMedia, StorageFull, StoreError
+from whatsappd.store import pg_pacing_sql
+from whatsappd.store.backend import IncomingMedia, StorageFull, StoredWebhook, StoreError
 from whatsappd.store.core import GroupCommit, delivered_in_order
 from whatsappd.store.journal import CommitListener, Event, JournalBuffer, NewEvent, Secret
 from whatsappd.store.outbox import (
@@ -81,7 +82,7 @@ READERS = 4
 DISK_FULL = "53100"
 
 #: The schema, one script per version: version N is MIGRATIONS[N - 1]. Never edit a released
-#: one; append the next (the lease table goes here as version 2).
+#: one; append the next (the lease table goes here as version 3).
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE whatsappd_journal_head (
@@ -135,6 +136,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (company, wa_id)
     );
     """,
+    pg_pacing_sql.MIGRATION,  # 2: send pacing's contacts, first contacts and pauses; webhooks' cursors
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -419,6 +421,11 @@ class PostgresStore:
         return await self.read(lambda db: {row["status"]: row["n"] for row in db.execute(
             "SELECT status, count(*) AS n FROM whatsappd_messages GROUP BY status")})
 
+    async def counts_by_company(self) -> dict[tuple[str, str], tuple[int, float]]:
+        return await self.read(lambda db: {(row["company"], row["status"]): (row["n"], row["oldest"]) for row in db.execute(
+            "SELECT company, status, count(*) AS n, min(created_at) AS oldest FROM whatsappd_messages "
+            "GROUP BY company, status")})
+
     # -------------------------------------------------------------------------------- media
 
     async def media(self, message_id: str) -> bytes | None:
@@ -434,6 +441,43 @@ class PostgresStore:
 
     async def incoming_media(self, company: str, wa_id: str) -> IncomingMedia | None:
         return await self.read(_select_incoming_media, company, wa_id)
+
+    # --------------------------------------------------------------- pacing (pg_pacing_sql.py)
+
+    async def record_contact(self, company: str, jid: str) -> None:
+        await self.run(pg_pacing_sql.record_contact, company, jid, time.time())
+
+    async def is_known_contact(self, company: str, jid: str) -> bool:
+        return await self.read(pg_pacing_sql.is_known_contact, company, jid)
+
+    async def first_contacts(self, company: str, now: float) -> dict[str, float]:
+        return await self.read(pg_pacing_sql.first_contacts, company, now)
+
+    async def record_first_contact(self, company: str, jid: str, now: float) -> None:
+        await self.run(pg_pacing_sql.record_first_contact, company, jid, now)
+
+    async def recent_sends(self, company: str, limit: int) -> list[float]:
+        return await self.read(pg_pacing_sql.recent_sends, company, limit)
+
+    async def set_pacing_pause(self, company: str, until: float | None, reason: str | None) -> None:
+        await self.run(pg_pacing_sql.set_pause, company, until, reason)
+
+    async def pacing_pauses(self) -> dict[str, tuple[float, str]]:
+        return await self.read(pg_pacing_sql.pauses)
+
+    # ------------------------------------------------------------- webhooks (pg_pacing_sql.py)
+
+    async def webhooks(self) -> list[StoredWebhook]:
+        return await self.read(pg_pacing_sql.webhooks)
+
+    async def put_webhook(self, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
+        return await self.run(pg_pacing_sql.put_webhook, webhook_id, definition, cursor)
+
+    async def set_webhook_cursor(self, webhook_id: str, cursor: int) -> None:
+        await self.run(pg_pacing_sql.set_webhook_cursor, webhook_id, cursor)
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        await self.run(pg_pacing_sql.delete_webhook, webhook_id)
 
 
 # ------------------------------------------------------------------ functions on a connection
