@@ -33,6 +33,9 @@ from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, sim_co
 from whatsappd.worker.simulator.server import PRESENCE_LOG_FILE, read_send_log, send_log_stats
 
 SLOW_BOOT = {"heartbeat_timeout": "10s"}
+#: The daemon scenarios that also run on PostgreSQL (the store keeps pacing's state: contacts,
+#: first contacts, pauses); the others run on the default, SQLite.
+BOTH_STORES = pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)
 T0 = 1_700_000_000.0
 
 
@@ -251,10 +254,12 @@ typing_max = "100ms"
 """
 
 
-def test_first_contact_budget_of_5_a_day_holds_across_a_daemon_restart(daemons):
+@BOTH_STORES
+def test_first_contact_budget_of_5_a_day_holds_across_a_daemon_restart(daemons, store_table):
     """Budget 5: someone who wrote is free, a repeat recipient counts once, the sixth new one waits
-    (paced_reason first_contact_budget, paced_until a day later) and still waits after a restart."""
-    d = daemons(sim_config(workers=SLOW_BOOT) + FIRST_CONTACT_CONFIG)
+    (paced_reason first_contact_budget, paced_until a day later) and still waits after a restart,
+    on either store backend."""
+    d = daemons(sim_config(workers=SLOW_BOOT) + FIRST_CONTACT_CONFIG, store=store_table)
     d.start(timeout=30)
     d.pair("fc", timeout=30)
     assert d.simulate("fc", "incoming", **{"from": "5511977770001"}).status == 200

@@ -33,6 +33,9 @@ from whatsappd.webhooks.spec import sign
 SECRET = "test-secret-0123456789abcdef"
 DELIVERY = {"timeout": "1s", "initial_delay": "50ms", "max_delay": "300ms", "failing_after": 3}
 SLOW_BOOT = {"heartbeat_timeout": "10s"}
+#: The scenarios that also run on PostgreSQL (the store keeps each webhook's cursor and API
+#: definition); the others run on the default, SQLite.
+BOTH_STORES = pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)
 
 
 def webhook_config(url: str, **extra: Any) -> str:
@@ -318,11 +321,14 @@ def test_a_reload_gives_the_config_file_precedence_and_gives_back_the_api_webhoo
 # ------------------------------------------------------------------ crashes and retention
 
 
-def test_a_daemon_killed_mid_delivery_resumes_from_the_stored_cursor(tmp_path, rx):
+@BOTH_STORES
+def test_a_daemon_killed_mid_delivery_resumes_from_the_stored_cursor(tmp_path, rx, store_table):
     """kill -9 while 2,000 events are being delivered: after a restart every one is acknowledged,
-    in order, and the ones sent twice are no more than the deliveries of one cursor write."""
+    in order, and the ones sent twice are no more than the deliveries of one cursor write (on
+    either store backend)."""
     with daemon_pool(tmp_path) as make:
-        d = make(sim_config("acme", workers=SLOW_BOOT, webhook_delivery=DELIVERY)).start_paired("acme")
+        d = make(sim_config("acme", workers=SLOW_BOOT, webhook_delivery=DELIVERY),
+                 store=store_table).start_paired("acme")
         assert put(d, "crm", {"url": rx.url, "secret": SECRET}).status == 201
         rx.delay = 0.002
         burst(d, "acme", 2000, "k")
