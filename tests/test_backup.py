@@ -420,3 +420,73 @@ def test_post_backup_streams_the_archive_and_whatsappctl_backup_saves_it_0600(da
     assert d.stop() == 0
     assert not list((d.state_dir / "tmp").iterdir()), "the daemon left a temporary file behind"
     assert os.listdir(out) == [saved.name]
+
+
+# ------------------------------------------------------------------------- a PostgreSQL store
+
+#: A PostgreSQL store's DSN: an offline backup and a restore never connect to it, they only name it.
+PG_DSN = "postgresql://whatsappd:hunter2@127.0.0.1:9/whatsappd"
+PG_NAMED = "postgresql://whatsappd:***@127.0.0.1:9/whatsappd"
+
+
+def pg_target(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """target() with `[store] backend = "postgresql"`."""
+    config, state = target(tmp_path, name)
+    config.write_text(config.read_text() + f'[store]\nbackend = "postgresql"\ndsn = "{PG_DSN}"\n')
+    return config, state
+
+
+def test_a_postgresql_backup_leaves_the_journal_out_and_says_so_and_its_restore_invents_none(tmp_path):
+    """With the PostgreSQL store, backup archives sessions, companies.json and config, records in the
+    manifest (and prints) that the journal and outbox are in PostgreSQL, not archived, even with a
+    stale whatsappd.sqlite in the state directory; restore writes no journal and says to use the dump."""
+    from whatsappd.config import build_config
+    from whatsappd.store import Store
+    from whatsappd.supervisor.registry import RuntimeRegistry
+
+    config, state = pg_target(tmp_path, "src")
+    seed_paired(state, "acme", "beta")
+    beta = build_config({"companies": [{"id": "beta", "engine": "simulator"}]}, "test").company("beta")
+    assert beta is not None
+    RuntimeRegistry(state / "companies.json").put(beta)
+
+    async def stale() -> None:  # left by the daemon before it was switched to PostgreSQL
+        store = Store(state / "whatsappd.sqlite")
+        store.open()
+        store.append("acme", "message.incoming", {"text": "old"})
+        await store.close()
+
+    asyncio.run(stale())
+    archive = tmp_path / "pg.tar.gz"
+    result = whatsappd("backup", "--config", str(config), "--to", str(archive))
+    assert result.returncode == 0, result.stderr
+    assert "NOT in this archive" in result.stdout and "pg_dump" in result.stdout and PG_NAMED in result.stdout
+    assert "journal up to seq" not in result.stdout and "hunter2" not in result.stdout + result.stderr
+    manifest = verify(archive)
+    assert manifest.data["store"] == {"backend": "postgresql", "database": PG_NAMED, "in_archive": False}
+    assert manifest.journal_last_seq is None and manifest.external_journal == PG_NAMED
+    assert set(manifest.files) == {"companies.json", "config.toml", "sessions/session-acme/simulator.json",
+                                   "sessions/session-beta/simulator.json"}
+
+    config2, state2 = pg_target(tmp_path, "dst")
+    restored = whatsappd("restore", str(archive), "--config", str(config2))
+    assert restored.returncode == 0, restored.stderr
+    assert "restored acme" in restored.stdout and "restored beta" in restored.stdout
+    assert "restored the journal" not in restored.stdout
+    assert "are not in this archive: restore them from your pg_dump" in restored.stdout
+    assert not list(state2.glob("whatsappd.sqlite*"))
+    assert (state2 / "companies.json").read_bytes() == (state / "companies.json").read_bytes()
+    assert jid_of("beta") in (state2 / "sessions" / "session-beta" / "simulator.json").read_text()
+
+
+def test_a_sqlite_backup_restored_for_a_postgresql_store_writes_no_journal(stopped_state, tmp_path):
+    """A SQLite backup (with its journal) restored where the config names PostgreSQL: the sessions
+    come back, no whatsappd.sqlite is written, and the output says the archive's journal was left out."""
+    _, archive = stopped_state
+    config, state = pg_target(tmp_path, "t")
+    result = whatsappd("restore", str(archive), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "restored acme" in result.stdout and "restored the journal" not in result.stdout
+    assert "no whatsappd.sqlite was written; the archive's SQLite journal (up to seq" in result.stdout
+    assert not list(state.glob("whatsappd.sqlite*"))
+    assert jid_of("acme") in (state / "sessions" / "session-acme" / "simulator.json").read_text()

@@ -2,9 +2,10 @@
 
 Layout (member names are relative, regular files only, written 0600):
 
-    manifest.json            format, versions, per-file sha256 and size, companies, journal head
+    manifest.json            format, versions, per-file sha256 and size, companies, journal head,
+                             store (which backend holds the journal; PostgreSQL's is not archived)
     manifest.sha256          the sha256 of manifest.json (a manifest edited by hand is refused)
-    whatsappd.sqlite         the journal/outbox database (full backups only)
+    whatsappd.sqlite         the journal/outbox database (full backups of the SQLite store only)
     companies.json           the companies added at runtime (when there are any)
     config.toml              the effective configuration, for reference (restore never writes it)
     sessions/session-ID/...  each company's session files (SQLite stores as consistent snapshots)
@@ -67,6 +68,15 @@ class Manifest:
     @property
     def companies(self) -> dict[str, dict[str, Any]]:
         return {c["id"]: c for c in self.data.get("companies", [])}
+
+    @property
+    def external_journal(self) -> str | None:
+        """The database holding the journal and outbox when they are not in the archive
+        (PostgreSQL, password hidden); None: they are in it (or it is a company backup)."""
+        store = self.data.get("store")
+        if isinstance(store, dict) and store.get("backend") == "postgresql":
+            return str(store.get("database"))
+        return None
 
     @property
     def journal_last_seq(self) -> int | None:

@@ -27,6 +27,7 @@ from whatsappd.backup.snapshot import (
     registry_bytes,
     save_atomically,
     staging_dir,
+    store_record,
 )
 from whatsappd.client import Client, DaemonUnavailable
 from whatsappd.config import Config, render_config
@@ -107,7 +108,8 @@ def backup_offline(config: Config, companies: list[str], target: Path) -> Manife
             def write(f: IO[bytes], tmp: Path) -> None:
                 registry = registry_bytes(state_dir / "companies.json", companies or None)
                 build_archive(f, state_dir=state_dir, staging=staging, companies=found,
-                              config_text=render_config(config), full=not companies, registry=registry)
+                              config_text=render_config(config), full=not companies, registry=registry,
+                              store=store_record(config.store_backend, config.store_dsn))
                 f.flush()
                 manifest.append(verify(tmp))
 
@@ -122,9 +124,15 @@ def backup_offline(config: Config, companies: list[str], target: Path) -> Manife
 def summary(manifest: Manifest, target: Path) -> str:
     journal = manifest.journal_last_seq
     size = target.stat().st_size
-    return (f"backup written to {target} ({size} bytes, mode 0600): {len(manifest.companies)} companies"
-            + (f", journal up to seq {journal}" if journal is not None else ", no journal (company backup)")
-            + "; keep it encrypted and off public places (README: Backups)")
+    if (database := manifest.external_journal) is not None:
+        what = (f", sessions, companies and config only: the journal and outbox live in PostgreSQL ({database}) "
+                "and are NOT in this archive; back them up with pg_dump (README: Backups)")
+    elif journal is not None:
+        what = f", journal up to seq {journal}"
+    else:
+        what = ", no journal (company backup)"
+    return (f"backup written to {target} ({size} bytes, mode 0600): {len(manifest.companies)} companies{what}"
+            "; keep it encrypted and off public places (README: Backups)")
 
 
 def run_backup(config: Config, socket_path: str | None, to: Path | None, companies: list[str]) -> int:
@@ -153,7 +161,8 @@ def run_restore(config: Config, archive: Path, companies: list[str] | None, over
     from whatsappd.backup.archive import ArchiveRefused
 
     try:
-        result = restore(archive, config.daemon_state_dir, companies, overwrite=overwrite, seq_gap=seq_gap)
+        result = restore(archive, config.daemon_state_dir, companies, overwrite=overwrite, seq_gap=seq_gap,
+                         journal_in_state_dir=config.store_backend != "postgresql")
     except (ArchiveRefused, RestoreRefused) as exc:
         print(f"whatsappd: restore refused: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,10 @@ max(the archive's last seq, the replaced journal's last seq) + `seq_gap`: no seq
 twice unless the old daemon wrote more than seq_gap events after the backup. A reader whose
 cursor is within the gap gets the new events from the first one on; a cursor beyond the head
 still gets 409 `cursor_ahead`.
+
+With `[store] backend = "postgresql"` the journal and outbox live in the database: a restore
+then never writes a `whatsappd.sqlite` (not even the one a SQLite backup holds), and says so;
+the database is restored from its own dump (README: Backups).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def _paired(directory: Path) -> bool:
 
 
 def _check_targets(manifest: Manifest, state_dir: Path, companies: list[str], whole: bool,
-                   overwrite: bool) -> None:
+                   overwrite: bool, journal: bool) -> None:
     sessions_root = state_dir / "sessions"
     for cid in companies:
         directory = session_dir(sessions_root, cid)
@@ -70,7 +74,7 @@ def _check_targets(manifest: Manifest, state_dir: Path, companies: list[str], wh
             raise RestoreRefused(f"company {cid} already has a paired session in {directory}: add --overwrite "
                                  "to replace it (the old one is moved to STATE_DIR/replaced/); nothing was changed")
     if whole and not overwrite:
-        for name in (JOURNAL, COMPANIES):
+        for name in (JOURNAL, COMPANIES) if journal else (COMPANIES,):
             if name in manifest.files and (state_dir / name).exists():
                 raise RestoreRefused(f"{state_dir / name} already exists: add --overwrite to replace it (the old "
                                      "one is moved to STATE_DIR/replaced/); nothing was changed")
@@ -114,9 +118,12 @@ class _Mover:
 
 
 def restore(archive: Path, state_dir: Path, companies: list[str] | None = None, *, overwrite: bool = False,
-            seq_gap: int = DEFAULT_SEQ_GAP) -> Restored:
+            seq_gap: int = DEFAULT_SEQ_GAP, journal_in_state_dir: bool = True) -> Restored:
     """Restore archive into state_dir: every company and the journal (companies=None: the daemon
-    must be stopped), or only the sessions of the companies named (each must be stopped)."""
+    must be stopped), or only the sessions of the companies named (each must be stopped).
+
+    journal_in_state_dir: False when the configured store is PostgreSQL: no journal is written
+    into state_dir, whatever the archive holds."""
     manifest = verify(archive)
     held = manifest.companies
     whole = companies is None
@@ -130,7 +137,7 @@ def restore(archive: Path, state_dir: Path, companies: list[str] | None = None, 
     if holder is not None:
         raise RestoreRefused(f"whatsappd (pid {holder if holder > 0 else '?'}) is running on {state_dir}: stop it "
                              "first, or restore single stopped companies with --company; nothing was changed")
-    _check_targets(manifest, state_dir, wanted, whole, overwrite)
+    _check_targets(manifest, state_dir, wanted, whole, overwrite, journal_in_state_dir)
     # Checked: from here on the target changes, under the locks that keep the daemon and the
     # companies' workers away while it does.
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -153,18 +160,22 @@ def restore(archive: Path, state_dir: Path, companies: list[str] | None = None, 
             except pidlock.Held as exc:
                 raise RestoreRefused(f"company {cid} started meanwhile (pid {exc.pid or '?'}): stop it first; "
                                      "nothing was changed") from None
-        _check_targets(manifest, state_dir, [], whole, overwrite)
+        _check_targets(manifest, state_dir, [], whole, overwrite, journal_in_state_dir)
         for cid in wanted:  # again, under the locks
             if _paired(session_dir(sessions_root, cid)) and not overwrite:
                 raise RestoreRefused(f"company {cid} was paired meanwhile: add --overwrite to replace it; nothing "
                                      "was changed")
         extract(archive, staging)
-        if whole and (staging / JOURNAL).exists():
+        journal = whole and journal_in_state_dir and (staging / JOURNAL).exists()
+        if journal:
             _quick_check(staging / JOURNAL)
         for cid in wanted:
             for store in (staging / "sessions" / f"session-{cid}").glob("*.db"):
                 _quick_check(store)
-        return _place(manifest, state_dir, staging, wanted, whole, seq_gap)
+        result = _place(manifest, state_dir, staging, wanted, whole, seq_gap, journal)
+        if whole:
+            result.notes[:0] = _journal_notes(manifest, journal_in_state_dir)
+        return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for fd in session_locks:
@@ -173,11 +184,26 @@ def restore(archive: Path, state_dir: Path, companies: list[str] | None = None, 
             os.close(state_lock)
 
 
+def _journal_notes(manifest: Manifest, journal_in_state_dir: bool) -> list[str]:
+    """What a whole restore says about a journal it did not restore (PostgreSQL on either side)."""
+    notes = []
+    if (database := manifest.external_journal) is not None:
+        notes.append(f"the journal and outbox were in PostgreSQL ({database}) and are not in this archive: "
+                     "restore them from your pg_dump of the whatsappd_* tables (README: Backups)")
+    if not journal_in_state_dir:
+        held = (f"; the archive's SQLite journal (up to seq {manifest.journal_last_seq}) was left out"
+                if JOURNAL in manifest.files else "")
+        notes.append(f"this configuration keeps the journal and outbox in PostgreSQL: no {JOURNAL} was written"
+                     + held)
+    return notes
+
+
 def _place(manifest: Manifest, state_dir: Path, staging: Path, wanted: list[str], whole: bool,
-           seq_gap: int) -> Restored:
+           seq_gap: int, journal: bool) -> Restored:
+    """Move the staged files into place; journal: the staged journal too (checked by the caller)."""
     result = Restored()
     mover = _Mover(state_dir)
-    if whole and (staging / JOURNAL).exists():
+    if journal:
         old = state_dir / JOURNAL
         last = max(manifest.journal_last_seq or 0, journal_head(old) if old.exists() else 0)
         _set_next_seq(staging / JOURNAL, last + seq_gap)

@@ -14,6 +14,12 @@ sent twice.
 
 Used by the daemon (POST /v1/backup: it knows each company's state and JID) and by
 `whatsappd backup` on a stopped state directory (reading both from the files).
+
+With `[store] backend = "postgresql"` the journal and outbox live in the database, not in the
+state directory: the archive then holds the sessions, companies.json and the config only, and
+its manifest's `store` says where the journal is and that it is not in the archive (a
+`whatsappd.sqlite` left in the state directory from before the switch is not the journal, and
+is not archived as if it were). The database is backed up with pg_dump (README: Backups).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from whatsappd.sessionstore import (
 from whatsappd.timefmt import iso
 
 __all__ = ["CompanyInfo", "build_archive", "disk_companies", "neonize_version", "registry_bytes", "save_atomically",
-           "staging_dir"]
+           "staging_dir", "store_record"]
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -64,6 +70,16 @@ class CompanyInfo:
     state: str  # the daemon's state of the company ("stopped" for an offline backup)
     jid: str | None
     source: str  # config, runtime, discovered (or "disk" for an offline backup)
+
+
+def store_record(backend: str, dsn: str) -> dict[str, Any]:
+    """The manifest's `store`: which backend holds the journal and outbox, and for PostgreSQL the
+    database (password hidden), which is not in the archive."""
+    if backend != "postgresql":
+        return {"backend": "sqlite"}
+    from whatsappd.store.postgresql import redact
+
+    return {"backend": "postgresql", "database": redact(dsn), "in_archive": False}
 
 
 def neonize_version() -> str | None:
@@ -219,20 +235,22 @@ def staging_dir(tmp_root: Path) -> Path:
 
 
 def build_archive(out: IO[bytes], *, state_dir: Path, staging: Path, companies: list[CompanyInfo],
-                  config_text: str, full: bool, registry: bytes | None) -> dict[str, Any]:
+                  config_text: str, full: bool, registry: bytes | None, store: dict[str, Any]) -> dict[str, Any]:
     """Snapshot everything into staging, then write the archive to out; return its manifest.
 
     full: the journal/outbox database too (a backup of some companies holds only their sessions).
     registry: companies.json's content to include (None: there is none).
+    store: `store_record(...)` of the configured backend; a journal not in the state directory
+    (PostgreSQL) is recorded as such and left out.
     """
     now = time.time()
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "created_at": iso(now), "created_unix": int(now),
         "whatsappd_version": __version__, "neonize_version": neonize_version(),
-        "scope": "full" if full else "companies", "journal": None,
+        "scope": "full" if full else "companies", "journal": None, "store": store,
     }
     journal = state_dir / JOURNAL
-    if full and journal.exists():
+    if full and store["backend"] == "sqlite" and journal.exists():
         snapshot_sqlite(journal, staging / JOURNAL)  # first: see the module docstring
         manifest["journal"] = {"file": JOURNAL, "last_seq": journal_head(staging / JOURNAL)}
     sessions_root = state_dir / "sessions"

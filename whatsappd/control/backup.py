@@ -19,7 +19,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from whatsappd.backup.snapshot import CompanyInfo, build_archive, registry_bytes, staging_dir, stored_jid
+from whatsappd.backup.snapshot import (
+    CompanyInfo,
+    build_archive,
+    registry_bytes,
+    staging_dir,
+    store_record,
+    stored_jid,
+)
 from whatsappd.config import render_config
 from whatsappd.control.bodies import check_company_ids
 from whatsappd.control.services import services
@@ -63,7 +70,8 @@ async def backup(request: web.Request) -> web.StreamResponse:
                 with os.fdopen(fd, "wb") as out:
                     registry = registry_bytes(state_dir / "companies.json", wanted or None)
                     return build_archive(out, state_dir=state_dir, staging=staging, companies=companies,
-                                         config_text=render_config(config), full=not wanted, registry=registry)
+                                         config_text=render_config(config), full=not wanted, registry=registry,
+                                         store=store_record(config.store_backend, config.store_dsn))
 
             try:
                 manifest = await asyncio.to_thread(take)
