@@ -338,3 +338,27 @@ def test_ctl_add_simulate_remove_and_clear_errors(daemons):
     assert "new1" not in d.companies()
     gone = ctl(d, "remove", "new1")
     assert gone.returncode == 1 and "[company_not_found]" in gone.stderr
+
+
+def test_a_postgresql_store_is_checked_in_the_database_not_as_a_missing_sqlite_file(tmp_path, pg_dsn):
+    """With backend postgresql: a migrated database and no whatsappd.sqlite is clean (exit 0); an
+    unmigrated one is store_schema; an unreachable one is store_unreachable, its password hidden."""
+    from whatsappd.store.postgresql import migrate, redact
+
+    def install(name: str, dsn: str) -> Install:
+        (tmp_path / name).mkdir()
+        return Install(tmp_path / name, ("acme",), extra=f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"')
+
+    fresh = install("fresh", pg_dsn)
+    schema = named(fresh.findings(), "store_schema", redact(pg_dsn))
+    assert schema.severity == "warning" and "whatsappd migrate" in schema.fix
+    migrate(pg_dsn)
+    assert fresh.findings() == []
+    proc = fresh.cli()
+    assert proc.returncode == 0 and proc.stdout.strip() == "no problems found", proc.stdout + proc.stderr
+
+    dsn = f"postgresql://whatsappd:hunter2@/whatsappd?host={tmp_path / 'no-server'}"
+    gone = install("gone", dsn)
+    unreachable = named(gone.findings(), "store_unreachable", redact(dsn))
+    assert unreachable.severity == "error" and "hunter2" not in unreachable.line()
+    assert "store.dsn" in unreachable.fix

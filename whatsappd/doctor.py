@@ -6,6 +6,9 @@ JSON and the tests share one list. Two sources:
 - `inspect_state_dir` reads the state directory and nothing else; it works whether the daemon
   runs or not, and never changes a file: stores are opened read-only with a short busy timeout,
   so a live writer is never held up (a store busy for longer is reported, not waited for).
+  With `[store] backend = "postgresql"` the journal is not a file: `whatsappd.sqlite` is not
+  looked for (a leftover one is not the journal), and the database is checked instead: that it
+  answers, and that its schema is the one this whatsappd writes (`whatsappd migrate`).
 - `inspect_live` looks at what only the running daemon knows: company states, and the last
   server time each worker saw (the supervisor passes `LiveCompany` records).
 
@@ -81,6 +84,8 @@ CHECKS: dict[str, str] = {
     "store_damaged": "PRAGMA integrity_check finds damage in a store (the journal/outbox or a session store)",
     "store_busy": "a store stayed locked by a writer too long to be checked",
     "store_large": "a store is larger than its age (sessions) or its limits (journal) explain",
+    "store_unreachable": "the PostgreSQL store (store.dsn) does not answer",
+    "store_schema": "the PostgreSQL store's schema is missing, older or newer than this whatsappd's",
     "legacy_browser": "a browser profile of the old CRM (whatsapp-web.js) under sessions/",
     "legacy_baileys": "a Baileys folder of the old CRM under sessions/",
     "orphan_session": "a session on disk that no company in the config or companies.json owns",
@@ -143,6 +148,7 @@ def inspect_state_dir(config: Config, *, daemon_pid: int | None = None, now: flo
     found: list[Finding] = []
     found += _modes(root)
     found += _stores(config, now)
+    found += _database(config)
     found += _legacy(config.sessions_dir)
     found += _companies(config)
     found += _locks(config.sessions_dir, daemon_pid)
@@ -195,7 +201,8 @@ def _stores(config: Config, now: float) -> list[Finding]:
     found: list[Finding] = []
     journal = config.daemon_state_dir / JOURNAL_FILE
     session_stores = sorted(config.sessions_dir.glob(f"session-*/{NEONIZE_STORE}"))
-    for path in ([journal] if journal.is_file() else []) + session_stores:
+    in_state_dir = config.store_backend == "sqlite" and journal.is_file()
+    for path in ([journal] if in_state_dir else []) + session_stores:
         is_journal = path == journal
         for problem in check_database(path, timeout=BUSY_TIMEOUT):
             busy = "locked" in problem or "busy" in problem
@@ -227,6 +234,38 @@ def _stores(config: Config, now: float) -> list[Finding]:
                 f"{format_size(size)} is more than the {format_size(limit)} expected for {age_text}"
                 + (f"; biggest tables: {tables}" if tables else ""), fix))
     return found
+
+
+def _database(config: Config) -> list[Finding]:
+    """The PostgreSQL store, when it is the configured one: does it answer, is its schema ours?
+    (Read-only: one short connection; psycopg is imported only then.)"""
+    if config.store_backend != "postgresql":
+        return []
+    import psycopg
+
+    from whatsappd.store.postgresql import SCHEMA_VERSION, redact
+
+    where = redact(config.store_dsn)
+    try:
+        with psycopg.connect(config.store_dsn, autocommit=True, connect_timeout=5) as db:
+            exists = db.execute("SELECT to_regclass('whatsappd_meta') IS NOT NULL").fetchone()
+            row = (db.execute("SELECT value FROM whatsappd_meta WHERE key = 'schema_version'").fetchone()
+                   if exists and exists[0] else None)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [_finding("store_unreachable", Severity.ERROR, where, f"cannot connect: {reason.replace(config.store_dsn, where)}",
+                         "check store.dsn, that the server runs and that the role may log in (a password "
+                         "belongs in ~/.pgpass, not in the DSN)")]
+    version = int(row[0]) if row else 0
+    if version == SCHEMA_VERSION:
+        return []
+    if version > SCHEMA_VERSION:
+        return [_finding("store_schema", Severity.ERROR, where,
+                         f"schema {version} was written by a newer whatsappd (this one knows {SCHEMA_VERSION}); "
+                         "the daemon refuses it", "upgrade whatsappd")]
+    return [_finding("store_schema", Severity.WARNING, where,
+                     f"schema {version or 'missing'}, this whatsappd writes {SCHEMA_VERSION}",
+                     "run whatsappd migrate --config FILE (the daemon also migrates at start)")]
 
 
 def expected_session_store_size(age_days: float) -> int:
