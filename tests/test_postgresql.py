@@ -262,3 +262,19 @@ def test_an_upgrade_from_schema_1_knows_who_wrote_in_the_kept_journal(pg_dsn: st
 
     assert asyncio.run(known()) == [True, False, False, False]
     assert schema_version(pg_dsn) == str(SCHEMA_VERSION)
+
+
+def test_check_store_with_the_postgresql_backend_names_the_database_not_a_leftover_sqlite_file(tmp_path: Path):
+    """`whatsappd check-store` on a PostgreSQL configuration does not check (or fail on) a
+    whatsappd.sqlite left in the state directory: it says the journal is in the database."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "whatsappd.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)  # damaged leftover
+    config = tmp_path / "whatsappd.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n[store]\nbackend = "postgresql"\n'
+                      'dsn = "postgresql://whatsappd:hunter2@127.0.0.1:9/whatsappd"\n')
+    result = subprocess.run([*whatsappd_command(), "check-store", "--config", str(config)], capture_output=True,
+                            text=True, timeout=60, env=clean_env(), stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "in PostgreSQL (postgresql://whatsappd:***@127.0.0.1:9/whatsappd)" in result.stdout
+    assert "whatsappd.sqlite" not in result.stdout and "hunter2" not in result.stdout + result.stderr

@@ -241,7 +241,12 @@ def _check_store(args: argparse.Namespace) -> int:
         if config is None:
             return EX_CONFIG
         journal = config.daemon_state_dir / "whatsappd.sqlite"
-        if journal.exists():
+        if config.store_backend == "postgresql":  # a leftover whatsappd.sqlite is not the journal
+            from whatsappd.store.postgresql import redact
+
+            print(f"the journal and outbox are in PostgreSQL ({redact(config.store_dsn)}), not in a file: "
+                  "`whatsappd doctor` checks the database")
+        elif journal.exists():
             paths.append(journal)
         else:
             print(f"{journal}: not created yet (the daemon creates it at its first start)")
