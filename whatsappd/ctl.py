@@ -240,6 +240,13 @@ def cmd_restart(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     return raw, f"{args.id}: worker restarted; now {body['state']}"
 
 
+def cmd_resume_sending(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    raw, body = _check(client.post(f"/v1/companies/{args.id}/sending/resume"))
+    if body["resumed"]:
+        return raw, f"{args.id}: sending resumed; its queued messages go again (pacing's rate still applies)"
+    return raw, f"{args.id}: sending was not paused; nothing changed (now {body['sending']['state']})"
+
+
 def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     """Start the company; while pairing, draw each new QR code; return once connected."""
     raw, body = _check(client.post(f"/v1/companies/{args.id}/connect"))
@@ -414,6 +421,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any,
     "pair-code": ("pair with a phone number instead of a QR: prints the code to type", cmd_pair_code),
     "logout": ("unlink the device on WhatsApp and wipe the session", cmd_logout),
     "restart": ("restart a company's worker", cmd_restart),
+    "resume-sending": ("end a company's rate-limit pause now: its queued messages go again", cmd_resume_sending),
     "send": ("queue a text message: send ID TO TEXT", cmd_send),
     "events": ("follow the event stream (backlog after --since, then live)", cmd_events),
     "reload": ("reload the config now; returns once applied or failed", cmd_reload),
@@ -447,7 +455,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
         _global_options(cmd, lambda value: argparse.SUPPRESS)
-        if name in ("status", "connect", "qr", "pair-code", "logout", "restart", "send"):
+        if name in ("status", "connect", "qr", "pair-code", "logout", "restart", "resume-sending", "send"):
             cmd.add_argument("id", help="company id")
         if name == "pair-code":
             cmd.add_argument("phone", help="the phone number in international format, e.g. +5511999999999")

@@ -83,6 +83,14 @@ _EVENT_FIELDS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "company.paired": ("The phone scanned the QR code or typed the pairing code.", {
         "jid": {"type": ["string", "null"]},
     }, ["jid"]),
+    "company.sending": ("The company's sending paused (WhatsApp answered a send with a rate-limit or "
+                        "restriction error: nothing goes until `until`) or is active again (the pause ended, "
+                        "or POST /v1/companies/{id}/sending/resume).", {
+        "state": {"type": "string", "enum": ["paused", "active"]},
+        "until": _TIME_OR_NULL, "reason": {"type": ["string", "null"]},
+        "by": {"type": "string", "enum": ["pause_over", "operator"],
+               "description": "When active again: whether the pause ran out or the operator resumed it."},
+    }, ["state", "until", "reason"]),
     "message.incoming": ("A message someone sent to the company (or the company sent from its phone).", {
         "id": {"type": "string", "description": "WhatsApp's message id; GET /v1/companies/{id}/media/{id} fetches media."},
         "chat": _JID, "sender": _JID, "push_name": {"type": ["string", "null"]}, "timestamp": _TIME,
@@ -598,6 +606,21 @@ PATHS: dict[str, dict[str, Any]] = {
             "summary": "Restart the company's worker now (also leaves `failed`)",
             "operationId": "restart",
             "responses": _responses({"202": _json(_ref("Company"), "Restarted.")}, *_COMPANY),
+        },
+    },
+    "/v1/companies/{id}/sending/resume": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "End the company's rate-limit pause now: its queued messages go again (README: Send pacing)",
+            "description": "Idempotent. `resumed: true`: a pause was ended (logged with the caller's uid, and "
+                           "journaled as a `company.sending` event with `by: operator`); `resumed: false`: the "
+                           "company was not paused, nothing changed. Pacing's rate and first-contact budget "
+                           "still apply: only the pause is lifted.",
+            "operationId": "resumeSending",
+            "responses": _responses({"200": _json({
+                "type": "object", "required": ["company", "resumed", "sending"],
+                "properties": {"company": {"type": "string"}, "resumed": {"type": "boolean"},
+                               "sending": _ref("Sending")}}, "The company's sending now.")}, *_COMPANY),
         },
     },
     "/v1/companies/{id}/simulate": {
