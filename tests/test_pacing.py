@@ -291,7 +291,8 @@ def test_first_contact_budget_of_5_a_day_holds_across_a_daemon_restart(daemons):
 
 def test_a_rate_limit_error_pauses_the_company_then_it_resumes_after_the_pause(daemons):
     """WhatsApp answers 463: the message stays queued (error rate_limited), the company shows
-    `paused` with the reason in GET and health, nothing is retried during the pause, then it is sent once."""
+    `paused` with the reason in GET and health, nothing is retried during the pause, then it is sent once;
+    the stream has company.sending paused, then active by pause_over."""
     d = daemons(sim_config("rl", workers=SLOW_BOOT, pacing={"limit_pause": "4s"}))
     d.start(timeout=30)
     d.pair("rl", timeout=30)
@@ -316,6 +317,12 @@ def test_a_rate_limit_error_pauses_the_company_then_it_resumes_after_the_pause(d
     assert sent["attempts"] == 2 and [r["outbox_id"] for r in read_send_log(d.session_dir("rl"))] == [mid]
     assert d.client.get("/v1/companies/rl").json()["sending"]["state"] == "active"
     assert d.client.get("/v1/health").json()["sending_paused"] == {}
+    with EventReader(str(d.socket_path), "since=0&type=company.sending") as stream:
+        stream.wait_count(2)
+        paused, resumed = stream.events()
+    assert (paused["state"], paused["until"], paused["reason"]) == ("paused", company["sending"]["until"],
+                                                                   company["sending"]["reason"])
+    assert (resumed["state"], resumed["by"]) == ("active", "pause_over")
     assert d.stop() == 0
 
 
