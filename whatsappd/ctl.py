@@ -150,6 +150,8 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     parts = [f"{key} {', '.join(body[key])}" for key in ("added", "removed", "changed") if body[key]]
     if body["settings"]:
         parts.append(f"settings {', '.join(body['settings'])}")
+    hooks = body.get("webhooks") or {}
+    parts += [f"webhooks {key} {', '.join(hooks[key])}" for key in ("added", "removed", "changed") if hooks.get(key)]
     text = f"configuration reloaded from {body['source']}: " + ("; ".join(parts) if parts else "no changes")
     if body["restart_required"]:
         text += f"\nnote: {', '.join(body['restart_required'])} apply only after a restart"

@@ -401,7 +401,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "ReloadResult": {
         "type": "object",
-        "required": ["ok", "added", "removed", "changed", "settings", "restart_required"],
+        "required": ["ok", "added", "removed", "changed", "settings", "restart_required", "webhooks"],
         "properties": {
             "ok": {"const": True},
             "source": {"type": "string"},
@@ -412,6 +412,13 @@ SCHEMAS: dict[str, Any] = {
                          "description": "Dotted keys of settings that changed and were applied."},
             "restart_required": {"type": "array", "items": {"type": "string"},
                                  "description": "Dotted keys that changed but apply only after a restart."},
+            "webhooks": {"type": "object", "required": ["added", "changed", "removed"],
+                         "description": "Webhook ids the reload started, restarted with another definition (or "
+                                        "source: a [[webhooks]] entry now shadows, or no longer shadows, a PUT one; "
+                                        "the cursor is kept), and stopped. added, removed and changed above are "
+                                        "company ids.",
+                         "properties": {k: {"type": "array", "items": {"type": "string"}}
+                                        for k in ("added", "changed", "removed")}},
         },
     },
 }
