@@ -321,16 +321,34 @@ def cmd_events(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_backup(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    from whatsappd.backup.commands import BackupFailed, fetch_backup, summary, target_path
+    """--to FILE (or a directory); --to -: the archive to stdout for a pipe, every word to stderr."""
+    from whatsappd.backup.commands import (
+        STDOUT,
+        STDOUT_IS_TERMINAL,
+        BackupFailed,
+        fetch_backup,
+        stdout_target,
+        summary,
+        target_path,
+    )
 
-    target = target_path(Path(args.to) if args.to else None)
+    piped = stdout_target() if args.to == STDOUT else None
+    if args.to == STDOUT and piped is None:
+        raise CommandFailed(STDOUT_IS_TERMINAL)
+    target = piped[0] if piped is not None else target_path(Path(args.to) if args.to else None)
     client.timeout = None  # a large state directory takes a while; the daemon answers when done
     try:
         manifest = fetch_backup(client, args.company or [], target)
     except BackupFailed as exc:
         raise CommandFailed(escape(str(exc)), body=exc.body) from None
     except OSError as exc:
-        raise CommandFailed(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise CommandFailed(f"cannot write {'stdout' if piped else target}: {exc.strerror or exc}") from None
+    if piped is not None:  # stdout holds the archive: the summary goes to stderr, and main prints nothing
+        text = summary(manifest, None, piped[1]())
+        print(_json({"path": STDOUT, "manifest": manifest.data}, indent=2) if args.json else escape(text),
+              file=sys.stderr)
+        return None, ""
+    assert isinstance(target, Path)
     return {"path": str(target), "manifest": manifest.data}, escape(summary(manifest, target))
 
 
@@ -475,7 +493,8 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--company", action="append", metavar="ID", help="only this company (repeatable)")
             cmd.add_argument("--type", action="append", metavar="TYPE", help="only this event type (repeatable)")
         if name == "backup":
-            cmd.add_argument("--to", metavar="FILE", help="the archive to write, or a directory for it")
+            cmd.add_argument("--to", metavar="FILE", help="the archive to write, or a directory for it; -: stdout, "
+                             "for a pipe into age or gpg (never a terminal)")
             cmd.add_argument("--company", action="append", metavar="ID", help="only this company (repeatable)")
         if name == "qr":
             cmd.add_argument("--png", metavar="FILE", help="write the QR code as a PNG image to FILE")
