@@ -291,15 +291,16 @@ class OutboxSender:
         stored = (await self.store.pacing_pauses()).get(company)
         paused = ((pacer is not None and pacer.paused_until is not None and pacer.paused_until > now)
                   or (stored is not None and stored[0] > now))
+        if not paused:
+            # Also when a pause ran out but the sender has not noticed yet: it ends that one itself
+            # (and journals `by: pause_over`), so a CRM never sees a pause without its end.
+            return False
         if pacer is not None:
             pacer.paused_until = pacer.pause_reason = None
         wait = self._waits.get(company)
         if wait is not None and wait.reason is WaitReason.PAUSED:
             del self._waits[company]
-        if stored is not None:
-            await self.store.set_pacing_pause(company, None, None)
-        if not paused:
-            return False
+        await self.store.set_pacing_pause(company, None, None)
         log.warning("sending resumed by the operator before its rate-limit pause ended", company=company, **who)
         self._publish_sending(company, "active", None, "resumed by the operator", by="operator")
         wake = self._wake.get(company)
