@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import pty
 import sqlite3
 import stat
 import subprocess
@@ -27,7 +28,7 @@ import pytest
 
 from whatsappd.backup.archive import verify
 from whatsappd.sessionstore import SimulatorDevice, simulator_store_bytes
-from whatsappd.testing.daemon import clean_env, run_ctl, wait_until, whatsappd_command
+from whatsappd.testing.daemon import clean_env, ctl_command, run_ctl, wait_until, whatsappd_command
 from whatsappd.testing.events import ApiSession, EventReader
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config, tree_state
 from whatsappd.worker.simulator.server import read_send_log
@@ -490,3 +491,49 @@ def test_a_sqlite_backup_restored_for_a_postgresql_store_writes_no_journal(stopp
     assert "no whatsappd.sqlite was written; the archive's SQLite journal (up to seq" in result.stdout
     assert not list(state.glob("whatsappd.sqlite*"))
     assert jid_of("acme") in (state / "sessions" / "session-acme" / "simulator.json").read_text()
+
+
+def test_backup_to_stdout_pipes_a_verified_archive_and_refuses_a_terminal(daemons, tmp_path):
+    """`whatsappctl backup --to -` and `whatsappd backup --to -` (daemon up, then stopped) write the archive into
+    a pipe (words on stderr, nothing on disk beside it); into a terminal both refuse in one sentence."""
+    d = daemons(sim_config("acme"))
+    seed_paired(d.state_dir, "acme")
+    d.start(timeout=30)
+    d.wait_state("acme", "connected", timeout=30)
+    assert d.config_path is not None
+    ctl = ["--socket", str(d.socket_path), "backup", "--to", "-"]
+    tool = ["backup", "--config", str(d.config_path), "--to", "-"]
+
+    def piped(command: list[str], name: str) -> tuple[Path, str]:
+        """Run command with its stdout piped into a separate `cat` process writing tmp_path/name."""
+        out = tmp_path / name
+        with open(out, "wb") as sink:
+            consumer = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=sink)
+            assert consumer.stdin is not None
+            producer = subprocess.run(command, env=clean_env(), stdout=consumer.stdin, stderr=subprocess.PIPE,
+                                      stdin=subprocess.DEVNULL, timeout=60, text=True)
+            consumer.stdin.close()
+            assert consumer.wait(timeout=30) == 0
+        assert producer.returncode == 0, producer.stderr
+        assert f"backup written to stdout ({out.stat().st_size} bytes)" in producer.stderr, producer.stderr
+        return out, producer.stderr
+
+    live, _ = piped([*ctl_command(), *ctl], "ctl.tar.gz")
+    assert set(verify(live).companies) == {"acme"} and verify(live).journal_last_seq is not None
+    tool_live, _ = piped([*whatsappd_command(), *tool], "tool.tar.gz")
+    assert set(verify(tool_live).companies) == {"acme"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tar.gz")) == ["ctl.tar.gz", "tool.tar.gz"]
+
+    leader, follower = pty.openpty()
+    try:
+        for command in ([*ctl_command(), *ctl], [*whatsappd_command(), *tool]):
+            refused = subprocess.run(command, env=clean_env(), stdout=follower, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, timeout=60, text=True)
+            assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+            assert "refusing to write the backup archive to a terminal" in refused.stderr
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert d.stop() == 0
+    stopped, words = piped([*whatsappd_command(), *tool], "stopped.tar.gz")
+    assert "not running" in words and set(verify(stopped).companies) == {"acme"}

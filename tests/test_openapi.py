@@ -269,8 +269,10 @@ def test_every_error_code_raised_is_in_errors_py_and_the_document() -> None:
 
 
 def test_every_event_type_line_matches_its_documented_schema(daemon_factory: Callable[..., DaemonProcess]) -> None:
-    """A simulated life (pair, send, receipt, incoming, drop) streams lines each matching its type's schema, every field documented."""
-    daemon = daemon_factory('[events]\nheartbeat_interval = "200ms"\n' + _CONFIG).start()
+    """A simulated life (pair, send, receipt, incoming, rate limit and resume, drop) streams lines each
+    matching its type's schema, every field documented."""
+    # Pacing off: the message held by the rate limit goes at resume, not after a random jitter.
+    daemon = daemon_factory('[events]\nheartbeat_interval = "200ms"\n[pacing]\nenabled = false\n' + _CONFIG).start()
     client = daemon.client
     assert client.post("/v1/companies/acme/connect").status in (200, 202)
     wait_until(lambda: client.get("/v1/companies/acme").json()["state"] == "pairing", what="pairing")
@@ -280,6 +282,11 @@ def test_every_event_type_line_matches_its_documented_schema(daemon_factory: Cal
     assert client.post("/v1/companies/acme/simulate", body={"action": "receipt", "ids": [sent["id"]],
                                                             "receipt": "read"}).status == 200
     assert client.post("/v1/companies/acme/simulate", body={"action": "incoming", "kind": "image"}).status == 200
+    assert client.post("/v1/companies/acme/simulate", body={"action": "rate_limit", "count": 1}).status == 200
+    held = client.post("/v1/companies/acme/messages", body={"to": "+5511999999998", "text": "held"}).json()
+    wait_until(lambda: client.get("/v1/companies/acme").json()["sending"]["state"] == "paused", what="paused")
+    assert client.post("/v1/companies/acme/sending/resume").json()["resumed"] is True  # company.sending twice
+    wait_until(lambda: client.get(f"/v1/companies/acme/messages/{held['id']}").json()["status"] == "sent", what="sent")
     assert client.post("/v1/companies/acme/simulate", body={"action": "drop"}).status == 200
 
     document = openapi_document(__version__)

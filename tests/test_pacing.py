@@ -27,7 +27,7 @@ from whatsappd.pacing import (
 )
 from whatsappd.supervisor.registry import RuntimeRegistry
 from whatsappd.testing.daemon import run_ctl, wait_until
-from whatsappd.testing.events import wait_message
+from whatsappd.testing.events import EventReader, wait_message
 from whatsappd.testing.metrics import metric_value
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, sim_config
 from whatsappd.worker.simulator.server import PRESENCE_LOG_FILE, read_send_log, send_log_stats
@@ -296,7 +296,8 @@ def test_first_contact_budget_of_5_a_day_holds_across_a_daemon_restart(daemons, 
 
 def test_a_rate_limit_error_pauses_the_company_then_it_resumes_after_the_pause(daemons):
     """WhatsApp answers 463: the message stays queued (error rate_limited), the company shows
-    `paused` with the reason in GET and health, nothing is retried during the pause, then it is sent once."""
+    `paused` with the reason in GET and health, nothing is retried during the pause, then it is sent once;
+    the stream has company.sending paused, then active by pause_over."""
     d = daemons(sim_config("rl", workers=SLOW_BOOT, pacing={"limit_pause": "4s"}))
     d.start(timeout=30)
     d.pair("rl", timeout=30)
@@ -321,5 +322,53 @@ def test_a_rate_limit_error_pauses_the_company_then_it_resumes_after_the_pause(d
     assert sent["attempts"] == 2 and [r["outbox_id"] for r in read_send_log(d.session_dir("rl"))] == [mid]
     assert d.client.get("/v1/companies/rl").json()["sending"]["state"] == "active"
     assert d.client.get("/v1/health").json()["sending_paused"] == {}
+    with EventReader(str(d.socket_path), "since=0&type=company.sending") as stream:
+        stream.wait_count(2)
+        paused, resumed = stream.events()
+    assert (paused["state"], paused["until"], paused["reason"]) == ("paused", company["sending"]["until"],
+                                                                   company["sending"]["reason"])
+    assert (resumed["state"], resumed["by"]) == ("active", "pause_over")
     assert d.stop() == 0
 
+
+
+def test_an_operator_resumes_a_rate_limit_pause_through_the_api_and_whatsappctl_and_the_stream_tells(daemons):
+    """A pause of an hour ends at POST …/sending/resume and at `whatsappctl resume-sending`: the queued message
+    goes at once; resuming when not paused is 200 resumed=false; each pause and resume is a company.sending event."""
+    d = daemons(sim_config("op", workers=SLOW_BOOT, pacing={"limit_pause": "1h", "jitter": "0s"}))
+    d.start(timeout=30)
+    d.pair("op", timeout=30)
+    socket = str(d.socket_path)
+    with EventReader(socket, "since=0&type=company.sending") as stream:
+        idle = d.client.post("/v1/companies/op/sending/resume")
+        assert idle.status == 200 and idle.json() == {"company": "op", "resumed": False, "sending": {
+            "state": "active", "until": None, "reason": None}}
+        missing = d.client.post("/v1/companies/nobody/sending/resume")
+        assert missing.status == 404 and missing.json()["error"]["code"] == ErrorCode.COMPANY_NOT_FOUND
+
+        for n, resume in enumerate(("api", "whatsappctl")):
+            assert d.simulate("op", "rate_limit", count=1, code=463).status == 200
+            mid = enqueue(d, "op", "+55 11 94444-0001", f"held {n}")
+            paused = stream.wait_for(lambda e, n=n: e.get("type") == "company.sending" and e["state"] == "paused"
+                                     and len(stream.of_type("company.sending")) > 2 * n, what="the pause event")
+            assert paused["state"] == "paused" and "463" in paused["reason"] and paused["company"] == "op"
+            assert parse_iso(paused["until"]) > time.time() + 3000
+            assert d.client.get("/v1/companies/op").json()["sending"]["state"] == "paused"
+            asked = time.time()
+            if resume == "api":
+                answer = d.client.post("/v1/companies/op/sending/resume")
+                assert answer.status == 200 and answer.json()["resumed"] is True
+                assert answer.json()["sending"]["state"] != "paused"
+            else:
+                result = run_ctl("--socket", socket, "resume-sending", "op")
+                assert result.returncode == 0 and "op: sending resumed" in result.stdout, result.stderr
+            sent = wait_message(d.socket_path, "op", mid, "sent", timeout=10)
+            assert parse_iso(sent["sent_at"]) - asked < 5  # at once, not after the hour
+            resumed = stream.wait_for(lambda e, after=paused["seq"]: e.get("type") == "company.sending"
+                                      and e["state"] == "active" and e["seq"] > after, what="the resume event")
+            assert resumed["by"] == "operator" and resumed["until"] is None
+        again = run_ctl("--socket", socket, "resume-sending", "op")
+        assert again.returncode == 0 and "was not paused; nothing changed" in again.stdout
+        assert [e["state"] for e in stream.of_type("company.sending")] == ["paused", "active"] * 2
+    assert d.client.get("/v1/health").json()["sending_paused"] == {}
+    assert d.stop() == 0

@@ -293,15 +293,20 @@ def test_whatsappctl_webhooks_shows_cursor_lag_state_and_last_error(sim):
     assert "cfg" in {w["id"] for w in __import__("json").loads(as_json.stdout)["webhooks"]}
 
 
+def with_api_webhook(make: Any, webhook_id: str) -> tuple[SimDaemon, str]:
+    """A started daemon with company acme and an API webhook; and its config file's text."""
+    d = make(sim_config("acme"))
+    d.start(timeout=30)
+    assert put(d, webhook_id, {"url": "http://127.0.0.1:9/api", "secret": SECRET}).status == 201
+    assert d.config_path is not None
+    return d, d.config_path.read_text()
+
+
 def test_a_reload_gives_the_config_file_precedence_and_gives_back_the_api_webhook(tmp_path):
     """A config webhook added by reload takes over an API one of the same id (same cursor); removed
     from the file again, the API one comes back; check-config never prints a secret."""
     with daemon_pool(tmp_path) as make:
-        d = make(sim_config("acme"))
-        d.start(timeout=30)
-        assert put(d, "crm", {"url": "http://127.0.0.1:9/api", "secret": SECRET}).status == 201
-        assert d.config_path is not None
-        plain = d.config_path.read_text()
+        d, plain = with_api_webhook(make, "crm")
         d.config_path.write_text(plain + "[[webhooks]]\nid = \"crm\"\nurl = \"http://127.0.0.1:9/file\"\n"
                                  f"secret = \"{SECRET}-file\"\n")
         assert d.client.post("/v1/reload").status == 200
@@ -315,6 +320,30 @@ def test_a_reload_gives_the_config_file_precedence_and_gives_back_the_api_webhoo
         assert d.client.post("/v1/reload").status == 200
         back = status(d, "crm")
         assert (back["source"], back["url"], back["cursor"]) == ("runtime", "http://127.0.0.1:9/api", taken["cursor"])
+        assert d.stop() == 0
+
+
+def test_a_reload_answers_which_webhooks_it_added_changed_and_removed(tmp_path):
+    """/v1/reload's `webhooks` names the ids started, restarted (new definition, or the file shadowing an
+    API one) and stopped, apart from the company ids; whatsappctl reload prints them; no change: all empty."""
+    with daemon_pool(tmp_path) as make:
+        d, plain = with_api_webhook(make, "crm")
+
+        def hook(webhook_id: str, route: str) -> str:
+            return f'[[webhooks]]\nid = "{webhook_id}"\nurl = "http://127.0.0.1:9/{route}"\nsecret = "{SECRET}"\n'
+
+        d.config_path.write_text(plain + hook("crm", "file") + hook("audit", "a") + hook("old", "o"))
+        first = d.client.post("/v1/reload").json()
+        assert first["webhooks"] == {"added": ["audit", "old"], "changed": ["crm"], "removed": []}
+        assert (first["added"], first["changed"], first["removed"]) == ([], [], [])  # companies: none
+        d.config_path.write_text(plain + hook("crm", "file") + hook("audit", "a2"))
+        second = d.client.post("/v1/reload").json()
+        assert second["webhooks"] == {"added": [], "changed": ["audit"], "removed": ["old"]}
+        d.config_path.write_text(plain + hook("audit", "a2"))
+        out = run_ctl("reload", "--socket", str(d.socket_path))
+        assert out.returncode == 0 and "webhooks changed crm" in out.stdout, out.stdout + out.stderr  # the API one, back
+        assert status(d, "crm")["source"] == "runtime"
+        assert d.client.post("/v1/reload").json()["webhooks"] == {"added": [], "changed": [], "removed": []}
         assert d.stop() == 0
 
 

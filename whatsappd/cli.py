@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                          "daemon runs, or of a stopped one)")
     add_config(bak)
     bak.add_argument("--to", type=Path, metavar="FILE", help="the archive to write, or a directory for it "
-                     "(default: ./whatsappd-backup-TIME.tar.gz)")
+                     "(default: ./whatsappd-backup-TIME.tar.gz); -: stdout, for a pipe into age or gpg")
     bak.add_argument("--company", action="append", default=[], metavar="ID",
                      help="only this company's session (repeatable; no journal)")
     bak.add_argument("--socket", metavar="PATH", help="the running daemon's control socket (default: the config's)")

@@ -150,6 +150,8 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     parts = [f"{key} {', '.join(body[key])}" for key in ("added", "removed", "changed") if body[key]]
     if body["settings"]:
         parts.append(f"settings {', '.join(body['settings'])}")
+    hooks = body.get("webhooks") or {}
+    parts += [f"webhooks {key} {', '.join(hooks[key])}" for key in ("added", "removed", "changed") if hooks.get(key)]
     text = f"configuration reloaded from {body['source']}: " + ("; ".join(parts) if parts else "no changes")
     if body["restart_required"]:
         text += f"\nnote: {', '.join(body['restart_required'])} apply only after a restart"
@@ -240,6 +242,13 @@ def cmd_restart(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     return raw, f"{args.id}: worker restarted; now {body['state']}"
 
 
+def cmd_resume_sending(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    raw, body = _check(client.post(f"/v1/companies/{args.id}/sending/resume"))
+    if body["resumed"]:
+        return raw, f"{args.id}: sending resumed; its queued messages go again (pacing's rate still applies)"
+    return raw, f"{args.id}: sending was not paused; nothing changed (now {body['sending']['state']})"
+
+
 def cmd_connect(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
     """Start the company; while pairing, draw each new QR code; return once connected."""
     raw, body = _check(client.post(f"/v1/companies/{args.id}/connect"))
@@ -312,16 +321,34 @@ def cmd_events(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_backup(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
-    from whatsappd.backup.commands import BackupFailed, fetch_backup, summary, target_path
+    """--to FILE (or a directory); --to -: the archive to stdout for a pipe, every word to stderr."""
+    from whatsappd.backup.commands import (
+        STDOUT,
+        STDOUT_IS_TERMINAL,
+        BackupFailed,
+        fetch_backup,
+        stdout_target,
+        summary,
+        target_path,
+    )
 
-    target = target_path(Path(args.to) if args.to else None)
+    piped = stdout_target() if args.to == STDOUT else None
+    if args.to == STDOUT and piped is None:
+        raise CommandFailed(STDOUT_IS_TERMINAL)
+    target = piped[0] if piped is not None else target_path(Path(args.to) if args.to else None)
     client.timeout = None  # a large state directory takes a while; the daemon answers when done
     try:
         manifest = fetch_backup(client, args.company or [], target)
     except BackupFailed as exc:
         raise CommandFailed(escape(str(exc)), body=exc.body) from None
     except OSError as exc:
-        raise CommandFailed(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise CommandFailed(f"cannot write {'stdout' if piped else target}: {exc.strerror or exc}") from None
+    if piped is not None:  # stdout holds the archive: the summary goes to stderr, and main prints nothing
+        text = summary(manifest, None, piped[1]())
+        print(_json({"path": STDOUT, "manifest": manifest.data}, indent=2) if args.json else escape(text),
+              file=sys.stderr)
+        return None, ""
+    assert isinstance(target, Path)
     return {"path": str(target), "manifest": manifest.data}, escape(summary(manifest, target))
 
 
@@ -414,6 +441,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Client, argparse.Namespace], tuple[Any,
     "pair-code": ("pair with a phone number instead of a QR: prints the code to type", cmd_pair_code),
     "logout": ("unlink the device on WhatsApp and wipe the session", cmd_logout),
     "restart": ("restart a company's worker", cmd_restart),
+    "resume-sending": ("end a company's rate-limit pause now: its queued messages go again", cmd_resume_sending),
     "send": ("queue a text message: send ID TO TEXT", cmd_send),
     "events": ("follow the event stream (backlog after --since, then live)", cmd_events),
     "reload": ("reload the config now; returns once applied or failed", cmd_reload),
@@ -447,7 +475,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
         _global_options(cmd, lambda value: argparse.SUPPRESS)
-        if name in ("status", "connect", "qr", "pair-code", "logout", "restart", "send"):
+        if name in ("status", "connect", "qr", "pair-code", "logout", "restart", "resume-sending", "send"):
             cmd.add_argument("id", help="company id")
         if name == "pair-code":
             cmd.add_argument("phone", help="the phone number in international format, e.g. +5511999999999")
@@ -465,7 +493,8 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--company", action="append", metavar="ID", help="only this company (repeatable)")
             cmd.add_argument("--type", action="append", metavar="TYPE", help="only this event type (repeatable)")
         if name == "backup":
-            cmd.add_argument("--to", metavar="FILE", help="the archive to write, or a directory for it")
+            cmd.add_argument("--to", metavar="FILE", help="the archive to write, or a directory for it; -: stdout, "
+                             "for a pipe into age or gpg (never a terminal)")
             cmd.add_argument("--company", action="append", metavar="ID", help="only this company (repeatable)")
         if name == "qr":
             cmd.add_argument("--png", metavar="FILE", help="write the QR code as a PNG image to FILE")

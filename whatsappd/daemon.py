@@ -357,14 +357,14 @@ class Daemon:
             self.config = new  # messaging reads it from here
             try:
                 await self.supervisor.apply(new, diff)
-                await self.webhooks.apply(new)
+                webhooks = await self.webhooks.apply(new)
             except Exception as exc:  # a bug: say so, but never leave systemd "reloading"
                 log.exception("applying the reloaded configuration failed part-way")
                 self.notifier.ready(self.supervisor.status_line())
                 return {"ok": False, "source": new.source, "problems": [f"applying the change failed: {exc}"]}
-            result = {"ok": True, "source": new.source, **diff.as_dict()}
+            result = {"ok": True, "source": new.source, **diff.as_dict(), "webhooks": webhooks}
             self.last_reload = {"at": iso(time.time()), **result}
-            log.info("configuration reloaded", **diff.as_dict())
+            log.info("configuration reloaded", **diff.as_dict(), webhooks=webhooks)
             if diff.restart_required:
                 log.warning("some changed settings apply only after a restart",
                             settings=list(diff.restart_required))

@@ -13,13 +13,15 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from whatsappd import pidlock
-from whatsappd.backup.archive import Manifest, verify
+from whatsappd.backup.archive import ArchiveRefused, Manifest, verify
 from whatsappd.backup.restore import DEFAULT_SEQ_GAP, RestoreRefused, restore
 from whatsappd.backup.snapshot import (
     build_archive,
@@ -32,7 +34,14 @@ from whatsappd.backup.snapshot import (
 from whatsappd.client import Client, DaemonUnavailable
 from whatsappd.config import Config, render_config
 
-__all__ = ["BackupFailed", "backup_offline", "fetch_backup", "summary", "target_path"]
+__all__ = ["STDOUT", "STDOUT_IS_TERMINAL", "BackupFailed", "backup_offline", "fetch_backup", "stdout_target", "summary",
+           "target_path", "to_file", "to_stdout"]
+
+#: --to's value that writes the archive to stdout (for a pipe into age or gpg).
+STDOUT = "-"
+
+#: Writes an archive: called with the function that produces it, answers its verified manifest.
+Save = Callable[[Callable[[IO[bytes]], None]], Manifest]
 
 
 class BackupFailed(Exception):
@@ -51,12 +60,85 @@ def target_path(to: Path | None) -> Path:
     return to / name if to.is_dir() else to
 
 
-def fetch_backup(client: Client, companies: list[str], target: Path) -> Manifest:
-    """POST /v1/backup (?company=...) and save the archive atomically at target, verified."""
-    query = urllib.parse.urlencode([("company", c) for c in companies])
-    manifest: list[Manifest] = []
+def to_file(target: Path) -> Save:
+    """Save the archive atomically at target (0600), verified before it is renamed into place."""
 
-    def write(f: IO[bytes], tmp: Path) -> None:
+    def save(produce: Callable[[IO[bytes]], None]) -> Manifest:
+        manifest: list[Manifest] = []
+
+        def write(f: IO[bytes], tmp: Path) -> None:
+            produce(f)
+            f.flush()
+            manifest.append(verify(tmp))
+
+        save_atomically(target, write)
+        return manifest[0]
+
+    return save
+
+
+class _Tee:
+    """Writes to out and to a pipe the verifier reads; counts the bytes."""
+
+    def __init__(self, out: BinaryIO, pipe: int) -> None:
+        self.out, self.pipe, self.size = out, pipe, 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.pipe, view):]
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def to_stdout(out: BinaryIO) -> tuple[Save, Callable[[], int]]:
+    """Write the archive to out (stdout: a pipe into age or gpg, so it never lies on disk unencrypted),
+    verified as it streams by (BackupFailed if it came out damaged or short); and its size so far."""
+    sizes: list[int] = [0]
+
+    def save(produce: Callable[[IO[bytes]], None]) -> Manifest:
+        read_end, write_end = os.pipe()
+        outcome: list[Manifest | ArchiveRefused] = []
+
+        def check() -> None:
+            try:
+                outcome.append(verify(Path(f"/dev/fd/{read_end}")))
+            except ArchiveRefused as exc:
+                outcome.append(exc)
+            except Exception as exc:  # a bug in the check must not pass the archive as sound
+                outcome.append(ArchiveRefused(f"it could not be checked: {exc}"))
+            finally:
+                while os.read(read_end, 1 << 16):  # the rest (a refusal stops reading): never block the writer
+                    pass
+                os.close(read_end)
+
+        checker = threading.Thread(target=check, name="backup-verify", daemon=True)
+        checker.start()
+        tee = _Tee(out, write_end)
+        try:
+            produce(tee)  # type: ignore[arg-type]  # write and flush are all a producer uses
+            out.flush()
+        finally:
+            os.close(write_end)
+            checker.join()
+            sizes[0] = tee.size
+        result = outcome[0]
+        if isinstance(result, ArchiveRefused):
+            raise BackupFailed(f"the archive written to stdout is damaged or incomplete ({result}); discard it")
+        return result
+
+    return save, lambda: sizes[0]
+
+
+def fetch_backup(client: Client, companies: list[str], target: Path | Save) -> Manifest:
+    """POST /v1/backup (?company=...) and save the archive (a Path: atomically there), verified."""
+    query = urllib.parse.urlencode([("company", c) for c in companies])
+
+    def produce(f: IO[bytes]) -> None:
         resp = client.download("POST", "/v1/backup" + (f"?{query}" if query else ""), f)
         if not resp.ok:
             try:
@@ -65,11 +147,8 @@ def fetch_backup(client: Client, companies: list[str], target: Path) -> Manifest
             except (ValueError, KeyError, TypeError):
                 body, message = None, f"HTTP {resp.status}"
             raise BackupFailed(message, body)
-        f.flush()
-        manifest.append(verify(tmp))
 
-    save_atomically(target, write)
-    return manifest[0]
+    return (to_file(target) if isinstance(target, Path) else target)(produce)
 
 
 def _configured(config: Config) -> list[tuple[str, str, str]]:
@@ -83,7 +162,7 @@ def _configured(config: Config) -> list[tuple[str, str, str]]:
     return out
 
 
-def backup_offline(config: Config, companies: list[str], target: Path) -> Manifest:
+def backup_offline(config: Config, companies: list[str], target: Path | Save) -> Manifest:
     """Back up a stopped state directory, holding its lock so that no daemon starts meanwhile."""
     state_dir = config.daemon_state_dir
     if not state_dir.is_dir():
@@ -103,27 +182,24 @@ def backup_offline(config: Config, companies: list[str], target: Path) -> Manife
             found = [c for c in found if c.id in companies]
         staging = staging_dir(state_dir / "tmp")
         try:
-            manifest: list[Manifest] = []
 
-            def write(f: IO[bytes], tmp: Path) -> None:
+            def produce(f: IO[bytes]) -> None:
                 registry = registry_bytes(state_dir / "companies.json", companies or None)
                 build_archive(f, state_dir=state_dir, staging=staging, companies=found,
                               config_text=render_config(config), full=not companies, registry=registry,
                               store=store_record(config.store_backend, config.store_dsn))
-                f.flush()
-                manifest.append(verify(tmp))
 
-            save_atomically(target, write)
-            return manifest[0]
+            return (to_file(target) if isinstance(target, Path) else target)(produce)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     finally:
         os.close(lock)
 
 
-def summary(manifest: Manifest, target: Path) -> str:
+def summary(manifest: Manifest, target: Path | None, size: int | None = None) -> str:
+    """One line on what was written; target None: to stdout (size given)."""
     journal = manifest.journal_last_seq
-    size = target.stat().st_size
+    where = f"{target} ({target.stat().st_size} bytes, mode 0600)" if target is not None else f"stdout ({size} bytes)"
     if (database := manifest.external_journal) is not None:
         what = (f", sessions, companies and config only: the journal and outbox live in PostgreSQL ({database}) "
                 "and are NOT in this archive; back them up with pg_dump (README: Backups)")
@@ -131,13 +207,31 @@ def summary(manifest: Manifest, target: Path) -> str:
         what = f", journal up to seq {journal}"
     else:
         what = ", no journal (company backup)"
-    return (f"backup written to {target} ({size} bytes, mode 0600): {len(manifest.companies)} companies{what}"
+    return (f"backup written to {where}: {len(manifest.companies)} companies{what}"
             "; keep it encrypted and off public places (README: Backups)")
 
 
+#: What --to - says when stdout is a terminal (an archive is binary, and holds credentials).
+STDOUT_IS_TERMINAL = ("refusing to write the backup archive to a terminal: pipe it into an encryption tool "
+                      "(--to - | age -r KEY -o backup.tar.gz.age) or give --to FILE")
+
+
+def stdout_target() -> tuple[Save, Callable[[], int]] | None:
+    """--to -: the stdout writer; None (say STDOUT_IS_TERMINAL) when stdout is a terminal."""
+    if sys.stdout.isatty():
+        return None
+    return to_stdout(sys.stdout.buffer)
+
+
 def run_backup(config: Config, socket_path: str | None, to: Path | None, companies: list[str]) -> int:
-    """`whatsappd backup`: through the daemon if it answers, else from the stopped state directory."""
-    target = target_path(to)
+    """`whatsappd backup`: through the daemon if it answers, else from the stopped state directory.
+    --to -: the archive to stdout, and every word to stderr."""
+    piped = stdout_target() if to == Path(STDOUT) else None
+    if to == Path(STDOUT) and piped is None:
+        print(f"whatsappd: {STDOUT_IS_TERMINAL}", file=sys.stderr)
+        return 1
+    target: Path | Save = piped[0] if piped is not None else target_path(to)
+    where = "stdout" if piped is not None else str(target)
     client = Client(socket_path or str(config.control_socket_path), timeout=None)
     try:
         try:
@@ -149,9 +243,13 @@ def run_backup(config: Config, socket_path: str | None, to: Path | None, compani
         print(f"whatsappd: backup failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"whatsappd: backup failed: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"whatsappd: backup failed: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(summary(manifest, target))
+    if piped is not None:
+        print(summary(manifest, None, piped[1]()), file=sys.stderr)
+    else:
+        assert isinstance(target, Path)
+        print(summary(manifest, target))
     return 0
 
 

@@ -36,6 +36,7 @@ def build_app(services: Services) -> web.Application:
     r.add_post("/v1/companies/{id}/logout", companies.logout)
     r.add_post("/v1/companies/{id}/restart", companies.restart)
     r.add_post("/v1/companies/{id}/simulate", companies.simulate)
+    r.add_post("/v1/companies/{id}/sending/resume", companies.resume_sending)
     r.add_post("/v1/companies/{id}/import-baileys", imports.import_baileys)
     r.add_post("/v1/companies/{id}/messages", messages.send_message)
     r.add_get("/v1/companies/{id}/messages/{mid}", messages.get_message)

@@ -14,6 +14,7 @@ from aiohttp import web
 from whatsappd import qr as qr_render
 from whatsappd.config import parse_companies
 from whatsappd.control.bodies import bool_param, company_id, read_json
+from whatsappd.control.peers import peer_of
 from whatsappd.control.services import company_runner, services
 from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.protocol import SIMULATE_ACTIONS
@@ -21,7 +22,7 @@ from whatsappd.states import SETTLING, State
 
 __all__ = [
     "connect", "delete_company", "get_company", "get_qr", "list_companies", "logout", "pair_code", "put_company",
-    "restart", "simulate",
+    "restart", "resume_sending", "simulate",
 ]
 
 _PHONE_JUNK = re.compile(r"[\s()+.-]")
@@ -125,6 +126,14 @@ async def restart(request: web.Request) -> web.Response:
     await runner.restart("restart requested")
     await runner.wait_for(lambda r: r.state not in _RESTARTING, _SETTLE_WAIT)
     return web.json_response(runner.snapshot(), status=202)
+
+
+async def resume_sending(request: web.Request) -> web.Response:
+    runner = company_runner(request)
+    cred = peer_of(request.transport)
+    messaging = services(request).messaging
+    resumed = await messaging.resume_sending(runner.id, cred.fields() if cred else {})
+    return web.json_response({"company": runner.id, "resumed": resumed, "sending": messaging.pacing(runner.id)})
 
 
 async def simulate(request: web.Request) -> web.Response:

@@ -83,6 +83,14 @@ _EVENT_FIELDS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "company.paired": ("The phone scanned the QR code or typed the pairing code.", {
         "jid": {"type": ["string", "null"]},
     }, ["jid"]),
+    "company.sending": ("The company's sending paused (WhatsApp answered a send with a rate-limit or "
+                        "restriction error: nothing goes until `until`) or is active again (the pause ended, "
+                        "or POST /v1/companies/{id}/sending/resume).", {
+        "state": {"type": "string", "enum": ["paused", "active"]},
+        "until": _TIME_OR_NULL, "reason": {"type": ["string", "null"]},
+        "by": {"type": "string", "enum": ["pause_over", "operator"],
+               "description": "When active again: whether the pause ran out or the operator resumed it."},
+    }, ["state", "until", "reason"]),
     "message.incoming": ("A message someone sent to the company (or the company sent from its phone).", {
         "id": {"type": "string", "description": "WhatsApp's message id; GET /v1/companies/{id}/media/{id} fetches media."},
         "chat": _JID, "sender": _JID, "push_name": {"type": ["string", "null"]}, "timestamp": _TIME,
@@ -393,7 +401,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "ReloadResult": {
         "type": "object",
-        "required": ["ok", "added", "removed", "changed", "settings", "restart_required"],
+        "required": ["ok", "added", "removed", "changed", "settings", "restart_required", "webhooks"],
         "properties": {
             "ok": {"const": True},
             "source": {"type": "string"},
@@ -404,6 +412,13 @@ SCHEMAS: dict[str, Any] = {
                          "description": "Dotted keys of settings that changed and were applied."},
             "restart_required": {"type": "array", "items": {"type": "string"},
                                  "description": "Dotted keys that changed but apply only after a restart."},
+            "webhooks": {"type": "object", "required": ["added", "changed", "removed"],
+                         "description": "Webhook ids the reload started, restarted with another definition (or "
+                                        "source: a [[webhooks]] entry now shadows, or no longer shadows, a PUT one; "
+                                        "the cursor is kept), and stopped. added, removed and changed above are "
+                                        "company ids.",
+                         "properties": {k: {"type": "array", "items": {"type": "string"}}
+                                        for k in ("added", "changed", "removed")}},
         },
     },
 }
@@ -598,6 +613,21 @@ PATHS: dict[str, dict[str, Any]] = {
             "summary": "Restart the company's worker now (also leaves `failed`)",
             "operationId": "restart",
             "responses": _responses({"202": _json(_ref("Company"), "Restarted.")}, *_COMPANY),
+        },
+    },
+    "/v1/companies/{id}/sending/resume": {
+        "parameters": [_COMPANY_ID],
+        "post": {
+            "summary": "End the company's rate-limit pause now: its queued messages go again (README: Send pacing)",
+            "description": "Idempotent. `resumed: true`: a pause was ended (logged with the caller's uid, and "
+                           "journaled as a `company.sending` event with `by: operator`); `resumed: false`: the "
+                           "company was not paused, nothing changed. Pacing's rate and first-contact budget "
+                           "still apply: only the pause is lifted.",
+            "operationId": "resumeSending",
+            "responses": _responses({"200": _json({
+                "type": "object", "required": ["company", "resumed", "sending"],
+                "properties": {"company": {"type": "string"}, "resumed": {"type": "boolean"},
+                               "sending": _ref("Sending")}}, "The company's sending now.")}, *_COMPANY),
         },
     },
     "/v1/companies/{id}/simulate": {

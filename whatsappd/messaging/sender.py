@@ -264,6 +264,7 @@ class OutboxSender:
         if was_paused and pacer.paused_until is None:
             await self.store.set_pacing_pause(company, None, None)
             log.info("sending resumed after a rate-limit pause", company=company)
+            self._publish_sending(company, "active", None, "the pause ended", by="pause_over")
         return wait, recent is not None
 
     def _typing(self, policy: PacingPolicy, message: OutboxMessage) -> float:
@@ -277,6 +278,44 @@ class OutboxSender:
         await self.store.set_pacing_pause(company, until, reason)
         log.warning("sending paused: WhatsApp answered with a rate-limit error", company=company,
                     until=iso_or_none(until), reason=reason)
+        self._publish_sending(company, "paused", until, reason)
+
+    async def resume(self, company: str, who: dict[str, Any]) -> bool:
+        """The operator ends the company's pause now (who: the peer, for the log); False: none to end.
+
+        The pause is cleared in memory and in the store (a pacer not loaded yet would read it back),
+        and the sender is woken: its first queued message goes at once, bucket and budget allowing.
+        """
+        pacer = self._pacers.get(company)
+        now = time.time()
+        stored = (await self.store.pacing_pauses()).get(company)
+        paused = ((pacer is not None and pacer.paused_until is not None and pacer.paused_until > now)
+                  or (stored is not None and stored[0] > now))
+        if not paused:
+            # Also when a pause ran out but the sender has not noticed yet: it ends that one itself
+            # (and journals `by: pause_over`), so a CRM never sees a pause without its end.
+            return False
+        if pacer is not None:
+            pacer.paused_until = pacer.pause_reason = None
+        wait = self._waits.get(company)
+        if wait is not None and wait.reason is WaitReason.PAUSED:
+            del self._waits[company]
+        await self.store.set_pacing_pause(company, None, None)
+        log.warning("sending resumed by the operator before its rate-limit pause ended", company=company, **who)
+        self._publish_sending(company, "active", None, "resumed by the operator", by="operator")
+        wake = self._wake.get(company)
+        if wake is not None:
+            wake.set()
+        return True
+
+    def _publish_sending(self, company: str, state: str, until: float | None, reason: str | None,
+                         by: str | None = None) -> None:
+        """Journal a company.sending event: its sending paused (until, why) or is active again (by whom)."""
+        event: dict[str, Any] = {"type": "company.sending", "company": company, "state": state,
+                                 "until": iso_or_none(until), "reason": reason}
+        if by is not None:
+            event["by"] = by
+        self.sup.publish(event)
 
     def pacing(self, company: str) -> dict[str, Any]:
         """What the company's sending waits for now: {"state": "active" | "paced" | "paused", "until", "reason"}."""

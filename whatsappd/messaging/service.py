@@ -62,6 +62,10 @@ class Messaging:
         """The company's sending: {"state": "active" | "paced" | "paused", "until", "reason"}."""
         return self.sender.pacing(company)
 
+    async def resume_sending(self, company: str, who: dict[str, Any]) -> bool:
+        """End the company's rate-limit pause now (who: the caller, logged); False: it was not paused."""
+        return await self.sender.resume(company, who)
+
     def pacing_delay(self, company: str) -> float:
         return self.sender.pacing_delay(company)
 

@@ -26,7 +26,7 @@ log = get_logger()
 
 #: What the journal records (and a stream reader may filter on).
 EVENT_TYPES = (
-    "company.state", "company.pairing", "company.paired",
+    "company.state", "company.pairing", "company.paired", "company.sending",
     "message.incoming", "message.receipt", "message.status",
 )
 

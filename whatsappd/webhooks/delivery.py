@@ -374,21 +374,30 @@ class WebhookDelivery:
             self._started = True
             await self._reconcile(self._config().webhooks)
 
-    async def apply(self, config: Config) -> None:
-        """A reloaded configuration: start, stop or restart the webhooks it changed."""
-        if self._started:
-            async with self._lock:
-                await self._reconcile(config.webhooks)
+    async def apply(self, config: Config) -> dict[str, list[str]]:
+        """A reloaded configuration: start, stop or restart the webhooks it changed; which, by id
+        ({"added", "changed", "removed"}: /v1/reload's `webhooks`)."""
+        if not self._started:
+            return {"added": [], "changed": [], "removed": []}
+        async with self._lock:
+            return await self._reconcile(config.webhooks)
 
-    async def _reconcile(self, configured: tuple[WebhookConfig, ...]) -> None:
+    async def _reconcile(self, configured: tuple[WebhookConfig, ...]) -> dict[str, list[str]]:
+        """Run exactly the wanted webhooks; the ids started, restarted (another definition or source), stopped."""
         wanted: dict[str, tuple[WebhookConfig, str]] = {w.id: (w, "runtime") for w in self._runtime.values()}
         wanted.update({w.id: (w, "config") for w in configured})  # the config file wins
+        before = set(self.hooks)
+        restarted: list[str] = []
         for webhook_id, hook in list(self.hooks.items()):
             if wanted.get(webhook_id) != (hook.config, hook.source):
                 await self._stop(webhook_id)
+                if webhook_id in wanted:
+                    restarted.append(webhook_id)
         for webhook_id, (definition, source) in sorted(wanted.items()):
             if webhook_id not in self.hooks:
                 await self._start(definition, source)
+        return {"added": sorted(set(self.hooks) - before), "changed": sorted(restarted),
+                "removed": sorted(before - set(self.hooks))}
 
     async def _start(self, definition: WebhookConfig, source: str) -> Webhook:
         cursor = self._cursors.get(definition.id)
