@@ -293,3 +293,88 @@ def test_cluster_settings_validate_and_enabling_the_unfinished_mode_is_refused(t
         "cluster.renew_interval = \"2s500ms\": must be at most (lease_ttl - fence_margin) / 2 = 2s")
     assert problems({"host_id": "wa 3"})[0].startswith("cluster.host_id = \"wa 3\": expected 1 to 64 characters")
     assert problems({"max_companies": 0})[0].startswith("cluster.max_companies = 0:")
+
+
+def test_an_expired_lease_is_lost_even_if_nobody_took_it(lease_dsn: str):
+    """A renewal after expiry renews nothing, even with no other host: the lease is lost, never silently re-won."""
+    add_companies(lease_dsn, 1)
+    leases = Leases(lease_dsn, "h1", 0.3, 10)
+    tokens = leases.acquire(1)
+    assert leases.renew_all(tokens).held == tokens
+    time.sleep(0.4)
+    renewal = leases.renew_all(tokens)
+    assert renewal.held == {} and renewal.view.free == 1
+    again = leases.acquire(1)  # only a new acquisition, with a new token
+    assert again["c00"] > tokens["c00"]
+    leases.close()
+
+
+def test_a_renewal_stuck_in_the_database_fences_at_the_local_deadline_before_the_lease_expires(lease_dsn: str):
+    """A renew blocked by a lock: on_lost fires at each local deadline while the lease is still live in the database."""
+    add_companies(lease_dsn, 3)
+    leases = Leases(lease_dsn, "h1", TTL, 400)
+    lost: list[tuple[Loss, bool]] = []
+    acquired: list[tuple[str, int]] = []
+
+    async def scenario() -> dict[str, int]:
+        with psycopg.connect(lease_dsn, autocommit=True) as blocker:
+            def fenced(loss: Loss) -> None:  # is the lease still live in the database right now?
+                (live,) = blocker.execute("SELECT expires_at > clock_timestamp() FROM whatsappd_company_leases "
+                                          "WHERE company = %s", (loss.company,)).fetchone() or (None,)
+                lost.append((loss, bool(live)))
+
+            keeper = LeaseKeeper(leases, renew_interval=RENEW, fence_margin=MARGIN, on_lost=fenced,
+                                 on_acquired=lambda c, t: acquired.append((c, t)))
+            task = asyncio.create_task(keeper.run())
+            while len(keeper.held) < 3:
+                await asyncio.sleep(0.02)
+            first = dict((c, h.token) for c, h in keeper.held.items())
+            with blocker.transaction():
+                blocker.execute("LOCK TABLE whatsappd_company_leases IN ACCESS EXCLUSIVE MODE")
+                while len(lost) < 3:
+                    await asyncio.sleep(0.02)
+            while len(keeper.held) < 3:  # the lock gone: the late renewal comes back, then new leases
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return first
+
+    first = asyncio.run(scenario())
+    fences = lost[:3]
+    assert {loss.company for loss, _ in fences} == set(first)
+    for loss, live in fences:
+        assert loss.reason == "deadline" and loss.at >= loss.deadline and live
+    again = dict(acquired[3:])
+    assert set(again) == set(first) and all(again[c] > first[c] for c in first)
+
+
+def test_the_local_deadline_counts_from_the_start_of_a_slow_renewal(lease_dsn: str):
+    """A renewal held up 0.6 s by a lock grants a deadline measured from when it was sent, not from when it came back."""
+    add_companies(lease_dsn, 1)
+    leases = Leases(lease_dsn, "h1", TTL, 400)
+
+    async def scenario() -> tuple[float, float]:
+        keeper = LeaseKeeper(leases, renew_interval=RENEW, fence_margin=MARGIN, on_lost=lambda loss: None)
+        task = asyncio.create_task(keeper.run())
+        while not keeper.held:
+            await asyncio.sleep(0.02)
+        with psycopg.connect(lease_dsn, autocommit=True) as blocker:
+            with blocker.transaction():
+                blocker.execute("LOCK TABLE whatsappd_company_leases IN ACCESS EXCLUSIVE MODE")
+                locked = time.monotonic()
+                await asyncio.sleep(0.6)
+            # The deadline the blocked renewal granted, as it stands when the next statement is sent.
+            granted: list[float] = []
+            leases.trace = lambda kind: granted.extend([keeper.held["c00"].deadline] if kind == "renew" else [])
+            while not granted:
+                await asyncio.sleep(0.01)
+        deadline = granted[0]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return locked, deadline
+
+    locked, deadline = asyncio.run(scenario())
+    # Sent at most one renew_interval after the lock was taken (plus scheduling), answered 0.6 s later.
+    assert deadline <= locked + RENEW + 0.15 + (TTL - MARGIN)
