@@ -46,11 +46,12 @@ class Hosts:
         self.dsn, self.root = dsn, root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, *hosts: str, ttl: float = TTL, renew: float = RENEW, margin: float = MARGIN) -> None:
+    def start(self, *hosts: str, ttl: float = TTL, renew: float = RENEW, margin: float = MARGIN, cap: int = 400) -> None:
         for host in hosts:
             self.procs[host] = subprocess.Popen(
                 [sys.executable, "-m", "whatsappd.testing.lease_host", "--dsn", self.dsn, "--host", host,
-                 "--log", str(self.log_path(host)), "--ttl", str(ttl), "--renew", str(renew), "--margin", str(margin)],
+                 "--log", str(self.log_path(host)), "--ttl", str(ttl), "--renew", str(renew), "--margin", str(margin),
+                 "--cap", str(cap)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def log_path(self, host: str) -> Path:
@@ -185,6 +186,15 @@ def test_thirty_companies_spread_ten_ten_ten_over_three_hosts(hosts: Hosts):
     with psycopg.connect(hosts.dsn) as db:
         rows = db.execute("SELECT owner, count(*) FROM whatsappd_company_leases GROUP BY owner ORDER BY owner").fetchall()
     assert rows == [("h1", 10), ("h2", 10), ("h3", 10)]
+    assert_one_owner_at_a_time(hosts)
+
+
+def test_a_host_at_its_cap_leaves_the_rest_to_the_others(hosts: Hosts):
+    """30 companies, one host capped at 4: it holds 4 and the two others 13 each."""
+    add_companies(hosts.dsn, 30)
+    hosts.start("h1", cap=4)
+    hosts.start("h2", "h3")
+    hosts.wait(lambda: [len(hosts.held(h)) for h in ("h1", "h2", "h3")] == [4, 13, 13], 15, "4/13/13")
     assert_one_owner_at_a_time(hosts)
 
 
