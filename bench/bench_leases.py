@@ -99,12 +99,14 @@ def bench_failover(dsn: str, root: Path, trials: int, ttl: float, renew: float, 
                                 stdout=subprocess.DEVNULL)
 
     survivor = start("survivor")
+    procs = [survivor]
     log = root / "survivor.jsonl"
     figures = []
     try:
         for trial in range(trials):
             victim_log = root / f"victim{trial}.jsonl"
             victim = start(f"victim{trial}")
+            procs.append(victim)
             wait(partial(holds, victim_log, 2), 60, "the victim to hold 2")
             time.sleep(random.uniform(0, renew))
             held = held_by(read_log(victim_log))
@@ -117,8 +119,10 @@ def bench_failover(dsn: str, root: Path, trials: int, ttl: float, renew: float, 
             figures.append(max(float(str(taken[c]["mono"])) for c in held) - killed)
             print(f"trial {trial + 1}/{trials}: {figures[-1]:.2f} s", file=sys.stderr)
     finally:
-        survivor.kill()
-        survivor.wait()
+        for proc in procs:  # a victim too, if a wait gave up
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return figures
 
 
