@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 ERROR_KINDS: dict[str, tuple[str, list[str]]] = {
     "unknown section": (
         "{head}[bogus]\nx = 1\n",
-        ["bogus: unknown section or key", "allowed: [control], [daemon]", "[[companies]]"],
+        ["bogus: unknown section or key", "allowed: [cluster], [control], [daemon]", "[[companies]]"],
     ),
     "unknown key": (
         '{head}control.sokcet_mode = "0600"\n',

@@ -196,6 +196,14 @@ def _dsn(value: object) -> str:
     return value
 
 
+def _host_id(value: object) -> str:
+    """A cluster host id, or "" for the machine's hostname (resolved where it is used)."""
+    if not isinstance(value, str) or (value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value)):
+        raise ValueError('expected 1 to 64 characters of A-Z, a-z, 0-9, ".", "_" and "-", starting with a '
+                         'letter or digit (e.g. "wa-3"), or "" for the hostname')
+    return value
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if value not in options:
@@ -476,6 +484,32 @@ SETTINGS: tuple[Setting, ...] = (
             "\"postgresql://whatsappd@db.example.com/whatsappd?sslmode=verify-full\" (or with "
             "?host=/run/postgresql for a Unix socket). Keep the password out of it: libpq reads "
             "~/.pgpass or PGPASSFILE.", reloadable=False),
+
+    # Several hosts on one PostgreSQL (issue 13; whatsappd/cluster/leases.py). Under construction:
+    # the keys validate, enabled = true is refused (CLUSTER_UNFINISHED).
+    Setting("cluster", "enabled", _bool, False,
+            "Run as one of several hosts sharing store.dsn, each company owned by one host at a time "
+            "(leases). Multi-host mode is not finished: true is refused at load; the other [cluster] "
+            "keys are checked already.", reloadable=False),
+    Setting("cluster", "host_id", _host_id, "",
+            "This host's stable, unique name in the cluster (1-64 of A-Z a-z 0-9 . _ -). Empty: the "
+            "machine's hostname.", reloadable=False),
+    Setting("cluster", "lease_ttl", _duration_range(1, 3600), "15s",
+            "How long a company's lease lasts in the database without renewal: a dead host's companies "
+            "are taken over after about lease_ttl + renew_interval.", reloadable=False, render=format_duration),
+    Setting("cluster", "renew_interval", _duration_range(0.1, 600), "5s",
+            "How often a host renews all its leases (one statement) and looks for companies to take. "
+            "At most (lease_ttl - fence_margin) / 2, so one failed renewal does not lose them.",
+            reloadable=False, render=format_duration),
+    Setting("cluster", "fence_margin", _duration_range(0.1, 600), "3s",
+            "A host stops a company's worker when lease_ttl - fence_margin has passed, by its own "
+            "monotonic clock, since the start of its last successful renewal: before the lease can "
+            "expire for the other hosts, if its clock runs no slower than the database's by more than "
+            "fence_margin / lease_ttl. Also covers the time a worker takes to die.",
+            reloadable=False, render=format_duration),
+    Setting("cluster", "max_companies", _int_range(1, 100_000), 400,
+            "Companies this host owns at most (each is a worker process: about 11-13 MiB with the "
+            "zygote launcher). Hosts spread companies evenly below their caps.", reloadable=False),
 )
 
 #: The [pacing] keys, each also allowed in a company's pacing table.
@@ -592,6 +626,13 @@ class Config:
 
     store_backend: str
     store_dsn: str
+
+    cluster_enabled: bool
+    cluster_host_id: str
+    cluster_lease_ttl: float
+    cluster_renew_interval: float
+    cluster_fence_margin: float
+    cluster_max_companies: int
     companies: tuple[CompanyConfig, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
 
@@ -768,9 +809,30 @@ def build_config(
     if values.get("store_backend") == "postgresql" and values.get("store_dsn") == "":
         problems.append('store.dsn: required with store.backend = "postgresql" (the database to use, '
                         'e.g. "postgresql://whatsappd@db.example.com/whatsappd")')
+    _check_cluster(values, problems)
     if problems:
         raise ConfigError(source, problems)
     return Config(source=source, companies=companies, webhooks=webhooks, **values)
+
+
+#: Why [cluster] enabled = true is refused for now.
+CLUSTER_UNFINISHED = ("cluster.enabled = true: multi-host mode is not finished yet (issue 13: the lease layer "
+                      "exists, the daemon does not use it); remove the key or set it to false. The other "
+                      "[cluster] keys are checked already")
+
+
+def _check_cluster(values: Mapping[str, Any], problems: list[str]) -> None:
+    """The [cluster] keys together (each parsed alone already, when present in values)."""
+    ttl, renew, margin = (values.get(f"cluster_{k}") for k in ("lease_ttl", "renew_interval", "fence_margin"))
+    if ttl is not None and margin is not None and margin >= ttl:
+        problems.append(f"cluster.fence_margin = {_show(format_duration(margin))}: must be shorter than "
+                        f"cluster.lease_ttl ({format_duration(ttl)})")
+    elif ttl is not None and margin is not None and renew is not None and renew > (ttl - margin) / 2:
+        problems.append(f"cluster.renew_interval = {_show(format_duration(renew))}: must be at most (lease_ttl - "
+                        f"fence_margin) / 2 = {format_duration((ttl - margin) / 2)}, so a host renews at least "
+                        "twice before it must fence itself and one failed renewal does not cost its companies")
+    if values.get("cluster_enabled"):
+        problems.append(CLUSTER_UNFINISHED)
 
 
 def _show(raw: object) -> str:

@@ -22,11 +22,11 @@ The same transaction sends NOTIFY `whatsappd_journal` with its newest seq: a wak
 readers on other connections only (it is lost while a listener is away, and does not pass
 PgBouncer's transaction pooling); the journal table is the truth.
 
-Cluster work to come (leases): a `whatsappd_company_leases (company PRIMARY KEY, owner, token
-bigint, expires_at)` table is a next migration. The token is checked where an owner writes for
-a company: the claim `queued -> sending` and `sending -> sent/failed/queued` in `_set_status`
-(`... AND EXISTS (lease with this token)`), and each journal insert for the company
-(`_insert_events`, `_insert_status_event`); a zero-row answer there means "no longer yours".
+Cluster work to come (leases): the `whatsappd_company_leases` table is a migration here; its
+SQL lives in whatsappd/cluster/leases.py. The token is to be checked where an owner writes for a
+company, with `leases.check_token(db, company, token)` inside the writing transaction: the claim
+`queued -> sending` and `sending -> sent/failed/queued` in `_set_status`, and each journal insert
+for the company (`_insert_events`, `_insert_status_event`); `StaleLease` there means "no longer yours".
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ READERS = 4
 DISK_FULL = "53100"
 
 #: The schema, one script per version: version N is MIGRATIONS[N - 1]. Never edit a released
-#: one; append the next (the lease table goes here as version 3).
+#: one; append the next.
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE whatsappd_journal_head (
@@ -137,6 +137,23 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     pg_pacing_sql.MIGRATION,  # 2: send pacing's contacts, first contacts and pauses; webhooks' cursors
+    # 3: company leases for several hosts (whatsappd/cluster/leases.py, issue 13).
+    """
+    CREATE SEQUENCE whatsappd_lease_tokens;     -- tokens: one sequence, so they only ever grow
+    CREATE TABLE whatsappd_company_leases (
+        company text PRIMARY KEY,
+        owner text,                             -- host id; NULL: never owned, or released
+        token bigint NOT NULL DEFAULT 0,        -- the fencing token of the latest acquisition
+        expires_at timestamptz NOT NULL DEFAULT '-infinity',   -- database time
+        acquired_at timestamptz
+    );
+    CREATE INDEX whatsappd_company_leases_owner ON whatsappd_company_leases (owner);
+    CREATE TABLE whatsappd_cluster_hosts (
+        host text PRIMARY KEY,
+        max_companies integer NOT NULL,
+        expires_at timestamptz NOT NULL         -- live while in the future (renewed with its leases)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
