@@ -123,7 +123,7 @@ def test_config_webhooks_are_checked_with_every_problem_named():
     with pytest.raises(ConfigError) as caught:
         build_config({"webhooks": bad}, "t")
     problems = "\n".join(caught.value.problems)
-    for expected in ("colour: unknown key", "'Bad' is not a valid webhook id", "expected an http:// or https://",
+    for expected in ("colour: unknown key", "'Bad' is not a valid webhook id", "expected an http",
                      "secret: expected 16", "unknown event types 'message.sent'", "'Not_Valid' is not a valid company",
                      "credentials in the URL are refused", 'expected "unix:/absolute/path', "secret: missing",
                      "duplicate webhook id"):
