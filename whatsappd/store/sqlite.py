@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,8 +32,9 @@ from whatsappd.errors import ErrorCode
 from whatsappd.logs import get_logger
 from whatsappd.store import pacing_sql
 from whatsappd.store.backend import IncomingMedia, StoreCorrupt, StoredWebhook, StoreError
-from whatsappd.store.core import GroupCommit, Writer, is_corrupt
-from whatsappd.store.journal import CommitListener, Event, JournalBuffer, NewEvent, Secret
+from whatsappd.store.core import Writer, is_corrupt
+from whatsappd.store.facade import SqlFunctions, StoreFacade
+from whatsappd.store.journal import Event, NewEvent
 from whatsappd.store.outbox import (
     ALLOWED,
     RECEIPT_RANK,
@@ -190,16 +191,14 @@ def _probe(db: sqlite3.Connection) -> None:
     db.execute("INSERT OR REPLACE INTO meta VALUES ('writable_at', ?)", (str(time.time()),))
 
 
-class Store:
+class Store(StoreFacade[sqlite3.Connection]):
     """The SQLite backend: one file, one writer thread, group-committed events and enqueues."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__(SQL, (StoreError, sqlite3.Error, OSError), str(path))
         self.path = path
         self._writer = Writer(path, corrupt_fix(path), _probe)
         self._local = threading.local()
-        self._journal = JournalBuffer(self._commit_events, (StoreError, sqlite3.Error, OSError), str(path))
-        self._enqueues: GroupCommit[tuple[OutgoingMessage, float], tuple[bool, OutboxMessage]] = GroupCommit(
-            self._commit_enqueues)
         self._checkpointer: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
 
@@ -305,142 +304,6 @@ class Store:
         """Run fn(read_connection, *args) on a worker thread."""
         return await asyncio.to_thread(lambda: fn(self._reader(), *args))
 
-    # ------------------------------------------------------------------------------ journal
-
-    @property
-    def last_seq(self) -> int:
-        return self._journal.last_seq
-
-    def subscribe(self, listener: CommitListener) -> Callable[[], None]:
-        """listener(event, secret) is called, in the loop, for each committed event."""
-        return self._journal.subscribe(listener)
-
-    def append(self, company: str | None, type_: str, data: dict[str, Any], secret: Secret = None) -> None:
-        """Queue an event; it is committed with the others of this tick, then delivered."""
-        self._journal.append(company, type_, data, secret)
-
-    async def _commit_events(self, batch: list[NewEvent]) -> list[Event]:
-        return await self.run(_insert_events, batch)
-
-    async def flush(self) -> None:
-        """Wait until every appended event is committed and delivered."""
-        await self._journal.flush()
-
-    async def events_after(self, since: int, limit: int, companies: Iterable[str] = (),
-                           types: Iterable[str] = (), until: int | None = None) -> list[Event]:
-        return await self.read(_select_events, since, limit, tuple(companies), tuple(types), until)
-
-    async def oldest_seq(self) -> int | None:
-        return await self.read(lambda db: db.execute("SELECT MIN(seq) AS seq FROM events").fetchone()["seq"])
-
-    async def prune(self, max_age: float, max_events: int) -> int:
-        return await self.run(_prune, time.time() - max_age, max_events)
-
-    # ------------------------------------------------------------------------------- outbox
-
-    async def enqueue(self, message: OutgoingMessage, idem_window: float) -> tuple[bool, OutboxMessage]:
-        """Store a message durably. Returns (created, message); a replayed key gives the first.
-
-        Group commit: the messages that arrive while a commit is under way go into the next
-        transaction together (one fsync for all of them); each still returns only once the
-        transaction holding it committed, and one that fails alone is rolled back alone.
-        """
-        return await self._enqueues.submit((message, idem_window))
-
-    async def _commit_enqueues(self, batch: list[tuple[OutgoingMessage, float]]
-                               ) -> list[tuple[bool, OutboxMessage] | Exception]:
-        return await self._run_journaled(_enqueue_batch, batch)
-
-    async def message(self, company: str, message_id: str) -> OutboxMessage | None:
-        return await self.read(_select_message, company, message_id)
-
-    async def next_pending(self, company: str) -> OutboxMessage | None:
-        return await self.read(_next_pending, company)
-
-    async def set_status(self, message_id: str, status: MessageStatus, *, wa_id: str | None = None,
-                         error_code: str | None = None, error: str | None = None,
-                         sent_at: float | None = None) -> OutboxMessage | None:
-        """Move a message to a status; None if that move is not allowed (e.g. read -> sent)."""
-        return await self._run_journaled(_set_status, message_id, MessageStatus(status), wa_id, error_code, error,
-                                         sent_at)
-
-    async def receipt(self, company: str, wa_ids: list[str],
-                      status: MessageStatus) -> tuple[list[OutboxMessage], list[str]]:
-        return await self._run_journaled(_receipt, company, wa_ids, MessageStatus(status))
-
-    async def in_flight(self, company: str) -> list[OutboxMessage]:
-        return await self.read(lambda db: [_row_message(r) for r in db.execute(
-            "SELECT * FROM messages WHERE company = ? AND status = ? ORDER BY n", (company, MessageStatus.SENDING.value))])
-
-    async def expire(self) -> list[OutboxMessage]:
-        return await self._run_journaled(_expire, time.time())
-
-    async def fail_stale_sending(self, now: float, busy: frozenset[str]) -> list[OutboxMessage]:
-        return await self._run_journaled(_fail_stale_sending, now, busy)
-
-    async def counts(self) -> dict[str, int]:
-        return await self.read(lambda db: {row["status"]: row["n"] for row in db.execute(
-            "SELECT status, count(*) AS n FROM messages GROUP BY status")})
-
-    async def counts_by_company(self) -> dict[tuple[str, str], tuple[int, float]]:
-        return await self.read(lambda db: {(row["company"], row["status"]): (row["n"], row["oldest"]) for row in db.execute(
-            "SELECT company, status, count(*) AS n, min(created_at) AS oldest FROM messages GROUP BY company, status")})
-
-    # -------------------------------------------------------------------------------- media
-
-    async def media(self, message_id: str) -> bytes | None:
-        return await self.read(_select_media, message_id)
-
-    async def store_incoming_media(self, company: str, wa_id: str, kind: str, mimetype: str | None,
-                                   raw: str) -> None:
-        await self.run(lambda db: db.execute(
-            "INSERT OR REPLACE INTO incoming_media (company, wa_id, at, kind, mimetype, raw) "
-            "VALUES (?, ?, ?, ?, ?, ?)", (company, wa_id, time.time(), kind, mimetype, raw)))
-
-    async def incoming_media(self, company: str, wa_id: str) -> IncomingMedia | None:
-        return await self.read(_select_incoming_media, company, wa_id)
-
-    # ------------------------------------------------------------------ pacing (pacing_sql.py)
-
-    async def record_contact(self, company: str, jid: str) -> None:
-        await self.run(pacing_sql.record_contact, company, jid, time.time())
-
-    async def is_known_contact(self, company: str, jid: str) -> bool:
-        return await self.read(pacing_sql.is_known_contact, company, jid)
-
-    async def first_contacts(self, company: str, now: float) -> dict[str, float]:
-        return await self.read(pacing_sql.first_contacts, company, now)
-
-    async def record_first_contact(self, company: str, jid: str, now: float) -> None:
-        await self.run(pacing_sql.record_first_contact, company, jid, now)
-
-    async def recent_sends(self, company: str, limit: int) -> list[float]:
-        return await self.read(pacing_sql.recent_sends, company, limit)
-
-    async def set_pacing_pause(self, company: str, until: float | None, reason: str | None) -> None:
-        await self.run(pacing_sql.set_pause, company, until, reason)
-
-    async def pacing_pauses(self) -> dict[str, tuple[float, str]]:
-        return await self.read(pacing_sql.pauses)
-
-    # ----------------------------------------------------------------------------- webhooks
-
-    async def webhooks(self) -> list[StoredWebhook]:
-        return await self.read(lambda db: [
-            {"id": r["id"], "cursor": r["cursor"],
-             "definition": None if r["definition"] is None else json.loads(r["definition"])}
-            for r in db.execute("SELECT id, cursor, definition FROM webhooks ORDER BY id")])
-
-    async def put_webhook(self, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
-        return await self.run(_put_webhook, webhook_id, definition, cursor)
-
-    async def set_webhook_cursor(self, webhook_id: str, cursor: int) -> None:
-        await self.run(lambda db: db.execute("UPDATE webhooks SET cursor = ?, updated_at = ? WHERE id = ?",
-                                             (cursor, time.time(), webhook_id)))
-
-    async def delete_webhook(self, webhook_id: str) -> None:
-        await self.run(lambda db: db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)))
-
 
 # ------------------------------------------------------------------ functions on a connection
 
@@ -448,6 +311,20 @@ class Store:
 def _close(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
+
+
+def _webhooks(db: sqlite3.Connection) -> list[StoredWebhook]:
+    return [{"id": r["id"], "cursor": r["cursor"],
+             "definition": None if r["definition"] is None else json.loads(r["definition"])}
+            for r in db.execute("SELECT id, cursor, definition FROM webhooks ORDER BY id")]
+
+
+def _set_webhook_cursor(db: sqlite3.Connection, webhook_id: str, cursor: int) -> None:
+    db.execute("UPDATE webhooks SET cursor = ?, updated_at = ? WHERE id = ?", (cursor, time.time(), webhook_id))
+
+
+def _delete_webhook(db: sqlite3.Connection, webhook_id: str) -> None:
+    db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
 
 
 def _put_webhook(db: sqlite3.Connection, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
@@ -470,8 +347,8 @@ def _insert_events(db: sqlite3.Connection, batch: list[NewEvent]) -> list[Event]
     return out
 
 
-def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: tuple[str, ...],
-                   types: tuple[str, ...], until: int | None) -> list[Event]:
+def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: list[str], types: list[str],
+                   until: int | None) -> list[Event]:
     sql = "SELECT seq, at, company, type, data FROM events WHERE seq > ?"
     args: list[Any] = [since]
     if until is not None:
@@ -486,6 +363,11 @@ def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: tu
     sql += " ORDER BY seq LIMIT ?"
     args.append(limit)
     return [Event(r["seq"], r["at"], r["company"], r["type"], json.loads(r["data"])) for r in db.execute(sql, args)]
+
+
+def _oldest_seq(db: sqlite3.Connection) -> int | None:
+    seq: int | None = db.execute("SELECT MIN(seq) AS seq FROM events").fetchone()["seq"]
+    return seq
 
 
 def _prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
@@ -534,9 +416,29 @@ def _next_pending(db: sqlite3.Connection, company: str) -> OutboxMessage | None:
     return message
 
 
+def _in_flight(db: sqlite3.Connection, company: str) -> list[OutboxMessage]:
+    return [_row_message(r) for r in db.execute("SELECT * FROM messages WHERE company = ? AND status = ? ORDER BY n",
+                                                (company, MessageStatus.SENDING.value))]
+
+
+def _counts(db: sqlite3.Connection) -> dict[str, int]:
+    return {row["status"]: row["n"] for row in db.execute("SELECT status, count(*) AS n FROM messages GROUP BY status")}
+
+
+def _counts_by_company(db: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, float]]:
+    return {(row["company"], row["status"]): (row["n"], row["oldest"]) for row in db.execute(
+        "SELECT company, status, count(*) AS n, min(created_at) AS oldest FROM messages GROUP BY company, status")}
+
+
 def _select_media(db: sqlite3.Connection, message_id: str) -> bytes | None:
     row = db.execute("SELECT data FROM media WHERE message_id = ?", (message_id,)).fetchone()
     return row["data"] if row else None
+
+
+def _store_incoming_media(db: sqlite3.Connection, company: str, wa_id: str, kind: str, mimetype: str | None,
+                         raw: str) -> None:
+    db.execute("INSERT OR REPLACE INTO incoming_media (company, wa_id, at, kind, mimetype, raw) "
+               "VALUES (?, ?, ?, ?, ?, ?)", (company, wa_id, time.time(), kind, mimetype, raw))
 
 
 def _select_incoming_media(db: sqlite3.Connection, company: str, wa_id: str) -> IncomingMedia | None:
@@ -685,3 +587,17 @@ def _finish(db: sqlite3.Connection, ids: list[str], from_status: MessageStatus, 
                 out.append(_message_by_id(db, mid))
         events = [_insert_status_event(db, message) for message in out]
     return out, events
+
+
+SQL: SqlFunctions[sqlite3.Connection] = SqlFunctions(
+    insert_events=_insert_events, select_events=_select_events, oldest_seq=_oldest_seq, prune=_prune,
+    enqueue_batch=_enqueue_batch, select_message=_select_message, next_pending=_next_pending,
+    set_status=_set_status, receipt=_receipt, in_flight=_in_flight, expire=_expire,
+    fail_stale_sending=_fail_stale_sending, counts=_counts, counts_by_company=_counts_by_company,
+    select_media=_select_media, store_incoming_media=_store_incoming_media,
+    select_incoming_media=_select_incoming_media,
+    record_contact=pacing_sql.record_contact, is_known_contact=pacing_sql.is_known_contact,
+    first_contacts=pacing_sql.first_contacts, record_first_contact=pacing_sql.record_first_contact,
+    recent_sends=pacing_sql.recent_sends, set_pause=pacing_sql.set_pause, pauses=pacing_sql.pauses,
+    webhooks=_webhooks, put_webhook=_put_webhook, set_webhook_cursor=_set_webhook_cursor,
+    delete_webhook=_delete_webhook)
