@@ -37,7 +37,7 @@ import importlib.metadata
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,9 +48,10 @@ from whatsappd.baileys.verify import listed_jids
 from whatsappd.errors import ErrorCode
 from whatsappd.logs import get_logger
 from whatsappd.store import pg_pacing_sql
-from whatsappd.store.backend import IncomingMedia, StorageFull, StoredWebhook, StoreError
-from whatsappd.store.core import GroupCommit, delivered_in_order
-from whatsappd.store.journal import CommitListener, Event, JournalBuffer, NewEvent, Secret
+from whatsappd.store.backend import IncomingMedia, StorageFull, StoreError
+from whatsappd.store.core import delivered_in_order
+from whatsappd.store.facade import SqlFunctions, StoreFacade
+from whatsappd.store.journal import Event, NewEvent
 from whatsappd.store.outbox import (
     ALLOWED,
     RECEIPT_RANK,
@@ -241,10 +242,11 @@ def _migrate_whatsmeow(db: Db, dsn: str) -> str | None:
     return done_by
 
 
-class PostgresStore:
+class PostgresStore(StoreFacade[Db]):
     """The PostgreSQL backend: one writer connection on one thread, group-committed events and enqueues."""
 
     def __init__(self, dsn: str) -> None:
+        super().__init__(SQL, (StoreError, psycopg.Error), redact(dsn))
         self.dsn = dsn
         self.where = redact(dsn)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
@@ -259,9 +261,6 @@ class PostgresStore:
         self._full_since: float | None = None
         self._full_message = ""
         self._full_refusals = 0
-        self._journal = JournalBuffer(self._commit_events, (StoreError, psycopg.Error), self.where)
-        self._enqueues: GroupCommit[tuple[OutgoingMessage, float], tuple[bool, OutboxMessage]] = GroupCommit(
-            self._commit_enqueues)
 
     # ------------------------------------------------------------------------ open / close
 
@@ -370,132 +369,6 @@ class PostgresStore:
         """Run fn(read_connection, *args) on a reader thread."""
         return await asyncio.get_running_loop().run_in_executor(self._reading, lambda: fn(self._reader(), *args))
 
-    # ------------------------------------------------------------------------------ journal
-
-    @property
-    def last_seq(self) -> int:
-        return self._journal.last_seq
-
-    def subscribe(self, listener: CommitListener) -> Callable[[], None]:
-        return self._journal.subscribe(listener)
-
-    def append(self, company: str | None, type_: str, data: dict[str, Any], secret: Secret = None) -> None:
-        self._journal.append(company, type_, data, secret)
-
-    async def _commit_events(self, batch: list[NewEvent]) -> list[Event]:
-        return await self.run(_insert_events, batch)
-
-    async def flush(self) -> None:
-        await self._journal.flush()
-
-    async def events_after(self, since: int, limit: int, companies: Iterable[str] = (),
-                           types: Iterable[str] = (), until: int | None = None) -> list[Event]:
-        return await self.read(_select_events, since, limit, list(companies), list(types), until)
-
-    async def oldest_seq(self) -> int | None:
-        return await self.read(lambda db: db.execute("SELECT MIN(seq) AS seq FROM whatsappd_events").fetchone()["seq"])
-
-    async def prune(self, max_age: float, max_events: int) -> int:
-        return await self.run(_prune, time.time() - max_age, max_events)
-
-    # ------------------------------------------------------------------------------- outbox
-
-    async def enqueue(self, message: OutgoingMessage, idem_window: float) -> tuple[bool, OutboxMessage]:
-        return await self._enqueues.submit((message, idem_window))
-
-    async def _commit_enqueues(self, batch: list[tuple[OutgoingMessage, float]]
-                               ) -> list[tuple[bool, OutboxMessage] | Exception]:
-        return await self._run_journaled(_enqueue_batch, batch)
-
-    async def message(self, company: str, message_id: str) -> OutboxMessage | None:
-        return await self.read(_select_message, company, message_id)
-
-    async def next_pending(self, company: str) -> OutboxMessage | None:
-        return await self.read(_next_pending, company)
-
-    async def set_status(self, message_id: str, status: MessageStatus, *, wa_id: str | None = None,
-                         error_code: str | None = None, error: str | None = None,
-                         sent_at: float | None = None) -> OutboxMessage | None:
-        return await self._run_journaled(_set_status, message_id, MessageStatus(status), wa_id, error_code, error,
-                                         sent_at)
-
-    async def receipt(self, company: str, wa_ids: list[str],
-                      status: MessageStatus) -> tuple[list[OutboxMessage], list[str]]:
-        return await self._run_journaled(_receipt, company, wa_ids, MessageStatus(status))
-
-    async def in_flight(self, company: str) -> list[OutboxMessage]:
-        return await self.read(lambda db: [message_from_row(r) for r in db.execute(
-            "SELECT * FROM whatsappd_messages WHERE company = %s AND status = %s ORDER BY n",
-            (company, MessageStatus.SENDING.value))])
-
-    async def expire(self) -> list[OutboxMessage]:
-        return await self._run_journaled(_expire, time.time())
-
-    async def fail_stale_sending(self, now: float, busy: frozenset[str]) -> list[OutboxMessage]:
-        return await self._run_journaled(_fail_stale_sending, now, busy)
-
-    async def counts(self) -> dict[str, int]:
-        return await self.read(lambda db: {row["status"]: row["n"] for row in db.execute(
-            "SELECT status, count(*) AS n FROM whatsappd_messages GROUP BY status")})
-
-    async def counts_by_company(self) -> dict[tuple[str, str], tuple[int, float]]:
-        return await self.read(lambda db: {(row["company"], row["status"]): (row["n"], row["oldest"]) for row in db.execute(
-            "SELECT company, status, count(*) AS n, min(created_at) AS oldest FROM whatsappd_messages "
-            "GROUP BY company, status")})
-
-    # -------------------------------------------------------------------------------- media
-
-    async def media(self, message_id: str) -> bytes | None:
-        return await self.read(_select_media, message_id)
-
-    async def store_incoming_media(self, company: str, wa_id: str, kind: str, mimetype: str | None,
-                                   raw: str) -> None:
-        await self.run(lambda db: db.execute(
-            "INSERT INTO whatsappd_incoming_media (company, wa_id, at, kind, mimetype, raw) "
-            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (company, wa_id) DO UPDATE SET at = EXCLUDED.at, "
-            "kind = EXCLUDED.kind, mimetype = EXCLUDED.mimetype, raw = EXCLUDED.raw",
-            (company, wa_id, time.time(), kind, mimetype, raw)))
-
-    async def incoming_media(self, company: str, wa_id: str) -> IncomingMedia | None:
-        return await self.read(_select_incoming_media, company, wa_id)
-
-    # --------------------------------------------------------------- pacing (pg_pacing_sql.py)
-
-    async def record_contact(self, company: str, jid: str) -> None:
-        await self.run(pg_pacing_sql.record_contact, company, jid, time.time())
-
-    async def is_known_contact(self, company: str, jid: str) -> bool:
-        return await self.read(pg_pacing_sql.is_known_contact, company, jid)
-
-    async def first_contacts(self, company: str, now: float) -> dict[str, float]:
-        return await self.read(pg_pacing_sql.first_contacts, company, now)
-
-    async def record_first_contact(self, company: str, jid: str, now: float) -> None:
-        await self.run(pg_pacing_sql.record_first_contact, company, jid, now)
-
-    async def recent_sends(self, company: str, limit: int) -> list[float]:
-        return await self.read(pg_pacing_sql.recent_sends, company, limit)
-
-    async def set_pacing_pause(self, company: str, until: float | None, reason: str | None) -> None:
-        await self.run(pg_pacing_sql.set_pause, company, until, reason)
-
-    async def pacing_pauses(self) -> dict[str, tuple[float, str]]:
-        return await self.read(pg_pacing_sql.pauses)
-
-    # ------------------------------------------------------------- webhooks (pg_pacing_sql.py)
-
-    async def webhooks(self) -> list[StoredWebhook]:
-        return await self.read(pg_pacing_sql.webhooks)
-
-    async def put_webhook(self, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
-        return await self.run(pg_pacing_sql.put_webhook, webhook_id, definition, cursor)
-
-    async def set_webhook_cursor(self, webhook_id: str, cursor: int) -> None:
-        await self.run(pg_pacing_sql.set_webhook_cursor, webhook_id, cursor)
-
-    async def delete_webhook(self, webhook_id: str) -> None:
-        await self.run(pg_pacing_sql.delete_webhook, webhook_id)
-
 
 # ------------------------------------------------------------------ functions on a connection
 
@@ -549,6 +422,13 @@ def _select_events(db: Db, since: int, limit: int, companies: list[str], types: 
     return [Event(r["seq"], r["at"], r["company"], r["type"], r["data"]) for r in db.execute(sql, args)]
 
 
+def _oldest_seq(db: Db) -> int | None:
+    row = db.execute("SELECT MIN(seq) AS seq FROM whatsappd_events").fetchone()
+    assert row is not None
+    seq: int | None = row["seq"]
+    return seq
+
+
 def _prune(db: Db, cutoff: float, max_events: int) -> int:
     with db.transaction():
         n = db.execute("DELETE FROM whatsappd_events WHERE at < %s", (cutoff,)).rowcount
@@ -586,9 +466,33 @@ def _next_pending(db: Db, company: str) -> OutboxMessage | None:
     return message
 
 
+def _in_flight(db: Db, company: str) -> list[OutboxMessage]:
+    return [message_from_row(r) for r in db.execute(
+        "SELECT * FROM whatsappd_messages WHERE company = %s AND status = %s ORDER BY n",
+        (company, MessageStatus.SENDING.value))]
+
+
+def _counts(db: Db) -> dict[str, int]:
+    return {row["status"]: row["n"] for row in db.execute(
+        "SELECT status, count(*) AS n FROM whatsappd_messages GROUP BY status")}
+
+
+def _counts_by_company(db: Db) -> dict[tuple[str, str], tuple[int, float]]:
+    return {(row["company"], row["status"]): (row["n"], row["oldest"]) for row in db.execute(
+        "SELECT company, status, count(*) AS n, min(created_at) AS oldest FROM whatsappd_messages "
+        "GROUP BY company, status")}
+
+
 def _select_media(db: Db, message_id: str) -> bytes | None:
     row = db.execute("SELECT data FROM whatsappd_media WHERE message_id = %s", (message_id,)).fetchone()
     return bytes(row["data"]) if row else None
+
+
+def _store_incoming_media(db: Db, company: str, wa_id: str, kind: str, mimetype: str | None, raw: str) -> None:
+    db.execute("INSERT INTO whatsappd_incoming_media (company, wa_id, at, kind, mimetype, raw) "
+               "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (company, wa_id) DO UPDATE SET at = EXCLUDED.at, "
+               "kind = EXCLUDED.kind, mimetype = EXCLUDED.mimetype, raw = EXCLUDED.raw",
+               (company, wa_id, time.time(), kind, mimetype, raw))
 
 
 def _select_incoming_media(db: Db, company: str, wa_id: str) -> IncomingMedia | None:
@@ -739,3 +643,17 @@ def _finish(db: Db, ids: list[str], from_status: MessageStatus, status: MessageS
         events = [_insert_status_event(db, message) for message in out]
         _notify(db, events)
     return out, events
+
+
+SQL: SqlFunctions[Db] = SqlFunctions(
+    insert_events=_insert_events, select_events=_select_events, oldest_seq=_oldest_seq, prune=_prune,
+    enqueue_batch=_enqueue_batch, select_message=_select_message, next_pending=_next_pending,
+    set_status=_set_status, receipt=_receipt, in_flight=_in_flight, expire=_expire,
+    fail_stale_sending=_fail_stale_sending, counts=_counts, counts_by_company=_counts_by_company,
+    select_media=_select_media, store_incoming_media=_store_incoming_media,
+    select_incoming_media=_select_incoming_media,
+    record_contact=pg_pacing_sql.record_contact, is_known_contact=pg_pacing_sql.is_known_contact,
+    first_contacts=pg_pacing_sql.first_contacts, record_first_contact=pg_pacing_sql.record_first_contact,
+    recent_sends=pg_pacing_sql.recent_sends, set_pause=pg_pacing_sql.set_pause, pauses=pg_pacing_sql.pauses,
+    webhooks=pg_pacing_sql.webhooks, put_webhook=pg_pacing_sql.put_webhook,
+    set_webhook_cursor=pg_pacing_sql.set_webhook_cursor, delete_webhook=pg_pacing_sql.delete_webhook)
