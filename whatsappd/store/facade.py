@@ -4,8 +4,8 @@
 method as a one-line binding of an `SqlFunctions` entry to the backend's `run` (a write on its
 writer thread), `_run_journaled` (a write whose inserted events are delivered in seq order) or
 `read` (a reader connection). A backend (store/sqlite.py, store/postgresql.py) supplies those
-three, its open/close/health, and an `SqlFunctions` whose fields are its functions on one
-connection type: mypy checks each against the signature the facade calls it with.
+three, its open/close/health, and its SQL: a module of functions on one connection type that is
+an `SqlFunctions`, which mypy checks against the signature the facade calls each with.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from whatsappd.store.backend import IncomingMedia, StoredWebhook
 from whatsappd.store.core import GroupCommit
@@ -24,50 +23,59 @@ from whatsappd.store.outbox import MessageStatus, OutboxMessage, OutgoingMessage
 __all__ = ["SqlFunctions", "StoreFacade"]
 
 C = TypeVar("C")
+C_contra = TypeVar("C_contra", contravariant=True)
 T = TypeVar("T")
 #: What a write returns, with the events it inserted (delivered by `_run_journaled`).
 Journaled = tuple[T, list[Event]]
 Enqueued = tuple[bool, OutboxMessage]
 
 
-@dataclass(frozen=True, slots=True)
-class SqlFunctions(Generic[C]):
-    """A backend's SQL: each field a function taking its connection (C) first."""
+class SqlFunctions(Protocol[C_contra]):
+    """A backend's SQL, each a function taking its connection (C_contra) first.
+
+    A backend hands its own module (store/sqlite.py, store/postgresql.py) as one: mypy checks the
+    module's functions against these members (parameters positional-only: names are free), and
+    only names in the module's `__all__` count."""
 
     # journal
-    insert_events: Callable[[C, list[NewEvent]], list[Event]]
-    select_events: Callable[[C, int, int, list[str], list[str], int | None], list[Event]]
-    oldest_seq: Callable[[C], int | None]
-    prune: Callable[[C, float, int], int]
+    def insert_events(self, db: C_contra, batch: list[NewEvent], /) -> list[Event]: ...
+    def select_events(self, db: C_contra, since: int, limit: int, companies: list[str], types: list[str],
+                      until: int | None, /) -> list[Event]: ...
+    def oldest_seq(self, db: C_contra, /) -> int | None: ...
+    def prune(self, db: C_contra, cutoff: float, max_events: int, /) -> int: ...
     # outbox
-    enqueue_batch: Callable[[C, list[tuple[OutgoingMessage, float]]], Journaled[list[Enqueued | Exception]]]
-    select_message: Callable[[C, str, str], OutboxMessage | None]
-    next_pending: Callable[[C, str], OutboxMessage | None]
-    set_status: Callable[[C, str, MessageStatus, str | None, str | None, str | None, float | None],
-                         Journaled[OutboxMessage | None]]
-    receipt: Callable[[C, str, list[str], MessageStatus], Journaled[tuple[list[OutboxMessage], list[str]]]]
-    in_flight: Callable[[C, str], list[OutboxMessage]]
-    expire: Callable[[C, float], Journaled[list[OutboxMessage]]]
-    fail_stale_sending: Callable[[C, float, frozenset[str]], Journaled[list[OutboxMessage]]]
-    counts: Callable[[C], dict[str, int]]
-    counts_by_company: Callable[[C], dict[tuple[str, str], tuple[int, float]]]
+    def enqueue_batch(self, db: C_contra, batch: list[tuple[OutgoingMessage, float]], /
+                      ) -> Journaled[list[Enqueued | Exception]]: ...
+    def select_message(self, db: C_contra, company: str, message_id: str, /) -> OutboxMessage | None: ...
+    def next_pending(self, db: C_contra, company: str, /) -> OutboxMessage | None: ...
+    def set_status(self, db: C_contra, message_id: str, status: MessageStatus, wa_id: str | None,
+                   error_code: str | None, error: str | None, sent_at: float | None, /
+                   ) -> Journaled[OutboxMessage | None]: ...
+    def receipt(self, db: C_contra, company: str, wa_ids: list[str], status: MessageStatus, /
+                ) -> Journaled[tuple[list[OutboxMessage], list[str]]]: ...
+    def in_flight(self, db: C_contra, company: str, /) -> list[OutboxMessage]: ...
+    def expire(self, db: C_contra, now: float, /) -> Journaled[list[OutboxMessage]]: ...
+    def fail_stale_sending(self, db: C_contra, now: float, busy: frozenset[str], /) -> Journaled[list[OutboxMessage]]: ...
+    def counts(self, db: C_contra, /) -> dict[str, int]: ...
+    def counts_by_company(self, db: C_contra, /) -> dict[tuple[str, str], tuple[int, float]]: ...
     # media
-    select_media: Callable[[C, str], bytes | None]
-    store_incoming_media: Callable[[C, str, str, str, str | None, str], None]
-    select_incoming_media: Callable[[C, str, str], IncomingMedia | None]
+    def select_media(self, db: C_contra, message_id: str, /) -> bytes | None: ...
+    def store_incoming_media(self, db: C_contra, company: str, wa_id: str, kind: str, mimetype: str | None,
+                             raw: str, /) -> None: ...
+    def select_incoming_media(self, db: C_contra, company: str, wa_id: str, /) -> IncomingMedia | None: ...
     # pacing
-    record_contact: Callable[[C, str, str, float], None]
-    is_known_contact: Callable[[C, str, str], bool]
-    first_contacts: Callable[[C, str, float], dict[str, float]]
-    record_first_contact: Callable[[C, str, str, float], None]
-    recent_sends: Callable[[C, str, int], list[float]]
-    set_pause: Callable[[C, str, float | None, str | None], None]
-    pauses: Callable[[C], dict[str, tuple[float, str]]]
+    def record_contact(self, db: C_contra, company: str, jid: str, now: float, /) -> None: ...
+    def is_known_contact(self, db: C_contra, company: str, jid: str, /) -> bool: ...
+    def first_contacts(self, db: C_contra, company: str, now: float, /) -> dict[str, float]: ...
+    def record_first_contact(self, db: C_contra, company: str, jid: str, now: float, /) -> None: ...
+    def recent_sends(self, db: C_contra, company: str, limit: int, /) -> list[float]: ...
+    def set_pause(self, db: C_contra, company: str, until: float | None, reason: str | None, /) -> None: ...
+    def pauses(self, db: C_contra, /) -> dict[str, tuple[float, str]]: ...
     # webhooks
-    webhooks: Callable[[C], list[StoredWebhook]]
-    put_webhook: Callable[[C, str, dict[str, Any] | None, int], int]
-    set_webhook_cursor: Callable[[C, str, int], None]
-    delete_webhook: Callable[[C, str], None]
+    def webhooks(self, db: C_contra, /) -> list[StoredWebhook]: ...
+    def put_webhook(self, db: C_contra, webhook_id: str, definition: dict[str, Any] | None, cursor: int, /) -> int: ...
+    def set_webhook_cursor(self, db: C_contra, webhook_id: str, cursor: int, /) -> None: ...
+    def delete_webhook(self, db: C_contra, webhook_id: str, /) -> None: ...
 
 
 class StoreFacade(abc.ABC, Generic[C]):

@@ -1,6 +1,7 @@
 """The PostgreSQL store: the event journal, the outbox and media in one database, and all their SQL.
 
-`PostgresStore` implements `StoreBackend` (store/backend.py) with the SQLite store's semantics:
+`PostgresStore` implements `StoreBackend` (store/backend.py) through the shared facade
+(store/facade.py, over this module's SQL functions), with the SQLite store's semantics:
 events are group-committed by the journal buffer (store/journal.py), outbox enqueues by
 `GroupCommit` (store/core.py), every other write runs on one writer thread with its own
 connection, and an outbox status change and its `message.status` event are one transaction.
@@ -25,8 +26,8 @@ PgBouncer's transaction pooling); the journal table is the truth.
 Cluster work to come (leases): the `whatsappd_company_leases` table is a migration here; its
 SQL lives in whatsappd/cluster/leases.py. The token is to be checked where an owner writes for a
 company, with `leases.check_token(db, company, token)` inside the writing transaction: the claim
-`queued -> sending` and `sending -> sent/failed/queued` in `_set_status`, and each journal insert
-for the company (`_insert_events`, `_insert_status_event`); `StaleLease` there means "no longer yours".
+`queued -> sending` and `sending -> sent/failed/queued` in `set_status`, and each journal insert
+for the company (`insert_events`, `_insert_status_event`); `StaleLease` there means "no longer yours".
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from whatsappd.logs import get_logger
 from whatsappd.store import pg_pacing_sql
 from whatsappd.store.backend import IncomingMedia, StorageFull, StoreError
 from whatsappd.store.core import delivered_in_order
-from whatsappd.store.facade import SqlFunctions, StoreFacade
+from whatsappd.store.facade import StoreFacade
 from whatsappd.store.journal import Event, NewEvent
 from whatsappd.store.outbox import (
     ALLOWED,
@@ -63,10 +64,28 @@ from whatsappd.store.outbox import (
     new_message_id,
     status_event_data,
 )
+from whatsappd.store.pg_pacing_sql import (
+    delete_webhook,
+    first_contacts,
+    is_known_contact,
+    pauses,
+    put_webhook,
+    recent_sends,
+    record_contact,
+    record_first_contact,
+    set_pause,
+    set_webhook_cursor,
+    webhooks,
+)
 from whatsappd.timefmt import iso
 
 __all__ = ["JOURNAL_LOCK", "MIGRATE_LOCK", "NOTIFY_CHANNEL", "SCHEMA_VERSION", "Migration", "PostgresStore",
            "migrate", "redact"]
+# The facade's SQL (`SqlFunctions`, store/facade.py): this module is handed to it whole.
+__all__ += ["counts", "counts_by_company", "delete_webhook", "enqueue_batch", "expire", "fail_stale_sending", "first_contacts",
+            "in_flight", "insert_events", "is_known_contact", "next_pending", "oldest_seq", "pauses", "prune", "put_webhook",
+            "receipt", "recent_sends", "record_contact", "record_first_contact", "select_events", "select_incoming_media",
+            "select_media", "select_message", "set_pause", "set_status", "set_webhook_cursor", "store_incoming_media", "webhooks"]
 
 T = TypeVar("T")
 Db = psycopg.Connection[DictRow]
@@ -246,7 +265,9 @@ class PostgresStore(StoreFacade[Db]):
     """The PostgreSQL backend: one writer connection on one thread, group-committed events and enqueues."""
 
     def __init__(self, dsn: str) -> None:
-        super().__init__(SQL, (StoreError, psycopg.Error), redact(dsn))
+        from whatsappd.store import postgresql  # this module: its SQL functions are the facade's SqlFunctions
+
+        super().__init__(postgresql, (StoreError, psycopg.Error), redact(dsn))
         self.dsn = dsn
         self.where = redact(dsn)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
@@ -371,6 +392,8 @@ class PostgresStore(StoreFacade[Db]):
 
 
 # ------------------------------------------------------------------ functions on a connection
+# Those named as `SqlFunctions` (store/facade.py) members are the facade's SQL: mypy checks each
+# against its member (this module is handed to the facade whole; pacing's are imported above).
 
 
 def _journal_order(db: Db) -> None:
@@ -396,7 +419,7 @@ def _insert_event(db: Db, at: float, company: str | None, type_: str, data: dict
     return Event(int(row["seq"]), at, company, type_, data)
 
 
-def _insert_events(db: Db, batch: list[NewEvent]) -> list[Event]:
+def insert_events(db: Db, batch: list[NewEvent]) -> list[Event]:
     with db.transaction():
         _journal_order(db)
         out = [_insert_event(db, new.at, new.company, new.type, new.data) for new in batch]
@@ -404,8 +427,8 @@ def _insert_events(db: Db, batch: list[NewEvent]) -> list[Event]:
     return out
 
 
-def _select_events(db: Db, since: int, limit: int, companies: list[str], types: list[str],
-                   until: int | None) -> list[Event]:
+def select_events(db: Db, since: int, limit: int, companies: list[str], types: list[str],
+                  until: int | None) -> list[Event]:
     sql = "SELECT seq, at, company, type, data FROM whatsappd_events WHERE seq > %s"
     args: list[Any] = [since]
     if until is not None:
@@ -422,14 +445,14 @@ def _select_events(db: Db, since: int, limit: int, companies: list[str], types: 
     return [Event(r["seq"], r["at"], r["company"], r["type"], r["data"]) for r in db.execute(sql, args)]
 
 
-def _oldest_seq(db: Db) -> int | None:
+def oldest_seq(db: Db) -> int | None:
     row = db.execute("SELECT MIN(seq) AS seq FROM whatsappd_events").fetchone()
     assert row is not None
     seq: int | None = row["seq"]
     return seq
 
 
-def _prune(db: Db, cutoff: float, max_events: int) -> int:
+def prune(db: Db, cutoff: float, max_events: int) -> int:
     with db.transaction():
         n = db.execute("DELETE FROM whatsappd_events WHERE at < %s", (cutoff,)).rowcount
         top = db.execute("SELECT MAX(seq) AS seq FROM whatsappd_events").fetchone()
@@ -450,13 +473,13 @@ def _message_by_id(db: Db, message_id: str) -> OutboxMessage:
     return message_from_row(row)
 
 
-def _select_message(db: Db, company: str, message_id: str) -> OutboxMessage | None:
+def select_message(db: Db, company: str, message_id: str) -> OutboxMessage | None:
     row = db.execute("SELECT * FROM whatsappd_messages WHERE id = %s AND company = %s",
                      (message_id, company)).fetchone()
     return message_from_row(row) if row else None
 
 
-def _next_pending(db: Db, company: str) -> OutboxMessage | None:
+def next_pending(db: Db, company: str) -> OutboxMessage | None:
     row = db.execute("SELECT * FROM whatsappd_messages WHERE company = %s AND status = %s AND expires_at > %s "
                      "ORDER BY n LIMIT 1", (company, MessageStatus.QUEUED.value, time.time())).fetchone()
     if row is None:
@@ -466,42 +489,42 @@ def _next_pending(db: Db, company: str) -> OutboxMessage | None:
     return message
 
 
-def _in_flight(db: Db, company: str) -> list[OutboxMessage]:
+def in_flight(db: Db, company: str) -> list[OutboxMessage]:
     return [message_from_row(r) for r in db.execute(
         "SELECT * FROM whatsappd_messages WHERE company = %s AND status = %s ORDER BY n",
         (company, MessageStatus.SENDING.value))]
 
 
-def _counts(db: Db) -> dict[str, int]:
+def counts(db: Db) -> dict[str, int]:
     return {row["status"]: row["n"] for row in db.execute(
         "SELECT status, count(*) AS n FROM whatsappd_messages GROUP BY status")}
 
 
-def _counts_by_company(db: Db) -> dict[tuple[str, str], tuple[int, float]]:
+def counts_by_company(db: Db) -> dict[tuple[str, str], tuple[int, float]]:
     return {(row["company"], row["status"]): (row["n"], row["oldest"]) for row in db.execute(
         "SELECT company, status, count(*) AS n, min(created_at) AS oldest FROM whatsappd_messages "
         "GROUP BY company, status")}
 
 
-def _select_media(db: Db, message_id: str) -> bytes | None:
+def select_media(db: Db, message_id: str) -> bytes | None:
     row = db.execute("SELECT data FROM whatsappd_media WHERE message_id = %s", (message_id,)).fetchone()
     return bytes(row["data"]) if row else None
 
 
-def _store_incoming_media(db: Db, company: str, wa_id: str, kind: str, mimetype: str | None, raw: str) -> None:
+def store_incoming_media(db: Db, company: str, wa_id: str, kind: str, mimetype: str | None, raw: str) -> None:
     db.execute("INSERT INTO whatsappd_incoming_media (company, wa_id, at, kind, mimetype, raw) "
                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (company, wa_id) DO UPDATE SET at = EXCLUDED.at, "
                "kind = EXCLUDED.kind, mimetype = EXCLUDED.mimetype, raw = EXCLUDED.raw",
                (company, wa_id, time.time(), kind, mimetype, raw))
 
 
-def _select_incoming_media(db: Db, company: str, wa_id: str) -> IncomingMedia | None:
+def select_incoming_media(db: Db, company: str, wa_id: str) -> IncomingMedia | None:
     row = db.execute("SELECT kind, mimetype, raw FROM whatsappd_incoming_media WHERE company = %s AND wa_id = %s",
                      (company, wa_id)).fetchone()
     return {"kind": row["kind"], "mimetype": row["mimetype"], "raw": row["raw"]} if row else None
 
 
-def _enqueue_batch(db: Db, batch: list[tuple[OutgoingMessage, float]]
+def enqueue_batch(db: Db, batch: list[tuple[OutgoingMessage, float]]
                    ) -> tuple[list[tuple[bool, OutboxMessage] | Exception], list[Event]]:
     """Enqueue each (message, idempotency window) of batch in one transaction, each in its own
     savepoint: one that fails (IdempotencyConflict, a unique key taken meanwhile) is undone alone
@@ -525,7 +548,7 @@ def _enqueue_batch(db: Db, batch: list[tuple[OutgoingMessage, float]]
 
 
 def _enqueue(db: Db, message: OutgoingMessage, idem_window: float) -> tuple[tuple[bool, OutboxMessage], list[Event]]:
-    """One message, inside the caller's transaction (see _enqueue_batch)."""
+    """One message, inside the caller's transaction (see enqueue_batch)."""
     now = time.time()
     digest = message.body_hash
     key = message.idempotency_key
@@ -552,7 +575,7 @@ def _enqueue(db: Db, message: OutgoingMessage, idem_window: float) -> tuple[tupl
     return (True, stored), [_insert_status_event(db, stored)]
 
 
-def _set_status(db: Db, message_id: str, status: MessageStatus, wa_id: str | None, error_code: str | None,
+def set_status(db: Db, message_id: str, status: MessageStatus, wa_id: str | None, error_code: str | None,
                 error: str | None, sent_at: float | None) -> tuple[OutboxMessage | None, list[Event]]:
     now = time.time()
     with db.transaction():
@@ -581,7 +604,7 @@ def _set_status(db: Db, message_id: str, status: MessageStatus, wa_id: str | Non
     return message, events
 
 
-def _receipt(db: Db, company: str, wa_ids: list[str],
+def receipt(db: Db, company: str, wa_ids: list[str],
              status: MessageStatus) -> tuple[tuple[list[OutboxMessage], list[str]], list[Event]]:
     """Apply a delivered/read receipt; only forward moves. The messages changed, the unknown wa ids."""
     now = time.time()
@@ -610,7 +633,7 @@ def _receipt(db: Db, company: str, wa_ids: list[str],
     return (changed, unknown), events
 
 
-def _fail_stale_sending(db: Db, now: float, busy: frozenset[str]) -> tuple[list[OutboxMessage], list[Event]]:
+def fail_stale_sending(db: Db, now: float, busy: frozenset[str]) -> tuple[list[OutboxMessage], list[Event]]:
     stale = [row["id"] for row in db.execute("SELECT id FROM whatsappd_messages WHERE status = %s AND expires_at <= %s",
                                              (MessageStatus.SENDING.value, now)) if row["id"] not in busy]
     return _finish(db, stale, MessageStatus.SENDING, MessageStatus.FAILED, ErrorCode.SEND_INTERRUPTED.value,
@@ -618,7 +641,7 @@ def _fail_stale_sending(db: Db, now: float, busy: frozenset[str]) -> tuple[list[
                    "not have been delivered", now)
 
 
-def _expire(db: Db, now: float) -> tuple[list[OutboxMessage], list[Event]]:
+def expire(db: Db, now: float) -> tuple[list[OutboxMessage], list[Event]]:
     due = [row["id"] for row in db.execute("SELECT id FROM whatsappd_messages WHERE status = %s AND expires_at <= %s",
                                            (MessageStatus.QUEUED.value, now))]
     return _finish(db, due, MessageStatus.QUEUED, MessageStatus.EXPIRED, "ttl_expired",
@@ -643,17 +666,3 @@ def _finish(db: Db, ids: list[str], from_status: MessageStatus, status: MessageS
         events = [_insert_status_event(db, message) for message in out]
         _notify(db, events)
     return out, events
-
-
-SQL: SqlFunctions[Db] = SqlFunctions(
-    insert_events=_insert_events, select_events=_select_events, oldest_seq=_oldest_seq, prune=_prune,
-    enqueue_batch=_enqueue_batch, select_message=_select_message, next_pending=_next_pending,
-    set_status=_set_status, receipt=_receipt, in_flight=_in_flight, expire=_expire,
-    fail_stale_sending=_fail_stale_sending, counts=_counts, counts_by_company=_counts_by_company,
-    select_media=_select_media, store_incoming_media=_store_incoming_media,
-    select_incoming_media=_select_incoming_media,
-    record_contact=pg_pacing_sql.record_contact, is_known_contact=pg_pacing_sql.is_known_contact,
-    first_contacts=pg_pacing_sql.first_contacts, record_first_contact=pg_pacing_sql.record_first_contact,
-    recent_sends=pg_pacing_sql.recent_sends, set_pause=pg_pacing_sql.set_pause, pauses=pg_pacing_sql.pauses,
-    webhooks=pg_pacing_sql.webhooks, put_webhook=pg_pacing_sql.put_webhook,
-    set_webhook_cursor=pg_pacing_sql.set_webhook_cursor, delete_webhook=pg_pacing_sql.delete_webhook)

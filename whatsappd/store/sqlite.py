@@ -1,6 +1,7 @@
 """The SQLite store (WAL): the event journal, the outbox and media in one file, and all their SQL.
 
-`Store` implements `StoreBackend` (store/backend.py) on the writer core (store/core.py): events
+`Store` implements `StoreBackend` (store/backend.py) through the shared facade (store/facade.py,
+over this module's SQL functions) on the writer core (store/core.py): events
 are group-committed by the journal buffer (store/journal.py), outbox enqueues by `GroupCommit`,
 and every other write runs on the one writer thread. An outbox status change and its
 `message.status` event are one transaction (the functions that change a message insert the
@@ -33,7 +34,7 @@ from whatsappd.logs import get_logger
 from whatsappd.store import pacing_sql
 from whatsappd.store.backend import IncomingMedia, StoreCorrupt, StoredWebhook, StoreError
 from whatsappd.store.core import Writer, is_corrupt
-from whatsappd.store.facade import SqlFunctions, StoreFacade
+from whatsappd.store.facade import StoreFacade
 from whatsappd.store.journal import Event, NewEvent
 from whatsappd.store.outbox import (
     ALLOWED,
@@ -46,8 +47,22 @@ from whatsappd.store.outbox import (
     new_message_id,
     status_event_data,
 )
+from whatsappd.store.pacing_sql import (
+    first_contacts,
+    is_known_contact,
+    pauses,
+    recent_sends,
+    record_contact,
+    record_first_contact,
+    set_pause,
+)
 
 __all__ = ["Store", "check_database", "corrupt_fix"]
+# The facade's SQL (`SqlFunctions`, store/facade.py): this module is handed to it whole.
+__all__ += ["counts", "counts_by_company", "delete_webhook", "enqueue_batch", "expire", "fail_stale_sending", "first_contacts",
+            "in_flight", "insert_events", "is_known_contact", "next_pending", "oldest_seq", "pauses", "prune", "put_webhook",
+            "receipt", "recent_sends", "record_contact", "record_first_contact", "select_events", "select_incoming_media",
+            "select_media", "select_message", "set_pause", "set_status", "set_webhook_cursor", "store_incoming_media", "webhooks"]
 
 T = TypeVar("T")
 log = get_logger()
@@ -195,7 +210,9 @@ class Store(StoreFacade[sqlite3.Connection]):
     """The SQLite backend: one file, one writer thread, group-committed events and enqueues."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(SQL, (StoreError, sqlite3.Error, OSError), str(path))
+        from whatsappd.store import sqlite  # this module: its SQL functions are the facade's SqlFunctions
+
+        super().__init__(sqlite, (StoreError, sqlite3.Error, OSError), str(path))
         self.path = path
         self._writer = Writer(path, corrupt_fix(path), _probe)
         self._local = threading.local()
@@ -306,6 +323,8 @@ class Store(StoreFacade[sqlite3.Connection]):
 
 
 # ------------------------------------------------------------------ functions on a connection
+# Those named as `SqlFunctions` (store/facade.py) members are the facade's SQL: mypy checks each
+# against its member (this module is handed to the facade whole; pacing's are imported above).
 
 
 def _close(db: sqlite3.Connection) -> None:
@@ -313,21 +332,21 @@ def _close(db: sqlite3.Connection) -> None:
     db.close()
 
 
-def _webhooks(db: sqlite3.Connection) -> list[StoredWebhook]:
+def webhooks(db: sqlite3.Connection) -> list[StoredWebhook]:
     return [{"id": r["id"], "cursor": r["cursor"],
              "definition": None if r["definition"] is None else json.loads(r["definition"])}
             for r in db.execute("SELECT id, cursor, definition FROM webhooks ORDER BY id")]
 
 
-def _set_webhook_cursor(db: sqlite3.Connection, webhook_id: str, cursor: int) -> None:
+def set_webhook_cursor(db: sqlite3.Connection, webhook_id: str, cursor: int) -> None:
     db.execute("UPDATE webhooks SET cursor = ?, updated_at = ? WHERE id = ?", (cursor, time.time(), webhook_id))
 
 
-def _delete_webhook(db: sqlite3.Connection, webhook_id: str) -> None:
+def delete_webhook(db: sqlite3.Connection, webhook_id: str) -> None:
     db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
 
 
-def _put_webhook(db: sqlite3.Connection, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
+def put_webhook(db: sqlite3.Connection, webhook_id: str, definition: dict[str, Any] | None, cursor: int) -> int:
     """Insert (at cursor) or update a webhook's row, its cursor kept; the cursor it has now."""
     text = None if definition is None else json.dumps(definition, separators=(",", ":"))
     with _transaction(db):
@@ -337,7 +356,7 @@ def _put_webhook(db: sqlite3.Connection, webhook_id: str, definition: dict[str, 
         return int(db.execute("SELECT cursor FROM webhooks WHERE id = ?", (webhook_id,)).fetchone()["cursor"])
 
 
-def _insert_events(db: sqlite3.Connection, batch: list[NewEvent]) -> list[Event]:
+def insert_events(db: sqlite3.Connection, batch: list[NewEvent]) -> list[Event]:
     out = []
     with _transaction(db):
         for new in batch:
@@ -347,8 +366,8 @@ def _insert_events(db: sqlite3.Connection, batch: list[NewEvent]) -> list[Event]
     return out
 
 
-def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: list[str], types: list[str],
-                   until: int | None) -> list[Event]:
+def select_events(db: sqlite3.Connection, since: int, limit: int, companies: list[str], types: list[str],
+                  until: int | None) -> list[Event]:
     sql = "SELECT seq, at, company, type, data FROM events WHERE seq > ?"
     args: list[Any] = [since]
     if until is not None:
@@ -365,12 +384,12 @@ def _select_events(db: sqlite3.Connection, since: int, limit: int, companies: li
     return [Event(r["seq"], r["at"], r["company"], r["type"], json.loads(r["data"])) for r in db.execute(sql, args)]
 
 
-def _oldest_seq(db: sqlite3.Connection) -> int | None:
+def oldest_seq(db: sqlite3.Connection) -> int | None:
     seq: int | None = db.execute("SELECT MIN(seq) AS seq FROM events").fetchone()["seq"]
     return seq
 
 
-def _prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
+def prune(db: sqlite3.Connection, cutoff: float, max_events: int) -> int:
     with _transaction(db):
         n = db.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
         # The newest max_events events by count: seqs need not be contiguous (a restore moves the
@@ -401,12 +420,12 @@ def _message_by_id(db: sqlite3.Connection, message_id: str) -> OutboxMessage:
     return _row_message(db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone())
 
 
-def _select_message(db: sqlite3.Connection, company: str, message_id: str) -> OutboxMessage | None:
+def select_message(db: sqlite3.Connection, company: str, message_id: str) -> OutboxMessage | None:
     row = db.execute("SELECT * FROM messages WHERE id = ? AND company = ?", (message_id, company)).fetchone()
     return _row_message(row) if row else None
 
 
-def _next_pending(db: sqlite3.Connection, company: str) -> OutboxMessage | None:
+def next_pending(db: sqlite3.Connection, company: str) -> OutboxMessage | None:
     row = db.execute("SELECT * FROM messages WHERE company = ? AND status = ? AND expires_at > ? "
                      "ORDER BY n LIMIT 1", (company, MessageStatus.QUEUED.value, time.time())).fetchone()
     if row is None:
@@ -416,38 +435,38 @@ def _next_pending(db: sqlite3.Connection, company: str) -> OutboxMessage | None:
     return message
 
 
-def _in_flight(db: sqlite3.Connection, company: str) -> list[OutboxMessage]:
+def in_flight(db: sqlite3.Connection, company: str) -> list[OutboxMessage]:
     return [_row_message(r) for r in db.execute("SELECT * FROM messages WHERE company = ? AND status = ? ORDER BY n",
                                                 (company, MessageStatus.SENDING.value))]
 
 
-def _counts(db: sqlite3.Connection) -> dict[str, int]:
+def counts(db: sqlite3.Connection) -> dict[str, int]:
     return {row["status"]: row["n"] for row in db.execute("SELECT status, count(*) AS n FROM messages GROUP BY status")}
 
 
-def _counts_by_company(db: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, float]]:
+def counts_by_company(db: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, float]]:
     return {(row["company"], row["status"]): (row["n"], row["oldest"]) for row in db.execute(
         "SELECT company, status, count(*) AS n, min(created_at) AS oldest FROM messages GROUP BY company, status")}
 
 
-def _select_media(db: sqlite3.Connection, message_id: str) -> bytes | None:
+def select_media(db: sqlite3.Connection, message_id: str) -> bytes | None:
     row = db.execute("SELECT data FROM media WHERE message_id = ?", (message_id,)).fetchone()
     return row["data"] if row else None
 
 
-def _store_incoming_media(db: sqlite3.Connection, company: str, wa_id: str, kind: str, mimetype: str | None,
+def store_incoming_media(db: sqlite3.Connection, company: str, wa_id: str, kind: str, mimetype: str | None,
                          raw: str) -> None:
     db.execute("INSERT OR REPLACE INTO incoming_media (company, wa_id, at, kind, mimetype, raw) "
                "VALUES (?, ?, ?, ?, ?, ?)", (company, wa_id, time.time(), kind, mimetype, raw))
 
 
-def _select_incoming_media(db: sqlite3.Connection, company: str, wa_id: str) -> IncomingMedia | None:
+def select_incoming_media(db: sqlite3.Connection, company: str, wa_id: str) -> IncomingMedia | None:
     row = db.execute("SELECT kind, mimetype, raw FROM incoming_media WHERE company = ? AND wa_id = ?",
                      (company, wa_id)).fetchone()
     return {"kind": row["kind"], "mimetype": row["mimetype"], "raw": row["raw"]} if row else None
 
 
-def _enqueue_batch(db: sqlite3.Connection, batch: list[tuple[OutgoingMessage, float]]
+def enqueue_batch(db: sqlite3.Connection, batch: list[tuple[OutgoingMessage, float]]
                    ) -> tuple[list[tuple[bool, OutboxMessage] | Exception], list[Event]]:
     """Enqueue each (message, idempotency window) of batch in one transaction (one fsync); each in
     its own savepoint, so that one that fails (IdempotencyConflict, ...) is undone alone and its
@@ -475,7 +494,7 @@ def _enqueue_batch(db: sqlite3.Connection, batch: list[tuple[OutgoingMessage, fl
 
 def _enqueue(db: sqlite3.Connection, message: OutgoingMessage,
              idem_window: float) -> tuple[tuple[bool, OutboxMessage], list[Event]]:
-    """One message, inside the caller's transaction (see _enqueue_batch)."""
+    """One message, inside the caller's transaction (see enqueue_batch)."""
     now = time.time()
     digest = message.body_hash
     key = message.idempotency_key
@@ -500,7 +519,7 @@ def _enqueue(db: sqlite3.Connection, message: OutgoingMessage,
     return (True, stored), [_insert_status_event(db, stored)]
 
 
-def _set_status(db: sqlite3.Connection, message_id: str, status: MessageStatus, wa_id: str | None,
+def set_status(db: sqlite3.Connection, message_id: str, status: MessageStatus, wa_id: str | None,
                 error_code: str | None, error: str | None,
                 sent_at: float | None) -> tuple[OutboxMessage | None, list[Event]]:
     now = time.time()
@@ -527,7 +546,7 @@ def _set_status(db: sqlite3.Connection, message_id: str, status: MessageStatus, 
     return message, [event]
 
 
-def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
+def receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
              status: MessageStatus) -> tuple[tuple[list[OutboxMessage], list[str]], list[Event]]:
     """Apply a delivered/read receipt; only forward moves (a late 'delivered' after 'read' is dropped).
 
@@ -555,7 +574,7 @@ def _receipt(db: sqlite3.Connection, company: str, wa_ids: list[str],
     return (changed, unknown), events
 
 
-def _fail_stale_sending(db: sqlite3.Connection, now: float,
+def fail_stale_sending(db: sqlite3.Connection, now: float,
                         busy: frozenset[str]) -> tuple[list[OutboxMessage], list[Event]]:
     stale = [row["id"] for row in db.execute("SELECT id FROM messages WHERE status = ? AND expires_at <= ?",
                                              (MessageStatus.SENDING.value, now)) if row["id"] not in busy]
@@ -564,7 +583,7 @@ def _fail_stale_sending(db: sqlite3.Connection, now: float,
                    "not have been delivered", now)
 
 
-def _expire(db: sqlite3.Connection, now: float) -> tuple[list[OutboxMessage], list[Event]]:
+def expire(db: sqlite3.Connection, now: float) -> tuple[list[OutboxMessage], list[Event]]:
     # Read first (no write transaction): the usual answer is "nothing".
     due = [row["id"] for row in db.execute("SELECT id FROM messages WHERE status = ? AND expires_at <= ?",
                                            (MessageStatus.QUEUED.value, now))]
@@ -587,17 +606,3 @@ def _finish(db: sqlite3.Connection, ids: list[str], from_status: MessageStatus, 
                 out.append(_message_by_id(db, mid))
         events = [_insert_status_event(db, message) for message in out]
     return out, events
-
-
-SQL: SqlFunctions[sqlite3.Connection] = SqlFunctions(
-    insert_events=_insert_events, select_events=_select_events, oldest_seq=_oldest_seq, prune=_prune,
-    enqueue_batch=_enqueue_batch, select_message=_select_message, next_pending=_next_pending,
-    set_status=_set_status, receipt=_receipt, in_flight=_in_flight, expire=_expire,
-    fail_stale_sending=_fail_stale_sending, counts=_counts, counts_by_company=_counts_by_company,
-    select_media=_select_media, store_incoming_media=_store_incoming_media,
-    select_incoming_media=_select_incoming_media,
-    record_contact=pacing_sql.record_contact, is_known_contact=pacing_sql.is_known_contact,
-    first_contacts=pacing_sql.first_contacts, record_first_contact=pacing_sql.record_first_contact,
-    recent_sends=pacing_sql.recent_sends, set_pause=pacing_sql.set_pause, pauses=pacing_sql.pauses,
-    webhooks=_webhooks, put_webhook=_put_webhook, set_webhook_cursor=_set_webhook_cursor,
-    delete_webhook=_delete_webhook)
