@@ -349,3 +349,43 @@ def test_the_replay_command_exists_only_for_benchmarks(tmp_path: Path, monkeypat
     with pytest.raises(EngineError) as err:
         engine.command("replay", {"count": 0})
     assert err.value.code == "invalid_argument"
+
+
+def test_on_a_kernel_without_the_process_wide_switch_every_writable_private_mapping_is_marked_mergeable(tmp_path):
+    """The pre-6.4 path (MADV_MERGEABLE per mapping, as on Debian 12's kernel): a process that calls it has
+    the mergeable flag ('mg') on every private writable mapping KSM can take, and no other process does."""
+    script = ("import sys\n"
+              "from whatsappd.worker.__main__ import mark_mappings_mergeable\n"
+              "print(mark_mappings_mergeable(), flush=True)\n"
+              "sys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        taken = int(child.stdout.readline())
+        mappings = _writable_private_mappings(child.pid)
+        assert taken == len(mappings) > 10
+        assert all("mg" in flags for _, flags in mappings), [name for name, flags in mappings if "mg" not in flags]
+        assert not any("mg" in flags for _, flags in _writable_private_mappings(os.getpid()))  # pytest itself: untouched
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def _writable_private_mappings(pid: int) -> list[tuple[str, list[str]]]:
+    """(name, VmFlags) of each private writable mapping in /proc/PID/smaps that KSM may merge."""
+    out: list[tuple[str, list[str]]] = []
+    name: str | None = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            perms = fields[1]
+            label = fields[5] if len(fields) > 5 else ""
+            writable = perms[1] == "w" and perms[3] == "p" and label not in ("[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]")
+            name = label if writable else None
+        elif fields and fields[0] == "VmFlags:" and name is not None:
+            out.append((name, fields[1:]))
+            name = None
+    return out

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,6 +40,9 @@ from whatsappd.sessions import LOCK_FILE
 
 PR_SET_PDEATHSIG = 1
 PR_SET_MEMORY_MERGE = 67  # Linux 6.4+
+MADV_MERGEABLE = 12  # Linux 2.6.32+: one mapping at a time
+#: How often a worker on a kernel without PR_SET_MEMORY_MERGE marks its new mappings mergeable.
+REMARK_SECONDS = 60.0
 #: How often the worker checks that its session's files are still there.
 SESSION_CHECK_SECONDS = 1.0
 
@@ -49,14 +54,46 @@ def _find_prctl() -> Any:
         return None  # not Linux: the channel's EOF still ends us
 
 
+def _find_madvise() -> Any:
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
 # Looked up at import: in a zygote that is once for all its workers (each lookup in a forked
 # worker would copy some of the zygote's heap).
 _prctl = _find_prctl()
+_madvise = _find_madvise()
+_NOT_MERGED = ("[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]")
 
 
-def offer_pages_for_merging() -> bool:
+def mark_mappings_mergeable() -> int:
+    """madvise(MADV_MERGEABLE) on each private writable mapping of this process (what KSM can
+    merge): the kernels before 6.4 have no PR_SET_MEMORY_MERGE, only this per-mapping flag, which
+    covers the mappings that exist now (call again for later ones; marking twice is harmless).
+    Returns how many mappings the kernel took."""
+    if _madvise is None:
+        return 0
+    taken = 0
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        for line in maps:
+            fields = line.split()
+            span, perms = fields[0], fields[1]
+            if perms[1] != "w" or perms[3] != "p" or (len(fields) > 5 and fields[5] in _NOT_MERGED):
+                continue
+            start, end = (int(part, 16) for part in span.split("-"))
+            taken += int(_madvise(start, end - start, MADV_MERGEABLE) == 0)
+    return taken
+
+
+def offer_pages_for_merging() -> str:
     """Let the kernel's same-page merging (KSM) share this process's identical pages with other
-    workers' (PR_SET_MEMORY_MERGE: all its memory, now and later); True if the kernel took it.
+    workers'. Answers how: "process" (PR_SET_MEMORY_MERGE, Linux 6.4+: all its memory, now and
+    later), "mappings" (older kernels: MADV_MERGEABLE on each mapping there is now; the worker
+    marks later ones every REMARK_SECONDS), or "" (neither is possible here).
 
     Identical pages are most of what workers hold privately: the Go library's relocated data,
     Go's heap after its package init, and the zygote's pages a worker copied on write but left
@@ -65,7 +102,9 @@ def offer_pages_for_merging() -> bool:
     the host runs KSM (`/sys/kernel/mm/ksm/run` = 1, off by default): that switch is the
     operator's; without it this costs nothing.
     """
-    return _prctl is not None and int(_prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)) == 0
+    if _prctl is not None and int(_prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)) == 0:
+        return "process"
+    return "mappings" if mark_mappings_mergeable() else ""
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -213,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # session files 0600, dirs 0700, whatever the library creates
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     _die_with_parent(args.parent_pid)
-    offer_pages_for_merging()  # before Go loads and threads start (a zygote's child has it already)
+    merging = offer_pages_for_merging()  # before Go loads and threads start (a zygote's child has it already)
 
     # Logging before the engine import: `import neonize` calls logging.basicConfig itself.
     from whatsappd.logs import configure_logging, get_logger
@@ -303,8 +342,14 @@ def main(argv: list[str] | None = None) -> int:
             channel.send(Heartbeat().to_wire())
             stop_beating.wait(args.heartbeat)
 
+    remark_at = time.monotonic() + (5.0 if merging == "mappings" else math.inf)  # after Go's first heap
+
     def watch_session() -> None:
+        nonlocal remark_at
         while not stop_beating.wait(SESSION_CHECK_SECONDS):
+            if time.monotonic() >= remark_at:  # mappings made since (Go's heap, thread stacks)
+                mark_mappings_mergeable()
+                remark_at = time.monotonic() + REMARK_SECONDS
             gone = watch.missing()
             if gone is not None:
                 # At once, without a clean disconnect: that would give the library one more
