@@ -76,7 +76,9 @@ def test_fresh_start_without_config_uses_per_user_defaults(
     daemon.env |= {"HOME": str(home), **env}
     daemon.start()
 
-    ready = next(e for e in daemon.log_events() if e["event"] == "whatsappd ready")
+    # The socket answers while the daemon is still starting; the ready line comes once it has started.
+    ready = wait_until(lambda: next((e for e in daemon.log_events() if e["event"] == "whatsappd ready"), None),
+                       timeout=10, what="the ready line")
     assert ready["socket"] == str(sock)
     assert ready["state_dir"] == str(state_dir)
     assert ready["config"] == "built-in defaults"

@@ -9,6 +9,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,8 +102,14 @@ def test_daemonize_detaches_writes_and_locks_the_pidfile(detached: Detached) -> 
     assert _health(client)["pid"] == pid
 
     # Logs went to the log file, as JSON lines (not a terminal, not the journal).
-    events = [json.loads(line) for line in detached.log.read_text().splitlines()]
-    ready = next(e for e in events if e["event"] == "whatsappd ready")
+    def ready_line() -> dict[str, Any] | None:  # the socket answers before the daemon has finished starting
+        for line in detached.log.read_text().splitlines():
+            if '"whatsappd ready"' in line and line.endswith("}"):  # a whole line, not one being written
+                event: dict[str, Any] = json.loads(line)
+                return event
+        return None
+
+    ready = wait_until(ready_line, timeout=10, what="the ready line")
     assert ready["pid"] == pid and ready["socket"] == str(detached.socket)
 
     os.kill(pid, signal.SIGTERM)
