@@ -17,7 +17,8 @@ from whatsappd.config import parse_duration
 from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.ids import InvalidCompanyId, check_company_id
 
-__all__ = ["MAX_JSON_DEPTH", "bool_param", "check_company_ids", "company_id", "json_seconds", "read_json"]
+__all__ = ["MAX_JSON_DEPTH", "bool_param", "check_company_ids", "company_id", "json_seconds", "read_json",
+           "read_resource"]
 
 #: How deep a JSON body may nest. Every body the API takes is a few levels deep; a deeper one (a
 #: run of "[" well under the size limit) would otherwise reach Python's recursion limit.
@@ -68,6 +69,18 @@ async def read_json(request: web.Request) -> Any:
     if _too_deep(value):
         raise too_deep
     return value
+
+
+async def read_resource(request: web.Request, resource_id: str, code: ErrorCode, fields: str) -> dict[str, Any]:
+    """A PUT's body: a JSON object (fields: what it holds, for the error) whose `id`, if it has one, is
+    the path's (the path names the resource; another id in the body is a mistake, not a rename)."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(code, f"the body must be a JSON object with {fields}")
+    if "id" in body and body["id"] != resource_id:
+        raise ApiError(code, f"the body's id {body['id']!r} differs from the path's {resource_id!r}; "
+                       "leave id out of the body")
+    return body
 
 
 def json_seconds(value: object) -> float:

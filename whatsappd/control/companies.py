@@ -13,7 +13,7 @@ from aiohttp import web
 
 from whatsappd import qr as qr_render
 from whatsappd.config import parse_companies
-from whatsappd.control.bodies import bool_param, company_id, read_json
+from whatsappd.control.bodies import bool_param, company_id, read_json, read_resource
 from whatsappd.control.peers import peer_of
 from whatsappd.control.services import company_runner, services
 from whatsappd.errors import ApiError, ErrorCode
@@ -50,13 +50,7 @@ async def get_company(request: web.Request) -> web.Response:
 
 async def put_company(request: web.Request) -> web.Response:
     company = company_id(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise ApiError(ErrorCode.BAD_REQUEST, "the body must be a JSON object with name, engine, proxy")
-    if "id" in body and body["id"] != company:
-        # The path names the company; a different id in the body is a mistake, not a rename.
-        raise ApiError(ErrorCode.BAD_REQUEST, f"the body's id {body['id']!r} differs from the path's "
-                       f"{company!r}; leave id out of the body")
+    body = await read_resource(request, company, ErrorCode.BAD_REQUEST, "name, engine, proxy")
     problems: list[str] = []
     parsed = parse_companies([{**body, "id": company}], problems)
     if problems or not parsed:

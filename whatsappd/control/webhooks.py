@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from whatsappd.control.bodies import read_json
+from whatsappd.control.bodies import read_resource
 from whatsappd.control.services import services
 from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.webhooks.spec import InvalidWebhook, check_webhook_id, parse_webhook
@@ -33,12 +33,7 @@ async def get_webhook(request: web.Request) -> web.Response:
 
 async def put_webhook(request: web.Request) -> web.Response:
     webhook_id = _webhook_id(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise ApiError(ErrorCode.INVALID_WEBHOOK, "the body must be a JSON object with url, secret, events, companies")
-    if "id" in body and body["id"] != webhook_id:
-        raise ApiError(ErrorCode.INVALID_WEBHOOK, f"the body's id {body['id']!r} differs from the path's "
-                       f"{webhook_id!r}; leave id out of the body")
+    body = await read_resource(request, webhook_id, ErrorCode.INVALID_WEBHOOK, "url, secret, events, companies")
     delivery = services(request).webhooks
     try:
         definition = parse_webhook({**body, "id": webhook_id}, previous_secret=delivery.runtime_secret(webhook_id))
