@@ -1,0 +1,499 @@
+"""Several real whatsappd hosts on one PostgreSQL, and an independent double-owner checker.
+
+First-class test code like `whatsappd.testing.daemon`, which it builds on: each host is a real
+`whatsappd run` subprocess with its own state directory and control socket, sharing one
+database (`[store] backend = "postgresql"`, `[cluster] enabled = true`, host ids h1..hN) and,
+when the simulator supports it, one simulator "server" directory. The acceptance tests and
+bench/bench_cluster.py drive the same code.
+
+A host is a process TREE: the supervisor, its zygote(s), and workers that are the supervisor's
+children but sit in sessions of their own (a worker calls setsid). A host is therefore started
+in a process group of its own, and "the host" is that group plus every descendant of the
+supervisor, found in /proc: `kill()` SIGKILLs all of it (a dead machine), `freeze()` SIGSTOPs
+all of it (a paused VM: supervisor first, so it forks nothing meanwhile), `thaw()` SIGCONTs it.
+
+The `Checker` trusts nothing the hosts say about themselves. Every 100 ms it samples:
+- the live worker processes of every host, from /proc: a worker is a descendant of the host's
+  supervisor that holds its session lock (`session-<id>/whatsappd.lock`; a forked worker's
+  command line is its zygote's) or an exec'd `whatsappd.worker --company <id>`; a stopped
+  process (state T) is frozen and counted apart, a zombie is dead;
+- the shared simulator server's live connections per company, when a source is given;
+- the lease table, from a connection of its own (owner, token, live).
+A sample where one company has non-frozen live workers on two hosts, or two live server
+connections, is a double owner; a company's token going down is recorded too. Zero is the target.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from whatsappd.config import SETTINGS, toml_value
+from whatsappd.testing.daemon import at_once, wait_until
+from whatsappd.testing.scenario import SimDaemon, sim_config
+
+__all__ = [
+    "Checker", "Cluster", "ClusterHost", "Lease", "ProcessTable", "Sample", "Violation", "WorkerProc",
+    "cluster_config", "read_leases", "supports",
+]
+
+_LOCK_PATH = re.compile(r"/session-([^/]+)/whatsappd\.lock$")
+
+
+def supports(section: str, key: str) -> bool:
+    """True if this build's config knows [section] key (a feature another branch adds may be missing)."""
+    return any(s.section == section and s.key == key for s in SETTINGS)
+
+
+def cluster_config(host_id: str, dsn: str, companies: Iterable[str], *, neonize: Mapping[str, str] | None = None,
+                   lease_ttl: float = 3.0, renew_interval: float = 0.5, fence_margin: float = 1.0,
+                   max_companies: int = 400, server_dir: Path | None = None, whatsmeow_dsn: str = "",
+                   clustered: bool = True, **tables: dict[str, Any]) -> str:
+    """One host's config: the scenario tests' fast timings, the PostgreSQL store, [cluster] with
+    this host id, and the same [[companies]] as every other host (neonize: id -> proxy URL).
+
+    clustered=False leaves the store and [cluster] out: independent single hosts (SQLite) that
+    know the same companies, which is what a double owner looks like (the checker's own test)."""
+    store: dict[str, Any] = {"backend": "postgresql", "dsn": dsn}
+    if whatsmeow_dsn:
+        store["whatsmeow_dsn"] = whatsmeow_dsn
+    cluster = {"enabled": True, "host_id": host_id, "lease_ttl": f"{lease_ttl}s",
+               "renew_interval": f"{renew_interval}s", "fence_margin": f"{fence_margin}s",
+               "max_companies": max_companies}
+    extra: dict[str, dict[str, Any]] = {"store": store, "cluster": cluster} if clustered else {}
+    extra.update(tables)
+    if server_dir is not None and supports("simulator", "server_dir"):
+        extra.setdefault("simulator", {})["server_dir"] = str(server_dir)
+    text = sim_config(*companies, **extra)
+    for cid, proxy in (neonize or {}).items():
+        text += f'[[companies]]\nid = "{cid}"\nengine = "neonize"\nproxy = {toml_value(proxy)}\n'
+    return text
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class WorkerProc:
+    """A worker process found in /proc: which host's, which company's, whether it is frozen."""
+
+    host: str
+    company: str
+    pid: int
+    frozen: bool
+
+
+class ProcessTable:
+    """One read of /proc: every process's parent and state letter, and the children map."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.state: dict[int, str] = {}
+        self.start: dict[int, int] = {}
+        self.children: dict[int, list[int]] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            fields = stat.rpartition(")")[2].split()
+            pid = int(name)
+            self.state[pid], self.parent[pid], self.start[pid] = fields[0], int(fields[1]), int(fields[19])
+            self.children.setdefault(int(fields[1]), []).append(pid)
+
+    def descendants(self, pid: int) -> list[int]:
+        """pid's descendants (not pid), parents before children."""
+        out: list[int] = []
+        todo = list(self.children.get(pid, ()))
+        while todo:
+            child = todo.pop()
+            out.append(child)
+            todo.extend(self.children.get(child, ()))
+        return out
+
+    def alive(self, pid: int) -> bool:
+        return self.state.get(pid) not in (None, "Z", "X")
+
+    def frozen(self, pid: int) -> bool:
+        return self.state.get(pid) in ("T", "t")
+
+
+def _worker_company(pid: int) -> str | None:
+    """The company a process works for, or None if it is not a worker (yet)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"whatsappd.worker" in argv and b"--company" in argv:  # an exec'd worker says so
+        i = argv.index(b"--company")
+        return argv[i + 1].decode() if i + 1 < len(argv) else None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:  # a forked worker has its zygote's command line, but holds its session lock
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        match = _LOCK_PATH.search(target)
+        if match:
+            return match.group(1)
+    return None
+
+
+# ----------------------------------------------------------------------------- leases
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease row as the database sees it now."""
+
+    owner: str | None
+    token: int | None
+    live: bool
+
+
+def read_leases(db: Any) -> dict[str, Lease]:
+    """Every lease row (a psycopg connection, autocommit); {} before the table exists."""
+    import psycopg
+
+    try:
+        rows = db.execute("SELECT company, owner, token, expires_at > now() FROM whatsappd_company_leases").fetchall()
+    except psycopg.errors.UndefinedTable:
+        return {}
+    return {str(c): Lease(o, None if t is None else int(t), bool(live)) for c, o, t, live in rows}
+
+
+# ----------------------------------------------------------------------------- hosts
+
+
+class ClusterHost(SimDaemon):
+    """One host: a SimDaemon in a process group of its own, with its id."""
+
+    def __init__(self, root: Path, host_id: str, config: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(root, config, env=env, start_new_session=True)
+        self.host_id = host_id
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tree(self, table: ProcessTable | None = None) -> list[int]:
+        """The supervisor and every descendant, live or frozen ([] when it is not running)."""
+        if not self.running():
+            return []
+        table = table or ProcessTable()
+        return [self.pid, *self.descendants(table)]
+
+    def descendants(self, table: ProcessTable) -> list[int]:
+        return [p for p in table.descendants(self.pid) if table.alive(p)] if self.running() else []
+
+    def workers(self, table: ProcessTable, cache: dict[tuple[int, int], str | None] | None = None) -> list[WorkerProc]:
+        """The live worker processes of this host, by /proc alone."""
+        out = []
+        for pid in self.descendants(table):
+            key = (pid, table.start.get(pid, 0))
+            if cache is not None and key in cache:
+                company = cache[key]
+            else:
+                company = _worker_company(pid)
+                if cache is not None and company is not None:  # a worker-to-be takes its lock later
+                    cache[key] = company
+            if company is not None:
+                out.append(WorkerProc(self.host_id, company, pid, table.frozen(pid)))
+        return out
+
+    def _signal_tree(self, sig: int) -> None:
+        for pid in self.tree():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the whole host at once (its process group and every descendant): a dead machine."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        table = ProcessTable()
+        pids = [self.pid, *table.descendants(self.pid)]
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        # The workers were the supervisor's children: with it gone, init reaps them. Wait until
+        # none is left, so "killed" means nothing of this host runs any more.
+        wait_until(lambda: all(not ProcessTable().alive(p) for p in pids), 10, what="the host's processes to die")
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole host (a paused VM): the supervisor first, so it starts nothing
+        meanwhile, then every descendant until all are stopped."""
+        assert self.running()
+        os.kill(self.pid, signal.SIGSTOP)
+        for _ in range(50):
+            table = ProcessTable()
+            running = [p for p in self.tree(table) if not table.frozen(p)]
+            if not running:
+                return
+            for pid in running:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+        raise RuntimeError(f"host {self.host_id} did not stop")
+
+    def thaw(self) -> None:
+        """SIGCONT the whole host at once."""
+        self._signal_tree(signal.SIGCONT)
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+class Cluster:
+    """N hosts h1..hN sharing one database, the same companies, and one simulator server dir."""
+
+    def __init__(self, root: Path, dsn: str, companies: Iterable[str], *, hosts: int = 3,
+                 neonize: Mapping[str, str] | None = None, env: dict[str, str] | None = None, **config: Any) -> None:
+        self.root, self.dsn = root, dsn
+        self.companies = list(companies)
+        self.neonize = dict(neonize or {})
+        self.server_dir = root / "simserver"
+        self.server_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.hosts = [
+            ClusterHost(root / f"h{i}", f"h{i}",
+                        cluster_config(f"h{i}", dsn, self.companies, neonize=self.neonize,
+                                       server_dir=self.server_dir, **config),
+                        env={"WHATSAPPD_LOOPBACK_ONLY": "1", **(env or {})})
+            for i in range(1, hosts + 1)
+        ]
+        self._db: Any = None
+
+    def host(self, host_id: str) -> ClusterHost:
+        return next(h for h in self.hosts if h.host_id == host_id)
+
+    def start(self, timeout: float = 60.0) -> Cluster:
+        """Start every host at once (a cold start) and wait until each answers."""
+        at_once([functools.partial(h.start, wait=False) for h in self.hosts])
+        for host in self.hosts:
+            host.wait_ready(timeout)
+        return self
+
+    def restart(self, host: ClusterHost, timeout: float = 60.0) -> None:
+        host.start(wait=True, timeout=timeout)
+
+    def stop(self) -> None:
+        """SIGTERM every running host (thawed first); SIGKILL the tree of any that lingers."""
+        for host in self.hosts:
+            if host.running():
+                host.thaw()
+        for host in self.hosts:
+            if host.running():
+                try:
+                    host.stop(30)
+                except RuntimeError:
+                    pass
+            host.kill()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def db(self) -> Any:
+        import psycopg
+
+        if self._db is None or self._db.closed:
+            self._db = psycopg.connect(self.dsn, autocommit=True)
+        return self._db
+
+    def leases(self) -> dict[str, Lease]:
+        return read_leases(self.db)
+
+    def owned_by(self, host_id: str) -> dict[str, int]:
+        """company -> token of the live leases host_id holds now."""
+        return {c: lease.token for c, lease in self.leases().items()
+                if lease.owner == host_id and lease.live and lease.token is not None}
+
+    def workers(self) -> list[WorkerProc]:
+        table = ProcessTable()
+        return [w for host in self.hosts for w in host.workers(table)]
+
+    def running_on(self) -> dict[str, set[str]]:
+        """company -> hosts where a non-frozen worker for it is alive now."""
+        out: dict[str, set[str]] = {}
+        for w in self.workers():
+            if not w.frozen:
+                out.setdefault(w.company, set()).add(w.host)
+        return out
+
+    def snapshots(self, host: ClusterHost) -> dict[str, dict[str, Any]]:
+        """GET /v1/companies on host ({} if it does not answer)."""
+        try:
+            return host.companies()
+        except Exception:  # noqa: BLE001 (a host being killed or frozen answers nothing)
+            return {}
+
+    def state_on_owner(self, company: str) -> tuple[str | None, str | None]:
+        """(owner host id, the company's state there) by the lease table and the owner's API."""
+        lease = self.leases().get(company)
+        if lease is None or lease.owner is None or not lease.live:
+            return None, None
+        host = self.host(lease.owner)
+        return lease.owner, self.snapshots(host).get(company, {}).get("state")
+
+    def wait_owned(self, companies: Iterable[str] | None = None, timeout: float = 60.0,
+                   states: tuple[str, ...] = ()) -> dict[str, Lease]:
+        """Wait until every company has a live lease whose owner runs a worker for it (and, with
+        states, reports one of them); the leases then."""
+        wanted = list(self.companies if companies is None else companies)
+
+        def done() -> dict[str, Lease] | None:
+            leases, running = self.leases(), self.running_on()
+            for cid in wanted:
+                lease = leases.get(cid)
+                if lease is None or not lease.live or lease.owner not in running.get(cid, set()):
+                    return None
+            if states:
+                snaps = {h.host_id: self.snapshots(h) for h in self.hosts if h.running()}
+                for cid in wanted:
+                    owner = leases[cid].owner
+                    if owner not in snaps or snaps[owner].get(cid, {}).get("state") not in states:
+                        return None
+            return leases
+
+        result: dict[str, Lease] = wait_until(done, timeout, interval=0.1, what=f"{len(wanted)} companies owned")
+        return result
+
+
+# ----------------------------------------------------------------------------- the checker
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A sample that broke the rule: kind is "two_hosts", "two_connections" or "token_down"."""
+
+    at: float  # time.monotonic()
+    company: str
+    kind: str
+    detail: str
+
+
+@dataclass
+class Sample:
+    """What one 100 ms sample saw (kept only as counts, to stay small over minutes)."""
+
+    at: float
+    workers: int
+    frozen: int
+    connections: int
+    leases: int
+
+
+@dataclass
+class Checker:
+    """Samples the cluster every `interval` seconds from outside it; see the module doc."""
+
+    cluster: Cluster
+    connections: Callable[[], Mapping[str, int]] | None = None  # company -> live server connections
+    interval: float = 0.1
+    violations: list[Violation] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="double-owner-checker", daemon=True)
+        self._tokens: dict[str, int] = {}
+        self._cache: dict[tuple[int, int], str | None] = {}
+        self._db: Any = None
+
+    def start(self) -> Checker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> Checker:
+        self._stop.set()
+        self._thread.join(10)
+        if self._db is not None:
+            self._db.close()
+        return self
+
+    def __enter__(self) -> Checker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                if self._db is None or self._db.closed:
+                    self._db = psycopg.connect(self.cluster.dsn, autocommit=True)
+                self.sample_once(self._db)
+            except Exception as exc:  # noqa: BLE001 (recorded; the checker keeps sampling)
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+
+    def sample_once(self, db: Any) -> Sample:
+        """One sample; violations found are appended."""
+        now = time.monotonic()
+        table = ProcessTable()
+        workers = [w for host in self.cluster.hosts for w in host.workers(table, self._cache)]
+        acting: dict[str, set[str]] = {}
+        for w in workers:
+            if not w.frozen:
+                acting.setdefault(w.company, set()).add(w.host)
+        for company, hosts in acting.items():
+            if len(hosts) > 1:
+                pids = sorted((w.host, w.pid) for w in workers if w.company == company and not w.frozen)
+                self.violations.append(Violation(now, company, "two_hosts", f"live workers {pids}"))
+        connections = dict(self.connections()) if self.connections is not None else {}
+        for company, count in connections.items():
+            if count > 1:
+                self.violations.append(Violation(now, company, "two_connections", f"{count} live connections"))
+        leases = read_leases(db)
+        for company, lease in leases.items():
+            if lease.token is None:
+                continue
+            last = self._tokens.get(company)
+            if last is not None and lease.token < last:
+                self.violations.append(Violation(now, company, "token_down", f"token {last} -> {lease.token}"))
+            self._tokens[company] = max(lease.token, last or 0)
+        sample = Sample(now, sum(not w.frozen for w in workers), sum(w.frozen for w in workers),
+                        sum(connections.values()), sum(lease.live for lease in leases.values()))
+        self.samples.append(sample)
+        return sample
+
+    def double_owner_samples(self) -> int:
+        """Distinct sample times with at least one double owner (two hosts or two connections)."""
+        return len({v.at for v in self.violations if v.kind in ("two_hosts", "two_connections")})
