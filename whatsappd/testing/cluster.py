@@ -26,6 +26,7 @@ connections, is a double owner; a company's token going down is recorded too. Ze
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 import signal
@@ -42,7 +43,7 @@ from whatsappd.testing.scenario import SimDaemon, sim_config
 
 __all__ = [
     "Checker", "Cluster", "ClusterHost", "Lease", "ProcessTable", "Sample", "Violation", "WorkerProc",
-    "cluster_config", "read_leases", "supports",
+    "cluster_config", "read_leases", "server_connections", "supports",
 ]
 
 _LOCK_PATH = re.compile(r"/session-([^/]+)/whatsappd\.lock$")
@@ -273,7 +274,7 @@ class Cluster:
     def __init__(self, root: Path, dsn: str, companies: Iterable[str], *, hosts: int = 3,
                  neonize: Mapping[str, str] | None = None, env: dict[str, str] | None = None, **config: Any) -> None:
         self.root, self.dsn = root, dsn
-        self.companies = list(companies)
+        self.companies = list(companies)  # simulator companies
         self.neonize = dict(neonize or {})
         self.server_dir = root / "simserver"
         self.server_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +334,10 @@ class Cluster:
     def leases(self) -> dict[str, Lease]:
         return read_leases(self.db)
 
+    @property
+    def every_company(self) -> list[str]:
+        return self.companies + list(self.neonize)
+
     def owned_by(self, host_id: str) -> dict[str, int]:
         """company -> token of the live leases host_id holds now."""
         return {c: lease.token for c, lease in self.leases().items()
@@ -366,20 +371,23 @@ class Cluster:
         return lease.owner, self.snapshots(host).get(company, {}).get("state")
 
     def wait_owned(self, companies: Iterable[str] | None = None, timeout: float = 60.0,
-                   states: tuple[str, ...] = ()) -> dict[str, Lease]:
-        """Wait until every company has a live lease whose owner runs a worker for it (and, with
-        states, reports one of them); the leases then."""
-        wanted = list(self.companies if companies is None else companies)
+                   working: Iterable[str] = (), states: tuple[str, ...] = ()) -> dict[str, Lease]:
+        """Wait until every company has a live lease; those in `working` also a live worker on
+        the owner (and, with states, one of those states on the owner's API). The leases then."""
+        wanted = list(self.every_company if companies is None else companies)
+        busy = set(working)
 
         def done() -> dict[str, Lease] | None:
             leases, running = self.leases(), self.running_on()
             for cid in wanted:
                 lease = leases.get(cid)
-                if lease is None or not lease.live or lease.owner not in running.get(cid, set()):
+                if lease is None or not lease.live or lease.owner is None:
                     return None
-            if states:
+                if cid in busy and lease.owner not in running.get(cid, set()):
+                    return None
+            if states and busy:
                 snaps = {h.host_id: self.snapshots(h) for h in self.hosts if h.running()}
-                for cid in wanted:
+                for cid in busy & set(wanted):
                     owner = leases[cid].owner
                     if owner not in snaps or snaps[owner].get(cid, {}).get("state") not in states:
                         return None
@@ -390,6 +398,18 @@ class Cluster:
 
 
 # ----------------------------------------------------------------------------- the checker
+
+
+def server_connections(server_dir: Path) -> Callable[[], dict[str, int]] | None:
+    """company -> live connections on the shared simulator server (whatsappd.testing.simserver),
+    or None when this build has no shared server."""
+    try:
+        simserver = importlib.import_module("whatsappd.testing.simserver")
+    except ImportError:
+        return None
+    live: Callable[[Path], Mapping[str, list[Any]]] = simserver.live
+    return lambda: {company: len(conns) for company, conns in live(server_dir).items()}
+
 
 
 @dataclass(frozen=True)
@@ -425,6 +445,8 @@ class Checker:
     errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.connections is None:
+            self.connections = server_connections(self.cluster.server_dir)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="double-owner-checker", daemon=True)
         self._tokens: dict[str, int] = {}
@@ -497,3 +519,225 @@ class Checker:
     def double_owner_samples(self) -> int:
         """Distinct sample times with at least one double owner (two hosts or two connections)."""
         return len({v.at for v in self.violations if v.kind in ("two_hosts", "two_connections")})
+
+
+# ----------------------------------------------------------------------------- scenarios
+# The acceptance scenarios, each once: tests/test_cluster_acceptance.py runs them scaled down,
+# bench/bench_cluster.py repeats them and prints the figures.
+
+
+def pair_all(cluster: Cluster, companies: Iterable[str], timeout: float = 60.0) -> None:
+    """Pair each simulator company on the host that owns it (QR, then the simulated scan)."""
+    for cid in companies:
+        leases = cluster.wait_owned([cid], timeout)
+        owner = leases[cid].owner
+        assert owner is not None
+        cluster.host(owner).pair(cid, timeout=timeout)
+
+
+@dataclass
+class Failover:
+    """One kill -9 of a host: what it owned (company -> token) and when each company ran elsewhere."""
+
+    victim: str
+    before: dict[str, int]
+    after: dict[str, tuple[str, int]] = field(default_factory=dict)  # company -> (new owner, token)
+    seconds: float = 0.0  # from the kill until the last of them ran elsewhere
+
+
+def moved(cluster: Cluster, before: Mapping[str, int], victim: str, connected: Iterable[str] = ()
+          ) -> dict[str, tuple[str, int]] | None:
+    """company -> (owner, token) if every company of `before` is now owned by another host with a
+    higher token, and the `connected` ones run a live worker there that the owner's API reports
+    connected; None while any is not."""
+    leases, running = cluster.leases(), cluster.running_on()
+    must_connect = set(connected) & set(before)
+    out: dict[str, tuple[str, int]] = {}
+    for cid, token in before.items():
+        lease = leases.get(cid)
+        if lease is None or not lease.live or lease.owner in (None, victim) or lease.token is None or lease.token <= token:
+            return None
+        if cid in must_connect and lease.owner not in running.get(cid, set()):
+            return None
+        out[cid] = (lease.owner, lease.token)
+    for owner in {out[cid][0] for cid in must_connect}:
+        snaps = cluster.snapshots(cluster.host(owner))
+        if any(snaps.get(cid, {}).get("state") != "connected" for cid in must_connect if out[cid][0] == owner):
+            return None
+    return out
+
+
+def kill_and_failover(cluster: Cluster, victim: ClusterHost, connected: Iterable[str] = (),
+                      timeout: float = 120.0) -> Failover:
+    """SIGKILL victim's whole tree; wait until each company it owned runs on another host with a
+    higher token (the `connected` ones connected there). The victim stays dead."""
+    before = cluster.owned_by(victim.host_id)
+    result = Failover(victim.host_id, before)
+    began = time.monotonic()
+    victim.kill()
+    wanted = list(connected)
+    result.after = wait_until(lambda: moved(cluster, before, victim.host_id, wanted), timeout, interval=0.05,
+                              what=f"{victim.host_id}'s companies to run elsewhere")
+    result.seconds = time.monotonic() - began
+    return result
+
+
+def wait_balanced(cluster: Cluster, connected: Iterable[str] = (), timeout: float = 120.0) -> dict[str, Lease]:
+    """Wait until every company is owned and running, every running host owns at least one, and
+    the `connected` ones are connected on their owners."""
+    running = [h.host_id for h in cluster.hosts if h.running()]
+    wanted = set(connected)
+
+    def balanced() -> dict[str, Lease] | None:
+        leases = cluster.wait_owned(timeout=timeout, working=wanted)
+        owners = {lease.owner for lease in leases.values()}
+        if len(cluster.every_company) >= len(running) and not set(running) <= owners:
+            return None
+        for host in cluster.hosts:
+            if not host.running():
+                continue
+            snaps = cluster.snapshots(host)
+            if any(snaps.get(c, {}).get("state") != "connected" for c in wanted if leases[c].owner == host.host_id):
+                return None
+        return leases
+
+    result: dict[str, Lease] = wait_until(balanced, timeout, interval=0.2, what="the cluster to balance")
+    return result
+
+
+@dataclass
+class Freeze:
+    """One SIGSTOP of a host for `seconds`, then SIGCONT."""
+
+    victim: str
+    before: dict[str, int]
+    taken: int = 0  # of its companies, how many another host took while it was frozen
+    fenced_after: float = 0.0  # from SIGCONT until none of its old workers was alive
+
+
+def freeze_and_thaw(cluster: Cluster, victim: ClusterHost, seconds: float, timeout: float = 60.0) -> Freeze:
+    """SIGSTOP victim's tree for `seconds`, SIGCONT it, and wait until its old workers of
+    companies another host took are gone."""
+    before = cluster.owned_by(victim.host_id)
+    old = {w.pid: w.company for w in cluster.workers() if w.host == victim.host_id}
+    victim.freeze()
+    time.sleep(seconds)
+    leases = cluster.leases()
+    taken = {cid for cid in before if leases.get(cid, Lease(None, None, False)).owner not in (None, victim.host_id)}
+    thawed = time.monotonic()
+    victim.thaw()
+
+    def fenced() -> bool:
+        table = ProcessTable()
+        return not any(table.alive(pid) for pid, cid in old.items() if cid in taken)
+
+    wait_until(fenced, timeout, interval=0.01, what=f"{victim.host_id}'s stale workers to exit")
+    return Freeze(victim.host_id, before, len(taken), time.monotonic() - thawed)
+
+
+def quarantined(cluster: Cluster) -> set[str]:
+    """Companies any host reports store_unusable (quarantined) for, by its API or its log."""
+    out = set()
+    for host in cluster.hosts:
+        for cid, snap in cluster.snapshots(host).items():
+            if (snap.get("last_error") or {}).get("code") == "store_unusable" or snap.get("state") == "store_unusable":
+                out.add(cid)
+        for line in host.log_since():
+            text = str(line)
+            if "store_unusable" in text or "quarantine" in str(line.get("event", "")):
+                out.add(str(line.get("company", "?")))
+    return out
+
+
+def statuses(dsn: str) -> dict[str, int]:
+    """Outbox messages by status, and failed ones by error code ("failed:send_interrupted")."""
+    import psycopg
+
+    with psycopg.connect(dsn) as db:
+        rows = db.execute("SELECT status, coalesce(error_code, ''), count(*) FROM whatsappd_messages "
+                          "GROUP BY 1, 2").fetchall()
+    out: dict[str, int] = {}
+    for status, code, count in rows:
+        out[status] = out.get(status, 0) + int(count)
+        if code:
+            out[f"{status}:{code}"] = int(count)
+    return out
+
+
+@dataclass
+class MidSend:
+    """Messages queued across companies while their owners were killed mid-send."""
+
+    queued: int
+    sent: int = 0  # unique messages the shared server received
+    duplicates: int = 0  # sends of a message the server had already received (duplicate requests + repeats)
+    interrupted: int = 0  # failed with send_interrupted
+    kills: list[str] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def server_sends(server_dir: Path) -> tuple[int, int]:
+    """(unique sends, duplicates) on the shared simulator server: a message id logged twice, or
+    a send refused as a repeat (the duplicates file), is a duplicate."""
+    simserver = importlib.import_module("whatsappd.testing.simserver")
+    unique = duplicates = 0
+    for company in simserver.companies(server_dir):
+        stats = simserver.send_stats(server_dir).get(company)
+        if stats is None:
+            continue
+        unique += stats.sent
+        duplicates += stats.duplicate_requests
+    return unique, duplicates
+
+
+def _sent_at_least(server_dir: Path, goal: int) -> bool:
+    return server_sends(server_dir)[0] >= goal
+
+
+def send_and_kill(cluster: Cluster, companies: list[str], messages: int, kills: int = 2,
+                  timeout: float = 180.0) -> MidSend:
+    """Queue `messages` over `companies` while they are held offline (simulated drop), let them
+    send, SIGKILL the owner of the most of them each time another share of the messages went
+    out (`kills` times), restart the killed hosts, wait until nothing is queued or sending, and
+    count what the shared server received."""
+    from whatsappd.testing.events import ApiSession
+
+    leases = wait_balanced(cluster, companies, timeout)
+    for cid in companies:
+        host = cluster.host(str(leases[cid].owner))
+        assert host.simulate(cid, "drop").status == 200
+        host.wait_state(cid, "reconnecting", timeout=30)
+    for i, cid in enumerate(companies):
+        host = cluster.host(str(leases[cid].owner))
+        share = messages // len(companies) + (1 if i < messages % len(companies) else 0)
+        with ApiSession(str(host.socket_path)) as api:
+            for n in range(share):
+                response = api.post(f"/v1/companies/{cid}/messages", {"to": "+55 11 99999-0001", "text": f"{cid} m{n}"},
+                                    headers={"Idempotency-Key": f"{cid}-{n}"})
+                assert response.status == 202, response.body
+    result = MidSend(messages)
+    for cid in companies:
+        assert cluster.host(str(leases[cid].owner)).simulate(cid, "restore").status == 200
+    killed: list[ClusterHost] = []
+    for k in range(kills):
+        goal = messages * (k + 1) // (kills + 2)
+        wait_until(functools.partial(_sent_at_least, cluster.server_dir, goal), timeout, interval=0.01,
+                   what=f"{goal} messages to go out")
+        owners = [lease.owner for cid, lease in cluster.leases().items() if cid in companies and lease.live]
+        victim = cluster.host(str(max(set(owners), key=owners.count)))
+        kill_and_failover(cluster, victim, connected=companies, timeout=timeout)
+        result.kills.append(victim.host_id)
+        killed.append(victim)
+        if len(killed) == len(cluster.hosts) - 1 or k == kills - 1:
+            for host in killed:
+                cluster.restart(host)
+            killed.clear()
+
+    def settled() -> dict[str, int] | None:
+        now = statuses(cluster.dsn)
+        return None if now.get("queued", 0) or now.get("sending", 0) else now
+
+    result.statuses = wait_until(settled, timeout, interval=0.2, what="every message to be settled")
+    result.sent, result.duplicates = server_sends(cluster.server_dir)
+    result.interrupted = result.statuses.get("failed:send_interrupted", 0)
+    return result
