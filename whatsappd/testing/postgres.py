@@ -71,8 +71,9 @@ class PostgresServer:
     server by its pid and removes the directory.
     """
 
-    def __init__(self, base: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, max_connections: int = 200) -> None:
         self.bindir = find_bindir()
+        self.max_connections = max_connections  # a benchmark counting connections may need more
         self._popen = _run_as()
         # Not under pytest's tmp_path: as root its parents are 0700 and the postgres user could
         # not reach the directory.
@@ -98,7 +99,7 @@ class PostgresServer:
         self.proc = subprocess.Popen(
             [str(self.bindir / "postgres"), "-D", str(self.data), "-k", str(self.socket_dir),
              "-c", "listen_addresses=", "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "unix_socket_permissions=0777"],
+             "-c", "full_page_writes=off", "-c", f"max_connections={self.max_connections}", "-c", "unix_socket_permissions=0777"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=self.root, **self._popen)
         log.close()
         deadline = time.monotonic() + timeout
