@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from whatsappd import __version__, pidlock
+from whatsappd.cluster.setup import cluster_node
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control.app import Services, build_app
 from whatsappd.control.listener import CappedSockSite
@@ -66,6 +67,7 @@ class Daemon:
         self.bus = EventBus(self.store, lambda: self.config.events_reader_buffer, react=sender.on_event)
         self.supervisor.listeners.append(self.bus.publish)
         self.store.subscribe(self.bus.committed)
+        self.cluster = cluster_node(config, self.supervisor, self.store, sender)  # None on a single host
         maintenance = Maintenance(self.store, sender.busy, lambda: self.config)
         self.messaging = Messaging(self.store, self.bus, sender, maintenance)
         # Webhooks read the journal from their own cursors; a commit only wakes them.
@@ -208,8 +210,12 @@ class Daemon:
         _sweep_tmp(self.config.daemon_state_dir / "tmp")
         try:
             self.store.open()
+            if self.cluster is not None:
+                await asyncio.to_thread(self.cluster.prepare, self.config)
             self.messaging.start()
             await self.supervisor.start()
+            if self.cluster is not None:
+                await self.cluster.start()
             await self.webhooks.start()  # last: its store read must not reorder the others' first steps
         except StoreCorrupt as exc:
             # One line that names the file and the fix; the exit status stops systemd's restarts.
@@ -327,6 +333,8 @@ class Daemon:
         self.bus.end_streams()
         # 3. ask every worker to disconnect, kill those that do not in time.
         await self.supervisor.shutdown(timeout=max(0.5, deadline - time.monotonic() - 1.0))
+        if self.cluster is not None:  # the workers are gone: give the leases back
+            await self.cluster.stop()
         # 4. flush the journal and close the store, then the remaining client connections.
         await self._close_store()
         assert self._runner is not None
@@ -357,6 +365,8 @@ class Daemon:
             self.config = new  # messaging reads it from here
             try:
                 await self.supervisor.apply(new, diff)
+                if self.cluster is not None:
+                    await self.cluster.reloaded(new, diff)
                 webhooks = await self.webhooks.apply(new)
             except Exception as exc:  # a bug: say so, but never leave systemd "reloading"
                 log.exception("applying the reloaded configuration failed part-way")

@@ -105,8 +105,11 @@ class Host(Protocol):
     stopping: bool  # the daemon is shutting down: nothing starts any more
     launch: Launch
     on_change: Callable[[], None]
+    cluster: bool  # [cluster] enabled: a company runs only where its lease is held (Runner.token)
 
     def publish(self, event: dict[str, Any], secret: dict[str, Any] | None = None) -> None: ...
+    def fence_deadline(self, company: str) -> float | None: ...  # [cluster]: a new worker's dead-man deadline
+    def desire(self, company: str, run: bool) -> None: ...  # [cluster]: the operator's run/stop, kept in the registry
 
 
 def backoff_policy(config: Config) -> BackoffPolicy:
@@ -147,6 +150,8 @@ class Runner:
         self.removal: dict[str, Any] | None = None  # the answer of the delete that removed it
         #: (the WhatsApp server's time, our clock then) as a worker last reported it; whatsappd doctor.
         self.server_clock: tuple[float, float] | None = None
+        #: [cluster] The lease token held HERE for this company; None: this host does not own it.
+        self.token: int | None = None
 
     @property
     def id(self) -> str:
@@ -194,6 +199,39 @@ class Runner:
         if self.intent is Intent.REMOVED or (self.intent is Intent.STOP and intent is Intent.REST):
             return
         self.intent = intent
+        if intent is Intent.STOP and self.sup.cluster:
+            self.sup.desire(self.id, False)
+
+    @property
+    def owned(self) -> bool:
+        """This host may run the company: always on a single host; in a cluster, while it holds the lease."""
+        return not self.sup.cluster or self.token is not None
+
+    def check_owner(self) -> None:
+        """Raise NOT_OWNER unless this host owns the company (the act must run on its owner)."""
+        if not self.owned:
+            raise Failure(ErrorCode.NOT_OWNER, f"company {self.id!r} is owned by another host of the cluster "
+                          "(or by none right now); acts on it run on its owner")
+
+    def fence(self, reason: str) -> None:
+        """[cluster] This host lost the company's lease: SIGKILL its worker now (no graceful stop:
+        the lease may be another host's soon), clear the token, start nothing more."""
+        self.token = None
+        self.stand_down()
+        self._wake.set()
+        task = self._task
+        if self.waiting is not None and task is not None:
+            task.cancel()
+        if self.worker is not None:
+            self.worker.kill(Kill.LEASE_LOST)
+        if task is not None and not task.done():
+            task.add_done_callback(lambda _: self._rest_fenced(reason))
+        else:
+            self._rest_fenced(reason)
+
+    def _rest_fenced(self, reason: str) -> None:
+        if self.token is None and self.state not in TERMINAL:
+            self.transition(State.STOPPED, reason)
 
     # ------------------------------------------------------------------------------- state
 
@@ -266,13 +304,15 @@ class Runner:
         async with self.exclusive():
             if self.removed:
                 raise Failure(ErrorCode.COMPANY_NOT_FOUND, f"company {self.id!r} was deleted meanwhile")
+            self.check_owner()
             yield
 
     def start(self, reason: str) -> None:
         """Run the company (again): from any resting state, or retry now if waiting."""
-        if self.sup.stopping or self.removed:
+        if self.sup.stopping or self.removed or not self.owned:
             log.info("not starting", company=self.id, reason=reason,
-                     why="the daemon is stopping" if self.sup.stopping else "the company was removed")
+                     why="the daemon is stopping" if self.sup.stopping else "the company was removed"
+                     if self.removed else "another host owns it")
             return
         if self.intent is not Intent.RESTART:  # a restart under way keeps its mark until _decide
             self.intent = Intent.RUN
@@ -294,6 +334,8 @@ class Runner:
         async with self.act():
             if self.intent.wants_worker and self.state in LIVE:
                 return False
+            if self.sup.cluster:
+                self.sup.desire(self.id, True)
             self.start(reason)
             return True
 
@@ -333,6 +375,7 @@ class Runner:
     async def command(self, op: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """Run one command in the company's worker; raises Failure (not_running, worker_timeout,
         worker_exited, or the worker's own refusal)."""
+        self.check_owner()
         worker = self.worker
         if worker is None:
             raise Failure(ErrorCode.NOT_RUNNING, f"company {self.id!r} has no running worker (state "
@@ -442,6 +485,8 @@ class Runner:
             return Next(Step.START_NOW, "restart requested")
         if not self.intent.wants_worker:
             return Next(Step.STOP, "stopped")
+        if killed == Kill.LEASE_LOST:  # [cluster] lost, then acquired again while it died
+            return Next(Step.START_NOW, "lease acquired again")
         cfg = self.sup.config
         if killed == Kill.PAIRING_TIMEOUT or code == ExitCode.PAIRING_TIMEOUT:
             return self._rest(State.STOPPED, LastError.QR_TIMEOUT,
@@ -457,6 +502,8 @@ class Runner:
                                      f"reconnecting for over {cfg.workers_stuck_reconnecting_after:g}s")
         if code in (ExitCode.TRANSIENT, ExitCode.STOPPED):
             return self._retry_later(LastError.CONNECTION_FAILED, "connection failed")
+        if code == ExitCode.FENCED:  # [cluster] its dead-man deadline passed; the lease decides what follows
+            return self._retry_later(LastError.CONNECTION_FAILED, "the worker's fence deadline passed")
         if code in (ExitCode.LOGGED_OUT, ExitCode.SESSION_DELETED):
             # The credentials are gone (unlinked by the phone, or their files deleted under the
             # worker, which then ended at once): wipe what is left, so no half session remains.
@@ -518,7 +565,7 @@ class Runner:
         cfg = self.sup.config
         spec = WorkerSpec(company=self.id, session_dir=self.session_dir, engine=self.config.engine,
                           proxy=self.config.proxy, pair=pair, heartbeat_interval=cfg.workers_heartbeat_interval,
-                          log_level=cfg.logging_level)
+                          log_level=cfg.logging_level, fence_deadline=self.sup.fence_deadline(self.id))
         deadlines = Deadlines(heartbeat=cfg.workers_heartbeat_timeout, connect=cfg.reconnect_connect_timeout,
                               pairing=cfg.workers_pairing_timeout, paired_connect=cfg.workers_paired_connect_timeout,
                               stuck_reconnecting=cfg.workers_stuck_reconnecting_after)

@@ -29,6 +29,7 @@ from whatsappd.protocol import (
     ConnectRequest,
     EngineError,
     ExitCode,
+    Fence,
     Heartbeat,
     Hello,
     Reply,
@@ -115,6 +116,34 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(ExitCode.STOPPED)
 
 
+class DeadMan:
+    """The dead-man switch of a worker in a cluster: past its fence deadline (absolute
+    CLOCK_MONOTONIC seconds, the same clock as the supervisor's on Linux) without a refresh, the
+    process ends itself at once with FENCED. A thread of its own, not the engine's or the
+    channel's: a supervisor frozen (SIGSTOP, a VM pause) cannot refresh it, and its host may lose
+    the company's lease meanwhile, so the worker must not outlive the deadline whatever else hangs."""
+
+    def __init__(self, deadline: float, on_fire: Any) -> None:
+        self.deadline = deadline
+        self._on_fire = on_fire
+        self._moved = threading.Event()
+
+    def extend(self, deadline: float) -> None:
+        """A later deadline (a renewal); an earlier one is ignored (messages may cross)."""
+        if deadline > self.deadline:
+            self.deadline = deadline
+            self._moved.set()
+
+    def watch(self) -> None:
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self._on_fire()
+                return
+            self._moved.wait(min(left, 1.0))
+            self._moved.clear()
+
+
 class Channel:
     """The worker's end of the socketpair. send() is thread-safe."""
 
@@ -161,6 +190,7 @@ _OPTIONS: dict[str, tuple[type, Any]] = {
     "--company": (str, None), "--session-dir": (str, None), "--engine": (str, None),
     "--channel-fd": (int, None), "--parent-pid": (int, None), "--proxy": (str, ""),
     "--heartbeat": (float, 5.0), "--log-format": (str, "json"), "--log-level": (str, "info"),
+    "--fence-deadline": (float, 0.0),  # [cluster]: CLOCK_MONOTONIC deadline (DeadMan); 0: none
 }
 _ENGINES = ("neonize", "simulator")
 
@@ -327,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                 gate.close()
             elif message["type"] == "connect_grant":
                 gate.grant()
+            elif message["type"] == "fence" and deadman is not None:
+                try:
+                    deadman.extend(Fence.parse(message).deadline)
+                except ValueError as exc:
+                    log.error("bad fence message from the supervisor; ignoring it", error=str(exc))
             elif message["type"] == "command":
                 thread = threading.Thread(target=run_command, args=(message,), daemon=True)
                 commands.append(thread)
@@ -359,6 +394,15 @@ def main(argv: list[str] | None = None) -> int:
                 logging.shutdown()
                 os._exit(ExitCode.SESSION_DELETED)
 
+    def fenced() -> None:
+        log.error("fence deadline passed without a lease renewal from the supervisor; ending at once",
+                  deadline=deadman.deadline if deadman else None)
+        logging.shutdown()
+        os._exit(ExitCode.FENCED)
+
+    deadman = DeadMan(args.fence_deadline, fenced) if args.fence_deadline else None
+    if deadman is not None:
+        threading.Thread(target=deadman.watch, name="dead-man", daemon=True).start()
     stop_beating = threading.Event()
     commands: list[threading.Thread] = []
     threading.Thread(target=read_commands, name="channel", daemon=True).start()
