@@ -46,7 +46,6 @@ from whatsappd.testing.cluster import (
     Cluster,
     freeze_and_thaw,
     kill_and_failover,
-    pair_all,
     quarantined,
     send_and_kill,
     wait_balanced,
@@ -106,10 +105,10 @@ class Bench:
         a = self.args
         with self.cluster(a.companies, a.neonize) as cluster:
             began = time.monotonic()
+            cluster.pre_pair()
             cluster.start()
-            pair_all(cluster, cluster.companies, timeout=120)
             wait_balanced(cluster, cluster.companies)
-            print(f"  {a.companies} simulator + {a.neonize} neonize companies on 3 hosts, paired and spread in "
+            print(f"  {a.companies} simulator (paired) + {a.neonize} neonize companies on 3 hosts, spread in "
                   f"{time.monotonic() - began:.1f} s", flush=True)
             with Checker(cluster) as checker:
                 if run_failover:
@@ -203,8 +202,8 @@ class Bench:
         print(f"midsend: {a.messages} messages over 10 companies, owners killed twice mid-send", flush=True)
         env = {"WHATSAPPD_SIM_SEND_DELAY": str(a.send_delay)}
         with self.cluster(10, 0, env=env) as cluster:
+            cluster.pre_pair()
             cluster.start()
-            pair_all(cluster, cluster.companies, timeout=120)
             with Checker(cluster) as checker:
                 result = send_and_kill(cluster, cluster.companies, a.messages, kills=2, timeout=300)
             print(f"  killed {result.kills}; server received {result.sent} unique, duplicates {result.duplicates}; "

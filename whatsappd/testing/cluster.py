@@ -288,6 +288,22 @@ class Cluster:
         ]
         self._db: Any = None
 
+    def pre_pair(self, companies: Iterable[str] | None = None) -> None:
+        """Give simulator companies a paired device, as if scanned long ago: on the shared server
+        (server_dir/<company>/) and, for builds without one, in every host's session directory."""
+        from whatsappd.worker.simulator import server
+
+        for n, cid in enumerate(self.companies if companies is None else companies):
+            device = server.SimulatorDevice(jid=f"55119{n:08d}:1@s.whatsapp.net", push_name=cid)
+            places = [self.server_dir / cid] + [h.state_dir / "sessions" / f"session-{cid}" for h in self.hosts]
+            for place in places:
+                place.mkdir(mode=0o700, parents=True, exist_ok=True)
+                server.write_store(place, device)
+        for host in self.hosts:
+            for path in (host.state_dir, host.state_dir / "sessions"):
+                if path.exists():
+                    path.chmod(0o700)
+
     def host(self, host_id: str) -> ClusterHost:
         return next(h for h in self.hosts if h.host_id == host_id)
 
