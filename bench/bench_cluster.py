@@ -33,6 +33,7 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default="100,1000", help="company counts for the connections scenario")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
+    # Stopped by a signal, still stop the hosts (a shell's background job starts with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ["WHATSAPPD_LOOPBACK_ONLY"] = "1"
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
           f"load {os.getloadavg()[0]:.2f}; lease_ttl {args.ttl:g} s, renew_interval {args.renew:g} s, "
