@@ -249,3 +249,44 @@ def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: st
             second.close()
 
     asyncio.run(scenario())
+
+
+def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a_stop_survives_failover(
+        cluster: Cluster) -> None:
+    """A company added or removed on one host appears or disappears on the other (with its lease row); an act
+    on a company another host owns is refused not_owner; a company its owner stopped stays stopped after a
+    kill -9 of that owner, while its other companies run again elsewhere."""
+    cluster.add("h1")
+    cluster.add("h2")
+    cluster.start()
+    owners = _spread(cluster, ["h1", "h2"])
+    h1, h2 = cluster.daemons["h1"], cluster.daemons["h2"]
+    mine = sorted(c for c, h in owners.items() if h == "h1")
+    refused = h2.client.post(f"/v1/companies/{mine[0]}/restart")
+    assert refused.status == 409 and refused.json()["error"]["code"] == "not_owner", refused.json()
+
+    assert h2.client.request("PUT", "/v1/companies/newco", body={"engine": "simulator"}).status == 201
+    wait_until(lambda: any(c["id"] == "newco" for c in h1.client.get("/v1/companies").json()["companies"]), 10,
+               what="newco on h1")
+    assert "newco" in cluster.leases()
+    newco_owner = wait_until(lambda: cluster.leases()["newco"][0] if cluster.leases()["newco"][2] else None, 10,
+                             what="newco's lease taken")
+    deleted = cluster.daemons[newco_owner].client.request("DELETE", "/v1/companies/newco")
+    assert deleted.status == 200 and deleted.json()["removed"] is True, deleted.json()
+    for daemon in (h1, h2):
+        wait_until(lambda d=daemon: all(c["id"] != "newco" for c in d.client.get("/v1/companies").json()["companies"]),
+                   10, what="newco gone")
+    assert "newco" not in cluster.leases()
+
+    stopped = h1.client.request("DELETE", f"/v1/companies/{mine[0]}")  # a config company: stopped by the operator, kept
+    assert stopped.status == 200 and stopped.json()["state"] == "stopped", stopped.json()
+    before = cluster.leases()
+    os.killpg(h1.pid, signal.SIGKILL)
+    assert h1.proc is not None
+    h1.proc.wait()
+    wait_until(lambda: all(cluster.running(["h2"])[c] == ["h2"] for c in mine[1:])
+               and cluster.leases()[mine[0]][0] == "h2" and cluster.leases()[mine[0]][1] > before[mine[0]][1],
+               30, interval=0.2, what="h1's companies on h2")
+    time.sleep(1.0)  # a start, had there been one, would show by now
+    company = h2.client.get(f"/v1/companies/{mine[0]}").json()
+    assert company["state"] == "stopped" and company["worker"]["pid"] is None, company

@@ -30,7 +30,7 @@ from whatsappd.cluster.leases import LeaseKeeper, Leases, Loss
 from whatsappd.cluster.registry import ClusterRegistry, Registered
 from whatsappd.config import Config, ConfigDiff
 from whatsappd.logs import get_logger
-from whatsappd.supervisor.runner import Runner
+from whatsappd.supervisor.runner import Intent, Runner
 
 if TYPE_CHECKING:
     from whatsappd.store.postgresql import PostgresStore
@@ -158,6 +158,8 @@ class ClusterNode:
         runner.token = token
         row = self.rows.get(company)
         wanted = row is None or row.run
+        if not wanted:  # the operator's stop, on whichever host: a status call must not undo it here
+            runner.intent = Intent.STOP
         if wanted and runner.has_session():
             runner.start(f"lease acquired by {self.host} (token {token})")
         else:
