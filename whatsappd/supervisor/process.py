@@ -83,6 +83,7 @@ class WorkerSpec:
     pair: bool  # no paired session: start by pairing
     heartbeat_interval: float
     log_level: str
+    sim_server_dir: Path | None = None  # a simulator company's shared "server" ([simulator] server_dir)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ def worker_arguments(spec: WorkerSpec) -> list[str]:
     ]
     if spec.pair:
         args.append("--pair")
+    if spec.sim_server_dir is not None:
+        args += ["--sim-server-dir", str(spec.sim_server_dir)]
     return args
 
 
