@@ -206,7 +206,8 @@ def test_a_frozen_host_loses_its_workers_before_another_host_takes_over_and_writ
 
 def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: str) -> None:
     """Against real PostgreSQL: a claim records its token; once another host took the lease, the old token's
-    settle and claim raise StaleLease and change nothing, and its company events are dropped, others kept."""
+    settle, claim and ttl sweep of `sending` are refused and change nothing, and its company events are
+    dropped, others kept."""
     migrate(pg_dsn)
     first, second = Leases(pg_dsn, "h1", 0.3, 10), Leases(pg_dsn, "h2", 30, 10)
     first.add_companies(["acme", "other"])
@@ -234,6 +235,10 @@ def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: st
             with pytest.raises(StaleLease):
                 await store.set_status(created[1]["id"], MessageStatus.SENDING)
             assert store.stale_refusals == 2
+            assert await store.fail_stale_sending(time.time() + 3600, frozenset()) == []  # h2's to settle now
+            tokens["acme"] = None  # this host learns it lost acme: not even looked at any more
+            assert await store.fail_stale_sending(time.time() + 3600, frozenset()) == []
+            assert store.stale_refusals == 3
             tokens["other"] = None  # not held here at all
             store.append("acme", "company.state", {"new": "connected", "reason": "stale"})
             store.append(None, "daemon.note", {"reason": "kept"})
@@ -242,10 +247,51 @@ def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: st
             assert [m["status"] if m else None for m in now] == ["sending", "queued"]
             events = await store.events_after(0, 100)
             assert [e.type for e in events if e.type != "message.status"] == ["daemon.note"]
-            assert store.stale_refusals == 3
+            assert store.stale_refusals == 4
         finally:
             await store.close()
             first.close()
             second.close()
 
     asyncio.run(scenario())
+
+
+def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a_stop_survives_failover(
+        cluster: Cluster) -> None:
+    """A company added or removed on one host appears or disappears on the other (with its lease row); an act
+    on a company another host owns is refused not_owner; a company its owner stopped stays stopped after a
+    kill -9 of that owner, while its other companies run again elsewhere."""
+    cluster.add("h1")
+    cluster.add("h2")
+    cluster.start()
+    owners = _spread(cluster, ["h1", "h2"])
+    h1, h2 = cluster.daemons["h1"], cluster.daemons["h2"]
+    mine = sorted(c for c, h in owners.items() if h == "h1")
+    refused = h2.client.post(f"/v1/companies/{mine[0]}/restart")
+    assert refused.status == 409 and refused.json()["error"]["code"] == "not_owner", refused.json()
+
+    def listed(daemon: DaemonProcess) -> set[str]:
+        return {c["id"] for c in daemon.client.get("/v1/companies").json()["companies"]}
+
+    assert h2.client.request("PUT", "/v1/companies/newco", body={"engine": "simulator"}).status == 201
+    wait_until(lambda: "newco" in listed(h1), 10, what="newco on h1")
+    assert "newco" in cluster.leases()
+    newco_owner = wait_until(lambda: cluster.leases()["newco"][0] if cluster.leases()["newco"][2] else None, 10,
+                             what="newco's lease taken")
+    deleted = cluster.daemons[newco_owner].client.request("DELETE", "/v1/companies/newco")
+    assert deleted.status == 200 and deleted.json()["removed"] is True, deleted.json()
+    wait_until(lambda: "newco" not in listed(h1) | listed(h2), 10, what="newco gone from both hosts")
+    assert "newco" not in cluster.leases()
+
+    stopped = h1.client.request("DELETE", f"/v1/companies/{mine[0]}")  # a config company: stopped by the operator, kept
+    assert stopped.status == 200 and stopped.json()["state"] == "stopped", stopped.json()
+    before = cluster.leases()
+    os.killpg(h1.pid, signal.SIGKILL)
+    assert h1.proc is not None
+    h1.proc.wait()
+    wait_until(lambda: all(cluster.running(["h2"])[c] == ["h2"] for c in mine[1:])
+               and cluster.leases()[mine[0]][0] == "h2" and cluster.leases()[mine[0]][1] > before[mine[0]][1],
+               30, interval=0.2, what="h1's companies on h2")
+    time.sleep(1.0)  # a start, had there been one, would show by now
+    company = h2.client.get(f"/v1/companies/{mine[0]}").json()
+    assert company["state"] == "stopped" and company["worker"]["pid"] is None, company

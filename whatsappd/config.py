@@ -476,6 +476,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Failed POSTs in a row after which a webhook is marked `failing` (it keeps retrying and "
             "resumes from its cursor when the receiver answers again)."),
 
+    # The simulator's fake WhatsApp shared by several daemons on one machine (issue 13).
+    Setting("simulator", "server_dir", _optional_path, "",
+            "Simulator companies only: a directory shared by several daemons on this machine, holding "
+            "each company's fake-WhatsApp \"server\" (server_dir/<company>/: the paired device, the send "
+            "log, the connection log), so that the daemons of a test cluster see one WhatsApp: a company "
+            "paired on one is paired on all, a message is sent once whoever sends it, and a second "
+            "connection of a company replaces the first (`replaced`). Empty: each daemon's simulator "
+            "keeps all of it in its own session directory.", reloadable=False, render=_render_path),
+
     Setting("store", "backend", _choice(STORE_BACKENDS), "sqlite",
             "Where the journal and the outbox live: \"sqlite\" (one file in state_dir, the default) or "
             "\"postgresql\" (the database store.dsn names; `whatsappd migrate` creates its tables, and "
@@ -623,6 +632,8 @@ class Config:
     webhook_delivery_initial_delay: float
     webhook_delivery_max_delay: float
     webhook_delivery_failing_after: int
+
+    simulator_server_dir: Path | None
 
     store_backend: str
     store_dsn: str

@@ -30,7 +30,7 @@ from whatsappd.cluster.leases import LeaseKeeper, Leases, Loss
 from whatsappd.cluster.registry import ClusterRegistry, Registered
 from whatsappd.config import Config, ConfigDiff
 from whatsappd.logs import get_logger
-from whatsappd.supervisor.runner import Runner
+from whatsappd.supervisor.runner import Intent, Runner
 
 if TYPE_CHECKING:
     from whatsappd.store.postgresql import PostgresStore
@@ -127,11 +127,13 @@ class ClusterNode:
         """Read the registry; add runners for companies new here, drop those removed elsewhere."""
         rows = await asyncio.to_thread(self.registry.rows)
         self.rows = rows
+        changed = False
         for cid, row in rows.items():
             runner = self.sup.companies.get(cid)
             if runner is None:
                 self.sup.companies[cid] = Runner(self.sup, row.company, row.source)
                 log.info("company registered on another host", company=cid, host=self.host)
+                changed = True
             elif not runner.busy:
                 runner.config, runner.source = row.company, row.source
         for cid in [c for c in self.sup.companies if c not in rows]:
@@ -139,7 +141,9 @@ class ClusterNode:
             async with gone.exclusive():
                 if cid not in self.rows and await self.sup.remove_runner(gone, "removed from the registry"):
                     log.info("company removed on another host", company=cid, host=self.host)
-        self.sup.on_change()
+                    changed = True
+        if changed:
+            self.sup.on_change()
 
     # ----------------------------------------------------------------------- the leases
 
@@ -154,6 +158,8 @@ class ClusterNode:
         runner.token = token
         row = self.rows.get(company)
         wanted = row is None or row.run
+        if not wanted:  # the operator's stop, on whichever host: a status call must not undo it here
+            runner.intent = Intent.STOP
         if wanted and runner.has_session():
             runner.start(f"lease acquired by {self.host} (token {token})")
         else:

@@ -412,6 +412,16 @@ class PostgresStore(StoreFacade[Db]):
             log.warning("journal event dropped: stale lease", company=new.company, type=new.type, error=str(exc))
         return events
 
+    async def fail_stale_sending(self, now: float, busy: frozenset[str]) -> list[OutboxMessage]:
+        if self.tokens is None:
+            return await super().fail_stale_sending(now, busy)
+        try:
+            return await self._run_journaled(fenced_fail_stale_sending, self.tokens, now, busy)
+        except StaleLease as exc:
+            self.stale_refusals += 1
+            log.warning("outbox write refused: stale lease", error=str(exc))
+            return []
+
     async def set_status(self, message_id: str, status: MessageStatus, *, wa_id: str | None = None,
                          error_code: str | None = None, error: str | None = None,
                          sent_at: float | None = None) -> OutboxMessage | None:
@@ -721,11 +731,26 @@ def receipt(db: Db, company: str, wa_ids: list[str],
 
 
 def fail_stale_sending(db: Db, now: float, busy: frozenset[str]) -> tuple[list[OutboxMessage], list[Event]]:
-    stale = [row["id"] for row in db.execute("SELECT id FROM whatsappd_messages WHERE status = %s AND expires_at <= %s",
-                                             (MessageStatus.SENDING.value, now)) if row["id"] not in busy]
-    return _finish(db, stale, MessageStatus.SENDING, MessageStatus.FAILED, ErrorCode.SEND_INTERRUPTED.value,
-                   "its send was interrupted and could not be settled before its ttl ran out; it may or may "
-                   "not have been delivered", now)
+    return fenced_fail_stale_sending(db, None, now, busy)
+
+
+def fenced_fail_stale_sending(db: Db, tokens: Tokens | None, now: float, busy: frozenset[str]
+                              ) -> tuple[list[OutboxMessage], list[Event]]:
+    """fail_stale_sending; with tokens ([cluster]), only for companies this host owns: another
+    host's sends are its owner's to settle (`busy` names only this host's)."""
+    stale = [(row["id"], row["company"]) for row in db.execute(
+        "SELECT id, company FROM whatsappd_messages WHERE status = %s AND expires_at <= %s",
+        (MessageStatus.SENDING.value, now)) if row["id"] not in busy]
+    if tokens is not None:
+        stale = [(mid, company) for mid, company in stale if tokens(company) is not None]
+    with db.transaction():
+        _journal_order(db)  # first, as in every transaction that inserts events
+        if tokens is not None:
+            for company in {company for _, company in stale}:
+                _check_held(db, tokens, company)  # StaleLease: this round settles nothing; the next looks again
+        return _finish(db, [mid for mid, _ in stale], MessageStatus.SENDING, MessageStatus.FAILED,
+                       ErrorCode.SEND_INTERRUPTED.value, "its send was interrupted and could not be settled before "
+                       "its ttl ran out; it may or may not have been delivered", now)
 
 
 def expire(db: Db, now: float) -> tuple[list[OutboxMessage], list[Event]]:

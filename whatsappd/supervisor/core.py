@@ -84,7 +84,7 @@ class Supervisor:
                 self.companies[found.company] = Runner(
                     self, CompanyConfig(id=found.company, engine=found.engine), "discovered")
         for runner in [] if self.cluster else self.companies.values():  # a cluster's start with their leases
-            state = sessions.session_state(runner.session_dir)
+            state = runner.session_state()
             if state is not sessions.SessionState.NONE:
                 runner.start("restoring the stored session at daemon start" if state is sessions.SessionState.PAIRED
                              else "checking a session store that cannot be read")

@@ -85,6 +85,7 @@ class WorkerSpec:
     pair: bool  # no paired session: start by pairing
     heartbeat_interval: float
     log_level: str
+    sim_server_dir: Path | None = None  # a simulator company's shared "server" ([simulator] server_dir)
     fence_deadline: float | None = None  # [cluster]: CLOCK_MONOTONIC time the worker dies at unless refreshed
 
 
@@ -150,6 +151,8 @@ def worker_arguments(spec: WorkerSpec) -> list[str]:
     ]
     if spec.pair:
         args.append("--pair")
+    if spec.sim_server_dir is not None:
+        args += ["--sim-server-dir", str(spec.sim_server_dir)]
     if spec.fence_deadline is not None:
         args += ["--fence-deadline", repr(spec.fence_deadline)]
     return args

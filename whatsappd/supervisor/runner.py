@@ -36,6 +36,7 @@ from whatsappd.protocol import (
     WorkerState,
 )
 from whatsappd.states import FAULTED, LIVE, TERMINAL, TRANSITIONS, IllegalTransition, LastError, State, check_transition
+from whatsappd.supervisor import simdevice
 from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
 from whatsappd.supervisor.process import (
     Deadlines,
@@ -167,6 +168,8 @@ class Runner:
         Status calls ask this often; opening the store with SQLite each time would stall the
         event loop behind a busy store. A stat of the directory and the store file is cheap.
         """
+        if (shared := simdevice.shared_device(self.sup.config, self.config)) is not None:
+            return shared.state()  # a small JSON file: no cache needed
         key = sessions.stamp(self.session_dir)
         if self._session_cache is None or self._session_cache[0] != key:
             self._session_cache = (key, sessions.session_state(self.session_dir))
@@ -395,7 +398,7 @@ class Runner:
             if done:
                 return {"unlinked": True, "wiped": True, "state": str(self.state)}
         await self.stop_unlocked("logout requested")
-        wiped = sessions.wipe(self.sup.config.sessions_dir, self.id)
+        wiped = simdevice.wipe(self.sup.config, self.config)
         self.jid = self.push_name = None
         if self.state is not State.LOGGED_OUT:
             self.transition(State.LOGGED_OUT, "logged out locally (not connected)")
@@ -507,7 +510,7 @@ class Runner:
         if code in (ExitCode.LOGGED_OUT, ExitCode.SESSION_DELETED):
             # The credentials are gone (unlinked by the phone, or their files deleted under the
             # worker, which then ended at once): wipe what is left, so no half session remains.
-            sessions.wipe(cfg.sessions_dir, self.id)
+            simdevice.wipe(cfg, self.config)
             self.jid = self.push_name = None
             if code == ExitCode.SESSION_DELETED:
                 return self._rest(State.LOGGED_OUT, LastError.SESSION_DELETED,
@@ -531,7 +534,7 @@ class Runner:
             return self._rest(State.OUTDATED, LastError.OUTDATED,
                               "WhatsApp refuses this client version; upgrade whatsappd", "client outdated")
         if code == ExitCode.STORE_UNUSABLE:
-            moved = sessions.quarantine(cfg.sessions_dir, self.id)
+            moved = simdevice.quarantine(cfg, self.config)
             return self._fail(LastError.STORE_UNUSABLE, f"the session store cannot be opened; moved to {moved}; "
                               "connect to pair again")
         if code == ExitCode.SESSION_LOCKED:
@@ -565,7 +568,9 @@ class Runner:
         cfg = self.sup.config
         spec = WorkerSpec(company=self.id, session_dir=self.session_dir, engine=self.config.engine,
                           proxy=self.config.proxy, pair=pair, heartbeat_interval=cfg.workers_heartbeat_interval,
-                          log_level=cfg.logging_level, fence_deadline=self.sup.fence_deadline(self.id))
+                          log_level=cfg.logging_level,
+                          sim_server_dir=cfg.simulator_server_dir if self.config.engine == "simulator" else None,
+                          fence_deadline=self.sup.fence_deadline(self.id))
         deadlines = Deadlines(heartbeat=cfg.workers_heartbeat_timeout, connect=cfg.reconnect_connect_timeout,
                               pairing=cfg.workers_pairing_timeout, paired_connect=cfg.workers_paired_connect_timeout,
                               stuck_reconnecting=cfg.workers_stuck_reconnecting_after)

@@ -190,6 +190,7 @@ _OPTIONS: dict[str, tuple[type, Any]] = {
     "--company": (str, None), "--session-dir": (str, None), "--engine": (str, None),
     "--channel-fd": (int, None), "--parent-pid": (int, None), "--proxy": (str, ""),
     "--heartbeat": (float, 5.0), "--log-format": (str, "json"), "--log-level": (str, "info"),
+    "--sim-server-dir": (str, ""),  # the simulator's shared "server" ([simulator] server_dir); "": none
     "--fence-deadline": (float, 0.0),  # [cluster]: CLOCK_MONOTONIC deadline (DeadMan); 0: none
 }
 _ENGINES = ("neonize", "simulator")
@@ -315,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The supervisor took a token before spawning us: the first attempt needs no request.
     gate = ConnectGate(lambda: channel.send(ConnectRequest().to_wire()), tokens=1, company=args.company)
+    server_dir = Path(args.sim_server_dir) if args.sim_server_dir and args.engine == "simulator" else None
     options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
-                            proxy=args.proxy, pair=args.pair, gate=gate)
+                            proxy=args.proxy, pair=args.pair, gate=gate, server_dir=server_dir)
     if args.engine == "simulator":
         from whatsappd.worker.simulator.engine import SimulatorEngine as EngineClass
     else:
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
 
         lib.load_library()  # forked by a zygote: neonize's Go library is loaded now, after the fork
         from whatsappd.worker.neonize.engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
-    watch = SessionWatch(Path(args.session_dir), lock, EngineClass.session_files)
+    # A shared simulator server keeps the device outside the session directory: only the lock is here.
+    watch = SessionWatch(Path(args.session_dir), lock, () if server_dir else EngineClass.session_files)
 
     def emit(message: dict[str, Any]) -> None:
         watch.note(message)
