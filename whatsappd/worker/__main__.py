@@ -161,6 +161,7 @@ _OPTIONS: dict[str, tuple[type, Any]] = {
     "--company": (str, None), "--session-dir": (str, None), "--engine": (str, None),
     "--channel-fd": (int, None), "--parent-pid": (int, None), "--proxy": (str, ""),
     "--heartbeat": (float, 5.0), "--log-format": (str, "json"), "--log-level": (str, "info"),
+    "--jid": (str, ""),
 }
 _ENGINES = ("neonize", "simulator")
 
@@ -285,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # The supervisor took a token before spawning us: the first attempt needs no request.
     gate = ConnectGate(lambda: channel.send(ConnectRequest().to_wire()), tokens=1, company=args.company)
+    # The whatsmeow store's DSN comes in the environment only (it may carry a password).
+    whatsmeow_dsn = os.environ.pop("WHATSAPPD_WHATSMEOW_DSN", "") or None
     options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
-                            proxy=args.proxy, pair=args.pair, gate=gate)
+                            proxy=args.proxy, pair=args.pair, gate=gate, whatsmeow_dsn=whatsmeow_dsn,
+                            jid=args.jid or None)
     if args.engine == "simulator":
         from whatsappd.worker.simulator.engine import SimulatorEngine as EngineClass
     else:
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
         lib.load_library()  # forked by a zygote: neonize's Go library is loaded now, after the fork
         from whatsappd.worker.neonize.engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
-    watch = SessionWatch(Path(args.session_dir), lock, EngineClass.session_files)
+    # With the credentials in PostgreSQL the directory holds no store file to watch.
+    watch = SessionWatch(Path(args.session_dir), lock, () if whatsmeow_dsn else EngineClass.session_files)
 
     def emit(message: dict[str, Any]) -> None:
         watch.note(message)

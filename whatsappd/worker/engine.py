@@ -32,6 +32,10 @@ class EngineOptions:
     #: Every connection attempt (the first and every reconnect) passes it first; an engine that
     #: ends closes it. The default lets every attempt through (no supervisor: unit tests).
     gate: ConnectGate = field(default_factory=ConnectGate.unlimited)
+    #: neonize only (issue 13): whatsmeow's store in PostgreSQL (None: the session's store.db),
+    #: and the JID of the device to restore there.
+    whatsmeow_dsn: str | None = None
+    jid: str | None = None
 
 
 class Engine(abc.ABC):
