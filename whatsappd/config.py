@@ -494,6 +494,12 @@ SETTINGS: tuple[Setting, ...] = (
             "\"postgresql://whatsappd@db.example.com/whatsappd?sslmode=verify-full\" (or with "
             "?host=/run/postgresql for a Unix socket). Keep the password out of it: libpq reads "
             "~/.pgpass or PGPASSFILE.", reloadable=False),
+    # neonize workers' whatsmeow store (issue 13): a device per company, selected by its JID.
+    Setting("store", "whatsmeow_dsn", _dsn, "",
+            "With backend = \"postgresql\": the database neonize workers keep whatsmeow's credentials "
+            "in, as a postgresql:// URL reaching the same database as store.dsn (e.g. through "
+            "PgBouncer in transaction mode: each worker holds its own connections). Empty: store.dsn. "
+            "Only the URL form: neonize would open anything else as a SQLite file.", reloadable=False),
 
     # Several hosts on one PostgreSQL (issue 13; whatsappd/cluster/).
     Setting("cluster", "enabled", _bool, False,
@@ -637,6 +643,7 @@ class Config:
 
     store_backend: str
     store_dsn: str
+    store_whatsmeow_dsn: str
 
     cluster_enabled: bool
     cluster_host_id: str
@@ -650,6 +657,13 @@ class Config:
     @property
     def sessions_dir(self) -> Path:
         return self.daemon_state_dir / "sessions"
+
+    @property
+    def whatsmeow_dsn(self) -> str | None:
+        """The PostgreSQL database of neonize workers' whatsmeow store; None: session files."""
+        if self.store_backend != "postgresql":
+            return None
+        return self.store_whatsmeow_dsn or self.store_dsn
 
     def company(self, company_id: str) -> CompanyConfig | None:
         return next((c for c in self.companies if c.id == company_id), None)
@@ -820,6 +834,9 @@ def build_config(
     if values.get("store_backend") == "postgresql" and values.get("store_dsn") == "":
         problems.append('store.dsn: required with store.backend = "postgresql" (the database to use, '
                         'e.g. "postgresql://whatsappd@db.example.com/whatsappd")')
+    if values.get("store_backend") != "postgresql" and values.get("store_whatsmeow_dsn"):
+        problems.append('store.whatsmeow_dsn: only with store.backend = "postgresql" (with SQLite each '
+                        "session's whatsmeow store is a file in its session directory)")
     _check_cluster(values, problems)
     if problems:
         raise ConfigError(source, problems)

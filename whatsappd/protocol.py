@@ -122,9 +122,11 @@ class ExitCode(enum.IntEnum):
     STORE_UNUSABLE = 16  # the session store cannot be opened: quarantine it
     SESSION_LOCKED = 17  # another process holds this session's lock
     SESSION_DELETED = 18  # the session's files were deleted under the running worker
+    # issue 13 (pgsession): the PostgreSQL whatsmeow store
+    NOT_PAIRED = 19  # restore asked, but the recorded device has no row in the store: nothing to restore
     BAD_INVOCATION = 64  # wrong arguments: a bug in the supervisor, never retried quickly
     # Several hosts ([cluster]).
-    FENCED = 19  # its fence deadline passed unrefreshed: its host may have lost the company's lease
+    FENCED = 20  # its fence deadline passed unrefreshed: its host may have lost the company's lease
 
 
 class EngineError(Failure):

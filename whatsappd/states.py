@@ -79,6 +79,7 @@ class LastError(enum.StrEnum):
     SESSION_PERMISSIONS = "session_permissions"  # the session directory cannot be made private
     BAD_INVOCATION = "bad_invocation"  # the worker refused its arguments (a bug)
     INTERNAL_ERROR = "internal_error"  # a bug in the supervisor; see the log
+    NOT_PAIRED = "not_paired"  # the recorded whatsmeow device is gone from the PostgreSQL store
 
 
 class IllegalTransition(RuntimeError):

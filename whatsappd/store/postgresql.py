@@ -82,6 +82,7 @@ from whatsappd.store.pg_pacing_sql import (
     set_webhook_cursor,
     webhooks,
 )
+from whatsappd.supervisor.devices import DEVICES_MIGRATION
 from whatsappd.timefmt import iso
 
 __all__ = ["JOURNAL_LOCK", "MIGRATE_LOCK", "NOTIFY_CHANNEL", "SCHEMA_VERSION", "Migration", "PostgresStore",
@@ -180,7 +181,7 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at timestamptz NOT NULL         -- live while in the future (renewed with its leases)
     );
     """,
-    # 4: whatsappd_devices (branch pgsession) goes here, before ownership's 5.
+    DEVICES_MIGRATION,  # 4: which whatsmeow device is whose (whatsappd/supervisor/devices.py, issue 13)
     cluster_registry.MIGRATION,  # 5: the cluster's company registry; the outbox claim token (cluster/registry.py)
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -215,15 +216,17 @@ class Migration(NamedTuple):
     whatsmeow_by: str | None  # who created or upgraded whatsmeow's tables just now (None: nobody)
 
 
-def migrate(dsn: str, whatsmeow: bool = False) -> Migration:
+def migrate(dsn: str, whatsmeow: bool = False, whatsmeow_dsn: str | None = None) -> Migration:
     """Create or upgrade the schema under the migration lock.
 
     With whatsmeow, also whatsmeow's own schema (its tables share the database), still under the
     lock: whatsmeow's upgrade takes no lock of its own, and two clients cold-starting on an
     empty database failed it ("failed to upgrade database") most of the time. It runs neonize in
     a subprocess (whatsappd.baileys.verify), once per neonize version. Whoever first starts
-    workers on this database must have done this (today `whatsappd migrate` does it; the daemon
-    at start migrates only its own tables, as its workers' stores are still files).
+    workers on this database must have done this: `whatsappd migrate`, or the daemon before its
+    first neonize worker starts (supervisor/devices.py, ensure_schema).
+
+    whatsmeow_dsn: where whatsmeow's tables are (`[store] whatsmeow_dsn`; default: dsn).
 
     A database written by a newer whatsappd (a version this one does not know) is a StoreError
     and is left untouched.
@@ -244,7 +247,7 @@ def migrate(dsn: str, whatsmeow: bool = False) -> Migration:
                         log.info("store schema upgraded", backend="postgresql", version=version)
                     db.execute("INSERT INTO whatsappd_meta VALUES ('schema_version', %s) "
                                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (str(SCHEMA_VERSION),))
-                whatsmeow_by = _migrate_whatsmeow(db, dsn) if whatsmeow else None
+                whatsmeow_by = _migrate_whatsmeow(db, whatsmeow_dsn or dsn) if whatsmeow else None
             finally:
                 db.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
         except psycopg.Error as exc:

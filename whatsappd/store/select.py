@@ -35,7 +35,7 @@ def migrate_store(config: Config) -> str:
     if config.store_backend == "postgresql":
         from whatsappd.store.postgresql import migrate, redact
 
-        done = migrate(config.store_dsn, whatsmeow=True)
+        done = migrate(config.store_dsn, whatsmeow=True, whatsmeow_dsn=config.whatsmeow_dsn)
         ours = "up to date" if done.before == done.now else f"upgraded from schema {done.before}"
         theirs = f"created or upgraded by {done.whatsmeow_by}" if done.whatsmeow_by else "up to date"
         return f"PostgreSQL store {redact(config.store_dsn)}: schema {done.now}, {ours}; whatsmeow's tables {theirs}"

@@ -20,7 +20,9 @@ from whatsappd.config import CompanyConfig, Config, ConfigDiff
 from whatsappd.errors import ErrorCode, Failure
 from whatsappd.logs import get_logger
 from whatsappd.states import State
+from whatsappd.store.backend import StoreError
 from whatsappd.supervisor.backoff import RateLimiter
+from whatsappd.supervisor.devices import Devices, Place
 from whatsappd.supervisor.launcher import make_launch
 from whatsappd.supervisor.process import Kill, Launch, Launcher
 from whatsappd.supervisor.registry import CompanyRegistry, RuntimeRegistry
@@ -57,6 +59,8 @@ class Supervisor:
         self.host_id = config.cluster_host_id or socket.gethostname()
         self.cluster = config.cluster_enabled
         self.node: ClusterNode | None = None
+        # Where sessions live (files, or whatsmeow's tables in PostgreSQL for neonize companies).
+        self.devices = Devices(config.sessions_dir, config.store_dsn or None, config.whatsmeow_dsn)
         self.companies: dict[str, Runner] = {}
         self.stopping = False  # set at shutdown: nothing starts any more
         for company in config.companies:
@@ -78,16 +82,29 @@ class Supervisor:
         for company in self.registry.load():
             if company.id not in self.companies:
                 self.companies[company.id] = Runner(self, company, "runtime")
-        for found in [] if self.cluster else sessions.discover(sessions_root):  # a cluster's are registered
+        await self.devices.load()
+        for found in [] if self.cluster else self.devices.discover():  # a cluster's are registered
             if found.company not in self.companies:
-                log.info("found a paired session on disk", company=found.company, engine=found.engine)
+                log.info("found a paired session on disk" if self.devices.place(found.engine) is Place.FILES
+                         else "found a paired device in PostgreSQL", company=found.company, engine=found.engine)
                 self.companies[found.company] = Runner(
                     self, CompanyConfig(id=found.company, engine=found.engine), "discovered")
+        if any(self.devices.place(r.config.engine) is Place.POSTGRESQL for r in self.companies.values()):
+            # whatsmeow's schema once, under the migration lock, before any worker starts (each
+            # worker start checks again: a company added later, a database that was down now).
+            try:
+                await self.devices.ensure_schema()
+            except StoreError as exc:
+                log.error("cannot create or upgrade whatsmeow's tables; workers will retry", error=str(exc))
         for runner in [] if self.cluster else self.companies.values():  # a cluster's start with their leases
             state = runner.session_state()
             if state is not sessions.SessionState.NONE:
                 runner.start("restoring the stored session at daemon start" if state is sessions.SessionState.PAIRED
                              else "checking a session store that cannot be read")
+            elif self.devices.jid(runner.id, runner.config.engine) is not None:
+                log.warning("the company's recorded device is gone from the whatsmeow store; not starting it",
+                            company=runner.id, jid=self.devices.jid(runner.id, runner.config.engine))
+                runner.note_not_paired()
 
     async def shutdown(self, timeout: float) -> None:
         self.stopping = True
@@ -95,6 +112,7 @@ class Supervisor:
         await asyncio.gather(*(r.stop("daemon stopping", grace) for r in self.companies.values()),
                              return_exceptions=True)
         await self.kill_all()  # whatever is still there (it should be nothing) does not outlive us
+        self.devices.close()
 
     async def kill_all(self) -> None:
         self.stopping = True

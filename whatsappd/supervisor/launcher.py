@@ -309,7 +309,7 @@ class _Zygote:
                 raise ZygoteError("the zygote is not running")
             zygote_pid = self.proc.pid
             request = json.dumps({"type": "fork", "company": spec.company, "args": worker_arguments(spec),
-                                  "env": worker_environment(spec.proxy)}).encode()
+                                  "env": worker_environment(spec.proxy, spec.whatsmeow_dsn)}).encode()
             gate, gate_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 try:

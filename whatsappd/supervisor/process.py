@@ -50,6 +50,8 @@ __all__ = ["Deadlines", "Exit", "Kill", "Launch", "Launcher", "OsProcess", "Work
 
 log = get_logger()
 
+#: The worker's environment variable holding the PostgreSQL whatsmeow store's DSN (never argv).
+WHATSMEOW_DSN_ENV = "WHATSAPPD_WHATSMEOW_DSN"
 #: After a kill, how long to keep reading before looking at the deadlines again (EOF comes once
 #: the process is gone).
 _AFTER_KILL = 5.0
@@ -87,6 +89,9 @@ class WorkerSpec:
     log_level: str
     sim_server_dir: Path | None = None  # a simulator company's shared "server" ([simulator] server_dir)
     fence_deadline: float | None = None  # [cluster]: CLOCK_MONOTONIC time the worker dies at unless refreshed
+    # issue 13 (pgsession): the PostgreSQL whatsmeow store; the DSN only ever in the environment
+    whatsmeow_dsn: str | None = None  # neonize's store in PostgreSQL (None: the session's store.db)
+    jid: str | None = None  # the device to restore there (never None when restoring from PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -155,14 +160,19 @@ def worker_arguments(spec: WorkerSpec) -> list[str]:
         args += ["--sim-server-dir", str(spec.sim_server_dir)]
     if spec.fence_deadline is not None:
         args += ["--fence-deadline", repr(spec.fence_deadline)]
+    if spec.jid:
+        args += ["--jid", spec.jid]
     return args
 
 
-def worker_environment(proxy: str | None) -> dict[str, str]:
+def worker_environment(proxy: str | None, whatsmeow_dsn: str | None = None) -> dict[str, str]:
     """A worker's whole environment: ours, scrubbed of systemd's variables, with only the
-    company's own proxy."""
+    company's own proxy (and the whatsmeow store's DSN, when it is in PostgreSQL)."""
     env = scrub_environment(os.environ)
     env.pop("WHATSAPPD_PROXY", None)  # only ever the company's own proxy
+    env.pop(WHATSMEOW_DSN_ENV, None)
+    if whatsmeow_dsn:
+        env[WHATSMEOW_DSN_ENV] = whatsmeow_dsn  # a DSN may carry a password: never on argv
     if proxy:
         # In the environment, not argv: a proxy URL may carry credentials, and any local user
         # can read a process's argv, while its environment is the owner's alone.
@@ -179,7 +189,7 @@ async def launch_subprocess(spec: WorkerSpec) -> tuple[OsProcess, socket.socket]
         # terminal hangup reaches the daemon only, which then stops its workers in order. The
         # worker's parent-death signal still ends it if the daemon dies (even by kill -9).
         proc = await asyncio.create_subprocess_exec(
-            *args, pass_fds=(child.fileno(),), env=worker_environment(spec.proxy), start_new_session=True,
+            *args, pass_fds=(child.fileno(),), env=worker_environment(spec.proxy, spec.whatsmeow_dsn), start_new_session=True,
             stdin=asyncio.subprocess.DEVNULL, stdout=None, stderr=None,
         )
     except BaseException:

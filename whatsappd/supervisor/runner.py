@@ -38,6 +38,7 @@ from whatsappd.protocol import (
 from whatsappd.states import FAULTED, LIVE, TERMINAL, TRANSITIONS, IllegalTransition, LastError, State, check_transition
 from whatsappd.supervisor import simdevice
 from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
+from whatsappd.supervisor.devices import Devices, Place
 from whatsappd.supervisor.process import (
     Deadlines,
     Exit,
@@ -54,6 +55,9 @@ __all__ = ["Host", "Intent", "Next", "Runner", "Step", "Wait", "backoff_policy"]
 
 log = get_logger()
 
+#: last_error's message for a recorded whatsmeow device whose row is gone (PostgreSQL place).
+NOT_PAIRED_MESSAGE = ("no device of this company in the whatsmeow store (its recorded JID has no row: "
+                      "unlinked or deleted); connect to pair again")
 #: A ban without a known expiry is retried after this.
 DEFAULT_BAN_SECONDS = 3600.0
 
@@ -107,6 +111,7 @@ class Host(Protocol):
     launch: Launch
     on_change: Callable[[], None]
     cluster: bool  # [cluster] enabled: a company runs only where its lease is held (Runner.token)
+    devices: Devices  # where sessions live: paired / wipe / quarantine (supervisor/devices.py)
 
     def publish(self, event: dict[str, Any], secret: dict[str, Any] | None = None) -> None: ...
     def fence_deadline(self, company: str) -> float | None: ...  # [cluster]: a new worker's dead-man deadline
@@ -147,7 +152,6 @@ class Runner:
         # a time: a connect arriving while a stop waits for its worker must not be undone by
         # that stop, and two deletes must not both remove it. See act().
         self._op_lock = asyncio.Lock()
-        self._session_cache: tuple[tuple[int, int, int], sessions.SessionState] | None = None
         self.removal: dict[str, Any] | None = None  # the answer of the delete that removed it
         #: (the WhatsApp server's time, our clock then) as a worker last reported it; whatsappd doctor.
         self.server_clock: tuple[float, float] | None = None
@@ -163,17 +167,11 @@ class Runner:
         return session_dir(self.sup.config.sessions_dir, self.id)
 
     def session_state(self) -> sessions.SessionState:
-        """Paired, none or corrupt, cached until the session's files change.
-
-        Status calls ask this often; opening the store with SQLite each time would stall the
-        event loop behind a busy store. A stat of the directory and the store file is cheap.
-        """
+        """Paired, none or corrupt, from a cache (status calls ask often): supervisor/devices.py, or
+        the shared simulator server's device file (supervisor/simdevice.py)."""
         if (shared := simdevice.shared_device(self.sup.config, self.config)) is not None:
             return shared.state()  # a small JSON file: no cache needed
-        key = sessions.stamp(self.session_dir)
-        if self._session_cache is None or self._session_cache[0] != key:
-            self._session_cache = (key, sessions.session_state(self.session_dir))
-        return self._session_cache[1]
+        return self.sup.devices.state(self.id, self.config.engine)
 
     def has_session(self) -> bool:
         return self.session_state() is sessions.SessionState.PAIRED
@@ -265,6 +263,10 @@ class Runner:
             except TimeoutError:
                 return predicate(self)
         return True
+
+    def note_not_paired(self) -> None:
+        """Its recorded device has no row in the whatsmeow store: say so (nothing is started)."""
+        self._error(LastError.NOT_PAIRED, NOT_PAIRED_MESSAGE)
 
     def _error(self, code: LastError, message: str) -> None:
         self.last_error = {"code": str(code), "message": message, "at": iso_or_none(time.time())}
@@ -398,7 +400,10 @@ class Runner:
             if done:
                 return {"unlinked": True, "wiped": True, "state": str(self.state)}
         await self.stop_unlocked("logout requested")
-        wiped = simdevice.wipe(self.sup.config, self.config)
+        if simdevice.shared_device(self.sup.config, self.config) is not None:
+            wiped = simdevice.wipe(self.sup.config, self.config)
+        else:
+            wiped = await self.sup.devices.wipe(self.id, self.config.engine)
         self.jid = self.push_name = None
         if self.state is not State.LOGGED_OUT:
             self.transition(State.LOGGED_OUT, "logged out locally (not connected)")
@@ -427,7 +432,7 @@ class Runner:
                     break
                 problem = self._session_problem()
                 then = self._fail(LastError.SESSION_PERMISSIONS, problem) if problem else \
-                    self._decide(await self._run_worker())
+                    await self._decide(await self._run_worker())
                 if then.step is Step.STOP:
                     break
         except asyncio.CancelledError:
@@ -478,7 +483,7 @@ class Runner:
                         retry_in_seconds=round(delay, 3))
         return Next(Step.RETRY, f"retry after {code}", self.retry_at)
 
-    def _decide(self, end: Exit) -> Next:
+    async def _decide(self, end: Exit) -> Next:
         """What a worker's end means for the company, and what the runner does next."""
         code, killed = end.code, end.kill_reason
         if self.intent is Intent.RESTART:
@@ -510,7 +515,10 @@ class Runner:
         if code in (ExitCode.LOGGED_OUT, ExitCode.SESSION_DELETED):
             # The credentials are gone (unlinked by the phone, or their files deleted under the
             # worker, which then ended at once): wipe what is left, so no half session remains.
-            simdevice.wipe(cfg, self.config)
+            if simdevice.shared_device(cfg, self.config) is not None:
+                simdevice.wipe(cfg, self.config)
+            else:
+                await self.sup.devices.wipe(self.id, self.config.engine)
             self.jid = self.push_name = None
             if code == ExitCode.SESSION_DELETED:
                 return self._rest(State.LOGGED_OUT, LastError.SESSION_DELETED,
@@ -533,8 +541,14 @@ class Runner:
         if code == ExitCode.OUTDATED:
             return self._rest(State.OUTDATED, LastError.OUTDATED,
                               "WhatsApp refuses this client version; upgrade whatsappd", "client outdated")
+        if code == ExitCode.NOT_PAIRED:
+            await self.sup.devices.refresh(self.id, self.config.engine)
+            return self._rest(State.STOPPED, LastError.NOT_PAIRED, NOT_PAIRED_MESSAGE, "not paired")
         if code == ExitCode.STORE_UNUSABLE:
-            moved = simdevice.quarantine(cfg, self.config)
+            if simdevice.shared_device(cfg, self.config) is not None:
+                moved: Path | str | None = simdevice.quarantine(cfg, self.config)
+            else:
+                moved = await self.sup.devices.quarantine(self.id, self.config.engine, "store_unusable")
             return self._fail(LastError.STORE_UNUSABLE, f"the session store cannot be opened; moved to {moved}; "
                               "connect to pair again")
         if code == ExitCode.SESSION_LOCKED:
@@ -566,17 +580,24 @@ class Runner:
 
     def _worker_spec(self, pair: bool) -> tuple[WorkerSpec, Deadlines]:
         cfg = self.sup.config
-        spec = WorkerSpec(company=self.id, session_dir=self.session_dir, engine=self.config.engine,
+        devices, engine = self.sup.devices, self.config.engine
+        in_pg = devices.place(engine) is Place.POSTGRESQL
+        spec = WorkerSpec(company=self.id, session_dir=self.session_dir, engine=engine,
                           proxy=self.config.proxy, pair=pair, heartbeat_interval=cfg.workers_heartbeat_interval,
                           log_level=cfg.logging_level,
                           sim_server_dir=cfg.simulator_server_dir if self.config.engine == "simulator" else None,
-                          fence_deadline=self.sup.fence_deadline(self.id))
+                          fence_deadline=self.sup.fence_deadline(self.id),
+                          whatsmeow_dsn=devices.whatsmeow_dsn if in_pg else None,
+                          jid=None if pair else devices.jid(self.id, engine))
         deadlines = Deadlines(heartbeat=cfg.workers_heartbeat_timeout, connect=cfg.reconnect_connect_timeout,
                               pairing=cfg.workers_pairing_timeout, paired_connect=cfg.workers_paired_connect_timeout,
                               stuck_reconnecting=cfg.workers_stuck_reconnecting_after)
         return spec, deadlines
 
     async def _run_worker(self) -> Exit:
+        # The device place may have changed under the cache (another host, an operator): read it
+        # again, off the loop, before deciding between pairing and restoring.
+        await self.sup.devices.refresh(self.id, self.config.engine)
         pair = not self.has_session()
         # A start slot bounds how many workers boot at once: each start costs a Python process
         # importing its engine, and a hundred at once would starve the event loop of CPU. The
@@ -616,6 +637,9 @@ class Runner:
                     case Qr():
                         self._report(self._on_qr, message, "qr")
                     case Paired(jid=jid):
+                        if jid and self.sup.devices.place(self.config.engine) is Place.POSTGRESQL:
+                            # Before anything else of the pairing: which device is this company's.
+                            await self.sup.devices.record(self.id, jid)
                         self.jid = jid or self.jid
                         log.info("paired", company=self.id, jid=self.jid)
                         self.sup.publish({"type": "company.paired", "company": self.id, "jid": self.jid})

@@ -192,6 +192,7 @@ _OPTIONS: dict[str, tuple[type, Any]] = {
     "--heartbeat": (float, 5.0), "--log-format": (str, "json"), "--log-level": (str, "info"),
     "--sim-server-dir": (str, ""),  # the simulator's shared "server" ([simulator] server_dir); "": none
     "--fence-deadline": (float, 0.0),  # [cluster]: CLOCK_MONOTONIC deadline (DeadMan); 0: none
+    "--jid": (str, ""),
 }
 _ENGINES = ("neonize", "simulator")
 
@@ -317,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     # The supervisor took a token before spawning us: the first attempt needs no request.
     gate = ConnectGate(lambda: channel.send(ConnectRequest().to_wire()), tokens=1, company=args.company)
     server_dir = Path(args.sim_server_dir) if args.sim_server_dir and args.engine == "simulator" else None
+    # The whatsmeow store's DSN comes in the environment only (it may carry a password).
+    whatsmeow_dsn = os.environ.pop("WHATSAPPD_WHATSMEOW_DSN", "") or None
     options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
-                            proxy=args.proxy, pair=args.pair, gate=gate, server_dir=server_dir)
+                            proxy=args.proxy, pair=args.pair, gate=gate, server_dir=server_dir,
+                            whatsmeow_dsn=whatsmeow_dsn, jid=args.jid or None)
     if args.engine == "simulator":
         from whatsappd.worker.simulator.engine import SimulatorEngine as EngineClass
     else:
@@ -326,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
 
         lib.load_library()  # forked by a zygote: neonize's Go library is loaded now, after the fork
         from whatsappd.worker.neonize.engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
-    # A shared simulator server keeps the device outside the session directory: only the lock is here.
-    watch = SessionWatch(Path(args.session_dir), lock, () if server_dir else EngineClass.session_files)
+    # A shared simulator server keeps the device outside the session directory, and with the
+    # credentials in PostgreSQL the directory holds no store file either: only the lock is here.
+    watch = SessionWatch(Path(args.session_dir), lock,
+                         () if server_dir or whatsmeow_dsn else EngineClass.session_files)
 
     def emit(message: dict[str, Any]) -> None:
         watch.note(message)

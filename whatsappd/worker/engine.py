@@ -36,6 +36,10 @@ class EngineOptions:
     #: (the company's device, send log and connection log are in server_dir/<company>/). None:
     #: everything is in session_dir.
     server_dir: Path | None = None
+    #: neonize only (issue 13): whatsmeow's store in PostgreSQL (None: the session's store.db),
+    #: and the JID of the device to restore there.
+    whatsmeow_dsn: str | None = None
+    jid: str | None = None
 
 
 class Engine(abc.ABC):

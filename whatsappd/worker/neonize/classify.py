@@ -14,6 +14,7 @@ from whatsappd.worker.neonize.lib import ConnectFailureReason
 
 __all__ = [
     "classify_download_error",
+    "is_upgrade_race",
     "classify_send_error",
     "connect_failure_exit",
     "is_not_connected",
@@ -26,6 +27,9 @@ _STORE_ERROR = re.compile(
     r"failed to scan|database corrupt|disk I/O error",
     re.IGNORECASE,
 )
+
+# What only a damaged store says (even inside a failed upgrade).
+_DAMAGED = re.compile(r"not a database|malformed|database corrupt|disk I/O error|unable to open", re.IGNORECASE)
 
 _REASON = ConnectFailureReason
 _LOGGED_OUT_REASONS = frozenset(
@@ -72,9 +76,19 @@ _NOT_CONNECTED = re.compile(r"websocket not connected|websocket disconnected bef
                             r"the store doesn't contain a device JID")
 
 
+def is_upgrade_race(message: str) -> bool:
+    """Whether a NeonizeError from connect() is whatsmeow's schema upgrade failing for a reason
+    other than a damaged file: on PostgreSQL, another client upgrading the same tables at the same
+    moment (`pq: duplicate key value ... pg_type_typname_nsp_index`, `relation "whatsmeow_version"
+    already exists`). Transient, never a reason to quarantine: the next start finds it done.
+    (A SQLite file that is not a database also fails the upgrade: that one is damaged.)"""
+    return "failed to upgrade database" in message and _DAMAGED.search(message) is None
+
+
 def is_store_error(message: str) -> bool:
-    """Whether a NeonizeError from connect() is about the SQLite store rather than the network."""
-    return _STORE_ERROR.search(message) is not None and "dial" not in message
+    """Whether a NeonizeError from connect() is about the store rather than the network (a reason
+    to quarantine it). whatsmeow's upgrade race is not: see is_upgrade_race."""
+    return _STORE_ERROR.search(message) is not None and "dial" not in message and not is_upgrade_race(message)
 
 
 def is_not_connected(text: str) -> bool:

@@ -8,14 +8,13 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from whatsappd.protocol import ExitCode
-from whatsappd.worker.neonize.classify import is_store_error
+from whatsappd.worker.neonize.classify import is_store_error, is_upgrade_race
 from whatsappd.worker.neonize.gogate import GoGate
 from whatsappd.worker.neonize.lib import NeonizeError, NewClient, ProxySettings, go_log_level
-from whatsappd.worker.neonize.store import store_dsn
+from whatsappd.worker.neonize.store import StorePlace
 
 __all__ = ["SHUTDOWN_SECONDS", "Handlers", "dial", "new_client", "redact_proxy", "shutdown"]
 
@@ -37,10 +36,10 @@ def redact_proxy(url: str | None) -> str | None:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def new_client(session_dir: Path, company: str, *, whatsmeow_debug: bool, on_qr: Callable[..., None],
+def new_client(place: StorePlace, company: str, *, whatsmeow_debug: bool, on_qr: Callable[..., None],
                on_login_status: Callable[[Any, Any], None], handlers: Handlers, event_handlers: Handlers,
                log: Any) -> NewClient:
-    """A client on the session's store with every handler wired in (not connected yet).
+    """A client on the company's store with every handler wired in (not connected yet).
 
     handlers end the worker if they fail (the caller wraps them); event_handlers are the
     message and receipt handlers, whose failure is only logged.
@@ -49,7 +48,7 @@ def new_client(session_dir: Path, company: str, *, whatsmeow_debug: bool, on_qr:
         # whatsmeow logs QR codes and node dumps at debug: never let them out of Go
         level = max(logging.INFO, logging.getLogger("whatsmeow").getEffectiveLevel())
         go_log_level.setLevel(level)
-    client = NewClient(store_dsn(session_dir), uuid=company)
+    client = place.client(company)
     finalizer = getattr(client, "_stop_finalizer", None)
     if finalizer is not None:
         finalizer.atexit = False  # Stop() at exit would block while a dial is in progress
@@ -70,6 +69,10 @@ def dial(client: NewClient, relay_url: str, proxy: str | None, pair: bool, log: 
         client.connect(ProxySettings(proxy_address=relay_url))
     except NeonizeError as exc:
         message = str(exc)
+        if is_upgrade_race(message):
+            # whatsmeow's schema upgrade raced another client's (PostgreSQL): retried, never quarantined
+            log.warning("store_upgrade_race", error=message)
+            return ExitCode.TRANSIENT, "store_upgrade_race"
         if is_store_error(message):
             log.error("store_unusable", error=message)
             return ExitCode.STORE_UNUSABLE, "store_unusable"

@@ -68,7 +68,7 @@ from whatsappd.worker.neonize.lib import (
 )
 from whatsappd.worker.neonize.messaging import Messenger
 from whatsappd.worker.neonize.sendlog import SendLog, SendLogCorrupt
-from whatsappd.worker.neonize.store import STORE_FILE, StoreUnusable, inspect_store
+from whatsappd.worker.neonize.store import STORE_FILE, StorePlace, StoreUnusable, device_exists, inspect_store
 from whatsappd.worker.relay import Relay
 
 __all__ = ["REPLAY_ENV", "NeonizeEngine", "Phase"]
@@ -152,6 +152,7 @@ class NeonizeEngine(Engine):
         self._login_succeeded = False  # the QR loop ended in "success": neonize's event loop runs
         self._jid: str | None = None
         self._push_name: str | None = None
+        self._place = StorePlace(options.session_dir, options.whatsmeow_dsn, options.jid, options.pair)
         self._send_log = SendLog(options.session_dir, clock=clock)
         self._messenger = Messenger(self._send_log, self._go_call, self._connected_client, clock, self._log)
 
@@ -252,7 +253,9 @@ class NeonizeEngine(Engine):
             raise EngineError(ErrorCode.NOT_CONNECTED, "the client has not started connecting yet")
         from whatsappd.worker.neonize.replay import replay_incoming
 
-        replayed = replay_incoming(refs[2], self.options.company.encode(), command.count)
+        # neonize names the client by the JID's user when it restores one by JID
+        replayed = replay_incoming(refs[2], getattr(self._client, "uuid", self.options.company.encode()),
+                                   command.count)
         if command.collect:  # a full collection, as a long-running worker eventually has
             gc.collect()
         return {"replayed": replayed}
@@ -466,6 +469,9 @@ class NeonizeEngine(Engine):
         return jid, (device.PushName or None)
 
     def _prepare_store(self) -> None:
+        if self._place.dsn is not None:
+            self._prepare_pg_store(self._place.dsn)
+            return
         try:
             devices = inspect_store(self.options.session_dir / STORE_FILE)
         except StoreUnusable as exc:
@@ -475,6 +481,22 @@ class NeonizeEngine(Engine):
         if not self.options.pair and not devices:
             # whatsmeow pairs whenever the store holds no device; so does the simulator
             self._log.warning("no_session_to_restore", store_exists=devices is not None)
+
+    def _prepare_pg_store(self, dsn: str) -> None:
+        """PostgreSQL: pairing makes a new device; restoring needs the recorded JID's row, checked
+        here because neonize crashes (SIGABRT) on a JID without one."""
+        if self.options.pair:
+            return
+        jid = self.options.jid
+        try:
+            exists = jid is not None and device_exists(dsn, jid)
+        except Exception as exc:  # noqa: BLE001 - psycopg.Error, or a DSN it cannot parse
+            self._log.warning("store_unreachable", error=str(exc).replace(dsn, "***"))
+            self._decide(ExitCode.TRANSIENT, "store_unreachable")
+            return
+        if not exists:
+            self._log.warning("not_paired", jid=jid, why="no JID recorded" if jid is None else "no device row")
+            self._decide(ExitCode.NOT_PAIRED, "not_paired")
 
     def _make_client(self) -> NewClient:
         handlers: client_life.Handlers = [
@@ -491,7 +513,7 @@ class NeonizeEngine(Engine):
             (StreamErrorEv, self.on_stream_error),
         ]
         return client_life.new_client(
-            self.options.session_dir, self.options.company, whatsmeow_debug=self._whatsmeow_debug,
+            self._place, self.options.company, whatsmeow_debug=self._whatsmeow_debug,
             on_qr=self._guard(self.on_qr), on_login_status=self._raw_login_status,
             handlers=[(event_type, self._guard(handler)) for event_type, handler in handlers],
             # a message that cannot be turned into an event is logged, not a reason to reconnect
