@@ -207,7 +207,8 @@ class Bench:
             cluster.start()
             with Checker(cluster) as checker:
                 result = send_and_kill(cluster, cluster.companies, a.messages, kills=2, timeout=300)
-            print(f"  killed {result.kills}; server received {result.sent} unique, duplicates {result.duplicates}; "
+            print(f"  killed {result.kills} when the server had {result.sent_at_kills} messages; "
+                  f"server received {result.sent} unique, duplicates {result.duplicates}; "
                   f"send_interrupted {result.interrupted}; statuses {result.statuses}; "
                   f"double-owner samples {checker.double_owner_samples()}", flush=True)
             if result.duplicates:

@@ -9,7 +9,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from whatsappd.testing.cluster import Checker, Cluster, freeze_and_thaw, kill_and_failover, quarantined, wait_balanced
+from whatsappd.testing.cluster import (
+    Checker,
+    Cluster,
+    freeze_and_thaw,
+    kill_and_failover,
+    quarantined,
+    send_and_kill,
+    wait_balanced,
+)
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.postgres import PostgresServer
 from whatsappd.testing.socks5 import Socks5FaultProxy
@@ -89,3 +97,15 @@ def test_three_hosts_cold_started_at_once_on_an_empty_database_quarantine_nothin
             assert cluster.host(str(leases[cid].owner)).post(cid, "connect").status in (200, 202)
         wait_until(lambda: p1.requests and p2.requests, 60, what="both neonize workers to dial their proxy")
         assert quarantined(cluster) == set()
+
+
+def test_owners_killed_mid_send_send_no_message_twice(tmp_path: Path, postgres: PostgresServer) -> None:
+    """100 messages queued over the companies, the owner of most of them killed -9 mid-send: the
+    shared server received none twice, and every message is sent or failed send_interrupted."""
+    with started(tmp_path, postgres, env={"WHATSAPPD_SIM_SEND_DELAY": "0.05"}) as cluster, Checker(cluster) as checker:
+        result = send_and_kill(cluster, COMPANIES, 100, kills=1, timeout=90)
+        assert 0 < result.sent_at_kills[0] < 100, "the kill did not land mid-send"
+        assert result.duplicates == 0
+        assert result.statuses.get("failed", 0) == result.interrupted  # no other failure
+        assert result.sent + result.interrupted >= 100 and result.sent <= 100
+        assert checker.double_owner_samples() == 0, checker.violations

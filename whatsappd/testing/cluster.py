@@ -689,6 +689,7 @@ class MidSend:
     duplicates: int = 0  # sends of a message the server had already received (duplicate requests + repeats)
     interrupted: int = 0  # failed with send_interrupted
     kills: list[str] = field(default_factory=list)
+    sent_at_kills: list[int] = field(default_factory=list)  # unique sends on the server as each kill began
     statuses: dict[str, int] = field(default_factory=dict)
 
 
@@ -741,6 +742,7 @@ def send_and_kill(cluster: Cluster, companies: list[str], messages: int, kills: 
                    what=f"{goal} messages to go out")
         owners = [lease.owner for cid, lease in cluster.leases().items() if cid in companies and lease.live]
         victim = cluster.host(str(max(set(owners), key=owners.count)))
+        result.sent_at_kills.append(server_sends(cluster.server_dir)[0])
         kill_and_failover(cluster, victim, connected=companies, timeout=timeout)
         result.kills.append(victim.host_id)
         killed.append(victim)
