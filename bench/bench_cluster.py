@@ -217,7 +217,79 @@ class Bench:
                 self.miss("messages neither sent nor reported")
 
     def connections(self, scales: list[int]) -> None:
-        raise NotImplementedError("connections: needs the PostgreSQL whatsmeow store (h-pgsession)")
+        """One host with n neonize companies connecting behind one 127.0.0.1 SOCKS5 listener
+        (--proxy-mode: "silent" accepts and never answers, so every worker stays alive in its dial
+        with its whatsmeow store open, the steady state of n live workers; "refuse" ends each dial
+        at once, so workers exit and restart after a backoff); sampled for --sample seconds once
+        the workers are up: the most connections seen and what they are per live worker, direct
+        and with PgBouncer (transaction pooling) for the whatsmeow DSN."""
+        print(f"connections: one host with n neonize companies behind a {self.args.proxy_mode} proxy, sampled "
+              f"{self.args.sample:g} s; max_connections {self.pg.max_connections}", flush=True)
+        for n in scales:
+            for bounced in (False, True):
+                try:
+                    self.connections_at(n, bounced)
+                except Exception as exc:  # noqa: BLE001 (one size failing still shows the others)
+                    self.miss(f"connections at {n}{' with PgBouncer' if bounced else ''}: {type(exc).__name__}: {exc}")
+
+    def connections_at(self, n: int, bounced: bool) -> None:
+        from whatsappd.testing.pgbouncer import PgBouncer
+
+        self.runs += 1
+        with contextlib.ExitStack() as stack:
+            proxy = stack.enter_context(Socks5FaultProxy(self.args.proxy_mode))
+            dsn = self.pg.create_database()
+            database = dsn.split("@/", 1)[1].split("?", 1)[0]
+            bouncer = stack.enter_context(contextlib.closing(PgBouncer(self.pg).start())) if bounced else None
+            cluster = stack.enter_context(Cluster(
+                self.root / f"run{self.runs}", dsn, [], hosts=1, neonize={f"neo{i:04d}": proxy.url for i in range(n)},
+                whatsmeow_dsn=bouncer.dsn(database) if bouncer else "", max_companies=max(n, 400),
+                lease_ttl=self.args.ttl, renew_interval=self.args.renew, fence_margin=self.args.margin,
+                workers={"heartbeat_timeout": "60s", "pairing_timeout": "600s"},
+                reconnect={"connect_rate": 20, "max_delay": "30s", "connect_timeout": "600s"}))
+            began = time.monotonic()
+            cluster.start(timeout=120)
+            host = cluster.hosts[0]
+            cluster.wait_owned(timeout=300)
+            for cid in cluster.neonize:
+                host.post(cid, "connect")
+            if self.args.proxy_mode == "silent":
+                wait_until(lambda: len(cluster.workers()) >= n, 60 + n, interval=1, what=f"{n} live workers")
+            print(f"  {n} companies{' + PgBouncer' if bounced else ''}: owned, connect asked (and the workers up) in "
+                  f"{time.monotonic() - began:.1f} s", flush=True)
+            peak = {"workers": 0, "daemon": 0, "whatsmeow": 0, "total": 0, "clients": 0}
+            ratios: list[float] = []
+            end = time.monotonic() + self.args.sample
+            while time.monotonic() < end:
+                workers = len([w for w in cluster.workers() if not w.frozen])
+                rows = cluster.db.execute("SELECT application_name, count(*) FROM pg_stat_activity "
+                                          "WHERE datname = current_database() GROUP BY 1").fetchall()
+                by_name = {str(name): int(count) for name, count in rows}
+                daemon, whatsmeow = by_name.get("whatsappd-h1", 0), by_name.get("whatsmeow-h1", 0)
+                clients = len([r for r in bouncer.show("CLIENTS") if len(r) > 2 and r[2] == database]) if bouncer else 0
+                for key, value in (("workers", workers), ("daemon", daemon), ("whatsmeow", whatsmeow),
+                                   ("total", sum(by_name.values())), ("clients", clients)):
+                    peak[key] = max(peak[key], value)
+                if workers:
+                    ratios.append((clients if bouncer else whatsmeow) / workers)
+                time.sleep(0.5)
+            rss = sum(_rss(w.pid) for w in cluster.workers())
+            via = (f"PgBouncer clients (workers' connections) max {peak['clients']}, PgBouncer's server "
+                   f"connections max {peak['whatsmeow']}" if bouncer else f"whatsmeow connections max {peak['whatsmeow']}")
+            print(f"    live neonize workers max {peak['workers']}; daemon's own connections max {peak['daemon']}; {via}; "
+                  f"all connections to the database max {peak['total']}; workers' connections per live worker "
+                  f"mean {statistics.mean(ratios) if ratios else 0:.2f}; workers' RSS now {rss / 2**20:.0f} MiB; "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=1000)
     p.add_argument("--send-delay", type=float, default=0.03, help="simulator seconds per send")
     p.add_argument("--scales", default="100,1000", help="company counts for the connections scenario")
+    p.add_argument("--proxy-mode", default="silent", choices=("silent", "refuse"),
+                   help="the neonize companies' SOCKS5 listener in the connections scenario")
+    p.add_argument("--sample", type=float, default=30.0, help="seconds the connections scenario samples")
+    p.add_argument("--max-connections", type=int, default=1500, help="the test server's max_connections")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     # Stopped by a signal, still stop the hosts (a shell's background job starts with SIGINT ignored).
@@ -243,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
           f"load {os.getloadavg()[0]:.2f}; lease_ttl {args.ttl:g} s, renew_interval {args.renew:g} s, "
           f"fence_margin {args.margin:g} s", flush=True)
-    pg = PostgresServer().start()
+    pg = PostgresServer(max_connections=args.max_connections).start()
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     bench = Bench(args, pg, root)
     try:

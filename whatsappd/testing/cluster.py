@@ -268,6 +268,12 @@ class ClusterHost(SimDaemon):
 # ----------------------------------------------------------------------------- cluster
 
 
+def _named(dsn: str, name: str) -> str:
+    """dsn (a URL) with application_name=name, so pg_stat_activity tells whose a connection is."""
+    return f"{dsn}{'&' if '?' in dsn else '?'}application_name={name}"
+
+
+
 class Cluster:
     """N hosts h1..hN sharing one database, the same companies, and one simulator server dir."""
 
@@ -279,10 +285,14 @@ class Cluster:
         self.server_dir = root / "simserver"
         self.server_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
+        # Each host names its connections (pg_stat_activity.application_name): whatsappd-hN for
+        # the daemon's, whatsmeow-hN for its neonize workers' (through `whatsmeow_dsn` if given).
+        whatsmeow = config.pop("whatsmeow_dsn", "") or dsn
         self.hosts = [
             ClusterHost(root / f"h{i}", f"h{i}",
-                        cluster_config(f"h{i}", dsn, self.companies, neonize=self.neonize,
-                                       server_dir=self.server_dir, **config),
+                        cluster_config(f"h{i}", _named(dsn, f"whatsappd-h{i}"), self.companies, neonize=self.neonize,
+                                       server_dir=self.server_dir, whatsmeow_dsn=_named(whatsmeow, f"whatsmeow-h{i}"),
+                                       **config),
                         env={"WHATSAPPD_LOOPBACK_ONLY": "1", **(env or {})})
             for i in range(1, hosts + 1)
         ]

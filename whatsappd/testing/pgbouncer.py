@@ -83,6 +83,9 @@ class PgBouncer:
             raise RuntimeError(f"SHOW {what}: {done.stderr.strip()}")
         return [line.split("\t") for line in done.stdout.splitlines() if line]
 
+    def close(self) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # immediate shutdown (SIGINT would wait for clients)
