@@ -21,8 +21,10 @@ import pytest
 
 from whatsappd.cluster.fence import StaleLease
 from whatsappd.cluster.leases import Leases
+from whatsappd.protocol import ExitCode
 from whatsappd.store import MessageStatus, OutgoingMessage
 from whatsappd.store.postgresql import PostgresStore, migrate
+from whatsappd.supervisor.process import Deadlines, WorkerProcess, WorkerSpec, start_worker
 from whatsappd.testing import simserver
 from whatsappd.testing.daemon import DaemonProcess, wait_until
 from whatsappd.worker.simulator import server
@@ -300,3 +302,40 @@ def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a
     time.sleep(1.0)  # a start, had there been one, would show by now
     company = h2.client.get(f"/v1/companies/{mine[0]}").json()
     assert company["state"] == "stopped" and company["worker"]["pid"] is None, company
+
+
+def test_a_worker_ends_itself_fenced_when_its_deadline_passes_unrefreshed_and_lives_on_while_refreshed(
+        tmp_path: Path) -> None:
+    """The dead-man switch: a worker whose fence deadline is not moved on exits FENCED by itself; one that gets
+    `fence` messages outlives its first deadline."""
+
+    async def scenario() -> None:
+        deadlines = Deadlines(heartbeat=30, connect=30, pairing=30, paired_connect=30, stuck_reconnecting=30)
+
+        def spec(company: str) -> WorkerSpec:
+            return WorkerSpec(company=company, session_dir=tmp_path / company, engine="simulator", proxy=None,
+                              pair=True, heartbeat_interval=0.2, log_level="info",
+                              fence_deadline=time.monotonic() + 1.5)
+
+        left, kept = await start_worker(spec("left"), deadlines), await start_worker(spec("kept"), deadlines)
+        readers = [asyncio.create_task(_drain(w)) for w in (left, kept)]
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < 3.0:
+                kept.fence(time.monotonic() + 1.5)
+                await asyncio.sleep(0.25)
+            assert await asyncio.wait_for(left.wait(), 5) == ExitCode.FENCED
+            assert kept.proc.returncode is None  # refreshed: alive well past its first deadline
+        finally:
+            for worker in (left, kept):
+                worker.kill("test over")
+                await worker.close()
+            for reader in readers:
+                reader.cancel()
+
+    asyncio.run(scenario())
+
+
+async def _drain(worker: WorkerProcess) -> None:
+    async for _ in worker.messages():
+        pass
