@@ -1,9 +1,9 @@
 """Several daemons on one PostgreSQL ([cluster] enabled): each company runs on one host, a dead host's
 companies move, a frozen host's workers die by their dead-man switch, stale tokens write nothing.
 
-Real daemons as subprocesses (whatsappd.testing.daemon) sharing the `postgres` fixture's database,
-simulator companies whose paired session every daemon can restore, short leases (ttl 3 s, renew
-0.5 s, margin 1 s).
+Real daemons as subprocesses (whatsappd.testing.daemon) sharing the `postgres` fixture's database and
+one simulator "server" (`[simulator] server_dir`: one paired device, send log and connection log per
+company, whichever host connects), short leases (ttl 3 s, renew 0.5 s, margin 1 s).
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ import pytest
 
 from whatsappd.cluster.fence import StaleLease
 from whatsappd.cluster.leases import Leases
+from whatsappd.protocol import ExitCode
 from whatsappd.store import MessageStatus, OutgoingMessage
 from whatsappd.store.postgresql import PostgresStore, migrate
+from whatsappd.supervisor.process import Deadlines, WorkerProcess, WorkerSpec, start_worker
+from whatsappd.testing import simserver
 from whatsappd.testing.daemon import DaemonProcess, wait_until
 from whatsappd.worker.simulator import server
 
@@ -37,23 +40,20 @@ class Cluster:
 
     def __init__(self, dsn: str, root: Path) -> None:
         self.dsn, self.root = dsn, root
+        self.server = root / "server"
         self.daemons: dict[str, DaemonProcess] = {}
+        for n, company in enumerate(COMPANIES):  # paired once, on the shared server
+            directory = self.server / company
+            directory.mkdir(mode=0o700, parents=True)
+            server.write_store(directory, server.SimulatorDevice(jid=f"55119{n:08d}:1@s.whatsapp.net", push_name=company))
 
     def add(self, host: str, env: dict[str, str] | None = None) -> DaemonProcess:
         companies = "".join(f'[[companies]]\nid = "{c}"\nengine = "simulator"\n' for c in COMPANIES)
         config = (f'[store]\nbackend = "postgresql"\ndsn = "{self.dsn}"\n'
                   f'[cluster]\nenabled = true\nhost_id = "{host}"\nlease_ttl = "{TTL}s"\n'
                   f'renew_interval = "{int(RENEW * 1000)}ms"\nfence_margin = "{MARGIN}s"\n'
-                  '[reconnect]\ninitial_delay = "100ms"\n' + companies)
+                  f'[simulator]\nserver_dir = "{self.server}"\n[reconnect]\ninitial_delay = "100ms"\n' + companies)
         daemon = DaemonProcess(self.root / host, config, env=env, start_new_session=True)
-        sessions = daemon.state_dir / "sessions"
-        for company in COMPANIES:  # a paired session each daemon can restore
-            directory = sessions / f"session-{company}"
-            directory.mkdir(mode=0o700, parents=True)
-            server.write_store(directory, server.SimulatorDevice(jid=f"55119{COMPANIES.index(company):08d}:1@s.whatsapp.net",
-                                                                 push_name=company))
-        os.chmod(daemon.state_dir, 0o700)
-        os.chmod(sessions, 0o700)
         self.daemons[host] = daemon
         return daemon
 
@@ -77,6 +77,10 @@ class Cluster:
                 if company["worker"]["pid"] is not None and company["state"] == "connected":
                     out[company["id"]].append(host)
         return out
+
+    def double_owners(self) -> dict[str, list[tuple[str, int]]]:
+        """Companies the shared server sees connected more than once right now (never, if fencing works)."""
+        return {c: conns for c, conns in simserver.live(self.server).items() if len(conns) > 1}
 
     def kill_all(self) -> None:
         for daemon in self.daemons.values():
@@ -157,8 +161,9 @@ def test_kill_9_of_a_host_moves_its_companies_with_higher_tokens_and_its_claims_
 
     message = wait_until(settled, 15, interval=0.2, what="the dead owner's claim settled")
     assert message["status"] == "failed" and message["error"]["code"] == "send_interrupted", message
-    send_log = server.read_send_log(new_owner.state_dir / "sessions" / f"session-{mine[0]}")
-    assert all(record["outbox_id"] != message_id for record in send_log)
+    assert all(record["outbox_id"] != message_id for record in server.read_send_log(cluster.server / mine[0]))
+    assert all(stats.duplicate_requests == 0 for stats in simserver.send_stats(cluster.server).values())
+    assert cluster.double_owners() == {}
 
 
 def test_a_frozen_host_loses_its_workers_before_another_host_takes_over_and_writes_nothing_after(
@@ -186,6 +191,7 @@ def test_a_frozen_host_loses_its_workers_before_another_host_takes_over_and_writ
                 died_at[company] = time.monotonic()
             # The safety property: never a live worker on h1 while h2 holds the company's lease.
             assert not (leases[company][0] == "h2" and _alive(pids[company])), (company, leases[company])
+        assert cluster.double_owners() == {}
         time.sleep(0.05)
     assert set(died_at) == set(mine), (died_at, mine)
     assert all(died_at[c] - stopped_at < TTL - MARGIN + SLACK for c in mine), died_at
@@ -202,6 +208,7 @@ def test_a_frozen_host_loses_its_workers_before_another_host_takes_over_and_writ
         reasons = [r[0] for r in db.execute("SELECT data->>'reason' FROM whatsappd_events WHERE type = 'company.state'")]
     assert not any(str(r).startswith("lease lost") for r in reasons), reasons  # h1's own events, refused
     assert all(h == ["h2"] for h in cluster.running(["h1", "h2"]).values())
+    assert cluster.double_owners() == {}
 
 
 def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: str) -> None:
@@ -295,3 +302,40 @@ def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a
     time.sleep(1.0)  # a start, had there been one, would show by now
     company = h2.client.get(f"/v1/companies/{mine[0]}").json()
     assert company["state"] == "stopped" and company["worker"]["pid"] is None, company
+
+
+def test_a_worker_ends_itself_fenced_when_its_deadline_passes_unrefreshed_and_lives_on_while_refreshed(
+        tmp_path: Path) -> None:
+    """The dead-man switch: a worker whose fence deadline is not moved on exits FENCED by itself; one that gets
+    `fence` messages outlives its first deadline."""
+
+    async def scenario() -> None:
+        deadlines = Deadlines(heartbeat=30, connect=30, pairing=30, paired_connect=30, stuck_reconnecting=30)
+
+        def spec(company: str) -> WorkerSpec:
+            return WorkerSpec(company=company, session_dir=tmp_path / company, engine="simulator", proxy=None,
+                              pair=True, heartbeat_interval=0.2, log_level="info",
+                              fence_deadline=time.monotonic() + 1.5)
+
+        left, kept = await start_worker(spec("left"), deadlines), await start_worker(spec("kept"), deadlines)
+        readers = [asyncio.create_task(_drain(w)) for w in (left, kept)]
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < 3.0:
+                kept.fence(time.monotonic() + 1.5)
+                await asyncio.sleep(0.25)
+            assert await asyncio.wait_for(left.wait(), 5) == ExitCode.FENCED
+            assert kept.proc.returncode is None  # refreshed: alive well past its first deadline
+        finally:
+            for worker in (left, kept):
+                worker.kill("test over")
+                await worker.close()
+            for reader in readers:
+                reader.cancel()
+
+    asyncio.run(scenario())
+
+
+async def _drain(worker: WorkerProcess) -> None:
+    async for _ in worker.messages():
+        pass

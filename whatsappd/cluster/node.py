@@ -136,7 +136,10 @@ class ClusterNode:
                 changed = True
             elif not runner.busy:
                 runner.config, runner.source = row.company, row.source
-        for cid in [c for c in self.sup.companies if c not in rows]:
+        # This host's own [[companies]] stay while its file lists them (a reload upserts them after
+        # the supervisor added their runners: a refresh in between must not drop those).
+        ours = {company.id for company in self.sup.config.companies}
+        for cid in [c for c in self.sup.companies if c not in rows and c not in ours]:
             gone = self.sup.companies[cid]
             async with gone.exclusive():
                 if cid not in self.rows and await self.sup.remove_runner(gone, "removed from the registry"):

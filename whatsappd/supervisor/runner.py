@@ -314,10 +314,11 @@ class Runner:
 
     def start(self, reason: str) -> None:
         """Run the company (again): from any resting state, or retry now if waiting."""
-        if self.sup.stopping or self.removed or not self.owned:
+        if not self.owned:  # [cluster] its owner runs it (a status call here asks this often: no log line)
+            return
+        if self.sup.stopping or self.removed:
             log.info("not starting", company=self.id, reason=reason,
-                     why="the daemon is stopping" if self.sup.stopping else "the company was removed"
-                     if self.removed else "another host owns it")
+                     why="the daemon is stopping" if self.sup.stopping else "the company was removed")
             return
         if self.intent is not Intent.RESTART:  # a restart under way keeps its mark until _decide
             self.intent = Intent.RUN
