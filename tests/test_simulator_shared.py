@@ -11,6 +11,8 @@ files (whatsappd.testing.simserver), the witness that is not the daemons' own co
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -169,6 +171,30 @@ def test_two_daemons_share_the_device_and_the_second_connection_replaces_the_fir
     first, second = simserver.connections(server)["acme"]
     assert (first.host, first.pid, first.ended, first.by) == (str(a.state_dir), a_pid, "replaced", second.conn)
     assert simserver.live(server) == {"acme": [(str(b.state_dir), b.worker_pid("acme"))]}
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_frozen_daemons_worker_notices_its_replacement_when_resumed(daemons, server):
+    """Daemon A and its worker SIGSTOPped: B still connects (the session lock is not shared); resumed, A reports `replaced`."""
+    a = shared(daemons, server)
+    a.start(timeout=30)
+    a.pair("acme", timeout=30)
+    a_worker = a.worker_pid("acme")
+    assert a_worker is not None
+    frozen = (a.pid, a_worker)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        b = shared(daemons, server)
+        b.start(timeout=30)
+        b.wait_state("acme", "connected", timeout=30)
+        assert simserver.live(server) == {"acme": [(str(b.state_dir), b.worker_pid("acme"))]}
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    a.wait_state("acme", "replaced", timeout=10)
+    assert [c.ended for c in simserver.connections(server)["acme"]] == ["replaced", None]
+    assert b.snapshot("acme")["state"] == "connected"
     assert a.stop() == 0 and b.stop() == 0
 
 
