@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,12 +26,21 @@ SLOW_BOOT = {"heartbeat_timeout": "10s"}
 WA_ID = re.compile(r"3EB0[0-9A-F]{16}")
 
 
+#: The scenarios that go through the store (the journal of incoming events and their media, the
+#: outbox's receipts) also run on PostgreSQL: `@BOTH_STORES` (see tests/test_outbox.py).
+BOTH_STORES = pytest.mark.parametrize("sim", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimDaemon]:
-    """A daemon with acme connected; every message it sends is delivered, then read."""
-    with daemon_pool(tmp_path_factory.mktemp("incoming")) as make:
+def sim(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+        store_tables: Callable[[str], dict[str, str]]) -> Iterator[SimDaemon]:
+    """A daemon with acme connected; every message it sends is delivered, then read. On SQLite
+    unless a test is parametrized with BOTH_STORES."""
+    backend = getattr(request, "param", "sqlite")
+    with daemon_pool(tmp_path_factory.mktemp(f"incoming-{backend}")) as make:
         d = make(sim_config("acme", workers=SLOW_BOOT), env={"WHATSAPPD_SIM_AUTO_RECEIPTS": "delivered,read",
-                                           "WHATSAPPD_SIM_RECEIPT_DELAY": "0.05"})
+                                           "WHATSAPPD_SIM_RECEIPT_DELAY": "0.05"},
+                 store=store_tables(backend))
         d.start(timeout=30)
         d.pair("acme", timeout=30)
         yield d
@@ -53,6 +62,7 @@ def journaled(d: SimDaemon, seq: int) -> dict[str, Any]:
         return dict(reader.wait_count(1)[0])
 
 
+@BOTH_STORES
 def test_an_incoming_text_is_an_event_with_sender_chat_push_name_timestamp_and_id(sim):
     """An incoming text is a message.incoming event with id, sender, chat, push name, timestamp, is_group false."""
     event = incoming(sim, **{"from": "+5511988887777", "text": "Is the flat still available?",
@@ -75,6 +85,7 @@ def test_a_group_message_says_is_group_with_the_group_as_chat(sim):
     assert event["chat"] == DEFAULT_GROUP and event["sender"] == "5511977776666@s.whatsapp.net"
 
 
+@BOTH_STORES
 @pytest.mark.parametrize("size", [3000, 100 * 1024], ids=["inline", "kept-in-session"])
 def test_incoming_media_is_described_in_the_event_and_its_bytes_are_served(sim, size):
     """Incoming media is described in its event (no raw) and GET media/{id} returns exactly its bytes."""
@@ -103,6 +114,7 @@ def test_an_incoming_document_with_a_file_name_is_downloadable_at_its_size(sim):
     assert sim.client.get(f"/v1/companies/acme/media/{event['id']}").body == response.body
 
 
+@BOTH_STORES
 def test_media_of_an_unknown_or_text_message_is_404_media_not_found(sim):
     """An id no media message had (unknown, or a text message's) is 404 media_not_found."""
     text = incoming(sim, text="just text")
@@ -128,6 +140,7 @@ def test_media_needs_a_connection(sim):
     assert len(sim.client.get(f"/v1/companies/acme/media/{event['id']}").body) == 100
 
 
+@BOTH_STORES
 def test_receipts_move_a_sent_message_to_delivered_then_read(sim):
     """delivered and read receipts move a sent message to `delivered` then `read`, in GET and in events."""
     with EventReader(sim.socket_path, "company=acme&type=message.receipt") as receipts:
@@ -144,6 +157,7 @@ def test_receipts_move_a_sent_message_to_delivered_then_read(sim):
     assert message_statuses(sim.socket_path, "acme", mid, "read") == ["queued", "sending", "sent", "delivered", "read"]
 
 
+@BOTH_STORES
 def test_a_late_delivered_receipt_after_read_does_not_move_the_message_back(sim):
     """A `delivered` receipt after `read` is journaled but leaves the message `read`, with no status event."""
     response = sim.client.post("/v1/companies/acme/messages?wait=sent", {"to": "+5511999993002", "text": "hi"})
@@ -164,11 +178,12 @@ def test_a_late_delivered_receipt_after_read_does_not_move_the_message_back(sim)
     assert WA_ID.fullmatch(wa_id)
 
 
-def test_a_receipt_that_overtakes_its_send_reply_is_applied_once_the_message_is_sent(tmp_path):
+@pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)
+def test_a_receipt_that_overtakes_its_send_reply_is_applied_once_the_message_is_sent(tmp_path, store_table):
     """Receipts emitted before the send's reply reach the supervisor first; the message still ends `read`."""
     with daemon_pool(tmp_path) as make:
         d = make(sim_config("acme"), env={"WHATSAPPD_SIM_AUTO_RECEIPTS": "delivered,read",
-                                          "WHATSAPPD_SIM_RECEIPTS_FIRST": "1"})
+                                          "WHATSAPPD_SIM_RECEIPTS_FIRST": "1"}, store=store_table)
         d.start()
         d.pair("acme")
         message = d.client.post("/v1/companies/acme/messages?wait=sent&timeout=10",

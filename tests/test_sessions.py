@@ -6,6 +6,7 @@ read modes, files and the daemon's log back from disk.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -20,12 +21,17 @@ import pytest
 from whatsappd.testing.daemon import clean_env, whatsappd_command
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, process_gone, sim_config, tree_state
 
+#: Quarantine and restore, the supervision flows here that cross a daemon restart, also run on
+#: the PostgreSQL store (sessions stay files either way; the journal and outbox move).
+BOTH_STORES = pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)
+
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    """Make SimDaemons under tmp_path; any still running at teardown is killed."""
+def daemons(tmp_path: Path, store_table: dict[str, str]) -> Iterator[Callable[..., SimDaemon]]:
+    """Make SimDaemons under tmp_path, on the store of `store_table` (SQLite unless the test is
+    parametrized with BOTH_STORES); any still running at teardown is killed."""
     with daemon_pool(tmp_path) as make:
-        yield make
+        yield functools.partial(make, store=store_table)
 
 
 def modes(root: Path) -> dict[str, int]:
@@ -107,6 +113,7 @@ def test_a_symlink_in_a_session_fails_that_company_only(daemons, tmp_path):
 # ------------------------------------------------------------------------------ corruption
 
 
+@BOTH_STORES
 def test_a_corrupt_store_is_quarantined_and_the_company_failed(daemons):
     """An unparsable store is moved to sessions/quarantine/ and the company is `failed`."""
     d = daemons(sim_config("acme", "bob"))
@@ -171,6 +178,7 @@ def test_a_session_deleted_while_connected_logs_out_with_session_deleted_and_lea
     d.connect_pairing("acme")  # connect starts a fresh pairing
 
 
+@BOTH_STORES
 def test_a_paired_company_comes_back_connected_without_a_qr_after_a_restart(daemons):
     """A paired company reconnects after a daemon restart, same JID, never a QR."""
     d = daemons(sim_config("acme"))

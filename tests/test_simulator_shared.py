@@ -11,6 +11,8 @@ files (whatsappd.testing.simserver), the witness that is not the daemons' own co
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -39,14 +41,14 @@ def server(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def sims(tmp_path: Path, server: Path) -> Iterator[Callable[[str], Sim]]:
-    """sims(host) -> a started engine of company acme on the shared server, with the session
-    directory of daemon `host` (hosts/<host>/sessions/session-acme)."""
+    """sims(host, env=None) -> a started engine of company acme on the shared server, with the
+    session directory of daemon `host` (hosts/<host>/sessions/session-acme)."""
     made: list[Sim] = []
 
-    def make(host: str) -> Sim:
+    def make(host: str, env: dict[str, str] | None = None) -> Sim:
         session = tmp_path / "hosts" / host / "sessions" / "session-acme"
         session.mkdir(mode=0o700, parents=True, exist_ok=True)
-        sim = Sim(session, server_dir=server).start()
+        sim = Sim(session, server_dir=server, env=env).start()
         made.append(sim)
         return sim
 
@@ -82,7 +84,7 @@ def test_the_device_lives_on_the_server_and_a_second_host_restores_it_without_pa
 
 
 def test_a_second_connection_replaces_the_first_which_ends_replaced(sims, server):
-    """Host b connecting makes host a's engine end REPLACED; the log shows a replaced by b, b live."""
+    """Host b connecting makes host a's engine end REPLACED; the log shows a replaced by b, b live until it stops."""
     a = paired_on(sims, "a")
     b = sims("b")
     b.wait_state("connected")
@@ -93,6 +95,9 @@ def test_a_second_connection_replaces_the_first_which_ends_replaced(sims, server
     assert second.ended is None and second.live
     assert first.ended_mono is not None and first.mono <= first.ended_mono <= second.mono
     assert [r["event"] for r in _log(server)] == ["connect", "replaced", "connect"]
+    b.stop()
+    last = list(read_connections(server / "acme").values())[-1]
+    assert (last.ended, last.reason, last.live) == ("disconnect", "stopped", False)
 
 
 def test_a_replaced_connection_sends_nothing(sims, server):
@@ -107,10 +112,11 @@ def test_a_replaced_connection_sends_nothing(sims, server):
 
 
 def test_an_outbox_id_is_sent_once_whichever_host_sends_it(sims, server):
-    """msg_1 sent by host a, then asked of host b: b sends nothing, answers a's wa_id, and the duplicate is counted."""
+    """msg_1 sent by host a after host b read the send log: asked of b, nothing is sent, a's wa_id answers, one duplicate."""
     a = paired_on(sims, "a")
+    b = sims("b", env={"WHATSAPPD_SIM_CONNECT_DELAY": "0.5"})  # b has read the send log and is connecting
+    b.wait_state("connecting")
     first = send(a, "msg_1")
-    b = sims("b")
     b.wait_state("connected")
     again = send(b, "msg_1")
     assert again == first
@@ -169,6 +175,32 @@ def test_two_daemons_share_the_device_and_the_second_connection_replaces_the_fir
     first, second = simserver.connections(server)["acme"]
     assert (first.host, first.pid, first.ended, first.by) == (str(a.state_dir), a_pid, "replaced", second.conn)
     assert simserver.live(server) == {"acme": [(str(b.state_dir), b.worker_pid("acme"))]}
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_frozen_daemons_worker_notices_its_replacement_when_resumed(daemons, server):
+    """Daemon A and its worker SIGSTOPped: B still connects (the session lock is not shared); resumed, A reports `replaced`."""
+    a = shared(daemons, server)
+    a.start(timeout=30)
+    a.pair("acme", timeout=30)
+    a_worker = a.worker_pid("acme")
+    assert a_worker is not None
+    frozen = (a.pid, a_worker)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        b = shared(daemons, server)
+        b.start(timeout=30)
+        b.wait_state("acme", "connected", timeout=30)
+        assert simserver.live(server) == {"acme": [(str(b.state_dir), b.worker_pid("acme"))]}
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    a.wait_state("acme", "replaced", timeout=10)
+    assert [c.ended for c in simserver.connections(server)["acme"]] == ["replaced", None]
+    [(older, newer)] = simserver.replacements(server)["acme"]
+    assert (older.host, older.pid, newer.host) == (str(a.state_dir), a_worker, str(b.state_dir))
+    assert b.snapshot("acme")["state"] == "connected"
     assert a.stop() == 0 and b.stop() == 0
 
 

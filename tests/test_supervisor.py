@@ -7,6 +7,7 @@ what most of these pin down: what each way a worker can end means for its compan
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +23,24 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PAIR_CODE = re.compile(r"[1-9A-HJ-NP-TV-Z]{4}-[1-9A-HJ-NP-TV-Z]{4}")
 
 
+#: The scenarios that drive a whole supervision flow (pairing, crash, backoff, logout, stop,
+#: restart, ban...) also run on the PostgreSQL store: the journal of every state change, the
+#: outbox and the pacing tables are then in PostgreSQL. Checks of requests and of one answer
+#: run on the default, SQLite.
+BOTH_STORES = pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)
+#: A launcher-parametrized scenario on PostgreSQL with the default launcher only (the store does
+#: not care how a worker was started): (launcher, store) pairs.
+LAUNCHERS_AND_STORES = pytest.mark.parametrize(
+    ("launcher", "store_table"), [*((launcher, "sqlite") for launcher in LAUNCHERS), ("zygote", "postgresql")],
+    indirect=["store_table"])
+
+
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    """Make SimDaemons under tmp_path; any still running at teardown is killed."""
+def daemons(tmp_path: Path, store_table: dict[str, str]) -> Iterator[Callable[..., SimDaemon]]:
+    """Make SimDaemons under tmp_path, on the store of `store_table` (SQLite unless the test is
+    parametrized with BOTH_STORES); any still running at teardown is killed."""
     with daemon_pool(tmp_path) as make:
-        yield make
+        yield functools.partial(make, store=store_table)
 
 
 def started(make: Callable[..., SimDaemon], *companies: str, env: dict[str, str] | None = None,
@@ -147,6 +161,7 @@ def test_pair_code_when_not_pairing_is_409(daemons):
     assert response.status == 409 and error_code(response) == "not_pairing"
 
 
+@BOTH_STORES
 def test_scan_connects_with_the_jid_and_push_name(daemons):
     """scan while pairing: `connected` in the same worker, with JID, push name and a session."""
     d = started(daemons, "acme")
@@ -214,6 +229,7 @@ def test_paired_without_connected_restarts_the_worker_after_the_paired_deadline(
 # ---------------------------------------------------------------------------- connection
 
 
+@BOTH_STORES
 def test_drop_goes_reconnecting_and_restore_goes_connected_in_the_same_worker(daemons):
     """drop shows `reconnecting`, restore `connected`, and the worker is not replaced."""
     d = started(daemons, "acme")
@@ -226,6 +242,7 @@ def test_drop_goes_reconnecting_and_restore_goes_connected_in_the_same_worker(da
     assert snap["worker"] == {"pid": pid, "restarts": 0}
 
 
+@BOTH_STORES
 def test_logged_out_wipes_every_session_file_and_the_next_connect_shows_a_qr(daemons):
     """Unlinked from the phone: `logged_out`, every session file gone, no retry; connect pairs anew."""
     d = started(daemons, "acme")
@@ -246,6 +263,7 @@ def test_logged_out_wipes_every_session_file_and_the_next_connect_shows_a_qr(dae
     assert d.log_lines("worker started", company="acme", mode="pairing")[-1]
 
 
+@BOTH_STORES
 def test_replaced_is_not_retried_until_connect(daemons):
     """Stream replaced: `replaced` with no worker and no retry until connect restores the session."""
     d = started(daemons, "acme")
@@ -261,6 +279,7 @@ def test_replaced_is_not_retried_until_connect(daemons):
 
 
 @pytest.mark.slow
+@BOTH_STORES
 def test_ban_waits_until_its_expiry_then_reconnects(daemons):
     """A temporary ban: `banned` with banned_until and no worker, then `connected` after expiry."""
     d = started(daemons, "acme")
@@ -292,6 +311,7 @@ def test_outdated_is_not_retried(daemons):
 
 
 @pytest.mark.slow
+@BOTH_STORES
 def test_failing_connects_back_off_up_to_max_delay_then_connect_once_the_fault_is_gone(daemons, tmp_path):
     """Failed connects back off (attempt grows, delays capped at max_delay) until the fault goes."""
     fault = tmp_path / "fail-acme"
@@ -340,7 +360,7 @@ def test_a_connect_that_never_completes_is_abandoned_after_connect_timeout(daemo
 # ---------------------------------------------------------------------------- worker faults
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@LAUNCHERS_AND_STORES
 def test_a_crash_restarts_the_worker_with_backoff(daemons, launcher):
     """A crash: a new worker after backoff, restarts counted, the session restored without a QR."""
     d = started(daemons, "acme", workers={"launcher": launcher})
@@ -359,7 +379,7 @@ def test_a_crash_restarts_the_worker_with_backoff(daemons, launcher):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@LAUNCHERS_AND_STORES
 def test_a_crash_loop_fails_until_connect_or_restart(daemons, launcher):
     """crash_limit crashes in crash_window: `failed` crash_loop until connect or restart."""
     d = started(daemons, "acme", workers={"crash_limit": 2, "crash_window": "1m", "launcher": launcher})
@@ -388,7 +408,7 @@ def test_a_crash_loop_fails_until_connect_or_restart(daemons, launcher):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@LAUNCHERS_AND_STORES
 def test_a_hung_worker_is_killed_after_heartbeat_timeout_and_replaced(daemons, launcher):
     """A worker silent for heartbeat_timeout (SIGSTOP) is SIGKILLed and replaced."""
     d = started(daemons, "acme", workers={"heartbeat_timeout": "2s", "launcher": launcher})
@@ -408,6 +428,7 @@ def test_a_hung_worker_is_killed_after_heartbeat_timeout_and_replaced(daemons, l
 # ---------------------------------------------------------------------------- operator acts
 
 
+@BOTH_STORES
 def test_logout_when_connected_unlinks_and_wipes(daemons):
     """logout when connected unlinks through the library, wipes, and leaves `logged_out`."""
     d = started(daemons, "acme")
@@ -420,6 +441,7 @@ def test_logout_when_connected_unlinks_and_wipes(daemons):
     assert snap["state"] == "logged_out" and snap["has_session"] is False and snap["worker"]["pid"] is None
 
 
+@BOTH_STORES
 def test_logout_when_not_connected_wipes_locally_and_says_so(daemons):
     """logout when not connected wipes locally and notes the phone may still list the device."""
     d = started(daemons, "acme")
@@ -434,6 +456,7 @@ def test_logout_when_not_connected_wipes_locally_and_says_so(daemons):
     assert not d.session_dir("acme").exists()
 
 
+@BOTH_STORES
 def test_restart_replaces_the_worker(daemons):
     """restart: the worker stops cleanly and a new one (new pid, restarts + 1) restores."""
     d = started(daemons, "acme")
@@ -446,6 +469,7 @@ def test_restart_replaces_the_worker(daemons):
     assert d.log_lines("worker exited", company="acme", pid=pid, exit_code=0, killed=None)
 
 
+@BOTH_STORES
 def test_delete_stops_the_worker_and_keeps_the_session(daemons):
     """DELETE stops the worker, keeps the session; status does not undo it, connect restores."""
     d = started(daemons, "acme")
@@ -462,6 +486,7 @@ def test_delete_stops_the_worker_and_keeps_the_session(daemons):
     assert d.log_lines("worker started", company="acme")[-1]["mode"] == "restore"
 
 
+@BOTH_STORES
 def test_delete_with_wipe_logs_out_and_wipes(daemons):
     """DELETE ?wipe=true unlinks the device and wipes the session: `logged_out`."""
     d = started(daemons, "acme")

@@ -13,7 +13,7 @@ from pathlib import Path
 from whatsappd.worker.simulator.connections import CONNECTION_LOG_FILE, Connection, read_connections
 from whatsappd.worker.simulator.server import DUPLICATES_FILE, SEND_LOG_FILE, SendLogStats, send_log_stats
 
-__all__ = ["Connection", "companies", "connections", "live", "send_stats"]
+__all__ = ["Connection", "companies", "connections", "live", "replacements", "send_stats"]
 
 
 def companies(server_dir: Path) -> list[str]:
@@ -35,6 +35,21 @@ def connections(server_dir: Path) -> dict[str, list[Connection]]:
 def live(server_dir: Path) -> dict[str, list[tuple[str, int]]]:
     """Per company, the (host, pid) of each live connection: more than one is two owners."""
     return {company: [(c.host, c.pid) for c in conns if c.live] for company, conns in connections(server_dir).items()}
+
+
+def replacements(server_dir: Path) -> dict[str, list[tuple[Connection, Connection]]]:
+    """Per company, each (older, newer) pair where a connection replaced one whose worker was
+    still running (the `replaced` line is written only then): two workers of the company were
+    alive at once. Across hosts that is a double owner, whatever `live()` shows at any instant
+    (the replacement and the new connection are recorded in one step, so `live()` never lists
+    two); within one host (the same `host`) it is a restart that overlapped its predecessor."""
+    out: dict[str, list[tuple[Connection, Connection]]] = {}
+    for company, conns in connections(server_dir).items():
+        by_id = {c.conn: c for c in conns}
+        pairs = [(c, by_id[c.by]) for c in conns if c.ended == "replaced" and c.by in by_id]
+        if pairs:
+            out[company] = pairs
+    return out
 
 
 def send_stats(server_dir: Path) -> dict[str, SendLogStats]:

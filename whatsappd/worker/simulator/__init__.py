@@ -102,6 +102,12 @@ Messaging (issue 4):
 * Receipts (automatic or `simulate receipt`) are emitted only while connected; an automatic
   one that falls due while the connection is down is lost.
 
+A shared server (issue 13): with `[simulator] server_dir` (EngineOptions.server_dir, the worker's
+`--sim-server-dir`), everything this docstring places "in the session directory" (the device,
+send log, duplicates, presence log, media) is in server_dir/<company>/ instead, shared by every
+daemon of the machine, plus a connection log: a connection replaces the company's older live one,
+which ends REPLACED (see connections.py). The session directory then holds only the worker's lock.
+
 Modules, one job each:
 
 * ``engine.py``: SimulatorEngine, the state machine (phases, timers, connection attempts through
@@ -111,4 +117,5 @@ Modules, one job each:
 * ``server.py``: the fake WhatsApp's memory: the session file (the paired device), the send log,
   the incoming media "CDN".
 * ``config.py``: timings and fault injection from WHATSAPPD_SIM_* variables.
+* ``connections.py``: the shared server's connection log (connect, replace, disconnect).
 """

@@ -293,16 +293,17 @@ class SimulatorEngine(Engine):
         still the company's (under the connection log's lock, so no replacement comes between)."""
         if self._connections is None:
             return self._sent.send(record)
+        # self._cond is never taken under the file lock: a connect holds self._cond while it
+        # takes the file lock, so the phase is read plainly here and the engine ended after.
         with self._connections.locked():
-            if self._connections.replaced():
-                with self._cond:
-                    self._finish(ExitCode.REPLACED)
-            # A plain read of the phase: taking self._cond under the file lock could deadlock
-            # with a connect, which holds self._cond while it takes the file lock.
-            if self._phase != Phase.CONNECTED:
-                raise EngineError(ErrorCode.NOT_CONNECTED, "sending a message needs a live connection "
-                                  f"(the engine is {self._phase})")
-            return self._sent.send(record)
+            replaced = self._connections.replaced()
+            if not replaced and self._phase == Phase.CONNECTED:
+                return self._sent.send(record)
+        if replaced:
+            with self._cond:
+                self._finish(ExitCode.REPLACED)
+        raise EngineError(ErrorCode.NOT_CONNECTED, "sending a message needs a live connection "
+                          f"(the engine is {self._phase})")
 
     def _watch_replacement(self) -> None:
         """A shared server's conflict: end REPLACED once another connection of the company took
@@ -539,7 +540,7 @@ class SimulatorEngine(Engine):
     def _finish(self, code: ExitCode) -> None:
         """Decide run()'s result (the first decision wins) and wake run()."""
         if self._exit is None:
-            if self._phase == Phase.CONNECTED and code != ExitCode.REPLACED:
+            if self._phase == Phase.CONNECTED:  # (nothing is noted for a connection the log says was replaced)
                 self._leave_connection(code.name.lower())
             self._exit = code
             self._phase = Phase.DONE
