@@ -22,10 +22,18 @@ from whatsappd.protocol import ExitCode
 from whatsappd.store.postgresql import migrate
 from whatsappd.supervisor.devices import Devices
 from whatsappd.supervisor.process import Deadlines, WorkerSpec, launch_subprocess, start_worker
-from whatsappd.testing.daemon import wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
+from whatsappd.testing.scenario import SimDaemon, daemon_pool
 from whatsappd.testing.socks5 import Socks5FaultProxy
-from whatsappd.testing.whatsmeow_pg import device_rows, insert_fake_device, loaded_jid, record_device
+from whatsappd.testing.whatsmeow_pg import (
+    cold_start_round,
+    device_rows,
+    insert_fake_device,
+    loaded_jid,
+    neonize_pg_daemon,
+    quarantines,
+    record_device,
+    wait_started,
+)
 from whatsappd.worker.neonize.classify import is_store_error, is_upgrade_race
 
 pytestmark = [pytest.mark.neonize]
@@ -54,22 +62,13 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
         yield make
 
 
-def _config(proxy: Socks5FaultProxy, *companies: str) -> str:
-    return sim_config() + "".join(f'[[companies]]\nid = "{cid}"\nengine = "neonize"\nproxy = "{proxy.url}"\n'
-                                  for cid in companies)
+def _pg_daemon(make: Callable[..., SimDaemon], proxy: Socks5FaultProxy, dsn: str, *companies: str) -> SimDaemon:
+    return neonize_pg_daemon(make, proxy, dsn, *companies)
 
 
-def _pg_daemon(make: Callable[..., SimDaemon], proxy: Socks5FaultProxy, dsn: str, *companies: str,
-               **kw: object) -> SimDaemon:
-    return make(_config(proxy, *companies), store={"backend": "postgresql", "dsn": dsn}, **kw)
-
-
-def _started(d: SimDaemon, wait: bool = True) -> SimDaemon:
-    """Start d and wait for its ready line (its socket answers before the supervisor has started)."""
-    if wait:
-        d.start()
-    wait_until(lambda: d.log_lines("whatsappd ready"), 60, what="the ready line")
-    return d
+def _started(d: SimDaemon) -> SimDaemon:
+    d.start()
+    return wait_started(d)
 
 
 def _mappings(dsn: str) -> dict[str, str]:
@@ -80,11 +79,6 @@ def _mappings(dsn: str) -> dict[str, str]:
 def _quarantined(dsn: str) -> list[tuple[str, str, str]]:
     with psycopg.connect(dsn) as db:
         return [tuple(r) for r in db.execute("SELECT company, jid, reason FROM whatsappd_devices_quarantine")]
-
-
-def _no_quarantine(d: SimDaemon) -> None:
-    assert not d.log_lines("store_unusable"), d.log_lines("store_unusable")
-    assert all(c["state"] != "failed" for c in d.companies().values()), d.companies()
 
 
 # ------------------------------------------------------------------------------ config
@@ -167,7 +161,7 @@ def test_two_companies_in_one_database_one_restores_its_device_the_other_pairs_a
     started = {e["company"]: e["mode"] for e in d.log_lines("worker started")}
     assert started == {"a": "restore", "b": "pairing"}, started
     assert set(device_rows(pg_dsn)) == {A} and _mappings(pg_dsn) == {"a": A}
-    _no_quarantine(d)
+    assert quarantines(d, pg_dsn) == 0, d.companies()
     assert d.stop() == 0
     assert "hunter2secret" not in d.log_path.read_text()
 
@@ -225,7 +219,7 @@ def test_logout_deletes_exactly_that_companys_device_rows_and_mapping(
     assert device_rows(wm_dsn) == {B: 2}
     assert _mappings(wm_dsn) == {"b": B}
     assert d.snapshot("a")["has_session"] is False and d.snapshot("b")["has_session"] is True
-    _no_quarantine(d)
+    assert quarantines(d, wm_dsn) == 0, d.companies()
     assert d.stop() == 0
 
 
@@ -255,27 +249,7 @@ def test_quarantine_moves_the_mapping_aside_with_its_reason_and_keeps_the_creden
 # -------------------------------------------------------------------- cold start (c)
 
 
-COLD_ROUNDS = 2  # bench/bench_pg_coldstart.py runs 20
-
-
-def cold_start_round(make: Callable[..., SimDaemon], proxy: Socks5FaultProxy, dsn: str, hosts: int = 3,
-                     per_host: int = 2, tag: str = "") -> list[SimDaemon]:
-    """Start `hosts` daemons at once on dsn (an empty database), each with per_host neonize
-    companies connected at once; wait until every company failed its dial at least once."""
-    made = [_pg_daemon(make, proxy, dsn, *(f"h{h}c{c}" for c in range(per_host)), root=None)
-            for h in range(hosts)]
-    for d in made:
-        d.start(wait=False)
-    for d in made:
-        d.wait_ready(60)
-        _started(d, wait=False)
-    for h, d in enumerate(made):
-        for c in range(per_host):
-            assert d.post(f"h{h}c{c}", "connect").status == 202
-    for h, d in enumerate(made):
-        for c in range(per_host):
-            d.wait_state(f"h{h}c{c}", "reconnecting", "failed", timeout=60, check=lambda s: s["last_error"])
-    return made
+COLD_ROUNDS = 2  # bench/bench_pg_coldstart.py runs 20 rounds of 3 hosts x 2 companies
 
 
 def test_three_daemons_cold_started_at_once_on_an_empty_database_quarantine_nothing(
@@ -283,9 +257,9 @@ def test_three_daemons_cold_started_at_once_on_an_empty_database_quarantine_noth
     """Three daemons with neonize companies started together on an empty database: whatsmeow's tables made, zero quarantines."""
     for _ in range(COLD_ROUNDS):
         dsn = postgres.create_database()
-        made = cold_start_round(daemons, refusing, dsn)
+        made = cold_start_round(daemons, refusing, dsn, hosts=3, per_host=1)
         for d in made:
-            _no_quarantine(d)
+            assert quarantines(d, dsn) == 0, d.companies()
             for company in d.companies().values():
                 assert company["last_error"]["code"] == "connection_failed", company
         with psycopg.connect(dsn) as db:

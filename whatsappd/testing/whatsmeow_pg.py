@@ -19,10 +19,16 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["device_rows", "insert_fake_device", "loaded_jid", "record_device"]
+if TYPE_CHECKING:
+    from whatsappd.testing.scenario import SimDaemon
+    from whatsappd.testing.socks5 import Socks5FaultProxy
+
+__all__ = ["cold_start_round", "device_rows", "insert_fake_device", "loaded_jid", "neonize_pg_daemon",
+           "quarantines", "record_device", "wait_started"]
 
 _MARK = "LOADED "
 
@@ -83,6 +89,56 @@ def loaded_jid(dsn: str, company: str, proxy_url: str, *, pair: bool, jid: str |
             found: str | None = json.loads(line[len(_MARK):])["jid"]
             return found
     raise RuntimeError(f"the neonize client exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+
+
+def neonize_pg_daemon(make: Callable[..., SimDaemon], proxy: Socks5FaultProxy, dsn: str, *companies: str,
+                      **kw: Any) -> SimDaemon:
+    """A scenario daemon (made by make, a daemon_pool's) on the PostgreSQL store dsn, with one
+    neonize company per id, each dialing only proxy (a refusing 127.0.0.1 listener)."""
+    from whatsappd.testing.scenario import sim_config
+
+    config = sim_config() + "".join(f'[[companies]]\nid = "{cid}"\nengine = "neonize"\nproxy = "{proxy.url}"\n'
+                                    for cid in companies)
+    return make(config, store={"backend": "postgresql", "dsn": dsn}, **kw)
+
+
+def wait_started(d: SimDaemon, timeout: float = 60.0) -> SimDaemon:
+    """Wait for d's ready line (its socket answers before the supervisor has started)."""
+    from whatsappd.testing.daemon import wait_until
+
+    d.wait_ready(timeout)
+    wait_until(lambda: d.log_lines("whatsappd ready"), timeout, what="the ready line")
+    return d
+
+
+def cold_start_round(make: Callable[..., SimDaemon], proxy: Socks5FaultProxy, dsn: str, hosts: int = 3,
+                     per_host: int = 2) -> list[SimDaemon]:
+    """Start `hosts` daemons at once on dsn (an empty database), each with per_host neonize
+    companies, all connected at once; return once every company failed its dial at least once
+    (or failed for good: a quarantine). The caller stops them."""
+    made = [neonize_pg_daemon(make, proxy, dsn, *(f"h{h}c{c}" for c in range(per_host))) for h in range(hosts)]
+    for d in made:
+        d.start(wait=False)
+    for d in made:
+        wait_started(d)
+    for h, d in enumerate(made):
+        for c in range(per_host):
+            answer = d.post(f"h{h}c{c}", "connect")
+            assert answer.status == 202, answer.body
+    for h, d in enumerate(made):
+        for c in range(per_host):
+            d.wait_state(f"h{h}c{c}", "reconnecting", "failed", timeout=60, check=lambda s: s["last_error"])
+    return made
+
+
+def quarantines(d: SimDaemon, dsn: str) -> int:
+    """Companies of d quarantined or failed (a store judged unusable), by its log, its API and the database."""
+    import psycopg
+
+    with psycopg.connect(dsn) as db:
+        (moved,) = db.execute("SELECT count(*) FROM whatsappd_devices_quarantine").fetchone() or (0,)
+    failed = sum(1 for c in d.companies().values() if c["state"] == "failed")
+    return len(d.log_lines("store_unusable")) + failed + int(moved)
 
 
 def _main(request: dict[str, Any]) -> None:
