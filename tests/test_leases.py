@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ import psycopg
 import pytest
 
 from whatsappd.cluster.leases import TOKEN_HELD_SQL, LeaseKeeper, Leases, Loss, StaleLease, check_token, share
-from whatsappd.config import CLUSTER_UNFINISHED, ConfigError, build_config
+from whatsappd.config import ConfigError, build_config
 from whatsappd.store.postgresql import migrate
 from whatsappd.testing.lease_host import read_log
 
@@ -283,8 +284,9 @@ def test_renewal_is_one_statement_per_period_for_all_leases(lease_dsn: str):
     held.close()
 
 
-def test_cluster_settings_validate_and_enabling_the_unfinished_mode_is_refused(tmp_path: Path):
-    """[cluster] keys parse and are checked together; enabled = true is refused: multi-host mode is unfinished."""
+def test_cluster_settings_validate_and_enabling_needs_postgresql_and_a_host_id(tmp_path: Path):
+    """[cluster] keys parse and are checked together; enabled = true needs the PostgreSQL store, and an empty
+    host_id becomes the machine's hostname."""
     base = {"daemon": {"state_dir": str(tmp_path)}}
     config = build_config({**base, "cluster": {"host_id": "wa-3", "lease_ttl": "5s", "renew_interval": "1s",
                                                "fence_margin": "1s", "max_companies": 30}}, "test")
@@ -296,8 +298,13 @@ def test_cluster_settings_validate_and_enabling_the_unfinished_mode_is_refused(t
             build_config({**base, "cluster": cluster}, "test")
         return refused.value.problems
 
-    assert problems({"enabled": True}) == [CLUSTER_UNFINISHED]
-    assert "multi-host mode is not finished" in CLUSTER_UNFINISHED
+    assert problems({"enabled": True}) == ['cluster.enabled = true: needs store.backend = "postgresql" (the hosts '
+                                           "share its leases, company registry, journal and outbox); a single host on "
+                                           "SQLite needs no [cluster]"]
+    pg = {**base, "store": {"backend": "postgresql", "dsn": "postgresql://whatsappd@db.example.com/whatsappd"}}
+    enabled = build_config({**pg, "cluster": {"enabled": True}}, "test")
+    assert enabled.cluster_enabled and enabled.cluster_host_id == socket.gethostname()
+    assert build_config({**pg, "cluster": {"enabled": True, "host_id": "wa-3"}}, "test").cluster_host_id == "wa-3"
     assert problems({"fence_margin": "15s"})[0].startswith("cluster.fence_margin = \"15s\": must be shorter")
     assert problems({"lease_ttl": "5s", "fence_margin": "1s", "renew_interval": "2500ms"})[0].startswith(
         "cluster.renew_interval = \"2s500ms\": must be at most (lease_ttl - fence_margin) / 2 = 2s")

@@ -50,12 +50,12 @@ class Sim:
     """One engine with a list-collecting emit and run() in a background thread."""
 
     def __init__(self, session_dir: Path, *, pair: bool = True, env: dict[str, str] | None = None,
-                 company: str = "acme", gate: ConnectGate | None = None) -> None:
+                 company: str = "acme", gate: ConnectGate | None = None, server_dir: Path | None = None) -> None:
         self.messages: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self.engine = SimulatorEngine(
             EngineOptions(company=company, session_dir=session_dir, proxy=None, pair=pair,
-                          gate=gate or ConnectGate.unlimited()),
+                          gate=gate or ConnectGate.unlimited(), server_dir=server_dir),
             self._emit,
             env={**FAST, **(env or {})},
         )

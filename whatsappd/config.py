@@ -12,6 +12,7 @@ import grp
 import json
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -475,6 +476,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Failed POSTs in a row after which a webhook is marked `failing` (it keeps retrying and "
             "resumes from its cursor when the receiver answers again)."),
 
+    # The simulator's fake WhatsApp shared by several daemons on one machine (issue 13).
+    Setting("simulator", "server_dir", _optional_path, "",
+            "Simulator companies only: a directory shared by several daemons on this machine, holding "
+            "each company's fake-WhatsApp \"server\" (server_dir/<company>/: the paired device, the send "
+            "log, the connection log), so that the daemons of a test cluster see one WhatsApp: a company "
+            "paired on one is paired on all, a message is sent once whoever sends it, and a second "
+            "connection of a company replaces the first (`replaced`). Empty: each daemon's simulator "
+            "keeps all of it in its own session directory.", reloadable=False, render=_render_path),
+
     Setting("store", "backend", _choice(STORE_BACKENDS), "sqlite",
             "Where the journal and the outbox live: \"sqlite\" (one file in state_dir, the default) or "
             "\"postgresql\" (the database store.dsn names; `whatsappd migrate` creates its tables, and "
@@ -485,12 +495,11 @@ SETTINGS: tuple[Setting, ...] = (
             "?host=/run/postgresql for a Unix socket). Keep the password out of it: libpq reads "
             "~/.pgpass or PGPASSFILE.", reloadable=False),
 
-    # Several hosts on one PostgreSQL (issue 13; whatsappd/cluster/leases.py). Under construction:
-    # the keys validate, enabled = true is refused (CLUSTER_UNFINISHED).
+    # Several hosts on one PostgreSQL (issue 13; whatsappd/cluster/).
     Setting("cluster", "enabled", _bool, False,
             "Run as one of several hosts sharing store.dsn, each company owned by one host at a time "
-            "(leases). Multi-host mode is not finished: true is refused at load; the other [cluster] "
-            "keys are checked already.", reloadable=False),
+            "(leases; see docs/INTERNALS.md \"Company leases\"). Needs store.backend = \"postgresql\".",
+            reloadable=False),
     Setting("cluster", "host_id", _host_id, "",
             "This host's stable, unique name in the cluster (1-64 of A-Z a-z 0-9 . _ -). Empty: the "
             "machine's hostname.", reloadable=False),
@@ -623,6 +632,8 @@ class Config:
     webhook_delivery_initial_delay: float
     webhook_delivery_max_delay: float
     webhook_delivery_failing_after: int
+
+    simulator_server_dir: Path | None
 
     store_backend: str
     store_dsn: str
@@ -815,14 +826,9 @@ def build_config(
     return Config(source=source, companies=companies, webhooks=webhooks, **values)
 
 
-#: Why [cluster] enabled = true is refused for now.
-CLUSTER_UNFINISHED = ("cluster.enabled = true: multi-host mode is not finished yet (issue 13: the lease layer "
-                      "exists, the daemon does not use it); remove the key or set it to false. The other "
-                      "[cluster] keys are checked already")
-
-
-def _check_cluster(values: Mapping[str, Any], problems: list[str]) -> None:
-    """The [cluster] keys together (each parsed alone already, when present in values)."""
+def _check_cluster(values: dict[str, Any], problems: list[str]) -> None:
+    """The [cluster] keys together (each parsed alone already, when present in values); with
+    enabled = true, an empty host_id becomes the machine's hostname (which must fit the rule)."""
     ttl, renew, margin = (values.get(f"cluster_{k}") for k in ("lease_ttl", "renew_interval", "fence_margin"))
     if ttl is not None and margin is not None and margin >= ttl:
         problems.append(f"cluster.fence_margin = {_show(format_duration(margin))}: must be shorter than "
@@ -831,8 +837,19 @@ def _check_cluster(values: Mapping[str, Any], problems: list[str]) -> None:
         problems.append(f"cluster.renew_interval = {_show(format_duration(renew))}: must be at most (lease_ttl - "
                         f"fence_margin) / 2 = {format_duration((ttl - margin) / 2)}, so a host renews at least "
                         "twice before it must fence itself and one failed renewal does not cost its companies")
-    if values.get("cluster_enabled"):
-        problems.append(CLUSTER_UNFINISHED)
+    if not values.get("cluster_enabled"):
+        return
+    if values.get("store_backend") != "postgresql":
+        problems.append('cluster.enabled = true: needs store.backend = "postgresql" (the hosts share its '
+                        "leases, company registry, journal and outbox); a single host on SQLite needs no [cluster]")
+    if values.get("cluster_host_id") == "":
+        hostname = socket.gethostname()
+        try:
+            values["cluster_host_id"] = _host_id(hostname)
+        except ValueError:
+            problems.append(f"cluster.host_id: not set, and this machine's hostname {_show(hostname)} does not fit "
+                            "a host id (1 to 64 characters of A-Z, a-z, 0-9, \".\", \"_\" and \"-\", starting with "
+                            "a letter or digit); set cluster.host_id")
 
 
 def _show(raw: object) -> str:

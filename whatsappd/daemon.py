@@ -21,6 +21,7 @@ from aiohttp import web
 
 from whatsappd import __version__, pidlock
 from whatsappd.cluster.select import crosshost
+from whatsappd.cluster.setup import cluster_node
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control.app import Services, build_app
 from whatsappd.control.companies import run_act
@@ -72,6 +73,7 @@ class Daemon:
         self.crosshost = crosshost(config, self.store, self.supervisor, self._committed, sender.wake,
                                    lambda r: {**r.snapshot(), "sending": self.messaging.pacing(r.id)})
         self.store.subscribe(self._committed if self.crosshost is None else self.crosshost.tail.local)
+        self.cluster = cluster_node(config, self.supervisor, self.store, sender)  # None on a single host
         maintenance = Maintenance(self.store, sender.busy, lambda: self.config)
         self.messaging = Messaging(self.store, self.bus, sender, maintenance)
         # Webhooks read the journal from their own cursors; a commit only wakes them.
@@ -220,8 +222,12 @@ class Daemon:
         _sweep_tmp(self.config.daemon_state_dir / "tmp")
         try:
             self.store.open()
+            if self.cluster is not None:
+                await asyncio.to_thread(self.cluster.prepare, self.config)
             self.messaging.start()
             await self.supervisor.start()
+            if self.cluster is not None:
+                await self.cluster.start()
             if self.crosshost is not None:
                 self.crosshost.start(functools.partial(run_act, services))
             await self.webhooks.start()  # last: its store read must not reorder the others' first steps
@@ -343,6 +349,8 @@ class Daemon:
         self.bus.end_streams()
         # 3. ask every worker to disconnect, kill those that do not in time.
         await self.supervisor.shutdown(timeout=max(0.5, deadline - time.monotonic() - 1.0))
+        if self.cluster is not None:  # the workers are gone: give the leases back
+            await self.cluster.stop()
         # 4. flush the journal and close the store, then the remaining client connections.
         await self._close_store()
         assert self._runner is not None
@@ -373,6 +381,8 @@ class Daemon:
             self.config = new  # messaging reads it from here
             try:
                 await self.supervisor.apply(new, diff)
+                if self.cluster is not None:
+                    await self.cluster.reloaded(new, diff)
                 webhooks = await self.webhooks.apply(new)
             except Exception as exc:  # a bug: say so, but never leave systemd "reloading"
                 log.exception("applying the reloaded configuration failed part-way")

@@ -102,6 +102,8 @@ class ErrorCode(enum.StrEnum):
     INVALID_WEBHOOK_ID = "invalid_webhook_id", 400, "The webhook id does not match ^[a-z0-9][a-z0-9_-]{0,63}$."
     INVALID_WEBHOOK = "invalid_webhook", 400, "The webhook is malformed (url, secret, events, companies); error.problems lists why."
     WEBHOOK_NOT_FOUND = "webhook_not_found", 404, "No webhook with this id."
+    # Several hosts sharing PostgreSQL ([cluster], issue 13).
+    NOT_OWNER = "not_owner", 409, "Another host owns the company (holds its lease): the act must run there."
     # Several hosts on one PostgreSQL (issue 13): an act asked on a host that does not own the company.
     NO_OWNER = "no_owner", 503, "No host owns the company now (its lease lapsed); another takes it over shortly: retry."
     OWNER_UNREACHABLE = "owner_unreachable", 504, "The host owning the company did not answer in time (or could not be reached)."

@@ -45,6 +45,7 @@ __all__ = [
     "Command",
     "CommandMessage",
     "ConnectGrant",
+    "Fence",
     "ConnectRequest",
     "Disconnect",
     "Download",
@@ -122,6 +123,8 @@ class ExitCode(enum.IntEnum):
     SESSION_LOCKED = 17  # another process holds this session's lock
     SESSION_DELETED = 18  # the session's files were deleted under the running worker
     BAD_INVOCATION = 64  # wrong arguments: a bug in the supervisor, never retried quickly
+    # Several hosts ([cluster]).
+    FENCED = 19  # its fence deadline passed unrefreshed: its host may have lost the company's lease
 
 
 class EngineError(Failure):
@@ -304,6 +307,24 @@ class Stop:
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "stop"}
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The worker's new fence deadline (absolute CLOCK_MONOTONIC seconds), sent after each
+    successful lease renewal ([cluster]): past it, unrefreshed, the worker exits FENCED by itself."""
+
+    deadline: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "fence", "deadline": self.deadline}
+
+    @classmethod
+    def parse(cls, message: Mapping[str, Any]) -> Fence:
+        deadline = message.get("deadline")
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+            raise ValueError("a fence message needs a finite number 'deadline'")
+        return cls(float(deadline))
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,18 @@ company (issue 13):
   its owner (`route`), which runs it with the routes' own code (`serve`) and answers in a NOTIFY;
   the asker waits within ROUTE_TIMEOUT.
 
-Who owns a company: `Supervisor.owned(cid)` (the lease token held here) once the daemon holds
-leases; before that (several daemons on one database without [cluster]) the host whose
-supervisor runs the company (`RunsHere`), and other hosts learn it from its status row.
+Who owns a company: with [cluster], the lease holder (`Supervisor.owned(cid)`: the token held
+here); several daemons on one database without [cluster] each own the companies they run, and
+the others learn it from the owner's status row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
     from whatsappd.config import Config
     from whatsappd.supervisor import Runner, Supervisor
 
-__all__ = ["ROUTE_TIMEOUT", "Answer", "CrossHost", "Execute", "Owner", "Ownership", "RunsHere"]
+__all__ = ["ROUTE_TIMEOUT", "Answer", "CrossHost", "Execute", "Owner"]
 
 log = get_logger()
 
@@ -57,23 +56,6 @@ STATUS_REFRESH = 30.0
 Answer = tuple[int, dict[str, Any]]
 #: Runs an act on a company owned here: (act, company, args) -> its answer.
 Execute = Callable[[str, str, dict[str, Any]], Awaitable[Answer]]
-
-
-class Ownership(Protocol):
-    """Which companies this host owns: the lease token held here, or None (not owned here)."""
-
-    def owned(self, company: str) -> int | None: ...
-
-
-class RunsHere:
-    """Ownership without leases (several daemons on one database, no [cluster]): a company is
-    owned by the daemon that runs it, with token 0."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._sup = supervisor
-
-    def owned(self, company: str) -> int | None:
-        return 0 if company in self._sup.companies else None
 
 
 @dataclass(frozen=True)
@@ -101,10 +83,8 @@ class CrossHost:
         """deliver: the bus's (and webhooks') commit listener; snapshot: a company's GET answer."""
         self.dsn = config.store_dsn
         self.sup = supervisor
-        self.host: str = getattr(supervisor, "host_id", None) or config.cluster_host_id or socket.gethostname()
-        self.cluster: bool = bool(getattr(supervisor, "cluster", False))
-        self.ownership: Ownership = (cast(Ownership, supervisor) if hasattr(supervisor, "owned")
-                                     else RunsHere(supervisor))
+        self.host = supervisor.host_id
+        self.cluster = supervisor.cluster  # leases say who owns what; else the host running a company owns it
         self.tail = JournalTail(store, deliver)
         self.listener = Listener(self.dsn, self.host, self.tail, self._outbox_note, self._commands_note,
                                  self._listening)
@@ -163,15 +143,18 @@ class CrossHost:
     # ------------------------------------------------------------------------- who owns what
 
     def owned(self, company: str) -> int | None:
-        return self.ownership.owned(company)
+        """The lease token held here for company (0 without leases), None if another host owns it."""
+        return self.sup.owned(company)
 
     async def owners(self, companies: list[str] | None = None) -> dict[str, Owner]:
         """Every company some host owns or wrote the status of (or those named), by id."""
         async def query(db: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
             where = "" if companies is None else "WHERE company = ANY(%(companies)s)"
             cur = await db.execute(
-                "SELECT company, s.host, s.token, s.snapshot, l.owner, l.token AS lease_token, l.expires_at, "
-                f"l.expires_at > now() AS live FROM (SELECT company FROM whatsappd_company_status {where} UNION "
+                "SELECT company, s.host, s.token, s.snapshot, l.owner, l.token AS lease_token, l.expires_at > now() AS live, "
+                # epoch seconds: a never-held lease expires at -infinity, which no Python datetime holds
+                "extract(epoch FROM l.expires_at)::float8 AS expires "
+                f"FROM (SELECT company FROM whatsappd_company_status {where} UNION "
                 f"SELECT company FROM whatsappd_company_leases {where}) c "
                 "LEFT JOIN whatsappd_company_status s USING (company) "
                 "LEFT JOIN whatsappd_company_leases l USING (company)", {"companies": companies})
@@ -181,9 +164,9 @@ class CrossHost:
         for row in await self._sql(query):
             if self.cluster:  # the lease says who owns it; its status counts only if written under that lease
                 live = bool(row["live"]) and row["owner"] is not None
-                snapshot = row["snapshot"] if live and row["token"] == row["lease_token"] else None
+                snapshot = row["snapshot"] if not live or row["token"] == row["lease_token"] else None
                 out[row["company"]] = Owner(row["owner"] if live else None, row["lease_token"] if live else None,
-                                            iso_or_none(row["expires_at"].timestamp()) if live else None, snapshot)
+                                            iso_or_none(row["expires"]) if live else None, snapshot)
             elif row["host"] is not None:
                 out[row["company"]] = Owner(row["host"], row["token"], None, row["snapshot"])
         return out

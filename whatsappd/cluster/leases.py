@@ -57,6 +57,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.rows import TupleRow
 
+from whatsappd.cluster.fence import StaleLease
 from whatsappd.logs import get_logger
 
 __all__ = ["Clock", "ClusterView", "Held", "LeaseKeeper", "Leases", "Loss", "Renewal", "StaleLease", "SystemClock",
@@ -109,21 +110,6 @@ RETURNING l.company
 #: lease; it locks the row like check_token. Parameters: %(company)s, %(token)s.
 TOKEN_HELD_SQL = ("EXISTS (SELECT 1 FROM whatsappd_company_leases WHERE company = %(company)s "
                   "AND token = %(token)s AND expires_at > now() FOR SHARE)")
-
-
-class StaleLease(Exception):
-    """A write for a company carried a token that is not (or no longer) its live lease's."""
-
-    def __init__(self, company: str, token: int, current: int | None, owner: str | None, live: bool) -> None:
-        self.company, self.token, self.current, self.owner, self.live = company, token, current, owner, live
-        if current is None:
-            now = "there is no lease row for it"
-        elif current != token:
-            now = f"the lease is now token {current}, held by {owner or 'nobody'}"
-        else:
-            now = "that lease has expired"
-        super().__init__(f"company {company!r}: lease token {token} is stale ({now}); this host no longer owns "
-                         "the company and must not write for it")
 
 
 def check_token(db: psycopg.Connection[Any], company: str, token: int) -> None:
@@ -298,7 +284,8 @@ class LeaseKeeper:
     cancelled; on the way out every lease is fenced (reason "stopped") and released."""
 
     def __init__(self, leases: Leases, *, renew_interval: float, fence_margin: float, on_lost: OnLost,
-                 on_acquired: OnAcquired | None = None, clock: Clock | None = None) -> None:
+                 on_acquired: OnAcquired | None = None, on_renewed: Callable[[], None] | None = None,
+                 clock: Clock | None = None) -> None:
         if not 0 < renew_interval < leases.ttl - fence_margin:
             raise ValueError("renew_interval must be positive and shorter than ttl - fence_margin")
         self.leases = leases
@@ -306,6 +293,7 @@ class LeaseKeeper:
         self.fence_margin = fence_margin
         self.on_lost = on_lost
         self.on_acquired = on_acquired
+        self.on_renewed = on_renewed  # after each successful renewal (the held deadlines moved on)
         self.clock = clock or SystemClock()
         self.held: dict[str, Held] = {}
         self.view: ClusterView | None = None
@@ -380,6 +368,8 @@ class LeaseKeeper:
             await self._db(self.leases.release, stray)
         self._changed.set()
         await self.fence_due()  # a renewal that came back after its own deadline revives nothing
+        if self.on_renewed is not None:
+            self.on_renewed()
 
     async def _balance(self, view: ClusterView) -> None:
         target = share(view.companies, self.leases.cap, [cap for _, cap in view.others])

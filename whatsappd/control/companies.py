@@ -103,10 +103,6 @@ async def company_state(request: web.Request) -> tuple[str, State | None]:
 
 Act = Callable[[Services, "Runner", dict[str, Any]], Awaitable["Answer"]]
 
-#: The owner's NOT_OWNER (a host that holds no lease for the company), once leases are wired in.
-_NOT_OWNER = getattr(ErrorCode, "NOT_OWNER", None)
-
-
 async def run_act(parts: Services, act: str, company: str, args: dict[str, Any]) -> Answer:
     """Run act on company, owned here: (HTTP status, JSON body). Also what routed acts run."""
     return await ACTS[act](parts, parts.supervisor.get(company), args)
@@ -122,7 +118,7 @@ async def _routed(request: web.Request, act: str, args: dict[str, Any]) -> web.R
             status, body = await run_act(parts, act, company, args)
             return web.json_response(body, status=status)
         except Failure as exc:
-            if cluster is None or _NOT_OWNER is None or exc.code is not _NOT_OWNER:
+            if cluster is None or exc.code is not ErrorCode.NOT_OWNER:  # the lease moved meanwhile
                 raise
     assert cluster is not None
     status, body = await cluster.route(company, act, args)

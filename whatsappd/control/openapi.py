@@ -44,7 +44,8 @@ _JID = {"type": "string", "description": "A WhatsApp JID: <digits>@s.whatsapp.ne
 _ANY = ("bad_request", "forbidden", "request_timeout", "body_too_large", "internal_error", "too_many_connections")
 _BODY = ("invalid_json", "unsupported_media_type")  # routes that read a JSON body
 _COMPANY = ("invalid_company_id", "company_not_found")  # routes under /v1/companies/{id}
-_COMMAND = ("not_running", "worker_timeout", "worker_exited", "engine_error")  # routes that ask the company's worker
+# Routes that ask the company's worker (not_owner: in a cluster, another host owns the company).
+_COMMAND = ("not_running", "worker_timeout", "worker_exited", "engine_error", "not_owner")
 # Acts run by the company's owner: asked on another host of a shared PostgreSQL store, they are
 # routed to it through the database (docs/INTERNALS.md "Several hosts: the API on every host").
 _ROUTED = ("no_owner", "owner_unreachable")

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from whatsappd.cluster.fence import StaleLease
 from whatsappd.errors import ErrorCode, Failure
 from whatsappd.logs import get_logger
 from whatsappd.pacing import CompanyPacer, PacingPolicy, Wait, WaitReason
@@ -132,7 +133,7 @@ class OutboxSender:
                 elif data.get("new") in (State.LOGGED_OUT, State.FAILED) and not runner.session_dir.exists():
                     # The wiped (or quarantined) session took the worker's send log with it: what
                     # was in flight can no longer be settled, and must not be resent later.
-                    self._spawn(lambda: self._fail_in_flight(runner.id))
+                    self._spawn(lambda: self.fail_in_flight(runner.id, "the session was logged out or quarantined"))
 
     # ----------------------------------------------------------------------------- outbox
 
@@ -231,6 +232,10 @@ class OutboxSender:
                 raise
             except StorageFull:
                 await asyncio.sleep(SEND_RETRY_PAUSE[0])  # the store logged it, once; the message waits
+            except StaleLease as exc:  # [cluster] this host lost the company meanwhile: the write was refused
+                log.warning("outbox write refused: this host no longer owns the company", company=company,
+                            error=str(exc))
+                await asyncio.sleep(SEND_RETRY_PAUSE[0])
             except Exception:
                 log.exception("outbox sender failed; retrying", company=company)
                 await asyncio.sleep(SEND_RETRY_PAUSE[0])
@@ -360,6 +365,10 @@ class OutboxSender:
         statuses = result.get("statuses") or {}
         for message in in_flight:
             status = statuses.get(message["id"]) or {"state": "unknown"}
+            if self.sup.cluster and message.get("claim") != runner.token and status.get("state") != "sent":
+                # Claimed under another lease (a previous owner's): its send may have gone out from a
+                # log this worker cannot see, so "unknown" is never a reason to send it again.
+                status = {"state": "attempted"}
             if status.get("state") == "sent":
                 changed = await self.store.set_status(message["id"], MessageStatus.SENT, wa_id=status.get("wa_id"))
                 if changed is not None:
@@ -376,12 +385,13 @@ class OutboxSender:
                 log.info("settled an interrupted send", company=runner.id, message_id=message["id"],
                          status=changed["status"])
 
-    async def _fail_in_flight(self, company: str) -> None:
+    async def fail_in_flight(self, company: str, why: str = "the host sending it stopped owning the company") -> None:
+        """Fail what is left `sending` as send_interrupted: no send log can settle it any more."""
         for message in await self.store.in_flight(company):
             await self.store.set_status(  # journals its message.status event itself (store/sqlite.py)
                 message["id"], MessageStatus.FAILED, error_code=ErrorCode.SEND_INTERRUPTED,
-                error="the session was logged out or quarantined while this message was being sent; it "
-                      "may or may not have been delivered")
+                error=f"{why} while this message was being sent; it may or may not have been delivered, "
+                      "and it is not resent to avoid a duplicate")
 
     async def _send_one(self, runner: Runner, message: OutboxMessage, policy: PacingPolicy) -> bool:
         sending = await self.store.set_status(message["id"], MessageStatus.SENDING)

@@ -122,6 +122,8 @@ class OutboxMessage(TypedDict):
     # While queued (the API adds them, from the sender): until when pacing holds it back, and why.
     paced_until: NotRequired[str | None]
     paced_reason: NotRequired[str | None]
+    # [cluster] In the sender's view of a `sending` message (in_flight): the lease token it was claimed under.
+    claim: NotRequired[int | None]
 
 
 def new_message_id() -> str:

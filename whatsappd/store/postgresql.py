@@ -23,11 +23,13 @@ The same transaction sends NOTIFY `whatsappd_journal` with its newest seq: a wak
 readers on other connections only (it is lost while a listener is away, and does not pass
 PgBouncer's transaction pooling); the journal table is the truth.
 
-Cluster work to come (leases): the `whatsappd_company_leases` table is a migration here; its
-SQL lives in whatsappd/cluster/leases.py. The token is to be checked where an owner writes for a
-company, with `leases.check_token(db, company, token)` inside the writing transaction: the claim
-`queued -> sending` and `sending -> sent/failed/queued` in `set_status`, and each journal insert
-for the company (`insert_events`, `_insert_status_event`); `StaleLease` there means "no longer yours".
+Fencing ([cluster] enabled; cluster/node.py sets `tokens`, the lease token this host holds for a
+company, or None): the claim `queued -> sending` and every move out of `sending` in `set_status`,
+and each journal insert of a supervisor event for a company, run `leases.check_token` in their
+own transaction: a stale token (or none) refuses the write. `set_status` raises StaleLease to its
+caller; a refused event is dropped from its batch with a warning and the others commit. The
+claim records its token (`claim`), so a new owner knows a previous owner's claims. Enqueue and
+cancel (the API's writes) are not an owner's and are not fenced.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 
 from whatsappd.baileys.verify import listed_jids
+from whatsappd.cluster import registry as cluster_registry
 from whatsappd.cluster import shared
+from whatsappd.cluster.fence import NO_TOKEN, StaleLease
+from whatsappd.cluster.leases import check_token
 from whatsappd.errors import ErrorCode
 from whatsappd.logs import get_logger
 from whatsappd.store import pg_pacing_sql
@@ -90,6 +95,7 @@ __all__ += ["counts", "counts_by_company", "delete_webhook", "enqueue_batch", "e
 
 T = TypeVar("T")
 Db = psycopg.Connection[DictRow]
+Tokens = Callable[[str], int | None]
 log = get_logger()
 
 #: Advisory lock keys (one bigint each): schema migration; the journal's seq order.
@@ -175,6 +181,8 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at timestamptz NOT NULL         -- live while in the future (renewed with its leases)
     );
     """,
+    # 4: whatsappd_devices (branch pgsession) goes here, before ownership's 5.
+    cluster_registry.MIGRATION,  # 5: the cluster's company registry; the outbox claim token (cluster/registry.py)
     shared.MIGRATION,  # 6: what the hosts tell each other: company status, routed acts (cluster/shared.py)
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -284,6 +292,9 @@ class PostgresStore(StoreFacade[Db]):
         self._full_since: float | None = None
         self._full_message = ""
         self._full_refusals = 0
+        #: [cluster] company -> the lease token held here (None: not held); None: no fencing (one host).
+        self.tokens: Tokens | None = None
+        self.stale_refusals = 0  # [cluster] writes refused for a stale token (or none)
 
     # ------------------------------------------------------------------------ open / close
 
@@ -391,6 +402,41 @@ class PostgresStore(StoreFacade[Db]):
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(read_connection, *args) on a reader thread."""
         return await asyncio.get_running_loop().run_in_executor(self._reading, lambda: fn(self._reader(), *args))
+
+    # ----------------------------------------------------------------- fenced ([cluster])
+
+    async def _commit_events(self, batch: list[NewEvent]) -> list[Event]:
+        if self.tokens is None:
+            return await super()._commit_events(batch)
+        events, refused = await self.run(insert_fenced_events, batch, self.tokens)
+        for new, exc in refused:
+            self.stale_refusals += 1
+            log.warning("journal event dropped: stale lease", company=new.company, type=new.type, error=str(exc))
+        return events
+
+    async def fail_stale_sending(self, now: float, busy: frozenset[str]) -> list[OutboxMessage]:
+        if self.tokens is None:
+            return await super().fail_stale_sending(now, busy)
+        try:
+            return await self._run_journaled(fenced_fail_stale_sending, self.tokens, now, busy)
+        except StaleLease as exc:
+            self.stale_refusals += 1
+            log.warning("outbox write refused: stale lease", error=str(exc))
+            return []
+
+    async def set_status(self, message_id: str, status: MessageStatus, *, wa_id: str | None = None,
+                         error_code: str | None = None, error: str | None = None,
+                         sent_at: float | None = None) -> OutboxMessage | None:
+        if self.tokens is None:
+            return await super().set_status(message_id, status, wa_id=wa_id, error_code=error_code, error=error,
+                                            sent_at=sent_at)
+        try:
+            return await self._run_journaled(fenced_set_status, self.tokens, message_id, MessageStatus(status),
+                                             wa_id, error_code, error, sent_at)
+        except StaleLease as exc:
+            self.stale_refusals += 1
+            log.warning("outbox write refused: stale lease", message_id=message_id, status=str(status), error=str(exc))
+            raise
 
 
 # ------------------------------------------------------------------ functions on a connection
@@ -507,9 +553,13 @@ def next_pending(db: Db, company: str) -> OutboxMessage | None:
 
 
 def in_flight(db: Db, company: str) -> list[OutboxMessage]:
-    return [message_from_row(r) for r in db.execute(
-        "SELECT * FROM whatsappd_messages WHERE company = %s AND status = %s ORDER BY n",
-        (company, MessageStatus.SENDING.value))]
+    out = []
+    for row in db.execute("SELECT * FROM whatsappd_messages WHERE company = %s AND status = %s ORDER BY n",
+                          (company, MessageStatus.SENDING.value)):
+        message = message_from_row(row)
+        message["claim"] = row["claim"]  # the lease token of its claim ([cluster]; None on one host)
+        out.append(message)
+    return out
 
 
 def counts(db: Db) -> dict[str, int]:
@@ -595,17 +645,64 @@ def _enqueue(db: Db, message: OutgoingMessage, idem_window: float) -> tuple[tupl
     return (True, stored), [_insert_status_event(db, stored)]
 
 
+def _check_held(db: Db, tokens: Tokens, company: str) -> int:
+    """Inside the caller's transaction: the token this host holds for company, if it is the live
+    lease (StaleLease otherwise, or when it holds none)."""
+    token = tokens(company)
+    check_token(db, company, NO_TOKEN if token is None else token)
+    assert token is not None  # NO_TOKEN is never a live lease's
+    return token
+
+
+def insert_fenced_events(db: Db, batch: list[NewEvent], tokens: Tokens
+                         ) -> tuple[list[Event], list[tuple[NewEvent, StaleLease]]]:
+    """insert_events, each company's events only while this host holds its live lease (checked
+    once per company per batch); the others are returned refused."""
+    refused: list[tuple[NewEvent, StaleLease]] = []
+    verdict: dict[str, StaleLease | None] = {}
+    with db.transaction():
+        _journal_order(db)
+        out = []
+        for new in batch:
+            if new.company is not None:
+                if new.company not in verdict:
+                    try:
+                        _check_held(db, tokens, new.company)
+                        verdict[new.company] = None
+                    except StaleLease as exc:
+                        verdict[new.company] = exc
+                stale = verdict[new.company]
+                if stale is not None:
+                    refused.append((new, stale))
+                    continue
+            out.append(_insert_event(db, new.at, new.company, new.type, new.data))
+        _notify(db, out)
+    return out, refused
+
+
 def set_status(db: Db, message_id: str, status: MessageStatus, wa_id: str | None, error_code: str | None,
-                error: str | None, sent_at: float | None) -> tuple[OutboxMessage | None, list[Event]]:
+               error: str | None, sent_at: float | None) -> tuple[OutboxMessage | None, list[Event]]:
+    return fenced_set_status(db, None, message_id, status, wa_id, error_code, error, sent_at)
+
+
+def fenced_set_status(db: Db, tokens: Tokens | None, message_id: str, status: MessageStatus, wa_id: str | None,
+                      error_code: str | None, error: str | None, sent_at: float | None
+                      ) -> tuple[OutboxMessage | None, list[Event]]:
+    """set_status; with tokens ([cluster]), a claim or a settle only under this host's live lease."""
     now = time.time()
     with db.transaction():
         _journal_order(db)
-        row = db.execute("SELECT status FROM whatsappd_messages WHERE id = %s FOR UPDATE", (message_id,)).fetchone()
+        row = db.execute("SELECT status, company FROM whatsappd_messages WHERE id = %s FOR UPDATE",
+                         (message_id,)).fetchone()
         if row is None or status not in ALLOWED[MessageStatus(row["status"])]:
             return None, []
+        claim = None
+        if tokens is not None and MessageStatus.SENDING in (status, MessageStatus(row["status"])):
+            claim = _check_held(db, tokens, row["company"])
         sets: dict[str, Any] = {"status": status.value, "updated_at": now}
         if status is MessageStatus.SENDING:
-            db.execute("UPDATE whatsappd_messages SET attempts = attempts + 1 WHERE id = %s", (message_id,))
+            db.execute("UPDATE whatsappd_messages SET attempts = attempts + 1, claim = %s WHERE id = %s",
+                       (claim, message_id))
         if status is MessageStatus.SENT:
             sets["sent_at"] = now if sent_at is None else sent_at
             sets["wa_id"] = wa_id
@@ -654,11 +751,26 @@ def receipt(db: Db, company: str, wa_ids: list[str],
 
 
 def fail_stale_sending(db: Db, now: float, busy: frozenset[str]) -> tuple[list[OutboxMessage], list[Event]]:
-    stale = [row["id"] for row in db.execute("SELECT id FROM whatsappd_messages WHERE status = %s AND expires_at <= %s",
-                                             (MessageStatus.SENDING.value, now)) if row["id"] not in busy]
-    return _finish(db, stale, MessageStatus.SENDING, MessageStatus.FAILED, ErrorCode.SEND_INTERRUPTED.value,
-                   "its send was interrupted and could not be settled before its ttl ran out; it may or may "
-                   "not have been delivered", now)
+    return fenced_fail_stale_sending(db, None, now, busy)
+
+
+def fenced_fail_stale_sending(db: Db, tokens: Tokens | None, now: float, busy: frozenset[str]
+                              ) -> tuple[list[OutboxMessage], list[Event]]:
+    """fail_stale_sending; with tokens ([cluster]), only for companies this host owns: another
+    host's sends are its owner's to settle (`busy` names only this host's)."""
+    stale = [(row["id"], row["company"]) for row in db.execute(
+        "SELECT id, company FROM whatsappd_messages WHERE status = %s AND expires_at <= %s",
+        (MessageStatus.SENDING.value, now)) if row["id"] not in busy]
+    if tokens is not None:
+        stale = [(mid, company) for mid, company in stale if tokens(company) is not None]
+    with db.transaction():
+        _journal_order(db)  # first, as in every transaction that inserts events
+        if tokens is not None:
+            for company in {company for _, company in stale}:
+                _check_held(db, tokens, company)  # StaleLease: this round settles nothing; the next looks again
+        return _finish(db, [mid for mid, _ in stale], MessageStatus.SENDING, MessageStatus.FAILED,
+                       ErrorCode.SEND_INTERRUPTED.value, "its send was interrupted and could not be settled before "
+                       "its ttl ran out; it may or may not have been delivered", now)
 
 
 def expire(db: Db, now: float) -> tuple[list[OutboxMessage], list[Event]]:

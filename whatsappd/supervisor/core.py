@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from whatsappd import sessions
 from whatsappd.config import CompanyConfig, Config, ConfigDiff
@@ -22,9 +23,12 @@ from whatsappd.states import State
 from whatsappd.supervisor.backoff import RateLimiter
 from whatsappd.supervisor.launcher import make_launch
 from whatsappd.supervisor.process import Kill, Launch, Launcher
-from whatsappd.supervisor.registry import RuntimeRegistry
+from whatsappd.supervisor.registry import CompanyRegistry, RuntimeRegistry
 from whatsappd.supervisor.runner import Intent, Runner, backoff_policy
 from whatsappd.timefmt import iso_or_none
+
+if TYPE_CHECKING:
+    from whatsappd.cluster.node import ClusterNode
 
 __all__ = ["Supervisor"]
 
@@ -47,7 +51,12 @@ class Supervisor:
         self.listeners: list[Callable[[dict[str, Any], dict[str, Any] | None], None]] = []
         self.limiter = RateLimiter(config.reconnect_connect_rate)
         self.start_slots = asyncio.Semaphore(MAX_BOOTING_WORKERS)
-        self.registry = RuntimeRegistry(config.daemon_state_dir / "companies.json")
+        self.registry: CompanyRegistry = RuntimeRegistry(config.daemon_state_dir / "companies.json")
+        # [cluster] (cluster/node.py sets node and replaces the registry): this host's id; whether
+        # companies run only where their lease is held.
+        self.host_id = config.cluster_host_id or socket.gethostname()
+        self.cluster = config.cluster_enabled
+        self.node: ClusterNode | None = None
         self.companies: dict[str, Runner] = {}
         self.stopping = False  # set at shutdown: nothing starts any more
         for company in config.companies:
@@ -69,13 +78,13 @@ class Supervisor:
         for company in self.registry.load():
             if company.id not in self.companies:
                 self.companies[company.id] = Runner(self, company, "runtime")
-        for found in sessions.discover(sessions_root):
+        for found in [] if self.cluster else sessions.discover(sessions_root):  # a cluster's are registered
             if found.company not in self.companies:
                 log.info("found a paired session on disk", company=found.company, engine=found.engine)
                 self.companies[found.company] = Runner(
                     self, CompanyConfig(id=found.company, engine=found.engine), "discovered")
-        for runner in self.companies.values():
-            state = sessions.session_state(runner.session_dir)
+        for runner in [] if self.cluster else self.companies.values():  # a cluster's start with their leases
+            state = runner.session_state()
             if state is not sessions.SessionState.NONE:
                 runner.start("restoring the stored session at daemon start" if state is sessions.SessionState.PAIRED
                              else "checking a session store that cannot be read")
@@ -141,6 +150,23 @@ class Supervisor:
                     if exc.code is not ErrorCode.COMPANY_NOT_FOUND:
                         raise
 
+    def owned(self, company_id: str) -> int | None:
+        """The lease token this host holds for the company, None if it does not own it; on a single
+        host (no [cluster]) every company is this host's: 0."""
+        if not self.cluster:
+            return 0 if company_id in self.companies else None
+        runner = self.companies.get(company_id)
+        return runner.token if runner is not None else None
+
+    def fence_deadline(self, company: str) -> float | None:
+        """[cluster] A new worker's dead-man deadline (CLOCK_MONOTONIC); None on a single host."""
+        return self.node.deadline(company) if self.node is not None else None
+
+    def desire(self, company: str, run: bool) -> None:
+        """[cluster] Record the operator's run/stop in the registry (it survives a failover)."""
+        if self.node is not None:
+            self.node.desire(company, run)
+
     def get(self, company_id: str) -> Runner:
         runner = self.companies.get(company_id)
         if runner is None:
@@ -179,6 +205,7 @@ class Supervisor:
                 if runner.removal is not None:
                     return dict(runner.removal)
                 raise Failure(ErrorCode.COMPANY_NOT_FOUND, f"company {company_id!r} was removed meanwhile")
+            runner.check_owner()
             result: dict[str, Any] = {"id": company_id}
             if wipe:
                 result |= await runner.logout_unlocked()
@@ -194,6 +221,10 @@ class Supervisor:
                 runner.removal = dict(result)
         self.on_change()
         return result
+
+    async def remove_runner(self, runner: Runner, reason: str) -> bool:
+        """Stop a company for good and forget it here (its act lock held), e.g. removed on another host."""
+        return await self._remove(runner, reason)
 
     async def _remove(self, runner: Runner, reason: str) -> bool:
         """Stop a company for good and forget it (its act lock held). False if already gone."""

@@ -30,6 +30,7 @@ from whatsappd.logs import current_format, get_logger
 from whatsappd.protocol import (
     MAX_LINE,
     ConnectGrant,
+    Fence,
     Paired,
     Qr,
     Reply,
@@ -70,6 +71,7 @@ class Kill(enum.StrEnum):
     SUPERVISOR_ERROR = "supervisor_error"  # the runner failed while serving it
     RUNNER_ENDED = "runner ended"  # its runner ended (a bug's cleanup)
     FORCED_SHUTDOWN = "forced shutdown"  # the daemon is going away now
+    LEASE_LOST = "lease_lost"  # [cluster]: this host lost the company's lease (or its deadline passed)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class WorkerSpec:
     pair: bool  # no paired session: start by pairing
     heartbeat_interval: float
     log_level: str
+    sim_server_dir: Path | None = None  # a simulator company's shared "server" ([simulator] server_dir)
+    fence_deadline: float | None = None  # [cluster]: CLOCK_MONOTONIC time the worker dies at unless refreshed
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,10 @@ def worker_arguments(spec: WorkerSpec) -> list[str]:
     ]
     if spec.pair:
         args.append("--pair")
+    if spec.sim_server_dir is not None:
+        args += ["--sim-server-dir", str(spec.sim_server_dir)]
+    if spec.fence_deadline is not None:
+        args += ["--fence-deadline", repr(spec.fence_deadline)]
     return args
 
 
@@ -232,6 +240,10 @@ class WorkerProcess:
     def send(self, message: dict[str, Any]) -> None:
         if not self._writer.is_closing():
             self._writer.write(encode(message))
+
+    def fence(self, deadline: float) -> None:
+        """Move the worker's dead-man deadline on ([cluster], after a lease renewal)."""
+        self.send(Fence(deadline).to_wire())
 
     def ask_to_stop(self) -> None:
         """Ask the worker to disconnect and exit (see stop() for the grace and the kill)."""

@@ -14,11 +14,12 @@ import re
 import stat
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
 from whatsappd.config import CompanyConfig, parse_companies
 from whatsappd.logs import get_logger
 
-__all__ = ["RegistryError", "RuntimeRegistry"]
+__all__ = ["CompanyRegistry", "RegistryError", "RuntimeRegistry"]
 
 _FORMAT = "whatsappd-companies"
 # A write's temporary file: mkstemp's name, prefix + 8 characters of [a-z0-9_] + suffix. Only
@@ -31,6 +32,15 @@ log = get_logger()
 
 class RegistryError(Exception):
     """The registry file cannot be read; the message says which file, why and what to do."""
+
+
+class CompanyRegistry(Protocol):
+    """Where companies added at runtime are kept: this file, or (in a cluster) PostgreSQL (cluster/registry.py)."""
+
+    def load(self) -> list[CompanyConfig]: ...
+    def get(self, company_id: str) -> CompanyConfig | None: ...
+    def put(self, company: CompanyConfig) -> None: ...
+    def remove(self, company_id: str) -> None: ...
 
 
 class RuntimeRegistry:

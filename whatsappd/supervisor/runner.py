@@ -36,6 +36,7 @@ from whatsappd.protocol import (
     WorkerState,
 )
 from whatsappd.states import FAULTED, LIVE, TERMINAL, TRANSITIONS, IllegalTransition, LastError, State, check_transition
+from whatsappd.supervisor import simdevice
 from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
 from whatsappd.supervisor.process import (
     Deadlines,
@@ -105,8 +106,11 @@ class Host(Protocol):
     stopping: bool  # the daemon is shutting down: nothing starts any more
     launch: Launch
     on_change: Callable[[], None]
+    cluster: bool  # [cluster] enabled: a company runs only where its lease is held (Runner.token)
 
     def publish(self, event: dict[str, Any], secret: dict[str, Any] | None = None) -> None: ...
+    def fence_deadline(self, company: str) -> float | None: ...  # [cluster]: a new worker's dead-man deadline
+    def desire(self, company: str, run: bool) -> None: ...  # [cluster]: the operator's run/stop, kept in the registry
 
 
 def backoff_policy(config: Config) -> BackoffPolicy:
@@ -147,6 +151,8 @@ class Runner:
         self.removal: dict[str, Any] | None = None  # the answer of the delete that removed it
         #: (the WhatsApp server's time, our clock then) as a worker last reported it; whatsappd doctor.
         self.server_clock: tuple[float, float] | None = None
+        #: [cluster] The lease token held HERE for this company; None: this host does not own it.
+        self.token: int | None = None
 
     @property
     def id(self) -> str:
@@ -162,6 +168,8 @@ class Runner:
         Status calls ask this often; opening the store with SQLite each time would stall the
         event loop behind a busy store. A stat of the directory and the store file is cheap.
         """
+        if (shared := simdevice.shared_device(self.sup.config, self.config)) is not None:
+            return shared.state()  # a small JSON file: no cache needed
         key = sessions.stamp(self.session_dir)
         if self._session_cache is None or self._session_cache[0] != key:
             self._session_cache = (key, sessions.session_state(self.session_dir))
@@ -194,6 +202,39 @@ class Runner:
         if self.intent is Intent.REMOVED or (self.intent is Intent.STOP and intent is Intent.REST):
             return
         self.intent = intent
+        if intent is Intent.STOP and self.sup.cluster:
+            self.sup.desire(self.id, False)
+
+    @property
+    def owned(self) -> bool:
+        """This host may run the company: always on a single host; in a cluster, while it holds the lease."""
+        return not self.sup.cluster or self.token is not None
+
+    def check_owner(self) -> None:
+        """Raise NOT_OWNER unless this host owns the company (the act must run on its owner)."""
+        if not self.owned:
+            raise Failure(ErrorCode.NOT_OWNER, f"company {self.id!r} is owned by another host of the cluster "
+                          "(or by none right now); acts on it run on its owner")
+
+    def fence(self, reason: str) -> None:
+        """[cluster] This host lost the company's lease: SIGKILL its worker now (no graceful stop:
+        the lease may be another host's soon), clear the token, start nothing more."""
+        self.token = None
+        self.stand_down()
+        self._wake.set()
+        task = self._task
+        if self.waiting is not None and task is not None:
+            task.cancel()
+        if self.worker is not None:
+            self.worker.kill(Kill.LEASE_LOST)
+        if task is not None and not task.done():
+            task.add_done_callback(lambda _: self._rest_fenced(reason))
+        else:
+            self._rest_fenced(reason)
+
+    def _rest_fenced(self, reason: str) -> None:
+        if self.token is None and self.state not in TERMINAL:
+            self.transition(State.STOPPED, reason)
 
     # ------------------------------------------------------------------------------- state
 
@@ -266,10 +307,13 @@ class Runner:
         async with self.exclusive():
             if self.removed:
                 raise Failure(ErrorCode.COMPANY_NOT_FOUND, f"company {self.id!r} was deleted meanwhile")
+            self.check_owner()
             yield
 
     def start(self, reason: str) -> None:
         """Run the company (again): from any resting state, or retry now if waiting."""
+        if not self.owned:  # [cluster] its owner runs it (a status call here asks this often: no log line)
+            return
         if self.sup.stopping or self.removed:
             log.info("not starting", company=self.id, reason=reason,
                      why="the daemon is stopping" if self.sup.stopping else "the company was removed")
@@ -294,6 +338,8 @@ class Runner:
         async with self.act():
             if self.intent.wants_worker and self.state in LIVE:
                 return False
+            if self.sup.cluster:
+                self.sup.desire(self.id, True)
             self.start(reason)
             return True
 
@@ -333,6 +379,7 @@ class Runner:
     async def command(self, op: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """Run one command in the company's worker; raises Failure (not_running, worker_timeout,
         worker_exited, or the worker's own refusal)."""
+        self.check_owner()
         worker = self.worker
         if worker is None:
             raise Failure(ErrorCode.NOT_RUNNING, f"company {self.id!r} has no running worker (state "
@@ -352,7 +399,7 @@ class Runner:
             if done:
                 return {"unlinked": True, "wiped": True, "state": str(self.state)}
         await self.stop_unlocked("logout requested")
-        wiped = sessions.wipe(self.sup.config.sessions_dir, self.id)
+        wiped = simdevice.wipe(self.sup.config, self.config)
         self.jid = self.push_name = None
         if self.state is not State.LOGGED_OUT:
             self.transition(State.LOGGED_OUT, "logged out locally (not connected)")
@@ -442,6 +489,8 @@ class Runner:
             return Next(Step.START_NOW, "restart requested")
         if not self.intent.wants_worker:
             return Next(Step.STOP, "stopped")
+        if killed == Kill.LEASE_LOST:  # [cluster] lost, then acquired again while it died
+            return Next(Step.START_NOW, "lease acquired again")
         cfg = self.sup.config
         if killed == Kill.PAIRING_TIMEOUT or code == ExitCode.PAIRING_TIMEOUT:
             return self._rest(State.STOPPED, LastError.QR_TIMEOUT,
@@ -457,10 +506,12 @@ class Runner:
                                      f"reconnecting for over {cfg.workers_stuck_reconnecting_after:g}s")
         if code in (ExitCode.TRANSIENT, ExitCode.STOPPED):
             return self._retry_later(LastError.CONNECTION_FAILED, "connection failed")
+        if code == ExitCode.FENCED:  # [cluster] its dead-man deadline passed; the lease decides what follows
+            return self._retry_later(LastError.CONNECTION_FAILED, "the worker's fence deadline passed")
         if code in (ExitCode.LOGGED_OUT, ExitCode.SESSION_DELETED):
             # The credentials are gone (unlinked by the phone, or their files deleted under the
             # worker, which then ended at once): wipe what is left, so no half session remains.
-            sessions.wipe(cfg.sessions_dir, self.id)
+            simdevice.wipe(cfg, self.config)
             self.jid = self.push_name = None
             if code == ExitCode.SESSION_DELETED:
                 return self._rest(State.LOGGED_OUT, LastError.SESSION_DELETED,
@@ -484,7 +535,7 @@ class Runner:
             return self._rest(State.OUTDATED, LastError.OUTDATED,
                               "WhatsApp refuses this client version; upgrade whatsappd", "client outdated")
         if code == ExitCode.STORE_UNUSABLE:
-            moved = sessions.quarantine(cfg.sessions_dir, self.id)
+            moved = simdevice.quarantine(cfg, self.config)
             return self._fail(LastError.STORE_UNUSABLE, f"the session store cannot be opened; moved to {moved}; "
                               "connect to pair again")
         if code == ExitCode.SESSION_LOCKED:
@@ -518,7 +569,9 @@ class Runner:
         cfg = self.sup.config
         spec = WorkerSpec(company=self.id, session_dir=self.session_dir, engine=self.config.engine,
                           proxy=self.config.proxy, pair=pair, heartbeat_interval=cfg.workers_heartbeat_interval,
-                          log_level=cfg.logging_level)
+                          log_level=cfg.logging_level,
+                          sim_server_dir=cfg.simulator_server_dir if self.config.engine == "simulator" else None,
+                          fence_deadline=self.sup.fence_deadline(self.id))
         deadlines = Deadlines(heartbeat=cfg.workers_heartbeat_timeout, connect=cfg.reconnect_connect_timeout,
                               pairing=cfg.workers_pairing_timeout, paired_connect=cfg.workers_paired_connect_timeout,
                               stuck_reconnecting=cfg.workers_stuck_reconnecting_after)

@@ -29,6 +29,7 @@ from whatsappd.protocol import (
     ConnectRequest,
     EngineError,
     ExitCode,
+    Fence,
     Heartbeat,
     Hello,
     Reply,
@@ -115,6 +116,34 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(ExitCode.STOPPED)
 
 
+class DeadMan:
+    """The dead-man switch of a worker in a cluster: past its fence deadline (absolute
+    CLOCK_MONOTONIC seconds, the same clock as the supervisor's on Linux) without a refresh, the
+    process ends itself at once with FENCED. A thread of its own, not the engine's or the
+    channel's: a supervisor frozen (SIGSTOP, a VM pause) cannot refresh it, and its host may lose
+    the company's lease meanwhile, so the worker must not outlive the deadline whatever else hangs."""
+
+    def __init__(self, deadline: float, on_fire: Any) -> None:
+        self.deadline = deadline
+        self._on_fire = on_fire
+        self._moved = threading.Event()
+
+    def extend(self, deadline: float) -> None:
+        """A later deadline (a renewal); an earlier one is ignored (messages may cross)."""
+        if deadline > self.deadline:
+            self.deadline = deadline
+            self._moved.set()
+
+    def watch(self) -> None:
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self._on_fire()
+                return
+            self._moved.wait(min(left, 1.0))
+            self._moved.clear()
+
+
 class Channel:
     """The worker's end of the socketpair. send() is thread-safe."""
 
@@ -161,6 +190,8 @@ _OPTIONS: dict[str, tuple[type, Any]] = {
     "--company": (str, None), "--session-dir": (str, None), "--engine": (str, None),
     "--channel-fd": (int, None), "--parent-pid": (int, None), "--proxy": (str, ""),
     "--heartbeat": (float, 5.0), "--log-format": (str, "json"), "--log-level": (str, "info"),
+    "--sim-server-dir": (str, ""),  # the simulator's shared "server" ([simulator] server_dir); "": none
+    "--fence-deadline": (float, 0.0),  # [cluster]: CLOCK_MONOTONIC deadline (DeadMan); 0: none
 }
 _ENGINES = ("neonize", "simulator")
 
@@ -285,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The supervisor took a token before spawning us: the first attempt needs no request.
     gate = ConnectGate(lambda: channel.send(ConnectRequest().to_wire()), tokens=1, company=args.company)
+    server_dir = Path(args.sim_server_dir) if args.sim_server_dir and args.engine == "simulator" else None
     options = EngineOptions(company=args.company, session_dir=Path(args.session_dir),
-                            proxy=args.proxy, pair=args.pair, gate=gate)
+                            proxy=args.proxy, pair=args.pair, gate=gate, server_dir=server_dir)
     if args.engine == "simulator":
         from whatsappd.worker.simulator.engine import SimulatorEngine as EngineClass
     else:
@@ -294,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
 
         lib.load_library()  # forked by a zygote: neonize's Go library is loaded now, after the fork
         from whatsappd.worker.neonize.engine import NeonizeEngine as EngineClass  # type: ignore[assignment]
-    watch = SessionWatch(Path(args.session_dir), lock, EngineClass.session_files)
+    # A shared simulator server keeps the device outside the session directory: only the lock is here.
+    watch = SessionWatch(Path(args.session_dir), lock, () if server_dir else EngineClass.session_files)
 
     def emit(message: dict[str, Any]) -> None:
         watch.note(message)
@@ -327,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                 gate.close()
             elif message["type"] == "connect_grant":
                 gate.grant()
+            elif message["type"] == "fence" and deadman is not None:
+                try:
+                    deadman.extend(Fence.parse(message).deadline)
+                except ValueError as exc:
+                    log.error("bad fence message from the supervisor; ignoring it", error=str(exc))
             elif message["type"] == "command":
                 thread = threading.Thread(target=run_command, args=(message,), daemon=True)
                 commands.append(thread)
@@ -359,6 +397,15 @@ def main(argv: list[str] | None = None) -> int:
                 logging.shutdown()
                 os._exit(ExitCode.SESSION_DELETED)
 
+    def fenced() -> None:
+        log.error("fence deadline passed without a lease renewal from the supervisor; ending at once",
+                  deadline=deadman.deadline if deadman else None)
+        logging.shutdown()
+        os._exit(ExitCode.FENCED)
+
+    deadman = DeadMan(args.fence_deadline, fenced) if args.fence_deadline else None
+    if deadman is not None:
+        threading.Thread(target=deadman.watch, name="dead-man", daemon=True).start()
     stop_beating = threading.Event()
     commands: list[threading.Thread] = []
     threading.Thread(target=read_commands, name="channel", daemon=True).start()

@@ -32,6 +32,10 @@ class EngineOptions:
     #: Every connection attempt (the first and every reconnect) passes it first; an engine that
     #: ends closes it. The default lets every attempt through (no supervisor: unit tests).
     gate: ConnectGate = field(default_factory=ConnectGate.unlimited)
+    #: The simulator only: `[simulator] server_dir`, the fake WhatsApp shared by several daemons
+    #: (the company's device, send log and connection log are in server_dir/<company>/). None:
+    #: everything is in session_dir.
+    server_dir: Path | None = None
 
 
 class Engine(abc.ABC):

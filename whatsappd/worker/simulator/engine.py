@@ -51,6 +51,7 @@ from whatsappd.worker.media import media_chunks
 from whatsappd.worker.simulator import actions, server
 from whatsappd.worker.simulator.actions import optional_bool, optional_seconds, optional_str
 from whatsappd.worker.simulator.config import SimulatorConfig
+from whatsappd.worker.simulator.connections import WATCH_SECONDS, ConnectionLog
 from whatsappd.worker.simulator.server import SESSION_FILE, SimulatorDevice, iso, now
 
 __all__ = ["CRASH_EXIT_STATUS", "MAX_BURST", "PAIRING_CODE_ALPHABET", "Phase", "SimulatorEngine"]
@@ -135,7 +136,13 @@ class SimulatorEngine(Engine):
         self._pair_phone: str | None = None
         # messaging: the send log has its own lock; receipts are due on a heap, emitted by one
         # thread (lock order: self._cond before self._receipt_cond, never the other way)
-        self._sent = server.SendLog(options.session_dir)
+        # The "server's" side: the device, the send log, presence and media live in home. With
+        # a shared server (options.server_dir) a connection log there lets a newer connection
+        # of the company, from any daemon, replace ours (see connections.py).
+        self.home = options.session_dir if options.server_dir is None else options.server_dir / options.company
+        self._connections = None if options.server_dir is None else ConnectionLog(
+            self.home, host=str(options.session_dir.parent.parent))  # the daemon's state directory
+        self._sent = server.SendLog(self.home)
         self._receipt_cond = threading.Condition()
         self._receipts_due: list[tuple[float, int, tuple[str, str, str]]] = []  # (due, seq, (receipt, wa_id, to))
         self._receipt_seq = itertools.count()
@@ -155,7 +162,9 @@ class SimulatorEngine(Engine):
             if self._exit is not None:  # stopped (or failed) before run() began
                 return self._exit_code()
         try:
-            device = server.read_store(self.options.session_dir)
+            if self._connections is not None:
+                self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            device = server.read_store(self.home)
             self._sent.load()  # the "server's" memory of what was sent: needed before any send
         except (OSError, ValueError) as exc:
             log.error("simulator: session store unusable: %s", exc)
@@ -166,6 +175,8 @@ class SimulatorEngine(Engine):
             if self._exit is not None:
                 return self._exit_code()
             self._device = device
+            if self._connections is not None:
+                threading.Thread(target=self._watch_replacement, name="simulator-conflict", daemon=True).start()
             self._start_connecting()
             while self._exit is None:
                 self._run_due_timers()
@@ -272,16 +283,48 @@ class SimulatorEngine(Engine):
         }
         if send.typing:
             record["typing"] = send.typing  # the "typing…" shown before it (simulator-presence.jsonl)
-        record, duplicate = self._sent.send(record)
+        record, duplicate = self._send_on_connection(record)
         if not duplicate:
             self._schedule_receipts(record["wa_id"], record["to"])
         return {"wa_id": record["wa_id"], "timestamp": record["timestamp"]}
+
+    def _send_on_connection(self, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Record the send in the send log: with a shared server, only while our connection is
+        still the company's (under the connection log's lock, so no replacement comes between)."""
+        if self._connections is None:
+            return self._sent.send(record)
+        with self._connections.locked():
+            if self._connections.replaced():
+                with self._cond:
+                    self._finish(ExitCode.REPLACED)
+            # A plain read of the phase: taking self._cond under the file lock could deadlock
+            # with a connect, which holds self._cond while it takes the file lock.
+            if self._phase != Phase.CONNECTED:
+                raise EngineError(ErrorCode.NOT_CONNECTED, "sending a message needs a live connection "
+                                  f"(the engine is {self._phase})")
+            return self._sent.send(record)
+
+    def _watch_replacement(self) -> None:
+        """A shared server's conflict: end REPLACED once another connection of the company took
+        over ours (a frozen worker notices when it is resumed)."""
+        assert self._connections is not None
+        while self._phase != Phase.DONE:
+            time.sleep(WATCH_SECONDS)
+            try:
+                replaced = self._connections.replaced()
+            except (OSError, ValueError) as exc:
+                log.warning("simulator: cannot read the connection log: %s", exc)
+                continue
+            if replaced:
+                log.warning("simulator: another connection of this company replaced ours (stream conflict)")
+                with self._cond:
+                    self._finish(ExitCode.REPLACED)
 
     def _show_typing(self, send: Send) -> None:
         """The "typing…" presence before a text, as whatsmeow sends it (composing, then the
         message clears it): noted in the presence log, then held for its seconds (a drop or stop
         ends it, and the send fails as not connected: nothing was sent)."""
-        server.log_presence(self.options.session_dir, {
+        server.log_presence(self.home, {
             "to": send.to.jid, "outbox_id": send.outbox_id, "state": "composing", "seconds": send.typing,
             "timestamp": iso(now())})
         log.info("simulator: typing presence to %s for %.3fs", send.to.jid, send.typing)
@@ -316,7 +359,7 @@ class SimulatorEngine(Engine):
         with self._cond:
             self._require_connected("downloading media")
         try:
-            size = write_private(Path(command.path), server.media_chunks(doc, self.options.session_dir))
+            size = write_private(Path(command.path), server.media_chunks(doc, self.home))
         except OSError as exc:
             raise EngineError(ErrorCode.DOWNLOAD_FAILED, f"could not write the media to {command.path}: {exc}") from None
         return {"path": command.path, "size": size, "mimetype": doc["mimetype"]}
@@ -332,7 +375,7 @@ class SimulatorEngine(Engine):
         reconnect = optional_bool(args, "connect", True)
         device = SimulatorDevice(jid=jid, push_name=push_name)
         try:
-            server.write_store(self.options.session_dir, device)
+            server.write_store(self.home, device)
         except OSError as exc:
             raise EngineError(ErrorCode.STORE_FAILED, f"could not save the session: {exc}") from None
         self._device = device
@@ -347,6 +390,7 @@ class SimulatorEngine(Engine):
             raise EngineError(ErrorCode.NOT_CONNECTED, "only a connected engine can drop its connection")
         reason = optional_str(args, "reason") or "simulated connection drop"
         down = optional_bool(args, "down", True)
+        self._leave_connection("drop")
         self._phase = Phase.RECONNECTING
         self._network_down = down
         self._reconnect_errors = 0
@@ -415,7 +459,7 @@ class SimulatorEngine(Engine):
     def _act_incoming(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """Someone writes to us: emit a message.incoming event; {"id": its WhatsApp id}."""
         self._require_connected("a message can only arrive on a live connection")
-        event = actions.incoming_event(args, self.options.session_dir)
+        event = actions.incoming_event(args, self.home)
         self.emit(EventMessage(event).to_wire())
         return {"id": event["id"]}
 
@@ -495,6 +539,8 @@ class SimulatorEngine(Engine):
     def _finish(self, code: ExitCode) -> None:
         """Decide run()'s result (the first decision wins) and wake run()."""
         if self._exit is None:
+            if self._phase == Phase.CONNECTED and code != ExitCode.REPLACED:
+                self._leave_connection(code.name.lower())
             self._exit = code
             self._phase = Phase.DONE
             self._dial_episode += 1
@@ -502,6 +548,15 @@ class SimulatorEngine(Engine):
         self._cond.notify_all()
         with self._receipt_cond:  # the receipt thread ends with the engine
             self._receipt_cond.notify_all()
+
+    def _leave_connection(self, reason: str) -> None:
+        """A shared server: note that our connection ended (lock held, phase still connected)."""
+        if self._connections is None:
+            return
+        try:
+            self._connections.disconnect(reason)
+        except OSError as exc:  # the reader sees the connection end with the process
+            log.warning("simulator: could not note the disconnect in the connection log: %s", exc)
 
     def _exit_code(self) -> int:
         assert self._exit is not None
@@ -515,8 +570,8 @@ class SimulatorEngine(Engine):
         """Drop the device from the store but keep the file, as whatsmeow does on logout."""
         self._device = None
         try:
-            if (self.options.session_dir / SESSION_FILE).exists():
-                server.write_store(self.options.session_dir, None)
+            if (self.home / SESSION_FILE).exists():
+                server.write_store(self.home, None)
         except OSError as exc:  # the supervisor wipes the directory anyway
             log.warning("simulator: could not clear the device from the store: %s", exc)
 
@@ -556,6 +611,13 @@ class SimulatorEngine(Engine):
 
     def _enter_connected(self) -> None:
         assert self._device is not None
+        if self._connections is not None:
+            try:  # the server takes the connection: an older one of the company is replaced
+                self._connections.connect()
+            except (OSError, ValueError) as exc:
+                log.error("simulator: cannot record the connection in the shared server: %s", exc)
+                self._finish(ExitCode.TRANSIENT)
+                return
         self._dial_episode += 1
         self._connect_due = None
         self._reconnect_errors = 0

@@ -11,6 +11,8 @@ duplicates stay visible across worker restarts (send_log_stats() reads them with
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ import random
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,66 +177,93 @@ class SendLog:
     """The simulator's "server": one fsync'ed JSON line per unique outbox id it sent.
 
     Recording a send and sending it are one step (append + fsync, under one lock), so the log
-    is the truth about what "WhatsApp" received. Loaded once, then kept as an in-memory index.
-    Requests for an outbox id already in the log append nothing here; each is noted in
-    DUPLICATES_FILE instead, so a duplicate stays visible across worker restarts.
+    is the truth about what "WhatsApp" received. Requests for an outbox id already in the log
+    append nothing here; each is noted in DUPLICATES_FILE instead, so a duplicate stays visible
+    across worker restarts.
+
+    Several processes may share one log (`[simulator] server_dir`: the daemons of a cluster, and
+    a replaced worker beside its successor): every look and every append holds an exclusive
+    flock (of the log's directory), and first reads what other processes appended since (the index in
+    memory grows by the new lines only). So "an outbox id already in the log" holds across them.
     """
 
     def __init__(self, session_dir: Path) -> None:
         self.path = session_dir / SEND_LOG_FILE
         self.duplicates_path = session_dir / DUPLICATES_FILE
-        self._lock = threading.Lock()
-        self._loaded = False
+        self._lock = threading.Lock()  # this process's threads; the flock is for other processes
+        self._offset = 0  # bytes of the send log indexed
+        self._dup_offset = 0  # bytes of the duplicates file counted
         self._by_outbox: dict[str, dict[str, Any]] = {}
         self._by_wa: dict[str, dict[str, Any]] = {}
         self._by_recipient: dict[str, int] = {}
         self._duplicates = 0
 
     def load(self) -> None:
-        """Read the log once (cutting off a torn last line); ValueError/OSError if unusable."""
-        with self._lock:
-            self._load_locked()
+        """Read the log (cutting off a torn last line); ValueError/OSError if unusable."""
+        with self._lock, self._flocked():
+            self._refresh()
 
-    def _load_locked(self) -> None:
-        if self._loaded:
-            return
-        records, complete = _parse_jsonl(self.path)
-        if self.path.exists() and self.path.stat().st_size > complete:
-            log.warning("simulator: cutting a torn last line off the send log %s", self.path)
-            os.truncate(self.path, complete)
-        duplicates, dup_complete = _parse_jsonl(self.duplicates_path)
-        if self.duplicates_path.exists() and self.duplicates_path.stat().st_size > dup_complete:
-            os.truncate(self.duplicates_path, dup_complete)
-        for record in records:
-            self._index(record)
-        self._duplicates = len(duplicates)
-        self._loaded = True
-
-    def _ensure(self) -> None:
+    @contextlib.contextmanager
+    def _flocked(self) -> Iterator[None]:
+        """An exclusive flock of the log's directory (a lock that needs no file of its own)."""
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self._load_locked()
-        except (OSError, ValueError) as exc:
-            raise EngineError(ErrorCode.STORE_FAILED, f"the simulator's send log is unusable: {exc}") from None
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _refresh(self) -> None:
+        """Index what was appended since the last look (both locks held). A torn last line can
+        only be a crashed writer's (appends hold the flock): it is cut off."""
+        self._offset = self._read_new(self.path, self._offset, self._index)
+        self._dup_offset = self._read_new(self.duplicates_path, self._dup_offset, self._count_duplicate)
+
+    @staticmethod
+    def _read_new(path: Path, offset: int, take: Callable[[dict[str, Any]], None]) -> int:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        records, complete = parse_records(data, path, lambda record: isinstance(record.get("outbox_id"), str))
+        if complete < len(data):
+            log.warning("simulator: cutting a torn last line off %s", path)
+            os.truncate(path, offset + complete)
+        for record in records:
+            take(record)
+        return offset + complete
+
+    @contextlib.contextmanager
+    def _current(self) -> Iterator[None]:
+        """Both locks, the index up to date; STORE_FAILED if the log is unusable."""
+        with self._lock, self._flocked():
+            try:
+                self._refresh()
+            except (OSError, ValueError) as exc:
+                raise EngineError(ErrorCode.STORE_FAILED, f"the simulator's send log is unusable: {exc}") from None
+            yield
 
     def _index(self, record: dict[str, Any]) -> None:
         self._by_outbox[record["outbox_id"]] = record
         self._by_wa[record["wa_id"]] = record
         self._by_recipient[record["to"]] = self._by_recipient.get(record["to"], 0) + 1
 
+    def _count_duplicate(self, record: dict[str, Any]) -> None:
+        self._duplicates += 1
+
     def by_outbox(self, outbox_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            self._ensure()
+        with self._current():
             return self._by_outbox.get(outbox_id)
 
     def by_wa(self, wa_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            self._ensure()
+        with self._current():
             return self._by_wa.get(wa_id)
 
     def duplicate(self, outbox_id: str) -> dict[str, Any] | None:
         """If outbox_id was sent already: note the duplicate request, return the original."""
-        with self._lock:
-            self._ensure()
+        with self._current():
             return self._duplicate_locked(outbox_id)
 
     def _duplicate_locked(self, outbox_id: str) -> dict[str, Any] | None:
@@ -244,6 +273,7 @@ class SendLog:
         try:
             append_record(self.duplicates_path, {"outbox_id": outbox_id, "wa_id": original["wa_id"],
                                                 "timestamp": iso(now())})
+            self._dup_offset = self.duplicates_path.stat().st_size
         except OSError as exc:  # the send itself is answered correctly; only the count suffers
             log.warning("simulator: could not note a duplicate send request: %s", exc)
         self._duplicates += 1
@@ -252,23 +282,21 @@ class SendLog:
 
     def send(self, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Record (= send) record unless its outbox id is there already; (record, was_duplicate)."""
-        with self._lock:
-            self._ensure()
+        with self._current():
             original = self._duplicate_locked(record["outbox_id"])
             if original is not None:
                 return original, True
             try:
                 append_record(self.path, record)
+                self._offset = self.path.stat().st_size
             except OSError as exc:
                 raise EngineError(ErrorCode.SEND_FAILED, f"could not record the send: {exc}") from None
             self._index(record)
             return record, False
 
     def stats(self) -> SendLogStats:
-        with self._lock:
-            self._ensure()
+        with self._current():
             return SendLogStats(len(self._by_outbox), self._duplicates, dict(self._by_recipient))
-
 
 
 # --------------------------------------------------------------------------- the media "CDN"
