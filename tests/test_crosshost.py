@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -19,6 +20,9 @@ from whatsappd.cluster.tail import listener_name
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.events import EventReader
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
+from whatsappd.testing.webhooks import Receiver
+from whatsappd.webhooks.spec import SEQ_HEADER
+from whatsappd.worker.simulator import server
 
 
 class Hosts:
@@ -155,3 +159,74 @@ def test_a_killed_listen_connection_loses_no_event(hosts):
     seqs = [line["seq"] for line in got]
     assert seqs == sorted(set(seqs))
     assert wait_until(lambda: hosts.b.log_lines("LISTEN connection made again; catching up from the journal"), 10)
+
+
+# ------------------------------------------------------------------------- [cluster] mode
+
+SECRET = "crosshost-webhook-secret-0123456789"
+
+
+@pytest.fixture
+def leased(pg_dsn: str, tmp_path: Path) -> Iterator[tuple[dict[str, SimDaemon], Receiver, str]]:
+    """[cluster] hosts h1 and h2, one company each at most (max_companies = 1), three companies on a
+    shared simulator server (so one is owned by nobody), and one webhook for every event."""
+    server_dir = tmp_path / "server"
+    for n, company in enumerate(("k1", "k2", "k3")):
+        (server_dir / company).mkdir(mode=0o700, parents=True)
+        server.write_store(server_dir / company, server.SimulatorDevice(jid=f"55119{n:08d}:1@s.whatsapp.net",
+                                                                        push_name=company))
+    receiver = Receiver(SECRET, unix=tmp_path / "hook.sock")
+    with daemon_pool(tmp_path) as make:
+        daemons = {}
+        for host in ("h1", "h2"):
+            config = sim_config("k1", "k2", "k3", cluster={
+                "enabled": True, "host_id": host, "lease_ttl": "3s", "renew_interval": "500ms", "fence_margin": "1s",
+                "max_companies": 1}, simulator={"server_dir": str(server_dir)})
+            config += f'[[webhooks]]\nid = "all"\nurl = "{receiver.url}"\nsecret = "{SECRET}"\n'
+            daemons[host] = make(config, store={"backend": "postgresql", "dsn": pg_dsn})
+        for daemon in daemons.values():
+            daemon.start(timeout=30)
+        try:
+            yield daemons, receiver, pg_dsn
+        finally:
+            receiver.close()
+
+
+def leases(dsn: str) -> dict[str, tuple[str | None, int, bool]]:
+    with psycopg.connect(dsn, autocommit=True) as db:
+        rows = db.execute("SELECT company, owner, token, expires_at > now() FROM whatsappd_company_leases").fetchall()
+    return {c: (o, int(t), bool(live)) for c, o, t, live in rows}
+
+
+def test_in_a_cluster_get_names_the_lease_holder_acts_go_to_it_and_an_unowned_company_is_503(leased):
+    """[cluster] GET on the other host names the lease holder, token and expiry; an act goes to the holder; no holder: 503 no_owner."""
+    daemons, _, dsn = leased
+    owned = wait_until(lambda: (lambda now: now if sum(live for _, _, live in now.values()) == 2 else None)(leases(dsn)),
+                       20, what="two companies leased")
+    for company, (owner, token, live) in owned.items():
+        if not live:
+            continue
+        other = daemons["h2" if owner == "h1" else "h1"]
+        seen = wait_until(lambda c=company: (lambda b: b if b.get("state") == "connected" else None)(
+            other.client.get(f"/v1/companies/{c}").json()), 20, what=f"{company} connected, seen from the other host")
+        assert seen["owner"]["host"] == owner and seen["owner"]["token"] == token and seen["owner"]["lease_expires_at"]
+        restarted = other.post(company, "restart")
+        assert restarted.status == 202 and restarted.json()["id"] == company, restarted.body
+    nobody = next(c for c, (_, _, live) in owned.items() if not live)
+    refused = daemons["h1"].post(nobody, "connect")
+    assert refused.status == 503 and refused.json()["error"]["code"] == "no_owner", refused.body
+
+
+def test_in_a_cluster_one_host_delivers_the_webhooks(leased):
+    """[cluster] Events of companies on both hosts reach the webhook once each: only one host delivers."""
+    daemons, receiver, dsn = leased
+    owned = wait_until(lambda: (lambda now: now if sum(live for _, _, live in now.values()) == 2 else None)(leases(dsn)),
+                       20, what="two companies leased")
+    for company, (owner, _, live) in owned.items():
+        if live:
+            daemons[str(owner)].wait_state(company, "connected", timeout=20)
+            assert daemons[str(owner)].simulate(company, "burst", count=20, text=f"hook {company}").status == 200
+    receiver.wait_accepted(lambda got: sum(str(d.event.get("text", "")).startswith("hook ") for d in got) >= 40, 20)
+    time.sleep(1.0)  # a second host delivering would have sent its copies by now
+    seqs = [d.headers[SEQ_HEADER] for d in receiver.accepted()]
+    assert len(seqs) == len(set(seqs)), "an event was delivered twice"

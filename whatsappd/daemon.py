@@ -78,6 +78,7 @@ class Daemon:
         self.messaging = Messaging(self.store, self.bus, sender, maintenance)
         # Webhooks read the journal from their own cursors; a commit only wakes them.
         self.webhooks = WebhookDelivery(self.store, lambda: self.config)
+        self.webhooks.turn = self.crosshost.webhook_turn if self.crosshost is not None else None  # [cluster]: one host
         self.started_at = time.time()
         self.metrics = DaemonMetrics(self.supervisor, self.store, lambda: len(self.bus.subscribers),
                                      lambda: self.config.daemon_state_dir, self.started_at)

@@ -99,6 +99,10 @@ class CrossHost:
         self._status_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._status_task: asyncio.Task[None] | None = None
+        #: [cluster] Set while this host delivers the webhooks (one host does: see _elect); None:
+        #: every daemon delivers its own, as on a single host.
+        self.webhook_turn: asyncio.Event | None = asyncio.Event() if self.cluster else None
+        self._period = config.cluster_renew_interval
 
     # ------------------------------------------------------------------------ start, stop
 
@@ -110,6 +114,8 @@ class CrossHost:
         self.listener.start()
         self.companies_changed()
         self._status_task = asyncio.get_running_loop().create_task(self._publish_status(), name="company status")
+        if self.webhook_turn is not None:
+            self._spawn(self._elect(self.webhook_turn), "webhook delivery election")
 
     async def close(self) -> None:
         tasks = [t for t in (self._status_task, *self._tasks) if t is not None]
@@ -344,6 +350,31 @@ class CrossHost:
             await self._sql(answer)
         except (psycopg.Error, Failure) as exc:
             log.warning("cannot answer an act asked by another host", act=act, company=company, error=str(exc))
+
+    # --------------------------------------------------------------------------- webhooks
+
+    async def _elect(self, turn: asyncio.Event) -> None:
+        """One host delivers the webhooks (each host would otherwise POST every event): the live
+        host with the smallest id, decided again each renew period. A host that cannot tell
+        stops delivering; a change of hands may send an event twice, never lose one."""
+        while True:
+            async def smallest(db: psycopg.AsyncConnection[DictRow]) -> str | None:
+                cur = await db.execute("SELECT min(host) AS host FROM whatsappd_cluster_hosts WHERE expires_at > now()")
+                row = await cur.fetchone()
+                return None if row is None else row["host"]
+
+            try:
+                mine = await self._sql(smallest) == self.host
+            except (psycopg.Error, Failure) as exc:
+                log.warning("cannot tell which host delivers the webhooks; not delivering here", error=str(exc))
+                mine = False
+            if mine != turn.is_set():
+                log.info("webhook delivery " + ("taken over by this host" if mine else "left to another host"))
+                if mine:
+                    turn.set()
+                else:
+                    turn.clear()
+            await asyncio.sleep(self._period)
 
     # ----------------------------------------------------------------------------- outbox
 
