@@ -198,6 +198,16 @@ def leases(dsn: str) -> dict[str, tuple[str | None, int, bool]]:
     return {c: (o, int(t), bool(live)) for c, o, t, live in rows}
 
 
+def connected_on(daemon: SimDaemon, company: str) -> dict[str, Any]:
+    """GET /v1/companies/{company} on daemon, once it shows the company connected."""
+    def body() -> dict[str, Any] | None:
+        got: dict[str, Any] = daemon.client.get(f"/v1/companies/{company}").json()
+        return got if got.get("state") == "connected" else None
+
+    found: dict[str, Any] = wait_until(body, 20, what=f"{company} connected, seen from {daemon.root.name}")
+    return found
+
+
 def test_in_a_cluster_get_names_the_lease_holder_acts_go_to_it_and_an_unowned_company_is_503(leased):
     """[cluster] GET on the other host names the lease holder, token and expiry; an act goes to the holder; no holder: 503 no_owner."""
     daemons, _, dsn = leased
@@ -207,8 +217,7 @@ def test_in_a_cluster_get_names_the_lease_holder_acts_go_to_it_and_an_unowned_co
         if not live:
             continue
         other = daemons["h2" if owner == "h1" else "h1"]
-        seen = wait_until(lambda c=company: (lambda b: b if b.get("state") == "connected" else None)(
-            other.client.get(f"/v1/companies/{c}").json()), 20, what=f"{company} connected, seen from the other host")
+        seen = connected_on(other, company)
         assert seen["owner"]["host"] == owner and seen["owner"]["token"] == token and seen["owner"]["lease_expires_at"]
         restarted = other.post(company, "restart")
         assert restarted.status == 202 and restarted.json()["id"] == company, restarted.body
