@@ -8,6 +8,8 @@ the company status table, the routed-acts table and the outbox's wake-up.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from whatsappd.cluster.hosts import ROUTE_TIMEOUT
 from whatsappd.cluster.tail import listener_name
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.events import EventReader
@@ -159,6 +162,23 @@ def test_a_killed_listen_connection_loses_no_event(hosts):
     seqs = [line["seq"] for line in got]
     assert seqs == sorted(set(seqs))
     assert wait_until(lambda: hosts.b.log_lines("LISTEN connection made again; catching up from the journal"), 10)
+
+
+def test_an_owner_that_does_not_answer_is_504_and_the_withdrawn_act_never_runs(hosts):
+    """A frozen owner (SIGSTOP): B answers 504 owner_unreachable after ROUTE_TIMEOUT; thawed, A never runs that act."""
+    add_company(hosts, "frozen")
+    os.kill(hosts.a.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        late = hosts.b.post("frozen", "connect")
+        waited = time.monotonic() - started
+    finally:
+        os.kill(hosts.a.pid, signal.SIGCONT)
+    assert late.status == 504 and late.json()["error"]["code"] == "owner_unreachable", late.body
+    assert "never took the request" in late.json()["error"]["message"] and waited >= ROUTE_TIMEOUT
+    assert hosts.sql("SELECT count(*) FROM whatsappd_commands") == [(0,)]
+    time.sleep(1.0)  # A, thawed, hears the old notification: the row is gone, nothing runs
+    assert hosts.a.snapshot("frozen")["state"] == "stopped"
 
 
 # ------------------------------------------------------------------------- [cluster] mode

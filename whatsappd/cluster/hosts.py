@@ -48,7 +48,7 @@ log = get_logger()
 
 #: How long a host waits for the owner's answer to a routed act (an owner's connect waits up
 #: to 10 s for the worker's first word itself).
-ROUTE_TIMEOUT = 20.0
+ROUTE_TIMEOUT = 15.0
 #: Every company's status row is written again this often, besides on each change.
 STATUS_REFRESH = 30.0
 
