@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -19,9 +20,11 @@ from typing import Any
 from aiohttp import web
 
 from whatsappd import __version__, pidlock
+from whatsappd.cluster.select import crosshost
 from whatsappd.cluster.setup import cluster_node
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control.app import Services, build_app
+from whatsappd.control.companies import run_act
 from whatsappd.control.listener import CappedSockSite
 from whatsappd.control.socket_file import SocketSetupError, bind_control_socket
 from whatsappd.exits import EX_DATAERR
@@ -29,7 +32,7 @@ from whatsappd.logs import configure_logging, get_logger
 from whatsappd.messaging import EventBus, Maintenance, Messaging, OutboxSender
 from whatsappd.metrics.collector import CompanySeries, DaemonMetrics
 from whatsappd.metrics.listener import MetricsListener, bind_listen_socket
-from whatsappd.store import StoreBackend, StoreCorrupt, StoreError
+from whatsappd.store import Event, Secret, StoreBackend, StoreCorrupt, StoreError
 from whatsappd.store.select import make_store
 from whatsappd.supervisor import Supervisor
 from whatsappd.supervisor.registry import RegistryError
@@ -66,13 +69,16 @@ class Daemon:
         sender = OutboxSender(self.store, self.supervisor, lambda: self.config)
         self.bus = EventBus(self.store, lambda: self.config.events_reader_buffer, react=sender.on_event)
         self.supervisor.listeners.append(self.bus.publish)
-        self.store.subscribe(self.bus.committed)
+        # On PostgreSQL every host's events reach the bus, in seq order, through the journal tail.
+        self.crosshost = crosshost(config, self.store, self.supervisor, self._committed, sender.wake,
+                                   lambda r: {**r.snapshot(), "sending": self.messaging.pacing(r.id)})
+        self.store.subscribe(self._committed if self.crosshost is None else self.crosshost.tail.local)
         self.cluster = cluster_node(config, self.supervisor, self.store, sender)  # None on a single host
         maintenance = Maintenance(self.store, sender.busy, lambda: self.config)
         self.messaging = Messaging(self.store, self.bus, sender, maintenance)
         # Webhooks read the journal from their own cursors; a commit only wakes them.
         self.webhooks = WebhookDelivery(self.store, lambda: self.config)
-        self.store.subscribe(self.webhooks.committed)
+        self.webhooks.turn = self.crosshost.webhook_turn if self.crosshost is not None else None  # [cluster]: one host
         self.started_at = time.time()
         self.metrics = DaemonMetrics(self.supervisor, self.store, lambda: len(self.bus.subscribers),
                                      lambda: self.config.daemon_state_dir, self.started_at)
@@ -95,9 +101,16 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._bound_inode: int | None = None  # set when we bound the socket file ourselves
 
+    def _committed(self, event: Event, secret: Secret) -> None:
+        """A committed journal event (every host's, on PostgreSQL): live readers, then webhooks."""
+        self.bus.committed(event, secret)
+        self.webhooks.committed(event, secret)
+
     # ------------------------------------------------------------------------- status, health
 
     def _status_changed(self) -> None:
+        if self.crosshost is not None:
+            self.crosshost.companies_changed()
         if not self.stopping:
             self.notifier.status(self.supervisor.status_line())
 
@@ -195,7 +208,7 @@ class Daemon:
 
         services = Services(config=lambda: self.config, supervisor=self.supervisor, messaging=self.messaging,
                             store=self.store, health=self.health, reload=self.reload, started_at=self.started_at,
-                            metrics=self.metrics, webhooks=self.webhooks)
+                            metrics=self.metrics, webhooks=self.webhooks, cluster=self.crosshost)
         self._runner = web.AppRunner(
             build_app(services), handle_signals=False, access_log=None,
             keepalive_timeout=self.config.control_idle_timeout,
@@ -216,6 +229,8 @@ class Daemon:
             await self.supervisor.start()
             if self.cluster is not None:
                 await self.cluster.start()
+            if self.crosshost is not None:
+                self.crosshost.start(functools.partial(run_act, services))
             await self.webhooks.start()  # last: its store read must not reorder the others' first steps
         except StoreCorrupt as exc:
             # One line that names the file and the fix; the exit status stops systemd's restarts.
@@ -317,6 +332,8 @@ class Daemon:
             self.metrics_listener = None
 
     async def _close_store(self) -> None:
+        if self.crosshost is not None:
+            await self.crosshost.close()
         await self.webhooks.close()
         await self.messaging.close()
         await self.store.close()

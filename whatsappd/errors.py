@@ -104,6 +104,9 @@ class ErrorCode(enum.StrEnum):
     WEBHOOK_NOT_FOUND = "webhook_not_found", 404, "No webhook with this id."
     # Several hosts sharing PostgreSQL ([cluster], issue 13).
     NOT_OWNER = "not_owner", 409, "Another host owns the company (holds its lease): the act must run there."
+    # Several hosts on one PostgreSQL (issue 13): an act asked on a host that does not own the company.
+    NO_OWNER = "no_owner", 503, "No host owns the company now (its lease lapsed); another takes it over shortly: retry."
+    OWNER_UNREACHABLE = "owner_unreachable", 504, "The host owning the company did not answer in time (or could not be reached)."
     # The daemon.
     WORKER_TIMEOUT = "worker_timeout", 504, "The worker did not answer in time."
     TOO_MANY_CONNECTIONS = "too_many_connections", 503, "All control connections (or this uid's) are taken."

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from whatsappd.control.bodies import json_seconds, read_json
+from whatsappd.control.companies import company_state
 from whatsappd.control.services import company_runner, services
 from whatsappd.errors import ApiError, ErrorCode
 from whatsappd.mediafile import MediaRefused, read_media
@@ -130,7 +131,7 @@ def _wait_bound(request: web.Request, max_wait: float) -> float | None:
 async def send_message(request: web.Request) -> web.Response:
     parts = services(request)
     config = parts.config()
-    runner = company_runner(request)
+    company, state = await company_state(request)  # whichever host owns it: the outbox is shared
     body = await read_json(request)
     if not isinstance(body, dict):
         raise ApiError(ErrorCode.INVALID_MESSAGE, "the body must be a JSON object")
@@ -142,8 +143,8 @@ async def send_message(request: web.Request) -> web.Response:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not re.fullmatch(r"[ -~]{1,255}", key):
         raise ApiError(ErrorCode.BAD_REQUEST, "Idempotency-Key must be 1 to 255 printable ASCII characters")
-    if runner.state in CANNOT_SEND:
-        raise ApiError(ErrorCode.COMPANY_UNAVAILABLE, f"company {runner.id!r} is {runner.state}: messages cannot be "
+    if state in CANNOT_SEND:
+        raise ApiError(ErrorCode.COMPANY_UNAVAILABLE, f"company {company!r} is {state}: messages cannot be "
                        "sent until it is connected again (connect, and pair if needed)")
     to = body.get("to")
     try:
@@ -190,24 +191,24 @@ async def send_message(request: web.Request) -> web.Response:
         payload = {"text": text}
     try:
         created, message = await parts.messaging.enqueue(OutgoingMessage(
-            company=runner.id, recipient=recipient, to=str(to), kind=kind, payload=payload, media=media, ttl=ttl,
+            company=company, recipient=recipient, to=str(to), kind=kind, payload=payload, media=media, ttl=ttl,
             idempotency_key=key, body=body))
     except IdempotencyConflict as exc:
         raise ApiError(ErrorCode.IDEMPOTENCY_KEY_REUSED, f"Idempotency-Key {key!r} was already used for message "
                        f"{exc.args[0]} with a different body; use a new key for a new message") from None
     if wait_bound is not None:
         message = await parts.messaging.wait_status(
-            runner.id, message["id"], lambda m: m["status"] not in _UNSETTLED, wait_bound) or message
+            company, message["id"], lambda m: m["status"] not in _UNSETTLED, wait_bound) or message
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return web.json_response(parts.messaging.with_pacing(message), status=202 if created else 200, headers=headers)
 
 
 async def get_message(request: web.Request) -> web.Response:
-    runner = company_runner(request)
+    company, _ = await company_state(request)
     message_id = request.match_info["mid"]
-    message = await services(request).store.message(runner.id, message_id)
+    message = await services(request).store.message(company, message_id)
     if message is None:
-        raise ApiError(ErrorCode.MESSAGE_NOT_FOUND, f"company {runner.id!r} has no message {message_id!r}")
+        raise ApiError(ErrorCode.MESSAGE_NOT_FOUND, f"company {company!r} has no message {message_id!r}")
     return web.json_response(services(request).messaging.with_pacing(message))
 
 

@@ -46,6 +46,9 @@ _BODY = ("invalid_json", "unsupported_media_type")  # routes that read a JSON bo
 _COMPANY = ("invalid_company_id", "company_not_found")  # routes under /v1/companies/{id}
 # Routes that ask the company's worker (not_owner: in a cluster, another host owns the company).
 _COMMAND = ("not_running", "worker_timeout", "worker_exited", "engine_error", "not_owner")
+# Acts run by the company's owner: asked on another host of a shared PostgreSQL store, they are
+# routed to it through the database (docs/INTERNALS.md "Several hosts: the API on every host").
+_ROUTED = ("no_owner", "owner_unreachable")
 
 
 def _responses(ok: dict[str, Any], *codes: str) -> dict[str, Any]:
@@ -201,6 +204,12 @@ SCHEMAS: dict[str, Any] = {
             "worker": {"type": "object", "properties": {"pid": {"type": ["integer", "null"]},
                                                          "restarts": {"type": "integer"}}},
             "sending": _ref("Sending"),
+            "owner": _nullable({
+                "type": "object", "required": ["host", "token", "lease_expires_at"],
+                "description": "PostgreSQL store only: the host owning the company (null: none now; its lease "
+                               "lapsed). On another host, the other fields are the owner's, as it last wrote them.",
+                "properties": {"host": {"type": "string"}, "token": {"type": ["integer", "null"]},
+                               "lease_expires_at": _TIME_OR_NULL}}),
         },
         "additionalProperties": True,
     },
@@ -551,7 +560,7 @@ PATHS: dict[str, dict[str, Any]] = {
                 "id": {"type": "string"}, "state": _ref("State"), "removed": {"const": True},
                 "unlinked": {"type": "boolean"}, "wiped": {"type": "boolean"}, "note": {"type": "string"}}},
                 "Stopped (and wiped); removed: a runtime company is gone.")},
-                *_COMPANY, *_COMMAND, "not_connected", "logout_failed"),
+                *_COMPANY, *_ROUTED, *_COMMAND, "not_connected", "logout_failed"),
         },
     },
     "/v1/companies/{id}/connect": {
@@ -562,7 +571,7 @@ PATHS: dict[str, dict[str, Any]] = {
                            "after 10 s.",
             "operationId": "connectCompany",
             "responses": _responses({"200": _json(_ref("Company"), "Already running."),
-                                     "202": _json(_ref("Company"), "Started.")}, *_COMPANY),
+                                     "202": _json(_ref("Company"), "Started.")}, *_COMPANY, *_ROUTED),
         },
     },
     "/v1/companies/{id}/qr": {
@@ -593,7 +602,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": _responses({"200": _json({"type": "object", "required": ["code", "expires_at"], "properties": {
                 "code": {"type": "string", "pattern": "^[A-Z0-9]{4}-[A-Z0-9]{4}$"}, "expires_at": _TIME_OR_NULL}},
                 "The code to type on the phone.")},
-                *_COMPANY, *_BODY, "invalid_phone", "not_pairing", *_COMMAND, "pair_phone_failed"),
+                *_COMPANY, *_ROUTED, *_BODY, "invalid_phone", "not_pairing", *_COMMAND, "pair_phone_failed"),
         },
     },
     "/v1/companies/{id}/logout": {
@@ -605,7 +614,7 @@ PATHS: dict[str, dict[str, Any]] = {
                                                    "properties": {
                 "unlinked": {"type": "boolean"}, "wiped": {"type": "boolean"}, "state": _ref("State"),
                 "note": {"type": "string"}}}, "Logged out.")},
-                *_COMPANY, *_COMMAND, "not_connected", "logout_failed"),
+                *_COMPANY, *_ROUTED, *_COMMAND, "not_connected", "logout_failed"),
         },
     },
     "/v1/companies/{id}/restart": {
@@ -613,7 +622,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": {
             "summary": "Restart the company's worker now (also leaves `failed`)",
             "operationId": "restart",
-            "responses": _responses({"202": _json(_ref("Company"), "Restarted.")}, *_COMPANY),
+            "responses": _responses({"202": _json(_ref("Company"), "Restarted.")}, *_COMPANY, *_ROUTED),
         },
     },
     "/v1/companies/{id}/sending/resume": {
@@ -628,7 +637,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": _responses({"200": _json({
                 "type": "object", "required": ["company", "resumed", "sending"],
                 "properties": {"company": {"type": "string"}, "resumed": {"type": "boolean"},
-                               "sending": _ref("Sending")}}, "The company's sending now.")}, *_COMPANY),
+                               "sending": _ref("Sending")}}, "The company's sending now.")}, *_COMPANY, *_ROUTED),
         },
     },
     "/v1/companies/{id}/simulate": {
@@ -641,7 +650,7 @@ PATHS: dict[str, dict[str, Any]] = {
                                      "202": _json({"type": "object", "properties": {
                                          "action": {"type": "string"}, "sent": {"const": True}}},
                                          "Sent (crash, hang: no answer).")},
-                *_COMPANY, "not_found", *_BODY, *_COMMAND, "invalid_argument", "unknown_action", "not_pairing",
+                *_COMPANY, *_ROUTED, "not_found", *_BODY, *_COMMAND, "invalid_argument", "unknown_action", "not_pairing",
                 "not_connected", "not_reconnecting", "unknown_message", "store_failed"),
         },
     },

@@ -16,6 +16,7 @@ from aiohttp import web
 from whatsappd.control.bodies import company_id
 
 if TYPE_CHECKING:
+    from whatsappd.cluster.hosts import CrossHost
     from whatsappd.config import Config
     from whatsappd.messaging.service import Messaging
     from whatsappd.metrics.collector import DaemonMetrics
@@ -45,6 +46,8 @@ class Services:
     metrics: DaemonMetrics
     #: The webhooks and their delivery (issue 12).
     webhooks: WebhookDelivery
+    #: On the PostgreSQL backend: the other hosts (who owns what, acts routed to the owner); None on SQLite.
+    cluster: CrossHost | None = None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

@@ -146,6 +146,13 @@ class OutboxSender:
             self._wake[runner.id].set()
         return created, stored
 
+    def wake(self, company: str) -> None:
+        """A message was queued for company on another host (the shared outbox): send it now."""
+        runner = self.sup.companies.get(company)
+        if runner is not None and not self.closed:
+            self._ensure_sender(runner)
+            self._wake[runner.id].set()
+
     async def _apply_receipt(self, company: str, data: dict[str, Any]) -> None:
         status = _RECEIPTS.get(str(data.get("receipt")))
         ids = [str(i) for i in data.get("ids") or []]

@@ -107,6 +107,10 @@ class StoreFacade(abc.ABC, Generic[C]):
     def last_seq(self) -> int:
         return self._journal.last_seq
 
+    def advance(self, seq: int) -> None:
+        """An event committed by another host (seq) was delivered: the newest known is at least seq."""
+        self._journal.last_seq = max(self._journal.last_seq, seq)
+
     def subscribe(self, listener: CommitListener) -> Callable[[], None]:
         """listener(event, secret) is called, in the loop, for each committed event."""
         return self._journal.subscribe(listener)

@@ -41,6 +41,9 @@ class NewEvent(NamedTuple):
     company: str | None
     type: str
     data: dict[str, Any]
+    #: What goes to live readers only (a QR code): a backend shared by several hosts sends it
+    #: to the others in the inserting transaction, never stores it.
+    secret: Secret = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class JournalBuffer:
 
     def append(self, company: str | None, type_: str, data: dict[str, Any], secret: Secret = None) -> None:
         """Queue an event; it is committed with the others of this tick, then delivered."""
-        self._pending.append(NewEvent(time.time(), company, type_, data))
+        self._pending.append(NewEvent(time.time(), company, type_, data, secret))
         self._pending_secrets.append(secret)
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -49,6 +49,7 @@ from psycopg.rows import DictRow, dict_row
 
 from whatsappd.baileys.verify import listed_jids
 from whatsappd.cluster import registry as cluster_registry
+from whatsappd.cluster import shared
 from whatsappd.cluster.fence import NO_TOKEN, StaleLease
 from whatsappd.cluster.leases import check_token
 from whatsappd.errors import ErrorCode
@@ -183,6 +184,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     DEVICES_MIGRATION,  # 4: which whatsmeow device is whose (whatsappd/supervisor/devices.py, issue 13)
     cluster_registry.MIGRATION,  # 5: the cluster's company registry; the outbox claim token (cluster/registry.py)
+    shared.MIGRATION,  # 6: what the hosts tell each other: company status, routed acts (cluster/shared.py)
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -472,8 +474,23 @@ def insert_events(db: Db, batch: list[NewEvent]) -> list[Event]:
     with db.transaction():
         _journal_order(db)
         out = [_insert_event(db, new.at, new.company, new.type, new.data) for new in batch]
+        for new, event in zip(batch, out, strict=True):
+            if new.secret is not None:
+                _notify_secret(db, event, new.secret)
         _notify(db, out)
     return out
+
+
+def _notify_secret(db: Db, event: Event, secret: dict[str, Any]) -> None:
+    """Hand event's secret (a QR code) to the other hosts' live readers, never to the table: sent
+    at COMMIT, before the journal's wake-up of the same transaction, so a host reading the row
+    after that wake-up has the secret already (cluster/tail.py)."""
+    payload = json.dumps({"seq": event.seq, "secret": secret}, separators=(",", ":"))
+    if len(payload.encode()) > shared.MAX_PAYLOAD:
+        log.warning("an event's secret is too large for NOTIFY; other hosts' live readers get the event without it",
+                    seq=event.seq, type=event.type, bytes=len(payload.encode()))
+        return
+    db.execute("SELECT pg_notify(%s, %s)", (shared.SECRET_CHANNEL, payload))
 
 
 def select_events(db: Db, since: int, limit: int, companies: list[str], types: list[str],
@@ -596,6 +613,9 @@ def enqueue_batch(db: Db, batch: list[tuple[OutgoingMessage, float]]
                 continue
             outcomes.append(outcome)
             events.extend(inserted)
+        # Wake the owner's sender, whichever host it is on (its own sender is woken directly).
+        for company in sorted({message.company for message, _ in batch}):
+            db.execute("SELECT pg_notify(%s, %s)", (shared.OUTBOX_CHANNEL, company))
         _notify(db, events)
     return outcomes, events
 

@@ -121,8 +121,9 @@ class Webhook:
     """One webhook: its definition, its delivery task and HTTP session, its cursor and figures."""
 
     def __init__(self, config: WebhookConfig, source: str, cursor: int, store: StoreBackend,
-                 retry: Callable[[], Retry]) -> None:
+                 retry: Callable[[], Retry], turn: asyncio.Event | None = None) -> None:
         self.config = config
+        self._turn = turn  # several hosts: set while this host is the one delivering (None: always)
         self.source = source  # "config" or "runtime"
         self.cursor = cursor
         self._saved = cursor
@@ -193,6 +194,8 @@ class Webhook:
         store, config = self._store, self.config
         while True:
             try:
+                if self._turn is not None and not self._turn.is_set():
+                    await self._wait_turn()
                 self.wake.clear()  # before reading: anything committed from now on wakes us again
                 top = store.last_seq  # every event up to here has been offered (deliver() is synchronous)
                 full = False
@@ -224,6 +227,17 @@ class Webhook:
                 log.exception("webhook delivery failed; retrying", webhook=config.id)
                 self._live = None
                 await asyncio.sleep(SAVE_RETRY)
+
+    async def _wait_turn(self) -> None:
+        """Another host delivers (several hosts, one store): wait until it is this host's turn,
+        then go on from the cursor the other host stored (at least once: it may have sent an
+        event it had not stored as done yet)."""
+        assert self._turn is not None
+        await self._turn.wait()
+        stored = {row["id"]: row["cursor"] for row in await self._store.webhooks()}.get(self.config.id)
+        if stored is not None:
+            self.cursor = self._saved = stored
+        self._live = None
 
     async def _check_lost(self, first: int) -> None:
         """Report the events between the cursor and `first` (the next one to deliver) that the
@@ -354,6 +368,8 @@ class WebhookDelivery:
         self._cursors: dict[str, int] = {}  # every stored row's cursor, by id
         self._lock = asyncio.Lock()  # one act (start, reload, put, delete) at a time; never held by delivery
         self._started = False
+        #: Several hosts on one store: set while this host is the one that delivers (cluster/hosts.py).
+        self.turn: asyncio.Event | None = None
 
     def _retry(self) -> Retry:
         return Retry.of(self._config())
@@ -404,7 +420,7 @@ class WebhookDelivery:
         if cursor is None:  # a new webhook gets the events from now on
             cursor = await self.store.put_webhook(definition.id, None, self.store.last_seq)
             self._cursors[definition.id] = cursor
-        hook = self.hooks[definition.id] = Webhook(definition, source, cursor, self.store, self._retry)
+        hook = self.hooks[definition.id] = Webhook(definition, source, cursor, self.store, self._retry, self.turn)
         hook.start()
         log.info("webhook delivering", webhook=definition.id, source=source, cursor=cursor)
         return hook
