@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd.config import SETTINGS, toml_value
+from whatsappd.sessionstore import SIMULATOR_FILE, SimulatorDevice, simulator_store_bytes
 from whatsappd.testing.daemon import at_once, wait_until
 from whatsappd.testing.scenario import SimDaemon, sim_config
 
@@ -301,14 +302,15 @@ class Cluster:
     def pre_pair(self, companies: Iterable[str] | None = None) -> None:
         """Give simulator companies a paired device, as if scanned long ago: on the shared server
         (server_dir/<company>/) and, for builds without one, in every host's session directory."""
-        from whatsappd.worker.simulator import server
-
+        paired_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for n, cid in enumerate(self.companies if companies is None else companies):
-            device = server.SimulatorDevice(jid=f"55119{n:08d}:1@s.whatsapp.net", push_name=cid)
+            device = SimulatorDevice(jid=f"55119{n:08d}:1@s.whatsapp.net", push_name=cid)
             places = [self.server_dir / cid] + [h.state_dir / "sessions" / f"session-{cid}" for h in self.hosts]
             for place in places:
                 place.mkdir(mode=0o700, parents=True, exist_ok=True)
-                server.write_store(place, device)
+                fd = os.open(place / SIMULATOR_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(simulator_store_bytes(device, paired_at))
         for host in self.hosts:
             for path in (host.state_dir, host.state_dir / "sessions"):
                 if path.exists():
@@ -428,7 +430,8 @@ class Cluster:
 
 def server_connections(server_dir: Path) -> Callable[[], dict[str, int]] | None:
     """company -> live connections on the shared simulator server (whatsappd.testing.simserver),
-    or None when this build has no shared server."""
+    or None when this build has no shared server. Imported when called: simserver reads the
+    simulator's own modules, which no module of the supervisor side imports (tests/test_layout.py)."""
     try:
         simserver = importlib.import_module("whatsappd.testing.simserver")
     except ImportError:
