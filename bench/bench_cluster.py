@@ -21,6 +21,8 @@ the lease table. Scenarios (--only picks some):
 - connections: PostgreSQL connections per host (pg_stat_activity by application_name) with
   neonize workers behind refusing proxies, at --scales companies, without and with PgBouncer
   (transaction pooling) for the whatsmeow DSN.
+- stream: event-stream latency on the committing host and across hosts: bench/bench_crosshost.py,
+  run as it is (its own PostgreSQL and two hosts).
 
 Timings are the shipped defaults (lease_ttl 15 s, renew_interval 5 s, fence_margin 3 s) unless
 --ttl/--renew/--margin say otherwise. Prints figures; exits 1 if a target is missed.
@@ -35,6 +37,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +59,7 @@ from whatsappd.testing.postgres import PostgresServer
 from whatsappd.testing.socks5 import Socks5FaultProxy
 
 FAILOVER_TARGET = 30.0
-SCENARIOS = ("failover", "freeze", "coldstart", "midsend", "connections")
+SCENARIOS = ("failover", "freeze", "coldstart", "midsend", "connections", "stream")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -216,6 +219,16 @@ class Bench:
             if result.sent + result.interrupted < a.messages - result.statuses.get("failed", 0) + result.interrupted:
                 self.miss("messages neither sent nor reported")
 
+    def stream(self) -> None:
+        """bench_crosshost.py prints its figures; its exit status is its verdict (lost or repeated events)."""
+        print("stream: event latency on the committing host and across hosts (bench/bench_crosshost.py)", flush=True)
+        done = subprocess.run([sys.executable, str(_crosshost()), "--rounds", str(self.args.stream_rounds)],
+                              capture_output=True, text=True, timeout=1800)
+        for line in (done.stdout + done.stderr).splitlines():
+            print(f"  {line}", flush=True)
+        if done.returncode != 0:
+            self.miss(f"bench_crosshost.py exited {done.returncode}")
+
     def connections(self, scales: list[int]) -> None:
         """One host with n neonize companies connecting behind one 127.0.0.1 SOCKS5 listener
         (--proxy-mode: "silent" accepts and never answers, so every worker stays alive in its dial
@@ -282,6 +295,10 @@ class Bench:
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
 
 
+def _crosshost() -> Path:
+    return Path(__file__).resolve().parent / "bench_crosshost.py"
+
+
 def _rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -309,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proxy-mode", default="silent", choices=("silent", "refuse"),
                    help="the neonize companies' SOCKS5 listener in the connections scenario")
     p.add_argument("--sample", type=float, default=30.0, help="seconds the connections scenario samples")
+    p.add_argument("--stream-rounds", type=int, default=3, help="rounds of bench_crosshost.py")
     p.add_argument("--max-connections", type=int, default=1500, help="the test server's max_connections")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
@@ -332,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             steps.append(("midsend", bench.midsend))
         if "connections" in only:
             steps.append(("connections", lambda: bench.connections([int(n) for n in args.scales.split(",")])))
+        if "stream" in only:
+            steps.append(("stream", bench.stream))
         for name, step in steps:
             began = time.monotonic()
             try:
