@@ -312,16 +312,16 @@ def test_a_worker_ends_itself_fenced_when_its_deadline_passes_unrefreshed_and_li
     async def scenario() -> None:
         deadlines = Deadlines(heartbeat=30, connect=30, pairing=30, paired_connect=30, stuck_reconnecting=30)
 
+        first = time.monotonic() + 3.0  # both start with this deadline
+
         def spec(company: str) -> WorkerSpec:
             return WorkerSpec(company=company, session_dir=tmp_path / company, engine="simulator", proxy=None,
-                              pair=True, heartbeat_interval=0.2, log_level="info",
-                              fence_deadline=time.monotonic() + 1.5)
+                              pair=True, heartbeat_interval=0.2, log_level="info", fence_deadline=first)
 
         left, kept = await start_worker(spec("left"), deadlines), await start_worker(spec("kept"), deadlines)
         readers = [asyncio.create_task(_drain(w)) for w in (left, kept)]
         try:
-            started = time.monotonic()
-            while time.monotonic() - started < 3.0:
+            while time.monotonic() < first + 1.5:  # kept's deadline moves on; left's does not
                 kept.fence(time.monotonic() + 1.5)
                 await asyncio.sleep(0.25)
             assert await asyncio.wait_for(left.wait(), 5) == ExitCode.FENCED

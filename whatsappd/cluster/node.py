@@ -62,9 +62,11 @@ class ClusterNode:
     # ------------------------------------------------------------------- what others ask
 
     def token(self, company: str) -> int | None:
-        """The lease token this host holds for company, None if it holds none (the store's lookup)."""
-        runner = self.sup.companies.get(company)
-        return runner.token if runner is not None else None
+        """The lease token this host holds for company, None if it holds none (the store's lookup,
+        on its writer thread). The keeper's view, not the runner's: a company deleted here keeps its
+        lease until the registry's next read, so its last events (its stop) still commit."""
+        held = self.keeper.held.get(company)
+        return held.token if held is not None else None
 
     def deadline(self, company: str) -> float:
         """The fence deadline for a worker of company starting now (CLOCK_MONOTONIC); already
