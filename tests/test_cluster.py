@@ -27,6 +27,7 @@ from whatsappd.store.postgresql import PostgresStore, migrate
 from whatsappd.supervisor.process import Deadlines, WorkerProcess, WorkerSpec, start_worker
 from whatsappd.testing import simserver
 from whatsappd.testing.daemon import DaemonProcess, wait_until
+from whatsappd.testing.metrics import metric_value
 from whatsappd.worker.simulator import server
 
 COMPANIES = [f"c{n}" for n in range(1, 7)]
@@ -169,7 +170,8 @@ def test_kill_9_of_a_host_moves_its_companies_with_higher_tokens_and_its_claims_
 def test_a_frozen_host_loses_its_workers_before_another_host_takes_over_and_writes_nothing_after(
         cluster: Cluster) -> None:
     """SIGSTOP of a daemon process alone: its workers end by their dead-man switch before another host owns
-    their company; after SIGCONT it fences itself, and its stale writes (company events) are refused."""
+    their company; after SIGCONT it fences itself, and its stale writes (company events) are refused and
+    counted (metrics)."""
     cluster.add("h1")
     cluster.add("h2")
     cluster.start()
@@ -209,6 +211,13 @@ def test_a_frozen_host_loses_its_workers_before_another_host_takes_over_and_writ
     assert not any(str(r).startswith("lease lost") for r in reasons), reasons  # h1's own events, refused
     assert all(h == ["h2"] for h in cluster.running(["h1", "h2"]).values())
     assert cluster.double_owners() == {}
+    frozen_metrics, h2_metrics = (cluster.daemons[h].client.get("/v1/metrics").body.decode() for h in ("h1", "h2"))
+    assert (metric_value(frozen_metrics, "whatsappd_cluster_stale_writes_refused_total") or 0) >= 1
+    losses = sum(metric_value(frozen_metrics, "whatsappd_cluster_leases_lost_total", reason=r) or 0
+                 for r in ("deadline", "taken"))
+    assert losses >= len(mine)
+    assert metric_value(frozen_metrics, "whatsappd_cluster_leases_held") == 0
+    assert metric_value(h2_metrics, "whatsappd_cluster_leases_held") == len(COMPANIES)
 
 
 def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: str) -> None:

@@ -21,10 +21,13 @@ supervisor asks it only for a worker's fence deadline and to record the operator
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whatsappd.cluster.leases import LeaseKeeper, Leases, Loss
 from whatsappd.cluster.registry import ClusterRegistry, Registered
@@ -54,6 +57,7 @@ class ClusterNode:
                                   fence_margin=config.cluster_fence_margin, on_lost=self._lost,
                                   on_acquired=self._acquired, on_renewed=self._renewed)
         self.rows: dict[str, Registered] = {}
+        self.losses: collections.Counter[str] = collections.Counter()  # leases lost, by reason
         self._tasks: list[asyncio.Task[None]] = []
         supervisor.registry = self.registry  # companies.json's place, same interface
         supervisor.node = self
@@ -172,6 +176,7 @@ class ClusterNode:
             await self._fail_in_flight(company)
 
     def _lost(self, loss: Loss) -> None:
+        self.losses[loss.reason] += 1
         runner = self.sup.companies.get(loss.company)
         if runner is not None and runner.token == loss.token:
             runner.fence(f"lease lost ({loss.reason})")
@@ -181,3 +186,18 @@ class ClusterNode:
             runner = self.sup.companies.get(company)
             if runner is not None and runner.worker is not None:
                 runner.worker.fence(held.deadline)
+
+    # ---------------------------------------------------------------------------- metrics
+
+    def collect(self) -> list[Metric]:
+        """The host's cluster series for the daemon's prometheus_client registry (daemon.py registers this)."""
+        held = GaugeMetricFamily("whatsappd_cluster_leases_held", "Company leases this host holds (companies it owns).",
+                                 value=len(self.keeper.held))
+        lost = CounterMetricFamily("whatsappd_cluster_leases_lost", "Leases this host stopped holding, by reason: "
+                                   "taken, deadline (not renewed in time), rebalanced, stopped.", labels=["reason"])
+        for reason in ("taken", "deadline", "rebalanced", "stopped"):
+            lost.add_metric([reason], self.losses[reason])
+        refused = CounterMetricFamily("whatsappd_cluster_stale_writes_refused", "Writes for a company refused because "
+                                      "this host no longer held its lease (a claim, a settle, a journal event).",
+                                      value=self.store.stale_refusals)
+        return [held, lost, refused]
