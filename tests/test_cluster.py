@@ -274,7 +274,8 @@ def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: st
 
 def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a_stop_survives_failover(
         cluster: Cluster) -> None:
-    """A company added or removed on one host appears or disappears on the other (with its lease row); an act
+    """A company added or removed on one host (API or config reload) appears or disappears on the other (with
+    its lease row); an act
     on a company another host owns is refused not_owner; a company its owner stopped stays stopped after a
     kill -9 of that owner, while its other companies run again elsewhere."""
     cluster.add("h1")
@@ -298,6 +299,15 @@ def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a
     assert deleted.status == 200 and deleted.json()["removed"] is True, deleted.json()
     wait_until(lambda: "newco" not in listed(h1) | listed(h2), 10, what="newco gone from both hosts")
     assert "newco" not in cluster.leases()
+
+    assert h1.config_path is not None  # a company added to h1's file by a reload: on h2 too, then gone again
+    config = h1.config_path.read_text()
+    h1.config_path.write_text(config + '[[companies]]\nid = "c7"\nengine = "simulator"\n')
+    assert h1.client.post("/v1/reload").json()["ok"] is True
+    wait_until(lambda: "c7" in listed(h2) and "c7" in cluster.leases(), 10, what="c7 on h2, with its lease row")
+    h1.config_path.write_text(config)
+    assert h1.client.post("/v1/reload").json()["ok"] is True
+    wait_until(lambda: "c7" not in listed(h1) | listed(h2) and "c7" not in cluster.leases(), 10, what="c7 gone")
 
     stopped = h1.client.request("DELETE", f"/v1/companies/{mine[0]}")  # a config company: stopped by the operator, kept
     assert stopped.status == 200 and stopped.json()["state"] == "stopped", stopped.json()
