@@ -274,10 +274,8 @@ def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: st
 
 def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a_stop_survives_failover(
         cluster: Cluster) -> None:
-    """A company added or removed on one host (API or config reload) appears or disappears on the other (with
-    its lease row); an act
-    on a company another host owns is refused not_owner; a company its owner stopped stays stopped after a
-    kill -9 of that owner, while its other companies run again elsewhere."""
+    """A company added or removed on one host (API or reload) follows on the other, lease row included; an act
+    on another host's company is not_owner; an operator's stop outlives a kill -9 of the owner."""
     cluster.add("h1")
     cluster.add("h2")
     cluster.start()
