@@ -27,12 +27,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whatsappd.cluster.leases import LeaseKeeper, Leases, Loss
 from whatsappd.cluster.registry import ClusterRegistry, Registered
 from whatsappd.config import Config, ConfigDiff
 from whatsappd.logs import get_logger
+from whatsappd.supervisor.registry import RegistryError
 from whatsappd.supervisor.runner import Intent, Runner
 
 if TYPE_CHECKING:
@@ -90,11 +92,17 @@ class ClusterNode:
 
     def prepare(self, config: Config) -> None:
         """Before the supervisor starts: this host's [[companies]] into the registry (with lease rows)."""
-        self.registry.upsert_config(config.companies)
+        try:
+            self.registry.upsert_config(config.companies)
+        except psycopg.Error as exc:
+            raise RegistryError(f"cannot write this host's companies to the registry: {str(exc).strip()}") from exc
 
     async def start(self) -> None:
         """After the supervisor started: follow the registry, then the leases."""
-        await self.refresh()
+        try:
+            await self.refresh()
+        except psycopg.Error as exc:
+            raise RegistryError(f"cannot read the company registry: {str(exc).strip()}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.keeper.run(), name="lease-keeper"),
                        loop.create_task(self._follow_registry(), name="company-registry")]
