@@ -27,6 +27,7 @@ from whatsappd.store.postgresql import PostgresStore, migrate
 from whatsappd.supervisor.process import Deadlines, WorkerProcess, WorkerSpec, start_worker
 from whatsappd.testing import simserver
 from whatsappd.testing.daemon import DaemonProcess, wait_until
+from whatsappd.testing.metrics import metric_value
 from whatsappd.worker.simulator import server
 
 COMPANIES = [f"c{n}" for n in range(1, 7)]
@@ -171,7 +172,8 @@ def test_kill_9_of_a_host_moves_its_companies_with_higher_tokens_and_its_claims_
 def test_a_frozen_host_loses_its_workers_before_another_host_takes_over_and_writes_nothing_after(
         cluster: Cluster) -> None:
     """SIGSTOP of a daemon process alone: its workers end by their dead-man switch before another host owns
-    their company; after SIGCONT it fences itself, and its stale writes (company events) are refused."""
+    their company; after SIGCONT it fences itself, and its stale writes (company events) are refused and
+    counted (metrics)."""
     cluster.add("h1")
     cluster.add("h2")
     cluster.start()
@@ -211,6 +213,13 @@ def test_a_frozen_host_loses_its_workers_before_another_host_takes_over_and_writ
     assert not any(str(r).startswith("lease lost") for r in reasons), reasons  # h1's own events, refused
     assert all(h == ["h2"] for h in cluster.running(["h1", "h2"]).values())
     assert cluster.double_owners() == {}
+    frozen_metrics, h2_metrics = (cluster.daemons[h].client.get("/v1/metrics").body.decode() for h in ("h1", "h2"))
+    assert (metric_value(frozen_metrics, "whatsappd_cluster_stale_writes_refused_total") or 0) >= 1
+    losses = sum(metric_value(frozen_metrics, "whatsappd_cluster_leases_lost_total", reason=r) or 0
+                 for r in ("deadline", "taken"))
+    assert losses >= len(mine)
+    assert metric_value(frozen_metrics, "whatsappd_cluster_leases_held") == 0
+    assert metric_value(h2_metrics, "whatsappd_cluster_leases_held") == len(COMPANIES)
 
 
 def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: str) -> None:
@@ -267,9 +276,8 @@ def test_a_claim_or_settle_with_a_stale_token_is_refused_by_the_store(pg_dsn: st
 
 def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a_stop_survives_failover(
         cluster: Cluster) -> None:
-    """A company added or removed on one host appears or disappears on the other (with its lease row); an act
-    on a company another host owns is run by that owner; a company its owner stopped stays stopped after a
-    kill -9 of that owner, while its other companies run again elsewhere."""
+    """A company added or removed on one host (API or reload) follows on the other, lease row included; an act
+    on a company another host owns is run by that owner; an operator's stop outlives a kill -9 of the owner."""
     cluster.add("h1")
     cluster.add("h2")
     cluster.start()
@@ -291,6 +299,15 @@ def test_companies_follow_the_registry_on_every_host_acts_run_on_the_owner_and_a
     assert deleted.status == 200 and deleted.json()["removed"] is True, deleted.json()
     wait_until(lambda: "newco" not in listed(h1) | listed(h2), 10, what="newco gone from both hosts")
     assert "newco" not in cluster.leases()
+
+    assert h1.config_path is not None  # a company added to h1's file by a reload: on h2 too, then gone again
+    config = h1.config_path.read_text()
+    h1.config_path.write_text(config + '[[companies]]\nid = "c7"\nengine = "simulator"\n')
+    assert h1.client.post("/v1/reload").json()["ok"] is True
+    wait_until(lambda: "c7" in listed(h2) and "c7" in cluster.leases(), 10, what="c7 on h2, with its lease row")
+    h1.config_path.write_text(config)
+    assert h1.client.post("/v1/reload").json()["ok"] is True
+    wait_until(lambda: "c7" not in listed(h1) | listed(h2) and "c7" not in cluster.leases(), 10, what="c7 gone")
 
     stopped = h1.client.request("DELETE", f"/v1/companies/{mine[0]}")  # a config company: stopped by the operator, kept
     assert stopped.status == 200 and stopped.json()["state"] == "stopped", stopped.json()
@@ -314,16 +331,16 @@ def test_a_worker_ends_itself_fenced_when_its_deadline_passes_unrefreshed_and_li
     async def scenario() -> None:
         deadlines = Deadlines(heartbeat=30, connect=30, pairing=30, paired_connect=30, stuck_reconnecting=30)
 
+        first = time.monotonic() + 3.0  # both start with this deadline
+
         def spec(company: str) -> WorkerSpec:
             return WorkerSpec(company=company, session_dir=tmp_path / company, engine="simulator", proxy=None,
-                              pair=True, heartbeat_interval=0.2, log_level="info",
-                              fence_deadline=time.monotonic() + 1.5)
+                              pair=True, heartbeat_interval=0.2, log_level="info", fence_deadline=first)
 
         left, kept = await start_worker(spec("left"), deadlines), await start_worker(spec("kept"), deadlines)
         readers = [asyncio.create_task(_drain(w)) for w in (left, kept)]
         try:
-            started = time.monotonic()
-            while time.monotonic() - started < 3.0:
+            while time.monotonic() < first + 1.5:  # kept's deadline moves on; left's does not
                 kept.fence(time.monotonic() + 1.5)
                 await asyncio.sleep(0.25)
             assert await asyncio.wait_for(left.wait(), 5) == ExitCode.FENCED

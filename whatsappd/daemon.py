@@ -84,6 +84,8 @@ class Daemon:
                                      lambda: self.config.daemon_state_dir, self.started_at)
         self.store.subscribe(self.metrics.on_commit)
         self.metrics.registry.register(self.webhooks)  # per-webhook series (WebhookDelivery.collect)
+        if self.cluster is not None:
+            self.metrics.registry.register(self.cluster)  # leases held, lost, stale writes (ClusterNode.collect)
         self.metrics.company_series += [  # send pacing (issue 12); the queue's depth is whatsappd_outbox_pending_messages
             CompanySeries("whatsappd_pacing_delay_seconds",
                           "Seconds until pacing lets the company's next message go (0: it may send now).",

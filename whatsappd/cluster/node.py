@@ -21,15 +21,20 @@ supervisor asks it only for a worker's fence deadline and to record the operator
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import psycopg
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from whatsappd.cluster.leases import LeaseKeeper, Leases, Loss
 from whatsappd.cluster.registry import ClusterRegistry, Registered
 from whatsappd.config import Config, ConfigDiff
 from whatsappd.logs import get_logger
+from whatsappd.supervisor.registry import RegistryError
 from whatsappd.supervisor.runner import Intent, Runner
 
 if TYPE_CHECKING:
@@ -54,6 +59,7 @@ class ClusterNode:
                                   fence_margin=config.cluster_fence_margin, on_lost=self._lost,
                                   on_acquired=self._acquired, on_renewed=self._renewed)
         self.rows: dict[str, Registered] = {}
+        self.losses: collections.Counter[str] = collections.Counter()  # leases lost, by reason
         self._tasks: list[asyncio.Task[None]] = []
         supervisor.registry = self.registry  # companies.json's place, same interface
         supervisor.node = self
@@ -62,9 +68,11 @@ class ClusterNode:
     # ------------------------------------------------------------------- what others ask
 
     def token(self, company: str) -> int | None:
-        """The lease token this host holds for company, None if it holds none (the store's lookup)."""
-        runner = self.sup.companies.get(company)
-        return runner.token if runner is not None else None
+        """The lease token this host holds for company, None if it holds none (the store's lookup,
+        on its writer thread). The keeper's view, not the runner's: a company deleted here keeps its
+        lease until the registry's next read, so its last events (its stop) still commit."""
+        held = self.keeper.held.get(company)
+        return held.token if held is not None else None
 
     def deadline(self, company: str) -> float:
         """The fence deadline for a worker of company starting now (CLOCK_MONOTONIC); already
@@ -84,11 +92,17 @@ class ClusterNode:
 
     def prepare(self, config: Config) -> None:
         """Before the supervisor starts: this host's [[companies]] into the registry (with lease rows)."""
-        self.registry.upsert_config(config.companies)
+        try:
+            self.registry.upsert_config(config.companies)
+        except psycopg.Error as exc:
+            raise RegistryError(f"cannot write this host's companies to the registry: {str(exc).strip()}") from exc
 
     async def start(self) -> None:
         """After the supervisor started: follow the registry, then the leases."""
-        await self.refresh()
+        try:
+            await self.refresh()
+        except psycopg.Error as exc:
+            raise RegistryError(f"cannot read the company registry: {str(exc).strip()}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.keeper.run(), name="lease-keeper"),
                        loop.create_task(self._follow_registry(), name="company-registry")]
@@ -170,6 +184,7 @@ class ClusterNode:
             await self._fail_in_flight(company)
 
     def _lost(self, loss: Loss) -> None:
+        self.losses[loss.reason] += 1
         runner = self.sup.companies.get(loss.company)
         if runner is not None and runner.token == loss.token:
             runner.fence(f"lease lost ({loss.reason})")
@@ -179,3 +194,18 @@ class ClusterNode:
             runner = self.sup.companies.get(company)
             if runner is not None and runner.worker is not None:
                 runner.worker.fence(held.deadline)
+
+    # ---------------------------------------------------------------------------- metrics
+
+    def collect(self) -> list[Metric]:
+        """The host's cluster series for the daemon's prometheus_client registry (daemon.py registers this)."""
+        held = GaugeMetricFamily("whatsappd_cluster_leases_held", "Company leases this host holds (companies it owns).",
+                                 value=len(self.keeper.held))
+        lost = CounterMetricFamily("whatsappd_cluster_leases_lost", "Leases this host stopped holding, by reason: "
+                                   "taken, deadline (not renewed in time), rebalanced, stopped.", labels=["reason"])
+        for reason in ("taken", "deadline", "rebalanced", "stopped"):
+            lost.add_metric([reason], self.losses[reason])
+        refused = CounterMetricFamily("whatsappd_cluster_stale_writes_refused", "Writes for a company refused because "
+                                      "this host no longer held its lease (a claim, a settle, a journal event).",
+                                      value=self.store.stale_refusals)
+        return [held, lost, refused]

@@ -5,8 +5,9 @@ RuntimeRegistry, whose interface it keeps: load, get, put, remove): one row per 
 `whatsappd_companies` with its `[[companies]]` table as JSON, where it came from (`config`: a
 host's config file, upserted at start and reload; `runtime`: PUT /v1/companies) and what the
 operator wants of it (`desired`: run or stop, so an operator's stop survives a failover). Every
-company has a lease row (cluster/leases.py); removing a company removes its lease row in the same
-transaction. Every host reads the table again each renew period (cluster/node.py), so a company
+company has a lease row (cluster/leases.py), inserted with it; removing a company removes its
+lease row at the next read of the registry (within a renew period), so the owner's last events
+for it still commit under its lease. Every host reads the table again each renew period (cluster/node.py), so a company
 added or removed on one host appears or disappears on all.
 
 Calls are short synchronous statements on one autocommit connection of its own (reconnected on
@@ -50,6 +51,16 @@ WITH up AS (
     ON CONFLICT (company) DO UPDATE SET config = EXCLUDED.config, source = EXCLUDED.source, updated_at = now()
 )
 INSERT INTO whatsappd_company_leases (company) VALUES (%(company)s) ON CONFLICT (company) DO NOTHING
+"""
+
+
+#: Every company; and the lease rows of companies removed from the registry go (one statement).
+_ROWS = """
+WITH orphans AS (
+    DELETE FROM whatsappd_company_leases AS l
+    WHERE NOT EXISTS (SELECT 1 FROM whatsappd_companies AS c WHERE c.company = l.company)
+)
+SELECT company, config, source, desired FROM whatsappd_companies ORDER BY company
 """
 
 
@@ -112,9 +123,9 @@ class ClusterRegistry:
         self._runtime[company.id] = company
 
     def remove(self, company_id: str) -> None:
-        """Remove the company and its lease row (one transaction): every host forgets it."""
-        self._run("WITH gone AS (DELETE FROM whatsappd_companies WHERE company = %(c)s) "
-                  "DELETE FROM whatsappd_company_leases WHERE company = %(c)s", {"c": company_id})
+        """Remove the company: every host forgets it at its next read, and its lease row goes then
+        (rows()), so the owner's last events for it (its stop) still commit under its lease."""
+        self._run("DELETE FROM whatsappd_companies WHERE company = %s", (company_id,))
         self._runtime.pop(company_id, None)
 
     # ----------------------------------------------------------------------- the cluster's
@@ -139,8 +150,7 @@ class ClusterRegistry:
     def rows(self) -> dict[str, Registered]:
         """Every registered company (a row that no longer parses is skipped with an error logged)."""
         out: dict[str, Registered] = {}
-        for company, config, source, desired in self._run(
-                "SELECT company, config, source, desired FROM whatsappd_companies ORDER BY company"):
+        for company, config, source, desired in self._run(_ROWS):
             problems: list[str] = []
             parsed = parse_companies([config if isinstance(config, dict) else json.loads(config)], problems)
             if problems or not parsed or parsed[0].id != company:

@@ -410,11 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(ExitCode.FENCED)
 
     deadman = DeadMan(args.fence_deadline, fenced) if args.fence_deadline else None
-    if deadman is not None:
-        threading.Thread(target=deadman.watch, name="dead-man", daemon=True).start()
     stop_beating = threading.Event()
     commands: list[threading.Thread] = []
     threading.Thread(target=read_commands, name="channel", daemon=True).start()
+    if deadman is not None:  # after the reader: a fence already waiting in the channel counts
+        threading.Thread(target=deadman.watch, name="dead-man", daemon=True).start()
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
     threading.Thread(target=watch_session, name="session-watch", daemon=True).start()
     try:
