@@ -31,19 +31,35 @@ LOG_KEYS = {"outbox_id", "wa_id", "to", "kind", "text", "caption", "filename", "
 Sims = Callable[..., Sim]
 
 
+@pytest.fixture(params=["local", "shared"])
+def server_mode(request: pytest.FixtureRequest) -> str:
+    """Every scenario here runs twice: the simulator's "server" in the session directory (the
+    default), and on a shared server ([simulator] server_dir), where the send log, duplicates,
+    presence and media must behave the same."""
+    return str(request.param)
+
+
 @pytest.fixture
-def session_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "session-acme"
-    path.mkdir(mode=0o700)
+def session_dir(tmp_path: Path, server_mode: str) -> Path:
+    """Where the engine keeps the "server's" files: the session directory, or server_dir/acme."""
+    path = tmp_path / ("session-acme" if server_mode == "local" else "server/acme")
+    path.mkdir(mode=0o700, parents=True)
     return path
 
 
 @pytest.fixture
-def sims() -> Iterator[Sims]:
-    """A factory of started Sims (tests/test_simulator.py's harness); all stopped at the end."""
+def sims(tmp_path: Path, server_mode: str) -> Iterator[Sims]:
+    """A factory of started Sims (tests/test_simulator.py's harness); all stopped at the end.
+    sims(session_dir): on a shared server, session_dir is server_dir/acme and the engine gets a
+    session directory of its own (where only a daemon's lock would be)."""
     made: list[Sim] = []
 
     def make(session_dir: Path, **kwargs: Any) -> Sim:
+        if server_mode == "shared":
+            local = tmp_path / "host" / "sessions" / "session-acme"
+            local.mkdir(mode=0o700, parents=True, exist_ok=True)
+            kwargs["server_dir"] = session_dir.parent
+            session_dir = local
         sim = Sim(session_dir, **kwargs).start()
         made.append(sim)
         return sim
@@ -401,12 +417,14 @@ def test_media_round_trip_inline_data_through_download(sims, session_dir, tmp_pa
     ev = sim.messages[-1]["event"]
     assert (ev["kind"], ev["text"]) == ("image", None)
     assert ev["media"] == {"mimetype": "image/png", "size": 3000, "caption": "pic", "filename": None}
-    target = tmp_path / "out.png"
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    target = downloads / "out.png"
     result = sim.engine.command("download", {"message": ev["raw"], "path": str(target)})
     assert result == {"path": str(target), "size": 3000, "mimetype": "image/png"}
     assert target.read_bytes() == data
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "session-acme"]  # no temp file left
+    assert [p.name for p in downloads.iterdir()] == ["out.png"]  # no temp file left
 
 
 def test_media_round_trip_big_data_is_kept_in_the_session(sims, session_dir, tmp_path):

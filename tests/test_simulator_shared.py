@@ -29,7 +29,7 @@ from whatsappd.testing.events import wait_message
 from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
 from whatsappd.worker.engine import EngineError
 from whatsappd.worker.simulator.connections import CONNECTION_LOG_FILE, ConnectionLog, read_connections
-from whatsappd.worker.simulator.server import SEND_LOG_FILE, SESSION_FILE, read_send_log
+from whatsappd.worker.simulator.server import SESSION_FILE, read_send_log
 
 ALICE = "5511999990001@s.whatsapp.net"
 
@@ -163,7 +163,7 @@ def test_two_daemons_share_the_device_and_the_second_connection_replaces_the_fir
     a = shared(daemons, server)
     a.start(timeout=30)
     jid = a.pair("acme", timeout=30)["jid"]
-    assert not (a.session_dir("acme") / SESSION_FILE).exists()
+    assert [p.name for p in a.session_dir("acme").iterdir()] == ["whatsappd.lock"]  # all else is the server's
     a_pid = a.worker_pid("acme")
 
     b = shared(daemons, server)
@@ -231,19 +231,6 @@ def test_a_message_sent_by_one_daemon_is_not_sent_again_by_another(daemons, serv
     assert (stats.sent, stats.duplicate_requests) == (1, 1)
     assert a.wait_state("acme", "replaced", timeout=10)
     assert a.stop() == 0 and b.stop() == 0
-
-
-def test_without_server_dir_everything_stays_in_the_session_directory(daemons, tmp_path):
-    """The default (server_dir = ""): device and send log in the company's session dir, no connection log anywhere."""
-    d = daemons(sim_config("acme"))
-    d.start(timeout=30)
-    d.pair("acme", timeout=30)
-    response = d.client.post("/v1/companies/acme/messages?wait=sent", {"to": "+55 11 99999-0001", "text": "x"})
-    assert response.status == 202 and response.json()["status"] == "sent", response.body
-    session = d.session_dir("acme")
-    assert (session / SESSION_FILE).exists() and (session / SEND_LOG_FILE).exists()
-    assert not list(tmp_path.rglob(CONNECTION_LOG_FILE))
-    assert d.stop() == 0
 
 
 def test_a_local_logout_wipes_the_shared_device_and_an_unusable_one_is_moved_aside(daemons, server):
