@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +265,8 @@ class Bench:
             cluster.start(timeout=120)
             host = cluster.hosts[0]
             cluster.wait_owned(timeout=300)
-            for cid in cluster.neonize:
-                host.post(cid, "connect")
+            with ThreadPoolExecutor(16) as pool:  # a connect answers once its worker started: ask many at once
+                list(pool.map(lambda cid: host.post(cid, "connect"), cluster.neonize))
             if self.args.proxy_mode == "silent":
                 wait_until(lambda: len(cluster.workers()) >= n, 60 + n, interval=1, what=f"{n} live workers")
             print(f"  {n} companies{' + PgBouncer' if bounced else ''}: owned, connect asked (and the workers up) in "
