@@ -279,7 +279,9 @@ class Bench:
                 rows = cluster.db.execute("SELECT application_name, count(*) FROM pg_stat_activity "
                                           "WHERE datname = current_database() GROUP BY 1").fetchall()
                 by_name = {str(name): int(count) for name, count in rows}
-                daemon, whatsmeow = by_name.get("whatsappd-h1", 0), by_name.get("whatsmeow-h1", 0)
+                # The daemon's: its store's and lease loop's (whatsappd-h1) and its LISTEN ("whatsappd-listen h1").
+                daemon = sum(count for name, count in by_name.items() if name.startswith("whatsappd"))
+                whatsmeow = by_name.get("whatsmeow-h1", 0)
                 clients = len([r for r in bouncer.show("CLIENTS") if len(r) > 2 and r[2] == database]) if bouncer else 0
                 for key, value in (("workers", workers), ("daemon", daemon), ("whatsmeow", whatsmeow),
                                    ("total", sum(by_name.values())), ("clients", clients)):
