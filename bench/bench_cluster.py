@@ -259,8 +259,8 @@ class Bench:
                 self.root / f"run{self.runs}", dsn, [], hosts=1, neonize={f"neo{i:04d}": proxy.url for i in range(n)},
                 whatsmeow_dsn=bouncer.dsn(database) if bouncer else "", max_companies=max(n, 400),
                 lease_ttl=self.args.ttl, renew_interval=self.args.renew, fence_margin=self.args.margin,
-                workers={"heartbeat_timeout": "60s", "pairing_timeout": "600s"},
-                reconnect={"connect_rate": 20, "max_delay": "30s", "connect_timeout": "600s"}))
+                workers={"heartbeat_interval": "5s", "heartbeat_timeout": "60s", "pairing_timeout": "1200s"},
+                reconnect={"connect_rate": 20, "max_delay": "30s", "connect_timeout": "1200s"}))
             began = time.monotonic()
             cluster.start(timeout=120)
             host = cluster.hosts[0]
