@@ -665,8 +665,16 @@ def freeze_and_thaw(cluster: Cluster, victim: ClusterHost, seconds: float, timeo
 
 
 def quarantined(cluster: Cluster) -> set[str]:
-    """Companies any host reports store_unusable (quarantined) for, by its API or its log."""
-    out = set()
+    """Companies any host reports store_unusable (quarantined) for, by its API or its log, or
+    whose whatsmeow device mapping was moved to quarantine in PostgreSQL."""
+    import psycopg
+
+    out: set[str] = set()
+    try:
+        rows = cluster.db.execute("SELECT company FROM whatsappd_devices_quarantine").fetchall()
+        out.update(str(row[0]) for row in rows)
+    except psycopg.errors.UndefinedTable:
+        pass
     for host in cluster.hosts:
         for cid, snap in cluster.snapshots(host).items():
             if (snap.get("last_error") or {}).get("code") == "store_unusable" or snap.get("state") == "store_unusable":
