@@ -3,7 +3,7 @@
 First-class test code like `whatsappd.testing.daemon`, which it builds on: each host is a real
 `whatsappd run` subprocess with its own state directory and control socket, sharing one
 database (`[store] backend = "postgresql"`, `[cluster] enabled = true`, host ids h1..hN) and,
-when the simulator supports it, one simulator "server" directory. The acceptance tests and
+one shared simulator "server" directory (`[simulator] server_dir`). The acceptance tests and
 bench/bench_cluster.py drive the same code.
 
 A host is a process TREE: the supervisor, its zygote(s), and workers that are the supervisor's
@@ -37,22 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from whatsappd.config import SETTINGS, toml_value
+from whatsappd.config import toml_value
 from whatsappd.sessionstore import SIMULATOR_FILE, SimulatorDevice, simulator_store_bytes
 from whatsappd.testing.daemon import at_once, wait_until
 from whatsappd.testing.scenario import SimDaemon, sim_config
 
 __all__ = [
     "Checker", "Cluster", "ClusterHost", "Lease", "ProcessTable", "Sample", "Violation", "WorkerProc",
-    "cluster_config", "read_leases", "server_connections", "supports",
+    "cluster_config", "read_leases", "server_connections",
 ]
 
 _LOCK_PATH = re.compile(r"/session-([^/]+)/whatsappd\.lock$")
-
-
-def supports(section: str, key: str) -> bool:
-    """True if this build's config knows [section] key (a feature another branch adds may be missing)."""
-    return any(s.section == section and s.key == key for s in SETTINGS)
 
 
 def cluster_config(host_id: str, dsn: str, companies: Iterable[str], *, neonize: Mapping[str, str] | None = None,
@@ -72,7 +67,7 @@ def cluster_config(host_id: str, dsn: str, companies: Iterable[str], *, neonize:
                "max_companies": max_companies}
     extra: dict[str, dict[str, Any]] = {"store": store, "cluster": cluster} if clustered else {}
     extra.update(tables)
-    if server_dir is not None and supports("simulator", "server_dir"):
+    if server_dir is not None:
         extra.setdefault("simulator", {})["server_dir"] = str(server_dir)
     text = sim_config(*companies, **extra)
     for cid, proxy in (neonize or {}).items():
@@ -274,7 +269,6 @@ def _named(dsn: str, name: str) -> str:
     return f"{dsn}{'&' if '?' in dsn else '?'}application_name={name}"
 
 
-
 class Cluster:
     """N hosts h1..hN sharing one database, the same companies, and one simulator server dir."""
 
@@ -300,21 +294,15 @@ class Cluster:
         self._db: Any = None
 
     def pre_pair(self, companies: Iterable[str] | None = None) -> None:
-        """Give simulator companies a paired device, as if scanned long ago: on the shared server
-        (server_dir/<company>/) and, for builds without one, in every host's session directory."""
+        """Give simulator companies a paired device on the shared server (server_dir/<company>/),
+        as if their QR codes had been scanned long ago: any host can restore them."""
         paired_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for n, cid in enumerate(self.companies if companies is None else companies):
             device = SimulatorDevice(jid=f"55119{n:08d}:1@s.whatsapp.net", push_name=cid)
-            places = [self.server_dir / cid] + [h.state_dir / "sessions" / f"session-{cid}" for h in self.hosts]
-            for place in places:
-                place.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(place / SIMULATOR_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(simulator_store_bytes(device, paired_at))
-        for host in self.hosts:
-            for path in (host.state_dir, host.state_dir / "sessions"):
-                if path.exists():
-                    path.chmod(0o700)
+            (self.server_dir / cid).mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.server_dir / cid / SIMULATOR_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(simulator_store_bytes(device, paired_at))
 
     def host(self, host_id: str) -> ClusterHost:
         return next(h for h in self.hosts if h.host_id == host_id)
