@@ -2,7 +2,7 @@
 
 First-class test code like `whatsappd.testing.daemon`, which it builds on: each host is a real
 `whatsappd run` subprocess with its own state directory and control socket, sharing one
-database (`[store] backend = "postgresql"`, `[cluster] enabled = true`, host ids h1..hN) and,
+database (`[store] backend = "postgresql"`, `[cluster] enabled = true`, host ids h1..hN) and
 one shared simulator "server" directory (`[simulator] server_dir`). The acceptance tests and
 bench/bench_cluster.py drive the same code.
 
