@@ -55,10 +55,10 @@ def main() -> None:
                     for d in made:
                         d.stop()
                 print(f"round {n + 1:2}/{args.rounds}: {args.hosts} hosts x {args.per_host} companies, "
-                      f"all dialed in {seconds[-1]:.1f} s; quarantined {found}, upgrade races met {met}", flush=True)
+                      f"all dialed in {seconds[-1]:.1f} s; quarantined {found}, upgrade races met {met}", file=sys.stderr,
+                      flush=True)
     finally:
         server.stop()
-    print()
     print("| rounds | hosts | companies/host | quarantined | upgrade races met by workers | round p50 s |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.rounds} | {args.hosts} | {args.per_host} | {quarantined} | {races} | "

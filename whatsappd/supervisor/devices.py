@@ -268,8 +268,7 @@ class Devices:
             except Exception as exc:
                 log.warning("cannot read the company's device from PostgreSQL; keeping what was known",
                             company=company, error=str(exc))
-        else:
-            self._files.pop(company, None)
+        # files: the stat stamp already says whether they changed since they were last read
         return self.state(company, engine)
 
     async def load(self) -> None:
