@@ -81,6 +81,15 @@ def test_an_event_written_on_one_host_reaches_anothers_live_stream_and_resumes_b
         assert resumed.wait_count(1)[0] == {k: v for k, v in event.items()}
 
 
+def test_a_cursor_just_read_on_one_host_is_accepted_on_another(hosts):
+    """A seq fresh from A's stream resumes on B at once (B waits briefly for its tail), never cursor_ahead."""
+    with EventReader(hosts.a.socket_path, "company=acme&type=message.incoming") as on_a:
+        sent = hosts.a.simulate("acme", "incoming", text="fresh cursor").json()
+        seq = on_a.wait_for(lambda line: line.get("id") == sent["id"], timeout=10)["seq"]
+        with EventReader(hosts.b.socket_path, f"since={seq}&company=acme") as on_b:
+            assert on_b.status == 200, on_b.error
+
+
 def test_events_of_both_hosts_reach_a_stream_in_seq_order_once_each(hosts):
     """B's stream carries A's events and B's own (a queued message) in seq order, without gaps or repeats."""
     with EventReader(hosts.b.socket_path, "") as live:

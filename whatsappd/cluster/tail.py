@@ -84,7 +84,10 @@ class JournalTail:
 
     def local(self, event: Event, secret: Secret) -> None:
         """An event this host committed (the store's commit listener)."""
-        if event.seq == self._next and not self._pending:
+        if self._task is None:  # not tailing yet (the daemon is starting): as on a single host
+            self._store.advance(event.seq)
+            self._deliver(event, secret)
+        elif event.seq == self._next and not self._pending:
             self._hand(event, secret)  # the usual case, and the only one on a single host
         elif event.seq > self._next:
             self._pending[event.seq] = (event, secret)
