@@ -76,9 +76,13 @@ class JournalTail:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="journal tail")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop tailing; this host's last commits (the shutdown's flush) then go on directly."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for event, secret in [self._pending.pop(seq) for seq in sorted(self._pending)]:
+            self.local(event, secret)
 
     # ---------------------------------------------------------------------------------- in
 
