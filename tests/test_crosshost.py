@@ -126,7 +126,7 @@ def test_a_message_posted_on_another_host_is_sent_by_the_owner_promptly(hosts):
 
 
 def test_acts_posted_on_another_host_are_run_by_the_owner_and_answered_with_its_answer(hosts):
-    """connect, pair-code and logout POSTed to B run on A; B answers with A's status code and body."""
+    """connect, pair-code, logout, sending/resume and DELETE asked on B run on A; B answers with A's status and body."""
     add_company(hosts, "acts")
     connected = hosts.b.post("acts", "connect")
     assert connected.status == 202, connected.body
@@ -140,6 +140,12 @@ def test_acts_posted_on_another_host_are_run_by_the_owner_and_answered_with_its_
     assert hosts.a.snapshot("acts")["state"] == "logged_out"
     refused = hosts.b.post("acts", "pair-code", {"phone": "+55 11 98888-7777"})  # A's refusal, A's code
     assert refused.status == 409 and refused.json()["error"]["code"] == "not_pairing"
+    resumed = hosts.b.post("acme", "sending/resume")
+    assert resumed.status == 200 and resumed.json()["resumed"] is False and resumed.json()["company"] == "acme"
+    deleted = hosts.b.client.request("DELETE", "/v1/companies/acts")  # a runtime company: A removes it
+    assert deleted.status == 200 and deleted.json()["removed"] is True, deleted.body
+    assert "acts" not in {c["id"] for c in hosts.a.client.get("/v1/companies").json()["companies"]}
+    wait_until(lambda: "acts" not in hosts.b.companies(), 10, what="acts gone on B")
     assert hosts.sql("SELECT count(*) FROM whatsappd_commands") == [(0,)]
 
 
