@@ -81,6 +81,15 @@ def test_an_event_written_on_one_host_reaches_anothers_live_stream_and_resumes_b
         assert resumed.wait_count(1)[0] == {k: v for k, v in event.items()}
 
 
+def test_a_cursor_just_read_on_one_host_is_accepted_on_another(hosts):
+    """A seq fresh from A's stream resumes on B at once (B waits briefly for its tail), never cursor_ahead."""
+    with EventReader(hosts.a.socket_path, "company=acme&type=message.incoming") as on_a:
+        sent = hosts.a.simulate("acme", "incoming", text="fresh cursor").json()
+        seq = on_a.wait_for(lambda line: line.get("id") == sent["id"], timeout=10)["seq"]
+        with EventReader(hosts.b.socket_path, f"since={seq}&company=acme") as on_b:
+            assert on_b.status == 200, on_b.error
+
+
 def test_events_of_both_hosts_reach_a_stream_in_seq_order_once_each(hosts):
     """B's stream carries A's events and B's own (a queued message) in seq order, without gaps or repeats."""
     with EventReader(hosts.b.socket_path, "") as live:
@@ -117,7 +126,7 @@ def test_a_message_posted_on_another_host_is_sent_by_the_owner_promptly(hosts):
 
 
 def test_acts_posted_on_another_host_are_run_by_the_owner_and_answered_with_its_answer(hosts):
-    """connect, pair-code and logout POSTed to B run on A; B answers with A's status code and body."""
+    """connect, pair-code, logout, sending/resume and DELETE asked on B run on A; B answers with A's status and body."""
     add_company(hosts, "acts")
     connected = hosts.b.post("acts", "connect")
     assert connected.status == 202, connected.body
@@ -131,6 +140,12 @@ def test_acts_posted_on_another_host_are_run_by_the_owner_and_answered_with_its_
     assert hosts.a.snapshot("acts")["state"] == "logged_out"
     refused = hosts.b.post("acts", "pair-code", {"phone": "+55 11 98888-7777"})  # A's refusal, A's code
     assert refused.status == 409 and refused.json()["error"]["code"] == "not_pairing"
+    resumed = hosts.b.post("acme", "sending/resume")
+    assert resumed.status == 200 and resumed.json()["resumed"] is False and resumed.json()["company"] == "acme"
+    deleted = hosts.b.client.request("DELETE", "/v1/companies/acts")  # a runtime company: A removes it
+    assert deleted.status == 200 and deleted.json()["removed"] is True, deleted.body
+    assert "acts" not in {c["id"] for c in hosts.a.client.get("/v1/companies").json()["companies"]}
+    wait_until(lambda: "acts" not in hosts.b.companies(), 10, what="acts gone on B")
     assert hosts.sql("SELECT count(*) FROM whatsappd_commands") == [(0,)]
 
 
@@ -188,9 +203,11 @@ SECRET = "crosshost-webhook-secret-0123456789"
 
 @pytest.fixture
 def leased(pg_dsn: str, tmp_path: Path) -> Iterator[tuple[dict[str, SimDaemon], Receiver, str]]:
-    """[cluster] hosts h1 and h2, one company each at most (max_companies = 1), three companies on a
-    shared simulator server (so one is owned by nobody), and one webhook for every event."""
+    """[cluster] hosts h1 and h2, two companies each at most (max_companies = 2), four companies on a
+    shared simulator server (k1-k3 paired; idle never paired, so it stays stopped), and one webhook
+    for every event."""
     server_dir = tmp_path / "server"
+    (server_dir / "idle").mkdir(mode=0o700, parents=True)
     for n, company in enumerate(("k1", "k2", "k3")):
         (server_dir / company).mkdir(mode=0o700, parents=True)
         server.write_store(server_dir / company, server.SimulatorDevice(jid=f"55119{n:08d}:1@s.whatsapp.net",
@@ -199,9 +216,9 @@ def leased(pg_dsn: str, tmp_path: Path) -> Iterator[tuple[dict[str, SimDaemon], 
     with daemon_pool(tmp_path) as make:
         daemons = {}
         for host in ("h1", "h2"):
-            config = sim_config("k1", "k2", "k3", cluster={
+            config = sim_config("k1", "k2", "k3", "idle", cluster={
                 "enabled": True, "host_id": host, "lease_ttl": "3s", "renew_interval": "500ms", "fence_margin": "1s",
-                "max_companies": 1}, simulator={"server_dir": str(server_dir)})
+                "max_companies": 2}, simulator={"server_dir": str(server_dir)})
             config += f'[[webhooks]]\nid = "all"\nurl = "{receiver.url}"\nsecret = "{SECRET}"\n'
             daemons[host] = make(config, store={"backend": "postgresql", "dsn": pg_dsn})
         for daemon in daemons.values():
@@ -228,34 +245,44 @@ def connected_on(daemon: SimDaemon, company: str) -> dict[str, Any]:
     return found
 
 
+def all_leased(dsn: str) -> dict[str, tuple[str | None, int, bool]]:
+    """The lease table once the four configured companies are held."""
+    held: dict[str, tuple[str | None, int, bool]] = wait_until(
+        lambda: (lambda now: now if sum(live for _, _, live in now.values()) == 4 else None)(leases(dsn)),
+        20, what="four companies leased")
+    return held
+
+
 def test_in_a_cluster_get_names_the_lease_holder_acts_go_to_it_and_an_unowned_company_is_503(leased):
-    """[cluster] GET on the other host names the lease holder, token and expiry; an act goes to the holder; no holder: 503 no_owner."""
+    """[cluster] GET on the other host names the lease holder, token, expiry and its state (a stopped company
+    too); an act goes to the holder; a company no host has room for: 503 no_owner."""
     daemons, _, dsn = leased
-    owned = wait_until(lambda: (lambda now: now if sum(live for _, _, live in now.values()) == 2 else None)(leases(dsn)),
-                       20, what="two companies leased")
-    for company, (owner, token, live) in owned.items():
-        if not live:
-            continue
+    for company, (owner, token, _) in all_leased(dsn).items():
         other = daemons["h2" if owner == "h1" else "h1"]
+        if company == "idle":  # acquired without any event: its owner still says so
+            seen = wait_until(lambda o=other: o.client.get("/v1/companies/idle").json().get("state"), 10)
+            body = other.client.get("/v1/companies/idle").json()
+            assert (seen, body["owner"]["host"], body["owner"]["token"]) == ("stopped", owner, token), body
+            continue
         seen = connected_on(other, company)
         assert seen["owner"]["host"] == owner and seen["owner"]["token"] == token and seen["owner"]["lease_expires_at"]
         restarted = other.post(company, "restart")
         assert restarted.status == 202 and restarted.json()["id"] == company, restarted.body
-    nobody = next(c for c, (_, _, live) in owned.items() if not live)
-    refused = daemons["h1"].post(nobody, "connect")
+    assert daemons["h1"].client.request("PUT", "/v1/companies/spare", {"engine": "simulator"}).status == 201
+    wait_until(lambda: "spare" in leases(dsn), 10, what="spare registered")
+    refused = daemons["h2"].post("spare", "connect")
     assert refused.status == 503 and refused.json()["error"]["code"] == "no_owner", refused.body
 
 
 def test_in_a_cluster_one_host_delivers_the_webhooks(leased):
     """[cluster] Events of companies on both hosts reach the webhook once each: only one host delivers."""
     daemons, receiver, dsn = leased
-    owned = wait_until(lambda: (lambda now: now if sum(live for _, _, live in now.values()) == 2 else None)(leases(dsn)),
-                       20, what="two companies leased")
+    owned = all_leased(dsn)
     for company, (owner, _, live) in owned.items():
-        if live:
+        if live and company != "idle":
             daemons[str(owner)].wait_state(company, "connected", timeout=20)
             assert daemons[str(owner)].simulate(company, "burst", count=20, text=f"hook {company}").status == 200
-    receiver.wait_accepted(lambda got: sum(str(d.event.get("text", "")).startswith("hook ") for d in got) >= 40, 20)
+    receiver.wait_accepted(lambda got: sum(str(d.event.get("text", "")).startswith("hook ") for d in got) >= 60, 20)
     time.sleep(1.0)  # a second host delivering would have sent its copies by now
     seqs = [d.headers[SEQ_HEADER] for d in receiver.accepted()]
     assert len(seqs) == len(set(seqs)), "an event was delivered twice"

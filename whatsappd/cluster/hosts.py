@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -199,12 +200,21 @@ class CrossHost:
             self._status_wake.set()
 
     async def _publish_status(self) -> None:
+        owned: set[str] = set()
+        refreshed = time.monotonic()
         while True:
             try:
-                await asyncio.wait_for(self._status_wake.wait(), STATUS_REFRESH)
+                await asyncio.wait_for(self._status_wake.wait(), self._period)
             except TimeoutError:
-                self._dirty.update(self.sup.companies)
+                pass
             self._status_wake.clear()
+            # A company acquired here (a lease) need not change state, so no event says so: look.
+            now = {company for company in self.sup.companies if self.owned(company) is not None}
+            self._dirty |= now - owned
+            owned = now
+            if time.monotonic() - refreshed >= STATUS_REFRESH:
+                self._dirty |= now
+                refreshed = time.monotonic()
             dirty, self._dirty = self._dirty, set()
             try:
                 await self._write_status(sorted(dirty))

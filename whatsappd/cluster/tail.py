@@ -76,15 +76,22 @@ class JournalTail:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="journal tail")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop tailing; this host's last commits (the shutdown's flush) then go on directly."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for event, secret in [self._pending.pop(seq) for seq in sorted(self._pending)]:
+            self.local(event, secret)
 
     # ---------------------------------------------------------------------------------- in
 
     def local(self, event: Event, secret: Secret) -> None:
         """An event this host committed (the store's commit listener)."""
-        if event.seq == self._next and not self._pending:
+        if self._task is None:  # not tailing yet (the daemon is starting): as on a single host
+            self._store.advance(event.seq)
+            self._deliver(event, secret)
+        elif event.seq == self._next and not self._pending:
             self._hand(event, secret)  # the usual case, and the only one on a single host
         elif event.seq > self._next:
             self._pending[event.seq] = (event, secret)

@@ -26,6 +26,8 @@ __all__ = ["events"]
 
 #: Live events written to a stream reader in one go, at most.
 _STREAM_BATCH = 1000
+#: Several hosts: how many 50 ms waits a cursor ahead of this host's newest seq gets to be caught up.
+_CATCH_UP_POLLS = 20
 
 async def events(request: web.Request) -> web.StreamResponse:
     parts = services(request)
@@ -44,6 +46,13 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         top = store.last_seq
         since = int(since_text) if since_text is not None else top
+        if since > top and parts.cluster is not None:
+            # A cursor from another host may be a few milliseconds ahead of this host's tail.
+            for _ in range(_CATCH_UP_POLLS):
+                await asyncio.sleep(0.05)
+                top = store.last_seq
+                if since <= top:
+                    break
         if since > top:
             raise ApiError(ErrorCode.CURSOR_AHEAD, f"since={since} is ahead of the newest event ({top}); the journal "
                            "was reset or the cursor is from another daemon: resume from 0", last_seq=top)
