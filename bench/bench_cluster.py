@@ -265,10 +265,20 @@ class Bench:
             cluster.start(timeout=120)
             host = cluster.hosts[0]
             cluster.wait_owned(timeout=300)
-            with ThreadPoolExecutor(16) as pool:  # a connect answers once its worker started: ask many at once
-                list(pool.map(lambda cid: host.post(cid, "connect"), cluster.neonize))
+            def ask(cid: str) -> None:
+                with contextlib.suppress(Exception):  # a connect answers once its worker started: slow at 1,000
+                    host.post(cid, "connect")
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(ask, cluster.neonize))
             if self.args.proxy_mode == "silent":
-                wait_until(lambda: len(cluster.workers()) >= n, 60 + n, interval=1, what=f"{n} live workers")
+                for _ in range(3):  # ask again for any whose request was lost in a timeout
+                    with contextlib.suppress(TimeoutError):
+                        wait_until(lambda: len(cluster.workers()) >= n, 60 + n / 2, interval=1, what=f"{n} live workers")
+                        break
+                    snaps = cluster.snapshots(host)
+                    with ThreadPoolExecutor(16) as pool:
+                        list(pool.map(ask, [c for c in cluster.neonize if snaps.get(c, {}).get("state") == "stopped"]))
             print(f"  {n} companies{' + PgBouncer' if bounced else ''}: owned, connect asked (and the workers up) in "
                   f"{time.monotonic() - began:.1f} s", flush=True)
             peak = {"workers": 0, "daemon": 0, "whatsmeow": 0, "total": 0, "clients": 0}
