@@ -176,6 +176,12 @@ class Runner:
     def has_session(self) -> bool:
         return self.session_state() is sessions.SessionState.PAIRED
 
+    def reconfigure(self, config: CompanyConfig, source: str) -> bool:
+        """Take a new [[companies]] table; True if the running worker must restart for it (its
+        engine or proxy changed: a worker keeps what it was started with)."""
+        old, self.config, self.source = self.config, config, source
+        return self.worker is not None and (old.engine != config.engine or old.proxy != config.proxy)
+
     @property
     def restarts(self) -> int:
         """Worker starts after the first."""
