@@ -4,8 +4,16 @@ PostgreSQL (whatsappd.testing.cluster), short leases, neonize workers only behin
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import socket
 from pathlib import Path
 
+from whatsappd.config import build_config
+from whatsappd.states import State
+from whatsappd.store.postgresql import migrate
+from whatsappd.supervisor import Supervisor
+from whatsappd.supervisor.process import OsProcess, WorkerSpec, launch_subprocess
 from whatsappd.testing.cluster import Cluster
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.postgres import PostgresServer
@@ -65,3 +73,35 @@ def test_a_proxy_changed_on_another_host_restarts_the_owners_worker(tmp_path: Pa
 
         wait_until(restarted, 15, interval=0.2, what="the owner's worker restarted")
         assert cluster.leases()["rt"].token == lease.token  # the same owner, not a failover
+
+
+def test_a_worker_spawned_while_its_lease_was_lost_is_killed_not_asked_to_stop(tmp_path: Path, pg_dsn: str) -> None:
+    """The lease goes (fence) while the runner's worker is being spawned, so fence() finds no worker to kill:
+    the worker is SIGKILLed as soon as it exists (lease_lost), never left to a graceful stop it could connect in."""
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "state")},
+                           "store": {"backend": "postgresql", "dsn": pg_dsn},
+                           "cluster": {"enabled": True, "host_id": "h1"},
+                           "workers": {"stop_grace": "30s", "heartbeat_interval": "200ms"},
+                           "companies": [{"id": "acme", "engine": "simulator"}]}, "test")
+
+    migrate(pg_dsn)  # the daemon's start does it (whatsappd_devices is read at the supervisor's start)
+
+    async def scenario() -> None:
+        spawned: list[OsProcess] = []
+
+        async def launch(spec: WorkerSpec) -> tuple[OsProcess, socket.socket]:
+            proc, channel = await launch_subprocess(spec)
+            spawned.append(proc)
+            sup.companies["acme"].fence("lease lost (rebalanced)")  # the keeper, during the spawn's await
+            return proc, channel
+
+        sup = Supervisor(config, launch=launch)
+        await sup.start()
+        runner = sup.companies["acme"]
+        runner.token = 7  # the lease, as ClusterNode gives it
+        runner.start("lease acquired")
+        assert await runner.wait_for(lambda r: bool(spawned) and r.worker is None and r.state is State.STOPPED, 10)
+        assert await spawned[0].wait() == -signal.SIGKILL  # not its own graceful exit
+        await sup.shutdown(5)
+
+    asyncio.run(scenario())
