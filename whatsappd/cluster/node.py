@@ -188,8 +188,10 @@ class ClusterNode:
             log.warning("acquired the lease of an unregistered company", company=company, token=token)
             return
         # Whether it has a session decides whether it starts: this host's device cache may predate
-        # a pairing (or an unlink) on another host, so read the company's device again, off the loop.
-        await self.sup.devices.refresh(company, runner.config.engine)
+        # a pairing (or an unlink) on another host, so read the company's device again, off the loop
+        # (within a renew period: the keeper awaits this; a database that slow leaves the cache's answer).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sup.devices.refresh(company, runner.config.engine), self.keeper.renew_interval)
         held = self.keeper.held.get(company)
         if held is None or held.token != token or self.sup.companies.get(company) is not runner:
             return  # lost (or the company removed) while its device was read: nothing to start here
