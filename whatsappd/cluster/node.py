@@ -24,8 +24,8 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from whatsappd.cluster.leases import LeaseKeeper, Leases, Loss
 from whatsappd.cluster.registry import ClusterRegistry, Registered
 from whatsappd.config import Config, ConfigDiff
+from whatsappd.errors import Failure
 from whatsappd.logs import get_logger
 from whatsappd.supervisor.registry import RegistryError
 from whatsappd.supervisor.runner import Intent, Runner
@@ -61,6 +62,7 @@ class ClusterNode:
         self.rows: dict[str, Registered] = {}
         self.losses: collections.Counter[str] = collections.Counter()  # leases lost, by reason
         self._tasks: list[asyncio.Task[None]] = []
+        self._acts: set[asyncio.Task[None]] = set()  # restarts of companies changed elsewhere
         supervisor.registry = self.registry  # companies.json's place, same interface
         supervisor.node = self
         store.tokens = self.token
@@ -111,9 +113,10 @@ class ClusterNode:
 
     async def stop(self) -> None:
         """After the workers stopped: give the leases back (LeaseKeeper releases them as it ends)."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._acts]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
@@ -148,8 +151,9 @@ class ClusterNode:
                 self.sup.companies[cid] = Runner(self.sup, row.company, row.source)
                 log.info("company registered on another host", company=cid, host=self.host)
                 changed = True
-            elif not runner.busy:
-                runner.config, runner.source = row.company, row.source
+            elif not runner.busy and runner.reconfigure(row.company, row.source):
+                # Changed on another host (PUT there): the owner restarts its worker, as one host does.
+                self._spawn(self._restart(runner, "engine or proxy changed on another host"))
         # This host's own [[companies]] stay while its file lists them (a reload upserts them after
         # the supervisor added their runners: a refresh in between must not drop those).
         ours = {company.id for company in self.sup.config.companies}
@@ -162,6 +166,17 @@ class ClusterNode:
         if changed:
             self.sup.on_change()
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._acts.add(task)
+        task.add_done_callback(self._acts.discard)
+
+    async def _restart(self, runner: Runner, reason: str) -> None:
+        try:
+            await runner.restart(reason)
+        except Failure as exc:  # removed, or no longer owned here, while it waited its turn
+            log.info("not restarting the company", company=runner.id, reason=reason, why=str(exc))
+
     # ----------------------------------------------------------------------- the leases
 
     async def _acquired(self, company: str, token: int) -> None:
@@ -172,6 +187,14 @@ class ClusterNode:
         if runner is None:  # a lease row without a company: nothing to run (the row goes with it)
             log.warning("acquired the lease of an unregistered company", company=company, token=token)
             return
+        # Whether it has a session decides whether it starts: this host's device cache may predate
+        # a pairing (or an unlink) on another host, so read the company's device again, off the loop
+        # (within a renew period: the keeper awaits this; a database that slow leaves the cache's answer).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sup.devices.refresh(company, runner.config.engine), self.keeper.renew_interval)
+        held = self.keeper.held.get(company)
+        if held is None or held.token != token or self.sup.companies.get(company) is not runner:
+            return  # lost (or the company removed) while its device was read: nothing to start here
         runner.token = token
         row = self.rows.get(company)
         wanted = row is None or row.run

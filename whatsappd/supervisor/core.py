@@ -159,9 +159,8 @@ class Supervisor:
             changed = self.companies.get(cid)
             if changed is None:
                 continue
-            old, changed.config = changed.config, company
             log.info("company changed by reload", company=cid)
-            if changed.worker is not None and (old.engine != company.engine or old.proxy != company.proxy):
+            if changed.reconfigure(company, changed.source):
                 try:
                     await changed.restart("engine or proxy changed by reload")
                 except Failure as exc:  # deleted while the restart waited its turn
@@ -201,8 +200,7 @@ class Supervisor:
                     raise Failure(ErrorCode.DEFINED_IN_CONFIG, f"company {company.id!r} is defined in the "
                                   f"config file ({self.config.source}); change it there and reload")
                 self.registry.put(company)
-                old, existing.config, existing.source = existing.config, company, "runtime"
-                if existing.worker is not None and (old.engine != company.engine or old.proxy != company.proxy):
+                if existing.reconfigure(company, "runtime"):
                     await existing.restart_unlocked("engine or proxy changed")
                 return False, existing
         self.registry.put(company)

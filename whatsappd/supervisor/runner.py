@@ -176,6 +176,12 @@ class Runner:
     def has_session(self) -> bool:
         return self.session_state() is sessions.SessionState.PAIRED
 
+    def reconfigure(self, config: CompanyConfig, source: str) -> bool:
+        """Take a new [[companies]] table; True if the running worker must restart for it (its
+        engine or proxy changed: a worker keeps what it was started with)."""
+        old, self.config, self.source = self.config, config, source
+        return self.worker is not None and (old.engine != config.engine or old.proxy != config.proxy)
+
     @property
     def restarts(self) -> int:
         """Worker starts after the first."""
@@ -611,8 +617,14 @@ class Runner:
             self.sup.start_slots.release()
             raise
         worker.until_booted(self.sup.start_slots.release)
-        if self.intent is not Intent.RUN:
+        if not self.owned:
+            # [cluster] The lease went while it was spawned (fence() found no worker to kill): not a
+            # graceful stop, it could connect meanwhile, and another host may own the company now.
+            worker.kill(Kill.LEASE_LOST)
+        elif self.intent is not Intent.RUN:
             worker.ask_to_stop()  # stop() or restart() came while it was being spawned
+        elif (deadline := self.sup.fence_deadline(self.id)) is not None:
+            worker.fence(deadline)  # [cluster] a renewal during its spawn moved the deadline on
         self.starts += 1
         self.worker = worker
         log.info("worker started", company=self.id, pid=worker.pid, engine=self.config.engine,
