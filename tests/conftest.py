@@ -163,6 +163,15 @@ def pg_dsn(postgres: PostgresServer) -> str:
     return postgres.create_database()
 
 
+@pytest.fixture
+def wm_dsn(pg_dsn: str) -> str:
+    """A new database with whatsappd's and whatsmeow's schemas (as `whatsappd migrate` leaves it)."""
+    from whatsappd.store.postgresql import migrate
+
+    migrate(pg_dsn, whatsmeow=True)
+    return pg_dsn
+
+
 @pytest.fixture(scope="session")
 def store_tables(request: pytest.FixtureRequest) -> Callable[[str], dict[str, str]]:
     """store_tables(backend) -> the [store] table for a scenario daemon on backend: {} for SQLite

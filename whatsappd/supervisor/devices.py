@@ -79,6 +79,11 @@ class Device:
 
 NOT_PAIRED = Device(SessionState.NONE)
 
+#: Seconds between attempts to record a paired JID while the database does not answer (about
+#: 30 s in all): a database restarting or failing over must not turn a successful pairing into
+#: a failed company whose new device nobody can find.
+RECORD_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
 
 def _undefined_table(exc: BaseException) -> bool:
     return getattr(exc, "sqlstate", None) == "42P01"
@@ -195,8 +200,10 @@ class Devices:
     PostgreSQL (simulator companies stay files).
     """
 
-    def __init__(self, sessions_root: Path, dsn: str | None = None, whatsmeow_dsn: str | None = None) -> None:
+    def __init__(self, sessions_root: Path, dsn: str | None = None, whatsmeow_dsn: str | None = None, *,
+                 record_retries: tuple[float, ...] = RECORD_RETRIES) -> None:
         self.sessions_root = sessions_root
+        self.record_retries = record_retries
         self._pg = PgDevices(dsn or whatsmeow_dsn or "", whatsmeow_dsn) if whatsmeow_dsn else None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="devices") \
             if self._pg else None
@@ -283,7 +290,21 @@ class Devices:
         if self._pg is None:
             return
         pg = self._pg
-        await self._off_loop(lambda: pg.record(company, jid))
+        for attempt, delay in enumerate((*self.record_retries, None), 1):
+            try:
+                await self._off_loop(lambda: pg.record(company, jid))
+                break
+            except Exception as exc:
+                if delay is None:
+                    log.error("could not record the company's new device: it is in the whatsmeow store, but no "
+                              "whatsappd_devices row says it is this company's; once the database answers, record "
+                              f"it by hand: INSERT INTO whatsappd_devices (company, jid) VALUES ('{company}', "
+                              f"'{jid}'), then whatsappctl restart {company}",
+                              company=company, jid=jid, attempts=attempt, error=str(exc))
+                    raise
+                log.warning("cannot record the company's new device yet; retrying", company=company, jid=jid,
+                            attempt=attempt, retry_in=delay, error=str(exc))
+                await asyncio.sleep(delay)
         self._known[company] = Device(SessionState.PAIRED, jid)
         log.info("device recorded", company=company, jid=jid)
 
