@@ -313,10 +313,12 @@ def _import_baileys(args: argparse.Namespace) -> int:
     import json
 
     from whatsappd.baileys import Refused, RootReport, import_company, import_root
+    from whatsappd.baileys.pgstore import PgTarget
 
     config = _load(args.config, sys.stderr)
     if config is None:
         return EX_CONFIG
+    pg = PgTarget.of(config)  # a neonize session's place: PostgreSQL, or the session directory
     if args.source is not None:
         if args.all or not args.company or len(args.company) != 1:
             print("whatsappd: --from DIR imports one company: give exactly one --company ID (and no --all)",
@@ -324,14 +326,14 @@ def _import_baileys(args: argparse.Namespace) -> int:
             return 2
         result = RootReport(str(args.source))
         result.reports.append(import_company(args.source, args.company[0], config.sessions_dir,
-                                             dry_run=args.dry_run, min_idle=args.min_idle))
+                                             dry_run=args.dry_run, min_idle=args.min_idle, pg=pg))
     else:
         if bool(args.all) == bool(args.company):
             print("whatsappd: --from-root needs either --company ID (repeatable) or --all", file=sys.stderr)
             return 2
         try:
             result = import_root(args.from_root, config.sessions_dir, None if args.all else args.company,
-                                 dry_run=args.dry_run, min_idle=args.min_idle)
+                                 dry_run=args.dry_run, min_idle=args.min_idle, pg=pg)
         except Refused as exc:
             print(f"whatsappd: {exc.message}", file=sys.stderr)
             return 1

@@ -38,7 +38,7 @@ from whatsappd.ids import session_dir
 from whatsappd.logs import get_logger
 from whatsappd.sessionstore import SessionState
 
-__all__ = ["DEVICES_MIGRATION", "Device", "Devices", "Place", "PgDevices"]
+__all__ = ["DEVICES_MIGRATION", "DEVICE_EXISTS", "SELECT_JID", "Device", "Devices", "Place", "PgDevices", "place"]
 
 log = get_logger()
 T = TypeVar("T")
@@ -60,8 +60,8 @@ DEVICES_MIGRATION = """
     );
 """
 
-_SELECT = "SELECT jid FROM whatsappd_devices WHERE company = %s"
-_DEVICE_EXISTS = "SELECT 1 FROM whatsmeow_device WHERE jid = %s"
+SELECT_JID = "SELECT jid FROM whatsappd_devices WHERE company = %s"
+DEVICE_EXISTS = "SELECT 1 FROM whatsmeow_device WHERE jid = %s"
 
 
 class Place(enum.StrEnum):
@@ -83,6 +83,12 @@ NOT_PAIRED = Device(SessionState.NONE)
 #: 30 s in all): a database restarting or failing over must not turn a successful pairing into
 #: a failed company whose new device nobody can find.
 RECORD_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+def place(whatsmeow_dsn: str | None, engine: str) -> Place:
+    """Where a company of engine keeps its session, whatsmeow_dsn being the config's (None: not
+    PostgreSQL). The one rule: the daemon (Devices), the doctor and the Baileys import ask it."""
+    return Place.POSTGRESQL if whatsmeow_dsn and engine == "neonize" else Place.FILES
 
 
 def _undefined_table(exc: BaseException) -> bool:
@@ -131,7 +137,7 @@ class PgDevices:
     @staticmethod
     def _row_exists(wm: Any, jid: str) -> bool:
         try:
-            return wm.execute(_DEVICE_EXISTS, (jid,)).fetchone() is not None
+            return wm.execute(DEVICE_EXISTS, (jid,)).fetchone() is not None
         except Exception as exc:
             if _undefined_table(exc):
                 return False  # whatsmeow's tables not created yet: no device anywhere
@@ -139,7 +145,7 @@ class PgDevices:
 
     def device(self, company: str) -> Device:
         def run(db: Any, wm: Any) -> Device:
-            row = db.execute(_SELECT, (company,)).fetchone()
+            row = db.execute(SELECT_JID, (company,)).fetchone()
             if row is None:
                 return NOT_PAIRED
             jid = str(row[0])
@@ -165,7 +171,7 @@ class PgDevices:
     def wipe(self, company: str) -> bool:
         """Delete the company's device (whatsmeow's rows cascade) and its mapping; True if any was there."""
         def run(db: Any, wm: Any) -> bool:
-            row = db.execute(_SELECT, (company,)).fetchone()
+            row = db.execute(SELECT_JID, (company,)).fetchone()
             if row is None:
                 return False
             try:
@@ -213,7 +219,7 @@ class Devices:
         self._files: dict[str, tuple[tuple[int, int, int], SessionState]] = {}
 
     def place(self, engine: str) -> Place:
-        return Place.POSTGRESQL if self._pg is not None and engine == "neonize" else Place.FILES
+        return place(self.whatsmeow_dsn, engine)
 
     @property
     def whatsmeow_dsn(self) -> str | None:
