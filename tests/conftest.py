@@ -163,13 +163,28 @@ def pg_dsn(postgres: PostgresServer) -> str:
     return postgres.create_database()
 
 
-@pytest.fixture
-def wm_dsn(pg_dsn: str) -> str:
-    """A new database with whatsappd's and whatsmeow's schemas (as `whatsappd migrate` leaves it)."""
+@pytest.fixture(scope="session")
+def wm_template(postgres: PostgresServer) -> str:
+    """A database migrated once with whatsappd's and whatsmeow's schemas (whatsmeow's migration
+    runs neonize in a subprocess, seconds each): the template wm_dsn copies."""
     from whatsappd.store.postgresql import migrate
 
-    migrate(pg_dsn, whatsmeow=True)
-    return pg_dsn
+    dsn = postgres.create_database()
+    migrate(dsn, whatsmeow=True)
+    return dsn.split("@/", 1)[1].split("?", 1)[0]
+
+
+@pytest.fixture
+def wm_dsn(postgres: PostgresServer, wm_template: str) -> str:
+    """A new database with whatsappd's and whatsmeow's schemas (as `whatsappd migrate` leaves it)."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.dsn(), autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}" TEMPLATE "{wm_template}" STRATEGY FILE_COPY')
+    return postgres.dsn(name)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -24,11 +25,13 @@ from baileys_fixture import assert_restored_never_paired, baileys_copy
 
 from whatsappd.baileys import import_company
 from whatsappd.baileys.pgstore import PgTarget
-from whatsappd.supervisor.devices import Devices
+from whatsappd.config import load_config
+from whatsappd.doctor import Finding, inspect_state_dir
+from whatsappd.supervisor.devices import Devices, PgDevices
 from whatsappd.testing.postgres import PostgresServer
 from whatsappd.testing.scenario import SimDaemon, daemon_pool
 from whatsappd.testing.socks5 import Socks5FaultProxy
-from whatsappd.testing.whatsmeow_pg import neonize_pg_daemon, wait_started
+from whatsappd.testing.whatsmeow_pg import insert_fake_device, neonize_pg_daemon, record_device, wait_started
 
 JID = "5511900000001:11@s.whatsapp.net"
 
@@ -155,3 +158,89 @@ def test_an_import_into_postgresql_never_replaces_a_recorded_device_and_changes_
     assert "already in whatsmeow" in other.error["message"]  # type: ignore[index]
     assert _table_counts(wm_dsn) == before
     assert _mappings(wm_dsn) == {"seven": BAILEYS_JID}
+
+
+# ============================================================================ item 1: the doctor
+
+
+def _doctor(tmp_path: Path, body: str) -> list[Finding]:
+    """inspect_state_dir on a fresh state directory, the config being body."""
+    state = tmp_path / "state"
+    (state / "sessions").mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    path = tmp_path / "whatsappd.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state}"\n[control]\nsocket_path = "{tmp_path / "ctl.sock"}"\n{body}')
+    return inspect_state_dir(load_config(path))
+
+
+def _by_check(findings: list[Finding]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for f in findings:
+        out.setdefault(f.check, set()).add(f.subject)
+    return out
+
+
+def test_the_doctor_asks_postgresql_for_neonize_sessions_there(tmp_path: Path, wm_dsn: str) -> None:
+    """PostgreSQL place: a device with its row is a session, a rowless JID device_missing, a moved mapping named, a stray an orphan."""
+    for company, jid in (("paired", "5511900000001:1@s.whatsapp.net"), ("stray", "5511900000002:2@s.whatsapp.net"),
+                         ("moved", "5511900000003:3@s.whatsapp.net")):
+        insert_fake_device(wm_dsn, jid)
+        record_device(wm_dsn, company, jid)
+    record_device(wm_dsn, "gone", "5511900000004:4@s.whatsapp.net")  # no row
+    devices = PgDevices(wm_dsn, wm_dsn)
+    try:
+        devices.quarantine("moved", "store_unusable")
+    finally:
+        devices.close()
+    companies = "".join(f'[[companies]]\nid = "{c}"\nengine = "neonize"\nproxy = "socks5://127.0.0.1:9"\n'
+                        for c in ("paired", "gone", "moved", "never"))
+    found = _doctor(tmp_path, f'[store]\nbackend = "postgresql"\ndsn = "{wm_dsn}"\n{companies}')
+    by_check = _by_check(found)
+    assert by_check.get("no_session") == {"never"}, [f.line() for f in found]
+    assert by_check.get("device_missing") == {"gone"}
+    assert by_check.get("device_quarantined") == {"moved"}
+    assert by_check.get("orphan_session") == {"stray"}
+    quarantined = next(f for f in found if f.check == "device_quarantined")
+    assert "store_unusable" in quarantined.message and "5511900000003:3@s.whatsapp.net" in quarantined.fix
+
+
+def test_the_doctor_ignores_a_leftover_sqlite_store_under_postgresql_and_checks_the_shared_simulator_server(
+        tmp_path: Path, wm_dsn: str) -> None:
+    """Under PostgreSQL a session dir's store.db is session_unused, not a session; a shared simulator server's device is a session."""
+    from whatsappd.worker.simulator import server
+
+    leftover = tmp_path / "state" / "sessions" / "session-old"
+    leftover.mkdir(mode=0o700, parents=True)
+    assert import_company(baileys_copy(tmp_path / "crm"), "old", tmp_path / "state" / "sessions", min_idle=60).ok
+    shared = tmp_path / "simserver"
+    (shared / "simco").mkdir(mode=0o700, parents=True)
+    server.write_store(shared / "simco", server.SimulatorDevice(jid=JID, push_name="Sim"))
+    found = _doctor(tmp_path, f'[store]\nbackend = "postgresql"\ndsn = "{wm_dsn}"\n[simulator]\nserver_dir = "{shared}"\n'
+                              '[[companies]]\nid = "simco"\nengine = "simulator"\n')
+    by_check = _by_check(found)
+    assert by_check.get("session_unused") == {str(leftover / "store.db")}, [f.line() for f in found]
+    assert "no_session" not in by_check and "orphan_session" not in by_check
+    assert not any(f.subject.startswith(str(leftover)) for f in found if f.check != "session_unused")
+
+
+# ============================================================================ item 3: check-store
+
+
+def test_check_store_checks_each_recorded_postgresql_device_and_not_a_leftover_store_db(
+        tmp_path: Path, wm_dsn: str) -> None:
+    """check-store under PostgreSQL: one line per recorded device (ok, or MISSING with its fix: exit 1); store.db is no session."""
+    insert_fake_device(wm_dsn, JID)
+    record_device(wm_dsn, "paired", JID)
+    record_device(wm_dsn, "gone", "5511900000004:4@s.whatsapp.net")
+    state = tmp_path / "state"
+    (state / "sessions" / "session-old").mkdir(mode=0o700, parents=True)
+    (state / "sessions" / "session-old" / "store.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    config = tmp_path / "whatsappd.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n[store]\nbackend = "postgresql"\ndsn = "{wm_dsn}"\n')
+    result = subprocess.run([sys.executable, "-m", "whatsappd", "check-store", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"paired: device {JID}: ok" in result.stdout
+    assert "gone: device 5511900000004:4@s.whatsapp.net: MISSING" in result.stdout
+    assert "whatsappctl connect gone" in result.stdout
+    assert "store.db:" not in result.stdout

@@ -161,6 +161,14 @@ class PgDevices:
 
         return self._guarded(run)
 
+    def quarantined(self) -> list[tuple[str, str, str, Any]]:
+        """(company, jid, reason, moved_at) of every mapping moved aside, newest first."""
+        def run(db: Any, wm: Any) -> list[tuple[str, str, str, Any]]:
+            return [(str(c), str(j), str(r), m) for c, j, r, m in db.execute(
+                "SELECT company, jid, reason, moved_at FROM whatsappd_devices_quarantine ORDER BY moved_at DESC")]
+
+        return self._guarded(run)
+
     def record(self, company: str, jid: str) -> None:
         def run(db: Any, wm: Any) -> None:
             db.execute("INSERT INTO whatsappd_devices (company, jid) VALUES (%s, %s) ON CONFLICT (company) "
