@@ -31,7 +31,7 @@ from whatsappd.supervisor.devices import Devices, PgDevices
 from whatsappd.testing.postgres import PostgresServer
 from whatsappd.testing.scenario import SimDaemon, daemon_pool
 from whatsappd.testing.socks5 import Socks5FaultProxy
-from whatsappd.testing.whatsmeow_pg import insert_fake_device, neonize_pg_daemon, record_device, wait_started
+from whatsappd.testing.whatsmeow_pg import insert_fake_device, record_device, wait_started
 
 JID = "5511900000001:11@s.whatsapp.net"
 
@@ -122,36 +122,44 @@ def _table_counts(dsn: str) -> dict[str, int]:
 
 
 @pytest.mark.neonize
-def test_import_baileys_with_the_postgresql_store_puts_the_device_there_and_it_restores_without_a_qr(
+def test_the_api_import_with_the_postgresql_store_puts_the_device_there_and_it_restores_without_a_qr(
         tmp_path: Path, wm_dsn: str, daemons: Callable[..., SimDaemon]) -> None:
-    """import-baileys on a PostgreSQL config copies the device into whatsmeow's tables and records its JID; it restores, no QR."""
+    """The API import on a PostgreSQL store copies the device into whatsmeow's tables and records its JID; it restores, no QR."""
+    from whatsappd.testing.scenario import sim_config
+
+    baileys_copy(tmp_path / "crm", "session-seven")
     with Socks5FaultProxy(mode="refuse") as proxy:
-        d = neonize_pg_daemon(daemons, proxy, wm_dsn, "seven")
-        assert d.config_path is not None
-        done = _import_cli(d.config_path, baileys_copy(tmp_path / "crm"), "seven")
-        assert done.returncode == 0, done.stdout + done.stderr
+        d = daemons(sim_config() + f'[import]\nbaileys_root = "{tmp_path / "crm"}"\n'
+                    f'[[companies]]\nid = "seven"\nengine = "neonize"\nproxy = "{proxy.url}"\n',
+                    store={"backend": "postgresql", "dsn": wm_dsn})
+        d.start()
+        wait_started(d)
+        response = d.client.post("/v1/companies/seven/import-baileys", {"dry_run": False})
+        assert response.status == 201, response.body
+        assert "PostgreSQL" in response.json()["target"]
         assert _mappings(wm_dsn) == {"seven": BAILEYS_JID}
         rows = _table_counts(wm_dsn)
         assert rows["whatsmeow_device"] == 1 and rows["whatsmeow_pre_keys"] > 0 and rows["whatsmeow_sessions"] > 0
         assert not (d.state_dir / "sessions" / "session-seven" / "store.db").exists()
-        d.start()
-        wait_started(d)
-        assert d.post("seven", "connect").status in (200, 202)
         assert_restored_never_paired(d, "seven", proxy)
         assert d.stop() == 0
 
 
 def test_an_import_into_postgresql_never_replaces_a_recorded_device_and_changes_nothing(
         tmp_path: Path, wm_dsn: str) -> None:
-    """A company with a recorded JID, or a JID already in whatsmeow's tables, is refused with session_exists; no row changes."""
-    pg = PgTarget(wm_dsn, wm_dsn)
-    first = import_company(baileys_copy(tmp_path / "a"), "seven", tmp_path / "sessions", min_idle=60, pg=pg)
-    assert first.ok, first.error
+    """import-baileys on a PostgreSQL config records the device; again (same company or JID) is session_exists, no row changes."""
+    state = tmp_path / "state"
+    config = tmp_path / "whatsappd.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n[store]\nbackend = "postgresql"\ndsn = "{wm_dsn}"\n')
+    done = _import_cli(config, baileys_copy(tmp_path / "a"), "seven")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _mappings(wm_dsn) == {"seven": BAILEYS_JID}
+    assert not (state / "sessions" / "session-seven" / "store.db").exists()
     before = _table_counts(wm_dsn)
-    again = import_company(baileys_copy(tmp_path / "b"), "seven", tmp_path / "sessions", min_idle=60, pg=pg)
-    other = import_company(baileys_copy(tmp_path / "c"), "eight", tmp_path / "sessions", min_idle=60, pg=pg)
-    dry = import_company(baileys_copy(tmp_path / "d"), "seven", tmp_path / "sessions", min_idle=60, pg=pg,
-                         dry_run=True)
+    pg = PgTarget(wm_dsn, wm_dsn)
+    again = import_company(baileys_copy(tmp_path / "b"), "seven", state / "sessions", min_idle=60, pg=pg)
+    other = import_company(baileys_copy(tmp_path / "c"), "eight", state / "sessions", min_idle=60, pg=pg)
+    dry = import_company(baileys_copy(tmp_path / "d"), "seven", state / "sessions", min_idle=60, pg=pg, dry_run=True)
     for report in (again, other, dry):
         assert not report.ok and report.error is not None and report.error["code"] == "session_exists", report.error
     assert "already has a device" in again.error["message"]  # type: ignore[index]
