@@ -252,3 +252,31 @@ def test_check_store_checks_each_recorded_postgresql_device_and_not_a_leftover_s
     assert "gone: device 5511900000004:4@s.whatsapp.net: MISSING" in result.stdout
     assert "whatsappctl connect gone" in result.stdout
     assert "store.db:" not in result.stdout
+
+
+def test_a_worker_whose_heartbeats_wait_unread_while_the_supervisor_is_busy_is_not_killed(tmp_path: Path) -> None:
+    """A reader away longer than the heartbeat deadline (awaiting the database) reads the buffered heartbeats before judging."""
+    from whatsappd.supervisor.process import Deadlines, WorkerSpec, launch_subprocess, start_worker
+
+    spec = WorkerSpec(company="c", session_dir=tmp_path / "session-c", engine="simulator", proxy=None, pair=True,
+                      heartbeat_interval=0.1, log_level="info")
+
+    async def run() -> tuple[str | None, int]:
+        worker = await start_worker(spec, Deadlines(heartbeat=0.6, connect=60, pairing=60, paired_connect=60,
+                                                    stuck_reconnecting=60), launch_subprocess)
+        seen = 0
+        try:
+            async for _ in worker.messages():
+                seen += 1
+                if seen == 1:
+                    await asyncio.sleep(2.0)  # busy elsewhere, three heartbeat deadlines long
+                if seen >= 15:
+                    break
+        finally:
+            killed = worker.kill_reason
+            worker.ask_to_stop()
+            await worker.close()
+        return killed, seen
+
+    (tmp_path / "session-c").mkdir(mode=0o700)
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == (None, 15)
