@@ -262,14 +262,14 @@ def test_a_worker_whose_heartbeats_wait_unread_while_the_supervisor_is_busy_is_n
                       heartbeat_interval=0.1, log_level="info")
 
     async def run() -> tuple[str | None, int]:
-        worker = await start_worker(spec, Deadlines(heartbeat=0.6, connect=60, pairing=60, paired_connect=60,
+        worker = await start_worker(spec, Deadlines(heartbeat=3.0, connect=60, pairing=60, paired_connect=60,
                                                     stuck_reconnecting=60), launch_subprocess)
         seen = 0
         try:
             async for _ in worker.messages():
                 seen += 1
                 if seen == 1:
-                    await asyncio.sleep(2.0)  # busy elsewhere, three heartbeat deadlines long
+                    await asyncio.sleep(4.0)  # busy elsewhere, longer than the heartbeat deadline
                 if seen >= 15:
                     break
         finally:
