@@ -66,3 +66,19 @@ def flip_bit(b64: str, byte: int = 10, bit: int = 3) -> str:
 def baileys7(root: Path) -> Path:
     """A copy of the Baileys 7 fixture folder (session-8) under root, aged an hour."""
     return baileys_copy(root, "session-8", FIXTURE7 / "session-8")
+
+
+def assert_restored_never_paired(d: Any, company: str, proxy: Any, attempts: int = 1) -> None:
+    """d (a SimDaemon) runs company's imported device: its worker started in restore mode and
+    dialed WhatsApp (through proxy, a refusing 127.0.0.1 listener) to log in, never to pair."""
+    from whatsappd.testing.daemon import wait_until
+
+    wait_until(lambda: len(proxy.requests) >= attempts, 40, what="login attempts through the proxy")
+    states = [line.get("new") for line in d.log_lines("state changed", company=company)]
+    assert "pairing" not in states, states
+    starts = d.log_lines("worker started", company=company)
+    assert starts and {s["mode"] for s in starts} == {"restore"}  # the supervisor saw a paired session
+    dials = d.log_lines("dialing", company=company)
+    assert dials and not any(line["pair"] for line in dials)  # the worker dialed to log in
+    assert not d.log_lines("qr_issued")
+    assert set(proxy.requests) == {("web.whatsapp.com", 443)}

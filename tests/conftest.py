@@ -164,6 +164,30 @@ def pg_dsn(postgres: PostgresServer) -> str:
 
 
 @pytest.fixture(scope="session")
+def wm_template(postgres: PostgresServer) -> str:
+    """A database migrated once with whatsappd's and whatsmeow's schemas (whatsmeow's migration
+    runs neonize in a subprocess, seconds each): the template wm_dsn copies."""
+    from whatsappd.store.postgresql import migrate
+
+    dsn = postgres.create_database()
+    migrate(dsn, whatsmeow=True)
+    return dsn.split("@/", 1)[1].split("?", 1)[0]
+
+
+@pytest.fixture
+def wm_dsn(postgres: PostgresServer, wm_template: str) -> str:
+    """A new database with whatsappd's and whatsmeow's schemas (as `whatsappd migrate` leaves it)."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.dsn(), autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}" TEMPLATE "{wm_template}" STRATEGY FILE_COPY')
+    return postgres.dsn(name)
+
+
+@pytest.fixture(scope="session")
 def store_tables(request: pytest.FixtureRequest) -> Callable[[str], dict[str, str]]:
     """store_tables(backend) -> the [store] table for a scenario daemon on backend: {} for SQLite
     (the default), or a new database on the session's PostgreSQL server (started on first use)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from baileys_fixture import JID, baileys_copy, tree
+from baileys_fixture import JID, assert_restored_never_paired, baileys_copy, tree
 
 from whatsappd.baileys import PROVENANCE_FILE
 from whatsappd.client import Response
@@ -155,13 +155,6 @@ def test_an_import_creates_the_store_and_the_company_logs_in_without_pairing(
     target = d.session_dir("seven")
     assert (target / "store.db").is_file() and report["provenance"] == str(target / PROVENANCE_FILE)
     assert tree(source) == before
-    wait_until(lambda: len(proxy.requests) >= 2, 40, what="two login attempts through the proxy")
-    states = [line.get("new") for line in d.log_lines("state changed", company="seven")]
-    assert "reconnecting" in states and "pairing" not in states, states
-    starts = d.log_lines("worker started", company="seven")
-    assert starts and {s["mode"] for s in starts} == {"restore"}
-    dials = d.log_lines("dialing", company="seven")
-    assert dials and not any(line["pair"] for line in dials)
-    assert not d.log_lines("qr_issued")
-    assert set(proxy.requests) == {("web.whatsapp.com", 443)}
+    assert_restored_never_paired(d, "seven", proxy, attempts=2)
+    assert "reconnecting" in [line.get("new") for line in d.log_lines("state changed", company="seven")]
     assert d.stop() == 0

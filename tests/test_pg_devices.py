@@ -44,13 +44,6 @@ GONE = "5511900000003:33@s.whatsapp.net"
 
 
 @pytest.fixture
-def wm_dsn(pg_dsn: str) -> str:
-    """A new database with whatsappd's and whatsmeow's schemas (as `whatsappd migrate` leaves it)."""
-    migrate(pg_dsn, whatsmeow=True)
-    return pg_dsn
-
-
-@pytest.fixture
 def refusing() -> Iterator[Socks5FaultProxy]:
     with Socks5FaultProxy(mode="refuse") as proxy:
         yield proxy

@@ -234,8 +234,10 @@ def _check_store(args: argparse.Namespace) -> int:
     """PRAGMA integrity_check on each store: one line per finding; 0 if all are sound, else 1."""
     from whatsappd.sessions import NEONIZE_STORE
     from whatsappd.store import check_database, corrupt_fix
+    from whatsappd.supervisor.devices import Place, place
 
     paths: list[Path] = args.path or []
+    damaged = 0
     if not paths:
         config = _load(args.config, sys.stderr)
         if config is None:
@@ -250,8 +252,10 @@ def _check_store(args: argparse.Namespace) -> int:
             paths.append(journal)
         else:
             print(f"{journal}: not created yet (the daemon creates it at its first start)")
-        paths += sorted(config.sessions_dir.glob(f"session-*/{NEONIZE_STORE}"))
-    damaged = 0
+        if place(config.whatsmeow_dsn, "neonize") is Place.POSTGRESQL:
+            damaged = _check_pg_devices(config)
+        else:
+            paths += sorted(config.sessions_dir.glob(f"session-*/{NEONIZE_STORE}"))
     for path in paths:
         if not path.is_file():
             print(f"{path}: no such file")
@@ -269,6 +273,44 @@ def _check_store(args: argparse.Namespace) -> int:
         else:
             print(f"{path}: ok")
     return 1 if damaged else 0
+
+
+def _check_pg_devices(config: Config) -> int:
+    """check-store for neonize sessions in PostgreSQL: each recorded device must have its row in
+    whatsmeow's tables (there is no integrity_check to run: PostgreSQL keeps its own pages sound).
+    One line per company; how many are not usable (a database that does not answer counts one)."""
+    import psycopg
+
+    from whatsappd.sessionstore import SessionState
+    from whatsappd.store.postgresql import redact
+    from whatsappd.supervisor.devices import PgDevices
+
+    assert config.whatsmeow_dsn is not None
+    where = redact(config.whatsmeow_dsn)
+    print(f"neonize sessions are devices in whatsmeow's PostgreSQL store ({where}), selected by the JIDs "
+          "recorded in whatsappd_devices; a store.db under sessions/ is not used and not checked")
+    pg = PgDevices(config.store_dsn, config.whatsmeow_dsn)
+    try:
+        devices = pg.all()
+    except psycopg.Error as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        for dsn in (config.store_dsn, config.whatsmeow_dsn):
+            reason = reason.replace(dsn, redact(dsn))
+        print(f"{where}: cannot read the recorded devices ({reason}); `whatsappd doctor` checks the database")
+        return 1
+    finally:
+        pg.close()
+    missing = 0
+    for company, device in sorted(devices.items()):
+        if device.state is SessionState.PAIRED:
+            print(f"{company}: device {device.jid}: ok")
+        else:
+            missing += 1
+            print(f"{company}: device {device.jid}: MISSING (no row in whatsmeow_device: unlinked by the phone, or "
+                  f"deleted); pair the company again: whatsappctl connect {company}")
+    if not devices:
+        print(f"{where}: no device recorded yet")
+    return missing
 
 
 def _clean_sessions(args: argparse.Namespace) -> int:
@@ -313,10 +355,12 @@ def _import_baileys(args: argparse.Namespace) -> int:
     import json
 
     from whatsappd.baileys import Refused, RootReport, import_company, import_root
+    from whatsappd.baileys.pgstore import PgTarget
 
     config = _load(args.config, sys.stderr)
     if config is None:
         return EX_CONFIG
+    pg = PgTarget.of(config)  # a neonize session's place: PostgreSQL, or the session directory
     if args.source is not None:
         if args.all or not args.company or len(args.company) != 1:
             print("whatsappd: --from DIR imports one company: give exactly one --company ID (and no --all)",
@@ -324,14 +368,14 @@ def _import_baileys(args: argparse.Namespace) -> int:
             return 2
         result = RootReport(str(args.source))
         result.reports.append(import_company(args.source, args.company[0], config.sessions_dir,
-                                             dry_run=args.dry_run, min_idle=args.min_idle))
+                                             dry_run=args.dry_run, min_idle=args.min_idle, pg=pg))
     else:
         if bool(args.all) == bool(args.company):
             print("whatsappd: --from-root needs either --company ID (repeatable) or --all", file=sys.stderr)
             return 2
         try:
             result = import_root(args.from_root, config.sessions_dir, None if args.all else args.company,
-                                 dry_run=args.dry_run, min_idle=args.min_idle)
+                                 dry_run=args.dry_run, min_idle=args.min_idle, pg=pg)
         except Refused as exc:
             print(f"whatsappd: {exc.message}", file=sys.stderr)
             return 1

@@ -18,6 +18,7 @@ broken or about to break; `warning`: worth a look, nothing is failing yet.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import grp
 import json
@@ -31,12 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd import pidlock
-from whatsappd.config import Config
+from whatsappd.config import CompanyConfig, Config
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.legacy import LegacyError, format_size, scan_legacy
 from whatsappd.sessions import LOCK_FILE
 from whatsappd.sessionstore import NEONIZE_STORE, SessionState, session_state
 from whatsappd.store import check_database, corrupt_fix
+from whatsappd.supervisor import simdevice
+from whatsappd.supervisor.devices import Device, PgDevices, Place, place
 from whatsappd.timefmt import iso
 
 __all__ = [
@@ -88,8 +91,12 @@ CHECKS: dict[str, str] = {
     "store_schema": "the PostgreSQL store's schema is missing, older or newer than this whatsappd's",
     "legacy_browser": "a browser profile of the old CRM (whatsapp-web.js) under sessions/",
     "legacy_baileys": "a Baileys folder of the old CRM under sessions/",
-    "orphan_session": "a session on disk that no company in the config or companies.json owns",
-    "no_session": "a company with no paired session on disk",
+    "orphan_session": "a session (on disk, or a device in PostgreSQL) that no company in the config or the registry owns",
+    "no_session": "a company with no paired session where its sessions live (session directory, PostgreSQL, or the "
+                  "shared simulator server)",
+    "device_missing": "a company's recorded whatsmeow device (its JID in whatsappd_devices) has no row in PostgreSQL",
+    "device_quarantined": "a company's PostgreSQL device mapping was moved aside (quarantined) and nothing replaced it",
+    "session_unused": "a SQLite session store the daemon never reads: neonize sessions are in PostgreSQL",
     "foreign_lock": "a session's lock held by a process that is not one of the daemon's workers",
     "disk_space": "little free space on the state directory's filesystem",
     "disk_inodes": "few free inodes on the state directory's filesystem",
@@ -148,9 +155,10 @@ def inspect_state_dir(config: Config, *, daemon_pid: int | None = None, now: flo
     found: list[Finding] = []
     found += _modes(root)
     found += _stores(config, now)
-    found += _database(config)
+    database = _database(config)
+    found += database
     found += _legacy(config.sessions_dir)
-    found += _companies(config)
+    found += _companies(config, database_ok=not any(f.check == "store_unreachable" for f in database))
     found += _locks(config.sessions_dir, daemon_pid)
     found += _disk(root)
     found += _socket(config)
@@ -200,7 +208,7 @@ def _modes(root: Path) -> list[Finding]:
 def _stores(config: Config, now: float) -> list[Finding]:
     found: list[Finding] = []
     journal = config.daemon_state_dir / JOURNAL_FILE
-    session_stores = sorted(config.sessions_dir.glob(f"session-*/{NEONIZE_STORE}"))
+    session_stores = _file_stores(config)
     in_state_dir = config.store_backend == "sqlite" and journal.is_file()
     for path in ([journal] if in_state_dir else []) + session_stores:
         is_journal = path == journal
@@ -234,6 +242,13 @@ def _stores(config: Config, now: float) -> list[Finding]:
                 f"{format_size(size)} is more than the {format_size(limit)} expected for {age_text}"
                 + (f"; biggest tables: {tables}" if tables else ""), fix))
     return found
+
+
+def _file_stores(config: Config) -> list[Path]:
+    """The whatsmeow SQLite stores that are sessions: none when neonize sessions are in PostgreSQL."""
+    if place(config.whatsmeow_dsn, "neonize") is not Place.FILES:
+        return []
+    return sorted(config.sessions_dir.glob(f"session-*/{NEONIZE_STORE}"))
 
 
 def _database(config: Config) -> list[Finding]:
@@ -348,14 +363,15 @@ def _legacy(sessions_root: Path) -> list[Finding]:
     return found
 
 
-def _registry_ids(state_dir: Path) -> set[str]:
-    """The ids in companies.json, read without touching the file (an unreadable file: none)."""
+def _registry(state_dir: Path) -> dict[str, str]:
+    """Company id -> engine from companies.json, read without touching the file (an unreadable file: none)."""
     try:
         data = json.loads((state_dir / "companies.json").read_text(encoding="utf-8"))
         companies = data.get("companies") if isinstance(data, dict) else None
-        return {c["id"] for c in companies or () if isinstance(c, dict) and isinstance(c.get("id"), str)}
+        return {c["id"]: str(c.get("engine", "neonize")) for c in companies or ()
+                if isinstance(c, dict) and isinstance(c.get("id"), str)}
     except (OSError, ValueError):
-        return set()
+        return {}
 
 
 def _session_dirs(sessions_root: Path) -> Iterator[tuple[str, Path]]:
@@ -373,19 +389,103 @@ def _session_dirs(sessions_root: Path) -> Iterator[tuple[str, Path]]:
             continue
 
 
-def _companies(config: Config) -> list[Finding]:
-    known = {c.id for c in config.companies} | _registry_ids(config.daemon_state_dir)
-    on_disk = {company: session_state(directory) for company, directory in _session_dirs(config.sessions_dir)}
+@dataclass
+class _PgDevices:
+    """What the PostgreSQL place holds (read once): every recorded device, every quarantined
+    mapping, and the cluster's company registry."""
+
+    devices: dict[str, Device]
+    quarantined: list[tuple[str, str, str, Any]]
+    registry: dict[str, str]
+
+
+def _pg_devices(config: Config) -> _PgDevices | None:
+    """None when neonize sessions are files, or the database cannot say (the store checks report why)."""
+    if config.whatsmeow_dsn is None or place(config.whatsmeow_dsn, "neonize") is Place.FILES:
+        return None
+    import psycopg
+
+    pg = PgDevices(config.store_dsn, config.whatsmeow_dsn)
+    try:
+        registry: dict[str, str] = {}
+        if config.cluster_enabled:
+            with contextlib.suppress(psycopg.errors.UndefinedTable), \
+                    psycopg.connect(config.store_dsn, autocommit=True, connect_timeout=5) as db:
+                registry = {str(c): str((conf or {}).get("engine", "neonize")) for c, conf in
+                            db.execute("SELECT company, config FROM whatsappd_companies")}
+        return _PgDevices(pg.all(), pg.quarantined(), registry)
+    except psycopg.Error:
+        return None  # no schema yet (store_schema says so) or no answer (store_unreachable)
+    finally:
+        pg.close()
+
+
+def _companies(config: Config, database_ok: bool = True) -> list[Finding]:
+    """Sessions no company owns, and companies without a session, each asked where its session
+    lives (supervisor/devices.py's place: the session directory, PostgreSQL, or the shared
+    simulator server, supervisor/simdevice.py)."""
+    pg = _pg_devices(config) if database_ok else None
+    known = {**_registry(config.daemon_state_dir), **(pg.registry if pg else {}),
+             **{c.id: c.engine for c in config.companies}}
     found = []
-    for company, state in on_disk.items():
+    for company, directory in _session_dirs(config.sessions_dir):
+        engine = "neonize" if (directory / NEONIZE_STORE).exists() else "simulator"
+        state = session_state(directory)
+        if place(config.whatsmeow_dsn, engine) is not Place.FILES:
+            if state is not SessionState.NONE:
+                found.append(_finding(
+                    "session_unused", Severity.WARNING, directory / NEONIZE_STORE,
+                    f"a whatsmeow SQLite store of company {company!r}, but neonize sessions are in PostgreSQL "
+                    "([store] backend): the daemon never reads it",
+                    f"keep it outside sessions/ as a backup (mv {directory / NEONIZE_STORE} somewhere safe); pair the "
+                    f"company in PostgreSQL with whatsappctl connect {company}"))
+            continue
         if company not in known and state is not SessionState.NONE:
             found.append(_finding(
                 "orphan_session", Severity.WARNING, config.sessions_dir / f"session-{company}",
                 f"a session of company {company!r}, which neither the config nor companies.json names; the "
                 "daemon runs it as a discovered company",
                 f"keep it: whatsappctl add {company} --name NAME; or remove it: whatsappctl remove {company} --wipe"))
-    for company in sorted(known):
-        if on_disk.get(company, SessionState.NONE) is not SessionState.PAIRED:
+    for company, recorded in sorted(pg.devices.items()) if pg else ():
+        if company not in known and recorded.state is SessionState.PAIRED:
+            found.append(_finding(
+                "orphan_session", Severity.WARNING, company,
+                f"a device in PostgreSQL (JID {recorded.jid}) recorded for company {company!r}, which neither the config "
+                "nor the registry names; the daemon runs it as a discovered company",
+                f"keep it: whatsappctl add {company} --name NAME; or remove it: whatsappctl remove {company} --wipe"))
+    moved: dict[str, tuple[str, str, Any]] = {}
+    for company, jid, reason, at in pg.quarantined if pg else ():
+        moved.setdefault(company, (jid, reason, at))
+    for company, engine in sorted(known.items()):
+        shared = simdevice.shared_device(config, CompanyConfig(id=company, engine=engine))
+        if shared is not None:
+            state = shared.state()
+        elif place(config.whatsmeow_dsn, engine) is Place.POSTGRESQL:
+            if pg is None:
+                continue  # the database did not answer: nothing can be said of its devices
+            device = pg.devices.get(company)
+            if device is not None and device.state is not SessionState.PAIRED:
+                found.append(_finding(
+                    "device_missing", Severity.ERROR, company,
+                    f"its recorded device {device.jid} has no row in whatsmeow's PostgreSQL store (the phone unlinked "
+                    "it, or the row was deleted), so the company is not paired",
+                    f"pair it again: whatsappctl connect {company} (scan the QR; the new device is recorded), or "
+                    f"whatsappctl pair-code {company} PHONE"))
+                continue
+            if device is None and company in moved:
+                jid, reason, at = moved[company]
+                found.append(_finding(
+                    "device_quarantined", Severity.WARNING, company,
+                    f"its device {jid} was quarantined ({reason}) at {iso(at.timestamp())}; its rows are kept in "
+                    "whatsmeow_device, but no device is recorded for the company now",
+                    f"if that device is sound, record it again: INSERT INTO whatsappd_devices (company, jid) VALUES "
+                    f"('{company}', '{jid}'), then whatsappctl restart {company}; else pair: whatsappctl connect "
+                    f"{company}"))
+                continue
+            state = device.state if device is not None else SessionState.NONE
+        else:
+            state = session_state(config.sessions_dir / f"session-{company}")
+        if state is not SessionState.PAIRED:
             found.append(_finding(
                 "no_session", Severity.WARNING, company, "the company has no paired session, so it cannot send",
                 f"pair it: whatsappctl connect {company} (scan the QR), or whatsappctl pair-code {company} PHONE"))

@@ -14,6 +14,12 @@ Order, so that a refusal at any step leaves everything as it was:
    hard-linked into `session-{id}/` (a link never replaces an existing file), then fsync'ed.
 
 A dry run stops after step 2 with the store built and checked in memory, writing nothing.
+
+With the PostgreSQL store (`pg`: a neonize company's session is a device row there, see
+supervisor/devices.py), steps 1-4 are the same (plus: refused if the company already has a
+recorded JID or the JID already has a row), and step 5 copies the verified store's rows into
+whatsmeow's PostgreSQL tables and records the JID, in one transaction (baileys/pgstore.py),
+still under the session lock; only the provenance file goes into `session-{id}/`.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from whatsappd import __version__
 from whatsappd.baileys.convert import Conversion, convert
+from whatsappd.baileys.pgstore import PgTarget, check_target, copy_device
 from whatsappd.baileys.report import ImportReport, Refused
 from whatsappd.baileys.source import Snapshot, read_snapshot
 from whatsappd.baileys.verify import listed_jids
@@ -50,22 +58,27 @@ _SESSION_FILES = (NEONIZE_STORE, NEONIZE_STORE + "-wal", NEONIZE_STORE + "-shm",
 
 
 def import_company(source: Path, company: str, sessions_root: Path, *, dry_run: bool = False,
-                   min_idle: float = DEFAULT_MIN_IDLE) -> ImportReport:
-    """Import one Baileys folder as company's session; never raises for a refusal (see the report)."""
+                   min_idle: float = DEFAULT_MIN_IDLE, pg: PgTarget | None = None) -> ImportReport:
+    """Import one Baileys folder as company's session; never raises for a refusal (see the report).
+
+    pg: the company's session is in PostgreSQL (PgTarget.of: the config's place for neonize)."""
     report = ImportReport(company=company, source=str(source), target="", dry_run=dry_run)
     try:
         check_company_id(company)
         target = session_dir(sessions_root, company)
         report.target = str(target)
-        _check_target(target, source)
+        _check_target(target, source, files=pg is None)
         snapshot = read_snapshot(source, min_idle)
         conversion = convert(snapshot)
         _fill(report, conversion)
+        if pg is not None:
+            report.target = f"{pg.where()}, device {conversion.device.jid}"
+            check_target(pg, company, conversion.device.jid)
         if dry_run:
             build_in_memory(conversion)
             _unchanged(snapshot)
         else:
-            _write(snapshot, conversion, sessions_root, target, report)
+            _write(snapshot, conversion, sessions_root, target, report, pg, company)
     except InvalidCompanyId as exc:
         return report.refuse(Refused(ErrorCode.INVALID_COMPANY_ID, str(exc)))
     except Refused as exc:
@@ -74,7 +87,7 @@ def import_company(source: Path, company: str, sessions_root: Path, *, dry_run: 
     return report
 
 
-def _check_target(target: Path, source: Path) -> None:
+def _check_target(target: Path, source: Path, files: bool = True) -> None:
     if target.is_symlink():
         raise Refused(ErrorCode.SESSION_EXISTS, f"{target} is a symbolic link; a session directory may not be one, and an "
                       "import never writes through a link: remove it first")
@@ -87,7 +100,7 @@ def _check_target(target: Path, source: Path) -> None:
     if _locked(target):
         raise Refused(ErrorCode.COMPANY_RUNNING, f"the company's worker is running (it holds {target / LOCK_FILE}); stop "
                       "the company in whatsappd before importing")
-    present = [name for name in _SESSION_FILES if (target / name).exists()]
+    present = [name for name in _SESSION_FILES if (target / name).exists()] if files else []
     if present:
         raise Refused(ErrorCode.SESSION_EXISTS, f"{target} already holds a whatsappd session ({present[0]}); an import never "
                       "overwrites one: remove that session first (whatsappctl logout, or delete the directory)")
@@ -126,7 +139,8 @@ def _unchanged(snapshot: Snapshot) -> None:
                       "running; nothing was written: stop the CRM's WhatsApp module and run the import again")
 
 
-def _write(snapshot: Snapshot, conversion: Conversion, sessions_root: Path, target: Path, report: ImportReport) -> None:
+def _write(snapshot: Snapshot, conversion: Conversion, sessions_root: Path, target: Path, report: ImportReport,
+           pg: PgTarget | None, company: str) -> None:
     try:
         sessions_root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as sessions.ensure_root, without logging
         work = Path(tempfile.mkdtemp(prefix=f".import-{target.name}-", dir=sessions_root))
@@ -146,7 +160,11 @@ def _write(snapshot: Snapshot, conversion: Conversion, sessions_root: Path, targ
         provenance = work / PROVENANCE_FILE
         _write_file(provenance, json.dumps(_provenance(snapshot, report), indent=1, ensure_ascii=False).encode() + b"\n")
         _unchanged(snapshot)
-        _place(work, target, (NEONIZE_STORE, PROVENANCE_FILE))
+        if pg is None:
+            _place(work, target, (NEONIZE_STORE, PROVENANCE_FILE))
+        else:
+            jid = conversion.device.jid
+            _place(work, target, (PROVENANCE_FILE,), put=lambda: copy_device(store, pg, company, jid))
         report.provenance = str(target / PROVENANCE_FILE)
     except OSError as exc:
         raise Refused(ErrorCode.WRITE_FAILED, f"the store could not be written ({exc.strerror or exc}); nothing was "
@@ -184,8 +202,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _place(work: Path, target: Path, names: tuple[str, ...]) -> None:
+def _place(work: Path, target: Path, names: tuple[str, ...], put: Callable[[], object] | None = None) -> None:
     """Link the finished files into target under its session lock; never replace anything.
+
+    put: the session is elsewhere (PostgreSQL): put() puts it there, under the lock, and target
+    only receives the provenance file (an older one is kept, renamed by its time).
 
     Run as root, the files are given to the owner of the sessions directory (the daemon's user),
     who must be able to open them: the daemon refuses session files owned by another user.
@@ -212,10 +233,16 @@ def _place(work: Path, target: Path, names: tuple[str, ...]) -> None:
                       f"{target / LOCK_FILE}); nothing was put in place")
     linked: list[Path] = []
     try:
-        present = [name for name in _SESSION_FILES if (target / name).exists()]
+        present = [name for name in _SESSION_FILES if (target / name).exists()] if put is None else []
         if present:
             raise Refused(ErrorCode.SESSION_EXISTS, f"{target} received a session ({present[0]}) during the import; it was "
                           "left alone and nothing was put in place")
+        if put is not None:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    older = target / name
+                    older.rename(older.with_name(f"{name}.{int(older.stat().st_mtime)}"))
+            put()
         for name in names:
             try:
                 os.link(work / name, target / name)
@@ -264,7 +291,7 @@ class RootReport:
 
 
 def import_root(root: Path, sessions_root: Path, companies: list[str] | None, *, dry_run: bool = False,
-                min_idle: float = DEFAULT_MIN_IDLE) -> RootReport:
+                min_idle: float = DEFAULT_MIN_IDLE, pg: PgTarget | None = None) -> RootReport:
     """Import the Baileys folders `session-{id}` under root (all, or only companies).
 
     Folders are classified as `whatsappd clean-sessions` does (whatsappd.legacy): browser
@@ -293,6 +320,7 @@ def import_root(root: Path, sessions_root: Path, companies: list[str] | None, *,
             report = ImportReport(company=company, source=str(root / f"session-{company}"), target="", dry_run=dry_run)
             out.reports.append(report.refuse(Refused(ErrorCode.SOURCE_NOT_FOUND, f"{root} has no Baileys folder session-{company}")))
             continue
-        out.reports.append(import_company(found[company], company, sessions_root, dry_run=dry_run, min_idle=min_idle))
+        out.reports.append(import_company(found[company], company, sessions_root, dry_run=dry_run, min_idle=min_idle,
+                                          pg=pg))
     return out
 

@@ -36,6 +36,7 @@ def _dry_run(body: Any) -> bool:
 async def import_baileys(request: web.Request) -> web.Response:
     # Here, not at the top: the importer (cryptography, SQLite schema) is loaded only when used.
     from whatsappd.baileys import import_company
+    from whatsappd.baileys.pgstore import PgTarget
 
     runner = company_runner(request)
     dry_run = _dry_run(await read_json(request))
@@ -54,7 +55,7 @@ async def import_baileys(request: web.Request) -> web.Response:
                            "was imported: stop it with DELETE /v1/companies/{id} (one added with PUT is removed by that: "
                            "PUT it again), then import")
         report = await asyncio.to_thread(import_company, root / f"session-{runner.id}", runner.id, config.sessions_dir,
-                                         dry_run=dry_run)
+                                         dry_run=dry_run, pg=PgTarget.of(config))
         if report.error is not None:
             raise Failure(ErrorCode.parse(report.error["code"]), report.error["message"])
         if not dry_run:

@@ -38,7 +38,7 @@ from whatsappd.ids import session_dir
 from whatsappd.logs import get_logger
 from whatsappd.sessionstore import SessionState
 
-__all__ = ["DEVICES_MIGRATION", "Device", "Devices", "Place", "PgDevices"]
+__all__ = ["DEVICES_MIGRATION", "DEVICE_EXISTS", "SELECT_JID", "Device", "Devices", "Place", "PgDevices", "place"]
 
 log = get_logger()
 T = TypeVar("T")
@@ -60,8 +60,8 @@ DEVICES_MIGRATION = """
     );
 """
 
-_SELECT = "SELECT jid FROM whatsappd_devices WHERE company = %s"
-_DEVICE_EXISTS = "SELECT 1 FROM whatsmeow_device WHERE jid = %s"
+SELECT_JID = "SELECT jid FROM whatsappd_devices WHERE company = %s"
+DEVICE_EXISTS = "SELECT 1 FROM whatsmeow_device WHERE jid = %s"
 
 
 class Place(enum.StrEnum):
@@ -78,6 +78,17 @@ class Device:
 
 
 NOT_PAIRED = Device(SessionState.NONE)
+
+#: Seconds between attempts to record a paired JID while the database does not answer (about
+#: 30 s in all): a database restarting or failing over must not turn a successful pairing into
+#: a failed company whose new device nobody can find.
+RECORD_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+def place(whatsmeow_dsn: str | None, engine: str) -> Place:
+    """Where a company of engine keeps its session, whatsmeow_dsn being the config's (None: not
+    PostgreSQL). The one rule: the daemon (Devices), the doctor and the Baileys import ask it."""
+    return Place.POSTGRESQL if whatsmeow_dsn and engine == "neonize" else Place.FILES
 
 
 def _undefined_table(exc: BaseException) -> bool:
@@ -126,7 +137,7 @@ class PgDevices:
     @staticmethod
     def _row_exists(wm: Any, jid: str) -> bool:
         try:
-            return wm.execute(_DEVICE_EXISTS, (jid,)).fetchone() is not None
+            return wm.execute(DEVICE_EXISTS, (jid,)).fetchone() is not None
         except Exception as exc:
             if _undefined_table(exc):
                 return False  # whatsmeow's tables not created yet: no device anywhere
@@ -134,7 +145,7 @@ class PgDevices:
 
     def device(self, company: str) -> Device:
         def run(db: Any, wm: Any) -> Device:
-            row = db.execute(_SELECT, (company,)).fetchone()
+            row = db.execute(SELECT_JID, (company,)).fetchone()
             if row is None:
                 return NOT_PAIRED
             jid = str(row[0])
@@ -150,6 +161,14 @@ class PgDevices:
 
         return self._guarded(run)
 
+    def quarantined(self) -> list[tuple[str, str, str, Any]]:
+        """(company, jid, reason, moved_at) of every mapping moved aside, newest first."""
+        def run(db: Any, wm: Any) -> list[tuple[str, str, str, Any]]:
+            return [(str(c), str(j), str(r), m) for c, j, r, m in db.execute(
+                "SELECT company, jid, reason, moved_at FROM whatsappd_devices_quarantine ORDER BY moved_at DESC")]
+
+        return self._guarded(run)
+
     def record(self, company: str, jid: str) -> None:
         def run(db: Any, wm: Any) -> None:
             db.execute("INSERT INTO whatsappd_devices (company, jid) VALUES (%s, %s) ON CONFLICT (company) "
@@ -160,7 +179,7 @@ class PgDevices:
     def wipe(self, company: str) -> bool:
         """Delete the company's device (whatsmeow's rows cascade) and its mapping; True if any was there."""
         def run(db: Any, wm: Any) -> bool:
-            row = db.execute(_SELECT, (company,)).fetchone()
+            row = db.execute(SELECT_JID, (company,)).fetchone()
             if row is None:
                 return False
             try:
@@ -195,8 +214,10 @@ class Devices:
     PostgreSQL (simulator companies stay files).
     """
 
-    def __init__(self, sessions_root: Path, dsn: str | None = None, whatsmeow_dsn: str | None = None) -> None:
+    def __init__(self, sessions_root: Path, dsn: str | None = None, whatsmeow_dsn: str | None = None, *,
+                 record_retries: tuple[float, ...] = RECORD_RETRIES) -> None:
         self.sessions_root = sessions_root
+        self.record_retries = record_retries
         self._pg = PgDevices(dsn or whatsmeow_dsn or "", whatsmeow_dsn) if whatsmeow_dsn else None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="devices") \
             if self._pg else None
@@ -206,7 +227,7 @@ class Devices:
         self._files: dict[str, tuple[tuple[int, int, int], SessionState]] = {}
 
     def place(self, engine: str) -> Place:
-        return Place.POSTGRESQL if self._pg is not None and engine == "neonize" else Place.FILES
+        return place(self.whatsmeow_dsn, engine)
 
     @property
     def whatsmeow_dsn(self) -> str | None:
@@ -282,7 +303,21 @@ class Devices:
         if self._pg is None:
             return
         pg = self._pg
-        await self._off_loop(lambda: pg.record(company, jid))
+        for attempt, delay in enumerate((*self.record_retries, None), 1):
+            try:
+                await self._off_loop(lambda: pg.record(company, jid))
+                break
+            except Exception as exc:
+                if delay is None:
+                    log.error("could not record the company's new device: it is in the whatsmeow store, but no "
+                              "whatsappd_devices row says it is this company's; once the database answers, record "
+                              f"it by hand: INSERT INTO whatsappd_devices (company, jid) VALUES ('{company}', "
+                              f"'{jid}'), then whatsappctl restart {company}",
+                              company=company, jid=jid, attempts=attempt, error=str(exc))
+                    raise
+                log.warning("cannot record the company's new device yet; retrying", company=company, jid=jid,
+                            attempt=attempt, retry_in=delay, error=str(exc))
+                await asyncio.sleep(delay)
         self._known[company] = Device(SessionState.PAIRED, jid)
         log.info("device recorded", company=company, jid=jid)
 

@@ -294,21 +294,28 @@ class WorkerProcess:
         """The worker's messages until EOF, replies excepted (they settle call()).
 
         Kills the worker when a deadline passes or it breaks the protocol, and keeps reading:
-        EOF comes once the process is gone.
+        EOF comes once the process is gone. A deadline is judged only once what the worker
+        already said is read: a consumer that was away (the runner awaiting the database while
+        it records a paired JID) must not kill a worker whose heartbeats wait in the pipe.
         """
+        judged = False  # killed for a deadline: from then on, only read until EOF
         while True:
             now = time.monotonic()
             reason, due = self._next_deadline()
-            if due <= now:
-                if self.kill_reason is None:
-                    log.warning("killing worker", company=self.company, pid=self.pid, reason=str(reason))
-                self.kill(reason)
+            overdue = due <= now
+            if overdue and judged:
                 due = now + _AFTER_KILL
             try:
-                # asyncio.timeout, not wait_for: no extra task per heartbeat (idle CPU).
+                # asyncio.timeout, not wait_for: no extra task per heartbeat (idle CPU). Overdue,
+                # the timeout is 0: a line already buffered is still returned.
                 async with asyncio.timeout(max(0.0, due - now)):
                     line = await self._reader.readline()
             except TimeoutError:
+                if overdue and not judged:
+                    if self.kill_reason is None:
+                        log.warning("killing worker", company=self.company, pid=self.pid, reason=str(reason))
+                    self.kill(reason)
+                    judged = True
                 continue
             except (ValueError, asyncio.LimitOverrunError):
                 self.kill(Kill.PROTOCOL_VIOLATION)
