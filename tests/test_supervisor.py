@@ -17,7 +17,15 @@ import pytest
 
 from whatsappd.config import LAUNCHERS
 from whatsappd.testing.daemon import NotifySocket, at_once, wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, parse_iso, process_gone, sim_config, tree_state
+from whatsappd.testing.scenario import (
+    SimDaemon,
+    daemon_pool,
+    parse_iso,
+    process_gone,
+    settled_tree_state,
+    sim_config,
+    tree_state,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PAIR_CODE = re.compile(r"[1-9A-HJ-NP-TV-Z]{4}-[1-9A-HJ-NP-TV-Z]{4}")
@@ -534,7 +542,7 @@ def test_invalid_company_ids_are_400_on_every_route_and_touch_nothing(daemons, t
     d.pair("acme")
     (tmp_path / "x").mkdir()
     (tmp_path / "d0" / "state" / "x").mkdir()
-    before = tree_state(tmp_path, exclude=[d.log_path])
+    before = settled_tree_state(tmp_path, exclude=[d.log_path])  # what pairing set off is written
     for bad in BAD_IDS:
         for method, suffix in COMPANY_ROUTES:
             body = {"phone": "5511999999999", "action": "scan", "engine": "simulator"}

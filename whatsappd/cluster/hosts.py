@@ -339,6 +339,9 @@ class CrossHost:
                               "try again once its new owner took it")
             status, body = await self._execute(act, company, dict(row["args"]))
         except Failure as exc:
+            if exc.code is ErrorCode.NOT_OWNER:  # the lease went while the act ran: the asker may retry
+                exc = Failure(ErrorCode.NO_OWNER, f"host {self.host!r} lost company {company!r} while running "
+                              f"{act}; try again once its new owner took it")
             status, body = exc.status, exc.body()
         except Exception:
             log.exception("a routed act failed", act=act, company=company)

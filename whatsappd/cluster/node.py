@@ -198,7 +198,7 @@ class ClusterNode:
         runner.token = token
         row = self.rows.get(company)
         wanted = row is None or row.run
-        if not wanted:  # the operator's stop, on whichever host: a status call must not undo it here
+        if not wanted and not runner.removed:  # the operator's stop, on whichever host: a status call must not undo it here
             runner.intent = Intent.STOP
         if wanted and runner.has_session():
             runner.start(f"lease acquired by {self.host} (token {token})")

@@ -167,6 +167,10 @@ class JournalTail:
             bound = self._bound()
             if bound is not None and bound < self._next:
                 return
+            # This host's events already waiting when the read starts: the read's snapshot has
+            # their rows (unless pruned). One committed here DURING the read is not in it, so an
+            # empty read says nothing about the seqs below that one.
+            known = set(self._pending)
             rows = await self._store.events_after(self._next - 1, _BATCH, until=bound)
             for event in rows:
                 if event.seq < self._next:
@@ -175,9 +179,11 @@ class JournalTail:
                 self._hand(event, local[1] if local else self._secrets.get(event.seq))
                 self._drain()
             if len(rows) < _BATCH:
-                if bound is None and not rows and self._pending:
-                    # Nothing to read below a waiting event: the gap was pruned (or is the next seq).
-                    self._next = min(self._pending)
+                waiting = [seq for seq in self._pending if seq in known]
+                if bound is None and not rows and waiting:
+                    # Nothing to read below an event that was waiting before the read: the gap
+                    # was pruned (or is the next seq).
+                    self._next = min(waiting)
                     self._drain()
                 return
 

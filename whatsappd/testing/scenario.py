@@ -8,6 +8,7 @@ worker subprocesses, real sockets, real files; nothing of ours is faked.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -19,8 +20,8 @@ from whatsappd.config import toml_value
 from whatsappd.testing.daemon import DaemonProcess, wait_until
 
 __all__ = [
-    "SIM_ENV", "SimDaemon", "daemon_pool", "parse_iso", "process_gone", "process_state", "sim_config",
-    "tree_state",
+    "SIM_ENV", "SimDaemon", "daemon_pool", "parse_iso", "process_gone", "process_state", "settled_tree_state",
+    "sim_config", "tree_state",
 ]
 
 #: Simulator timings for scenario tests: pairing lasts long enough for any test that does not
@@ -221,3 +222,18 @@ def tree_state(root: Path, exclude: Iterable[Path] = ()) -> dict[str, tuple[int,
         st = path.lstat()
         out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
     return out
+
+
+def settled_tree_state(root: Path, exclude: Iterable[Path] = (), quiet: float = 0.5,
+                       timeout: float = 15.0) -> dict[str, tuple[int, int, int]]:
+    """tree_state once two reads `quiet` seconds apart agree: a daemon that just acted may still
+    be writing what followed it (a journal commit, a checkpoint), which is not what a test that
+    compares before and after an act means to catch."""
+    deadline = time.monotonic() + timeout
+    state = tree_state(root, exclude)
+    while True:
+        time.sleep(quiet)
+        again = tree_state(root, exclude)
+        if again == state or time.monotonic() > deadline:
+            return again
+        state = again
