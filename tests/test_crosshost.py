@@ -150,7 +150,7 @@ def test_acts_posted_on_another_host_are_run_by_the_owner_and_answered_with_its_
 
 
 def test_get_on_another_host_names_the_owner_and_shows_its_state(hosts):
-    """GET /v1/companies/acme on B says host-a owns it and shows A's state, jid and since."""
+    """GET /v1/companies/acme on B says host-a owns it and shows A's state, jid and since, reported by host-a."""
     on_a = hosts.a.client.get("/v1/companies/acme").json()
     on_b = hosts.b.client.get("/v1/companies/acme")
     assert on_b.status == 200
@@ -158,6 +158,7 @@ def test_get_on_another_host_names_the_owner_and_shows_its_state(hosts):
     assert body["owner"]["host"] == "host-a" and on_a["owner"]["host"] == "host-a"
     assert (body["state"], body["jid"], body["since"]) == (on_a["state"], on_a["jid"], on_a["since"]) == (
         "connected", on_a["jid"], on_a["since"])
+    assert body["reported"]["host"] == "host-a" and body["reported"]["at"]
     assert "acme" in hosts.b.companies()
     missing = hosts.b.client.get("/v1/companies/nowhere")
     assert missing.status == 404 and missing.json()["error"]["code"] == "company_not_found"

@@ -67,6 +67,7 @@ class Owner:
     token: int | None
     lease_expires_at: str | None  # ISO time; None without leases
     snapshot: dict[str, Any] | None  # the owner's GET /v1/companies/{id} (without sending, owner)
+    reported: dict[str, Any] | None = None  # who wrote that snapshot, and when: {"host", "at"}
 
     def field(self) -> dict[str, Any] | None:
         """The `owner` field of a company's answer."""
@@ -158,7 +159,7 @@ class CrossHost:
         async def query(db: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
             where = "" if companies is None else "WHERE company = ANY(%(companies)s)"
             cur = await db.execute(
-                "SELECT company, s.host, s.token, s.snapshot, l.owner, l.token AS lease_token, l.expires_at > now() AS live, "
+                "SELECT company, s.host, s.token, s.snapshot, extract(epoch FROM s.updated_at)::float8 AS reported_at, l.owner, l.token AS lease_token, l.expires_at > now() AS live, "
                 # epoch seconds: a never-held lease expires at -infinity, which no Python datetime holds
                 "extract(epoch FROM l.expires_at)::float8 AS expires "
                 f"FROM (SELECT company FROM whatsappd_company_status {where} UNION "
@@ -169,13 +170,16 @@ class CrossHost:
 
         out = {}
         for row in await self._sql(query):
+            reported = (None if row["host"] is None else
+                        {"host": row["host"], "at": iso_or_none(row["reported_at"])})
             if self.cluster:  # the lease says who owns it; its status counts only if written under that lease
                 live = bool(row["live"]) and row["owner"] is not None
                 snapshot = row["snapshot"] if not live or row["token"] == row["lease_token"] else None
                 out[row["company"]] = Owner(row["owner"] if live else None, row["lease_token"] if live else None,
-                                            iso_or_none(row["expires"]) if live else None, snapshot)
+                                            iso_or_none(row["expires"]) if live else None, snapshot,
+                                            reported if snapshot is not None else None)
             elif row["host"] is not None:
-                out[row["company"]] = Owner(row["host"], row["token"], None, row["snapshot"])
+                out[row["company"]] = Owner(row["host"], row["token"], None, row["snapshot"], reported)
         return out
 
     async def owner(self, company: str) -> Owner | None:

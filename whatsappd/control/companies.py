@@ -57,7 +57,10 @@ async def list_companies(request: web.Request) -> web.Response:
 
 def _remote(company: str, owner: Owner) -> dict[str, Any]:
     """A company this host does not own, as its owner last wrote it (GET's answer)."""
-    return {**(owner.snapshot or {"id": company, "state": None}), "owner": owner.field()}
+    # `reported`: whose snapshot this is and when it was written. With `owner` null (a failover under
+    # way) it is the last owner's, which may describe a worker that is gone.
+    return {**(owner.snapshot or {"id": company, "state": None}), "owner": owner.field(),
+            "reported": owner.reported}
 
 
 async def get_company(request: web.Request) -> web.Response:

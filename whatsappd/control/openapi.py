@@ -210,6 +210,12 @@ SCHEMAS: dict[str, Any] = {
                                "lapsed). On another host, the other fields are the owner's, as it last wrote them.",
                 "properties": {"host": {"type": "string"}, "token": {"type": ["integer", "null"]},
                                "lease_expires_at": _TIME_OR_NULL}}),
+            "reported": _nullable({
+                "type": "object", "required": ["host", "at"],
+                "description": "PostgreSQL store, a company this host does not own: which host wrote the status "
+                               "shown and when. With `owner` null (a failover under way) it is the last owner's "
+                               "report, which may describe a worker that is gone.",
+                "properties": {"host": {"type": "string"}, "at": _TIME_OR_NULL}}),
         },
         "additionalProperties": True,
     },
