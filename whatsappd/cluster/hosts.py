@@ -159,7 +159,8 @@ class CrossHost:
         async def query(db: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
             where = "" if companies is None else "WHERE company = ANY(%(companies)s)"
             cur = await db.execute(
-                "SELECT company, s.host, s.token, s.snapshot, extract(epoch FROM s.updated_at)::float8 AS reported_at, l.owner, l.token AS lease_token, l.expires_at > now() AS live, "
+                "SELECT company, s.host, s.token, s.snapshot, extract(epoch FROM s.updated_at)::float8 AS reported_at, "
+                "l.owner, l.token AS lease_token, l.expires_at > now() AS live, "
                 # epoch seconds: a never-held lease expires at -infinity, which no Python datetime holds
                 "extract(epoch FROM l.expires_at)::float8 AS expires "
                 f"FROM (SELECT company FROM whatsappd_company_status {where} UNION "
