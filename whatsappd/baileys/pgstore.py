@@ -74,7 +74,7 @@ def _taken(db: Any, wm: Any, company: str, jid: str) -> str | None:
     """Why company/jid cannot receive the import, or None."""
     import psycopg
 
-    from whatsappd.supervisor.devices import DEVICE_EXISTS, SELECT_JID
+    from whatsappd.store.pg_devices_sql import DEVICE_EXISTS, SELECT_JID
 
     row = db.execute(SELECT_JID, (company,)).fetchone()
     if row is not None:

@@ -70,6 +70,7 @@ from whatsappd.store.outbox import (
     new_message_id,
     status_event_data,
 )
+from whatsappd.store.pg_devices_sql import DEVICES_MIGRATION
 from whatsappd.store.pg_pacing_sql import (
     delete_webhook,
     first_contacts,
@@ -83,7 +84,6 @@ from whatsappd.store.pg_pacing_sql import (
     set_webhook_cursor,
     webhooks,
 )
-from whatsappd.supervisor.devices import DEVICES_MIGRATION
 from whatsappd.timefmt import iso
 
 __all__ = ["JOURNAL_LOCK", "MIGRATE_LOCK", "NOTIFY_CHANNEL", "SCHEMA_VERSION", "Migration", "PostgresStore",
@@ -182,7 +182,7 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at timestamptz NOT NULL         -- live while in the future (renewed with its leases)
     );
     """,
-    DEVICES_MIGRATION,  # 4: which whatsmeow device is whose (whatsappd/supervisor/devices.py, issue 13)
+    DEVICES_MIGRATION,  # 4: which whatsmeow device is whose (store/pg_devices_sql.py, issue 13)
     cluster_registry.MIGRATION,  # 5: the cluster's company registry; the outbox claim token (cluster/registry.py)
     shared.MIGRATION,  # 6: what the hosts tell each other: company status, routed acts (cluster/shared.py)
 )

@@ -13,7 +13,7 @@ import collections
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from whatsappd import sessions
 from whatsappd.config import CompanyConfig, Config, ConfigDiff
@@ -29,10 +29,21 @@ from whatsappd.supervisor.registry import CompanyRegistry, RuntimeRegistry
 from whatsappd.supervisor.runner import Intent, Runner, backoff_policy
 from whatsappd.timefmt import iso_or_none
 
-if TYPE_CHECKING:
-    from whatsappd.cluster.node import ClusterNode
+__all__ = ["ClusterHooks", "Supervisor"]
 
-__all__ = ["Supervisor"]
+
+class ClusterHooks(Protocol):
+    """What the supervisor asks of its host's cluster membership (cluster/node.py's ClusterNode
+    fills it; the supervisor side never imports the cluster package)."""
+
+    def deadline(self, company: str) -> float:
+        """A new worker's fence deadline (CLOCK_MONOTONIC)."""
+        ...
+
+    def desire(self, company: str, run: bool) -> None:
+        """Record the operator's run (connect) or stop, so it survives a failover."""
+        ...
+
 
 log = get_logger()
 
@@ -58,7 +69,7 @@ class Supervisor:
         # companies run only where their lease is held.
         self.host_id = config.cluster_host_id or socket.gethostname()
         self.cluster = config.cluster_enabled
-        self.node: ClusterNode | None = None
+        self.node: ClusterHooks | None = None
         # Where sessions live (files, or whatsmeow's tables in PostgreSQL for neonize companies).
         self.devices = Devices(config.sessions_dir, config.store_dsn or None, config.whatsmeow_dsn)
         self.companies: dict[str, Runner] = {}

@@ -37,31 +37,13 @@ from whatsappd import sessions
 from whatsappd.ids import session_dir
 from whatsappd.logs import get_logger
 from whatsappd.sessionstore import SessionState
+from whatsappd.store.pg_devices_sql import DEVICE_EXISTS, DEVICES_MIGRATION, SELECT_JID
 
 __all__ = ["DEVICES_MIGRATION", "DEVICE_EXISTS", "SELECT_JID", "Device", "Devices", "Place", "PgDevices", "place"]
 
 log = get_logger()
 T = TypeVar("T")
 
-#: Schema version 4 (store/postgresql.py MIGRATIONS): which whatsmeow device is whose.
-DEVICES_MIGRATION = """
-    CREATE TABLE whatsappd_devices (
-        company text PRIMARY KEY,
-        jid text NOT NULL,                      -- whatsmeow_device.jid of the company's device
-        paired_at timestamptz NOT NULL DEFAULT now()
-    );
-    -- Mappings moved aside (the device rows stay: credentials are never deleted by a quarantine).
-    CREATE TABLE whatsappd_devices_quarantine (
-        company text NOT NULL,
-        jid text NOT NULL,
-        reason text NOT NULL,
-        paired_at timestamptz NOT NULL,
-        moved_at timestamptz NOT NULL DEFAULT now()
-    );
-"""
-
-SELECT_JID = "SELECT jid FROM whatsappd_devices WHERE company = %s"
-DEVICE_EXISTS = "SELECT 1 FROM whatsmeow_device WHERE jid = %s"
 
 
 class Place(enum.StrEnum):

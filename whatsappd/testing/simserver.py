@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from whatsappd.worker.simulator.connections import CONNECTION_LOG_FILE, Connection, read_connections
-from whatsappd.worker.simulator.server import DUPLICATES_FILE, SEND_LOG_FILE, SendLogStats, send_log_stats
+from whatsappd.simfiles import (
+    CONNECTION_LOG_FILE,
+    DUPLICATES_FILE,
+    SEND_LOG_FILE,
+    Connection,
+    SendLogStats,
+    read_connections,
+    send_log_stats,
+)
 
 __all__ = ["Connection", "companies", "connections", "live", "replacements", "send_stats"]
 

@@ -6,10 +6,11 @@ random keys of the right lengths (whatsmeow rebuilds each key pair from its priv
 any 32 random bytes are for X25519), recorded for a company in `whatsappd_devices`, plus a row
 in whatsmeow's Signal sessions table so a wipe can be seen to cascade.
 
-`python -m whatsappd.testing.whatsmeow_pg` (a request as JSON on stdin: the DSN never goes on
-argv) makes a neonize client exactly as a worker does (`StorePlace.client`), lets it dial a
-refusing SOCKS5 listener on 127.0.0.1, and prints the JID of the device neonize loaded: the
-one fact that says whose credentials a client would have used.
+`loaded_jid` starts `python -m whatsappd.worker.neonize.probe` (a worker-side module: started,
+never imported here; the request goes as JSON on stdin, so the DSN never goes on argv), which
+makes a neonize client exactly as a worker does (`StorePlace.client`), lets it dial a refusing
+SOCKS5 listener on 127.0.0.1, and prints the JID of the device neonize loaded: the one fact that
+says whose credentials a client would have used.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["cold_start_round", "device_rows", "insert_fake_device", "loaded_jid", "neonize_pg_daemon",
            "quarantines", "record_device", "wait_started"]
 
-_MARK = "LOADED "
+_MARK = "LOADED "  # the probe's answer line (whatsappd/worker/neonize/probe.py)
 
 
 def insert_fake_device(dsn: str, jid: str, push_name: str = "") -> None:
@@ -82,7 +82,7 @@ def loaded_jid(dsn: str, company: str, proxy_url: str, *, pair: bool, jid: str |
     `NewClient(dsn, uuid=company)` (neonize then loads the database's first device)."""
     request = {"dsn": dsn, "company": company, "proxy": proxy_url, "pair": pair, "jid": jid, "unselected": unselected}
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    proc = subprocess.run([sys.executable, "-m", "whatsappd.testing.whatsmeow_pg"], input=json.dumps(request),
+    proc = subprocess.run([sys.executable, "-m", "whatsappd.worker.neonize.probe"], input=json.dumps(request),
                           capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(_MARK):
@@ -139,33 +139,3 @@ def quarantines(d: SimDaemon, dsn: str) -> int:
         (moved,) = db.execute("SELECT count(*) FROM whatsappd_devices_quarantine").fetchone() or (0,)
     failed = sum(1 for c in d.companies().values() if c["state"] == "failed")
     return len(d.log_lines("store_unusable")) + failed + int(moved)
-
-
-def _main(request: dict[str, Any]) -> None:
-    import logging
-
-    logging.disable(logging.CRITICAL)
-    from whatsappd.worker.neonize import lib
-
-    lib.load_library()
-    from whatsappd.worker.neonize.incoming import jid_string
-    from whatsappd.worker.neonize.lib import NewClient, ProxySettings
-    from whatsappd.worker.neonize.store import StorePlace
-
-    if request["unselected"]:
-        client = NewClient(request["dsn"], uuid=request["company"])
-    else:
-        place = StorePlace(session_dir=Path("."), dsn=request["dsn"], jid=request["jid"], pair=request["pair"])
-        client = place.client(request["company"])
-    try:
-        client.connect(ProxySettings(proxy_address=request["proxy"]))
-    except Exception:  # noqa: BLE001 - the refused dial
-        pass
-    me = client.get_me()
-    print(_MARK + json.dumps({"jid": jid_string(me.JID) if me.HasField("JID") else None}), flush=True)
-
-
-if __name__ == "__main__":
-    _main(json.loads(sys.stdin.read()))
-    sys.stdout.flush()
-    os._exit(0)  # the Go runtime's threads must not keep the process alive

@@ -7,11 +7,12 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from whatsappd.fsutil import fsync_dir
+from whatsappd.simfiles import parse_records  # the reader, shared with the files' readers elsewhere
 
 __all__ = ["append_record", "fsync_dir", "parse_records", "write_private"]
 
@@ -41,26 +42,6 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
     if size == 0:
         fsync_dir(path.parent)
-
-
-def parse_records(data: bytes, path: Path, is_record: Callable[[dict[str, Any]], bool],
-                  corrupt: type[Exception] = ValueError) -> tuple[list[dict[str, Any]], int]:
-    """The records of a JSON-lines file's content and the length of its complete lines.
-
-    A torn last line (no newline yet) is left out; a complete line that is not JSON, or that
-    is_record refuses, raises corrupt naming the file and the line.
-    """
-    complete = data.rfind(b"\n") + 1
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(data[:complete].splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise corrupt(f"{path} line {number} is not JSON") from None
-        if not isinstance(record, dict) or not is_record(record):
-            raise corrupt(f"{path} line {number} is not a send record")
-        records.append(record)
-    return records, complete
 
 
 def write_private(path: Path, chunks: Iterable[bytes], durable_name: bool = False) -> int:

@@ -33,11 +33,18 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from whatsappd.worker.durable import append_record, parse_records
+from whatsappd.simfiles import (  # the log's name and reader, shared with checkers and tests
+    CONNECTION_LOG_FILE,
+    Connection,
+    fold,
+    parse_connections,
+    process_start,
+    read_connections,
+)
+from whatsappd.worker.durable import append_record
 from whatsappd.worker.simulator.server import iso, now
 
 __all__ = [
@@ -50,90 +57,8 @@ __all__ = [
     "read_connections",
 ]
 
-CONNECTION_LOG_FILE = "simulator-connections.jsonl"
 #: How often a connected worker looks for its replacement in the log.
 WATCH_SECONDS = 0.05
-_EVENTS = ("connect", "disconnect", "replaced")
-
-
-def process_start(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of a running process; None if there is no such
-    process or only its zombie is left."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces and parentheses
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-@dataclass
-class Connection:
-    """One connection of the log, from its `connect` to how it ended (if it did)."""
-
-    conn: str
-    host: str
-    pid: int
-    pid_start: int | None
-    wall: str
-    mono: float
-    ended: str | None = None  # "disconnect" or "replaced"; None: the log says it is still on
-    reason: str | None = None  # of a disconnect
-    by: str | None = None  # the connection that replaced it
-    ended_wall: str | None = None
-    ended_mono: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def process_alive(self) -> bool:
-        """Whether its worker process still runs (the same process, not a reused pid)."""
-        start = process_start(self.pid)
-        return start is not None and (self.pid_start is None or start == self.pid_start)
-
-    @property
-    def live(self) -> bool:
-        """Connected now: no end in the log, and its worker still runs."""
-        return self.ended is None and self.process_alive()
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"conn": self.conn, "host": self.host, "pid": self.pid, "wall": self.wall, "mono": self.mono,
-                "ended": self.ended, "reason": self.reason, "by": self.by, "ended_wall": self.ended_wall,
-                "ended_mono": self.ended_mono, "live": self.live}
-
-
-def fold(records: list[dict[str, Any]]) -> dict[str, Connection]:
-    """The connections the log's records describe, in the order they connected (the first end
-    of a connection counts; later ones, e.g. a replaced worker's own disconnect, are ignored)."""
-    out: dict[str, Connection] = {}
-    for record in records:
-        event, conn = record["event"], record["conn"]
-        if event == "connect":
-            out[conn] = Connection(conn, str(record.get("host")), int(record.get("pid", 0)),
-                                   record.get("pid_start"), str(record.get("wall")), float(record.get("mono", 0)))
-        elif conn in out and out[conn].ended is None:
-            c = out[conn]
-            c.ended, c.reason, c.by = event, record.get("reason"), record.get("by")
-            c.ended_wall, c.ended_mono = record.get("wall"), record.get("mono")
-    return out
-
-
-def _is_record(record: dict[str, Any]) -> bool:
-    return record.get("event") in _EVENTS and isinstance(record.get("conn"), str)
-
-
-def _parse(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int]:
-    return parse_records(data, path, _is_record)
-
-
-def read_connections(directory: Path) -> dict[str, Connection]:
-    """The connections of one company's server directory ({} without a log); ValueError if the
-    log is corrupt. Safe while workers append: a line still being written is left out."""
-    try:
-        data = (directory / CONNECTION_LOG_FILE).read_bytes()
-    except FileNotFoundError:
-        return {}
-    return fold(_parse(data, directory / CONNECTION_LOG_FILE)[0])
 
 
 class ConnectionLog:
@@ -167,7 +92,7 @@ class ConnectionLog:
     def _read_locked(self) -> tuple[list[dict[str, Any]], int]:
         """Every record; a torn last line (a writer died in mid-append) is cut off. Lock held."""
         data = self.path.read_bytes()
-        records, complete = _parse(data, self.path)
+        records, complete = parse_connections(data, self.path)
         if complete < len(data):
             os.truncate(self.path, complete)
         return records, complete
@@ -213,7 +138,7 @@ class ConnectionLog:
                     data = f.read()
             except FileNotFoundError:
                 return False
-            records, complete = _parse(data, self.path)
+            records, complete = parse_connections(data, self.path)
             self._offset += complete
             if any(r["event"] == "replaced" and r["conn"] == conn for r in records):
                 self.conn, self._replaced = None, True  # the replacer's line ended it: nothing more to record

@@ -21,7 +21,6 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,15 @@ from whatsappd.sessionstore import (
     simulator_session_state,
     simulator_store_bytes,
 )
-from whatsappd.worker.durable import append_record, parse_records, write_private
+from whatsappd.simfiles import (  # the files' names and readers, shared with checkers and tests
+    DUPLICATES_FILE,
+    SEND_LOG_FILE,
+    SendLogStats,
+    parse_records,
+    read_send_log,
+    send_log_stats,
+)
+from whatsappd.worker.durable import append_record, write_private
 
 __all__ = [
     "DUPLICATES_FILE",
@@ -68,12 +75,8 @@ log = logging.getLogger("whatsappd.worker.simulator.engine")
 
 #: The simulator's whole "store": the fake device, inside the company's session directory.
 SESSION_FILE = SIMULATOR_FILE
-#: The "server" side of sending: one JSON line per unique outbox id sent, fsync'ed.
-SEND_LOG_FILE = "simulator-sent.jsonl"
 #: One JSON line per chat presence ("typing…") shown before a send: {"to", "outbox_id", "state", "seconds", "timestamp"}.
 PRESENCE_LOG_FILE = "simulator-presence.jsonl"
-#: One JSON line per send request for an outbox id that was already sent (nothing sent again).
-DUPLICATES_FILE = "simulator-duplicates.jsonl"
 #: Bytes of incoming media too big to ride inline in the event's `raw`.
 MEDIA_DIR = "simulator-media"
 MAX_INLINE_MEDIA = 64 * 1024  # incoming media up to this size rides inside `raw`
@@ -131,47 +134,6 @@ def write_store(session_dir: Path, device: SimulatorDevice | None) -> None:
 
 
 # --------------------------------------------------------------------------- the send log
-
-@dataclass(frozen=True)
-class SendLogStats:
-    """What the simulator's "server" was asked to send (see send_log_stats)."""
-
-    sent: int  # unique outbox ids sent
-    duplicate_requests: int  # sends of an outbox id that was already sent (nothing sent again)
-    by_recipient: dict[str, int]  # JID -> unique sends
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"sent": self.sent, "duplicate_requests": self.duplicate_requests,
-                "by_recipient": dict(self.by_recipient)}
-
-
-def read_send_log(session_dir: Path) -> list[dict[str, Any]]:
-    """Every record of session_dir's send log, oldest first ([] if none); ValueError if corrupt.
-
-    Safe while a worker appends: a last line still being written is left out.
-    """
-    records, _ = _parse_jsonl(session_dir / SEND_LOG_FILE)
-    return records
-
-
-def send_log_stats(session_dir: Path) -> SendLogStats:
-    """The send log's counts, read from disk: usable with no worker running (tests, benchmarks)."""
-    records = read_send_log(session_dir)
-    duplicates, _ = _parse_jsonl(session_dir / DUPLICATES_FILE)
-    by_recipient: dict[str, int] = {}
-    for record in records:
-        by_recipient[record["to"]] = by_recipient.get(record["to"], 0) + 1
-    return SendLogStats(len(records), len(duplicates), by_recipient)
-
-
-def _parse_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The records of a JSON-lines file and the length of its complete lines (a torn tail is ignored)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    return parse_records(data, path, lambda record: isinstance(record.get("outbox_id"), str))
-
 
 class SendLog:
     """The simulator's "server": one fsync'ed JSON line per unique outbox id it sent.
