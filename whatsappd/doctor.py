@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from whatsappd import pidlock
-from whatsappd.config import CompanyConfig, Config
+from whatsappd.config import Config
 from whatsappd.ids import InvalidCompanyId, check_company_id
 from whatsappd.legacy import LegacyError, format_size, scan_legacy
 from whatsappd.sessions import LOCK_FILE
@@ -457,7 +457,7 @@ def _companies(config: Config, database_ok: bool = True) -> list[Finding]:
     for company, jid, reason, at in pg.quarantined if pg else ():
         moved.setdefault(company, (jid, reason, at))
     for company, engine in sorted(known.items()):
-        shared = simdevice.shared_device(config, CompanyConfig(id=company, engine=engine))
+        shared = simdevice.shared_device(config.simulator_server_dir, company, engine)
         if shared is not None:
             state = shared.state()
         elif place(config.whatsmeow_dsn, engine) is Place.POSTGRESQL:

@@ -71,7 +71,8 @@ class Supervisor:
         self.cluster = config.cluster_enabled
         self.node: ClusterHooks | None = None
         # Where sessions live (files, or whatsmeow's tables in PostgreSQL for neonize companies).
-        self.devices = Devices(config.sessions_dir, config.store_dsn or None, config.whatsmeow_dsn)
+        self.devices = Devices(config.sessions_dir, config.store_dsn or None, config.whatsmeow_dsn,
+                               simulator_server_dir=config.simulator_server_dir)
         self.companies: dict[str, Runner] = {}
         self.stopping = False  # set at shutdown: nothing starts any more
         for company in config.companies:

@@ -38,6 +38,7 @@ from whatsappd.ids import session_dir
 from whatsappd.logs import get_logger
 from whatsappd.sessionstore import SessionState
 from whatsappd.store.pg_devices_sql import DEVICE_EXISTS, DEVICES_MIGRATION, SELECT_JID
+from whatsappd.supervisor.simdevice import SharedDevice, shared_device
 
 __all__ = ["DEVICES_MIGRATION", "DEVICE_EXISTS", "SELECT_JID", "Device", "Devices", "Place", "PgDevices", "place"]
 
@@ -193,12 +194,15 @@ class Devices:
     """The supervisor's answers about sessions, for both places; cheap to ask on the event loop.
 
     whatsmeow_dsn None: every company's session is files. Otherwise neonize companies are in
-    PostgreSQL (simulator companies stay files).
+    PostgreSQL (simulator companies stay files). With simulator_server_dir (`[simulator]
+    server_dir`), a simulator company's device is on that shared server (supervisor/simdevice.py).
     """
 
     def __init__(self, sessions_root: Path, dsn: str | None = None, whatsmeow_dsn: str | None = None, *,
+                 simulator_server_dir: Path | None = None,
                  record_retries: tuple[float, ...] = RECORD_RETRIES) -> None:
         self.sessions_root = sessions_root
+        self.simulator_server_dir = simulator_server_dir
         self.record_retries = record_retries
         self._pg = PgDevices(dsn or whatsmeow_dsn or "", whatsmeow_dsn) if whatsmeow_dsn else None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="devices") \
@@ -217,8 +221,14 @@ class Devices:
 
     # ------------------------------------------------------------------ cheap, on the loop
 
+    def _shared(self, company: str, engine: str) -> SharedDevice | None:
+        return shared_device(self.simulator_server_dir, company, engine)
+
     def state(self, company: str, engine: str) -> SessionState:
-        """Paired, none or corrupt: the files' state (cached until they change) or the cached row."""
+        """Paired, none or corrupt: the files' state (cached until they change), the cached row, or
+        the shared simulator device (a small JSON file: no cache needed)."""
+        if (shared := self._shared(company, engine)) is not None:
+            return shared.state()
         if self.place(engine) is Place.POSTGRESQL:
             return self._known.get(company, NOT_PAIRED).state
         directory = session_dir(self.sessions_root, company)
@@ -304,9 +314,12 @@ class Devices:
         log.info("device recorded", company=company, jid=jid)
 
     async def wipe(self, company: str, engine: str) -> bool:
-        """Remove every trace of the session (files, and the PostgreSQL device with its mapping)."""
+        """Remove every trace of the session (files, and the PostgreSQL device with its mapping, or
+        the shared simulator device; never the shared server's send and connection logs)."""
         wiped = False
-        if self.place(engine) is Place.POSTGRESQL:
+        if (shared := self._shared(company, engine)) is not None:
+            wiped = shared.wipe()
+        elif self.place(engine) is Place.POSTGRESQL:
             pg = self._pg
             assert pg is not None
             wiped = await self._off_loop(lambda: pg.wipe(company))
@@ -316,7 +329,14 @@ class Devices:
         return wiped
 
     async def quarantine(self, company: str, engine: str, reason: str) -> str | None:
-        """Move an unusable session aside; where to (a path, or the JID whose mapping moved)."""
+        """Move an unusable session aside; where to (a path, or the JID whose mapping moved). With a
+        shared simulator device, that file is what is moved (the session directory holds only the
+        worker's lock then, and is wiped)."""
+        if (shared := self._shared(company, engine)) is not None:
+            sessions.wipe(self.sessions_root, company)
+            self._files.pop(company, None)
+            moved_shared = shared.quarantine()
+            return str(moved_shared) if moved_shared is not None else None
         where: str | None = None
         if self.place(engine) is Place.POSTGRESQL:
             pg = self._pg

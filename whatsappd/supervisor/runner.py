@@ -36,7 +36,6 @@ from whatsappd.protocol import (
     WorkerState,
 )
 from whatsappd.states import FAULTED, LIVE, TERMINAL, TRANSITIONS, IllegalTransition, LastError, State, check_transition
-from whatsappd.supervisor import simdevice
 from whatsappd.supervisor.backoff import Backoff, BackoffPolicy, RateLimiter
 from whatsappd.supervisor.devices import Devices, Place
 from whatsappd.supervisor.process import (
@@ -167,10 +166,7 @@ class Runner:
         return session_dir(self.sup.config.sessions_dir, self.id)
 
     def session_state(self) -> sessions.SessionState:
-        """Paired, none or corrupt, from a cache (status calls ask often): supervisor/devices.py, or
-        the shared simulator server's device file (supervisor/simdevice.py)."""
-        if (shared := simdevice.shared_device(self.sup.config, self.config)) is not None:
-            return shared.state()  # a small JSON file: no cache needed
+        """Paired, none or corrupt, from a cache (status calls ask often): supervisor/devices.py."""
         return self.sup.devices.state(self.id, self.config.engine)
 
     def has_session(self) -> bool:
@@ -407,10 +403,7 @@ class Runner:
             if done:
                 return {"unlinked": True, "wiped": True, "state": str(self.state)}
         await self.stop_unlocked("logout requested")
-        if simdevice.shared_device(self.sup.config, self.config) is not None:
-            wiped = simdevice.wipe(self.sup.config, self.config)
-        else:
-            wiped = await self.sup.devices.wipe(self.id, self.config.engine)
+        wiped = await self.sup.devices.wipe(self.id, self.config.engine)
         self.jid = self.push_name = None
         if self.state is not State.LOGGED_OUT:
             self.transition(State.LOGGED_OUT, "logged out locally (not connected)")
@@ -522,10 +515,7 @@ class Runner:
         if code in (ExitCode.LOGGED_OUT, ExitCode.SESSION_DELETED):
             # The credentials are gone (unlinked by the phone, or their files deleted under the
             # worker, which then ended at once): wipe what is left, so no half session remains.
-            if simdevice.shared_device(cfg, self.config) is not None:
-                simdevice.wipe(cfg, self.config)
-            else:
-                await self.sup.devices.wipe(self.id, self.config.engine)
+            await self.sup.devices.wipe(self.id, self.config.engine)
             self.jid = self.push_name = None
             if code == ExitCode.SESSION_DELETED:
                 return self._rest(State.LOGGED_OUT, LastError.SESSION_DELETED,
@@ -552,10 +542,7 @@ class Runner:
             await self.sup.devices.refresh(self.id, self.config.engine)
             return self._rest(State.STOPPED, LastError.NOT_PAIRED, NOT_PAIRED_MESSAGE, "not paired")
         if code == ExitCode.STORE_UNUSABLE:
-            if simdevice.shared_device(cfg, self.config) is not None:
-                moved: Path | str | None = simdevice.quarantine(cfg, self.config)
-            else:
-                moved = await self.sup.devices.quarantine(self.id, self.config.engine, "store_unusable")
+            moved = await self.sup.devices.quarantine(self.id, self.config.engine, "store_unusable")
             return self._fail(LastError.STORE_UNUSABLE, f"the session store cannot be opened; moved to {moved}; "
                               "connect to pair again")
         if code == ExitCode.SESSION_LOCKED:

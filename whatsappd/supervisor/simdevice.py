@@ -7,8 +7,9 @@ device there, and a store found unusable is moved aside there. The server's memo
 sent and of connections (send log, duplicates, connection log) stays: it is the "server's", not
 the device's, and forgetting it would let a message be sent twice.
 
-The supervisor asks `shared_device()` first: None means the company's session is where it
-always is (its session directory, see sessions.py).
+supervisor/devices.py asks `shared_device()` first (the `Place.SIMULATOR_SERVER` of the session
+seam): None means the company's session is where it always is (its session directory, see
+sessions.py, or PostgreSQL).
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from whatsappd import sessions
-from whatsappd.config import CompanyConfig, Config
 from whatsappd.sessionstore import SIMULATOR_FILE, SessionState, simulator_session_state
 
-__all__ = ["SharedDevice", "quarantine", "shared_device", "wipe"]
+__all__ = ["SharedDevice", "shared_device"]
 
 
 @dataclass(frozen=True)
@@ -60,27 +59,10 @@ class SharedDevice:
         return target
 
 
-def shared_device(config: Config, company: CompanyConfig) -> SharedDevice | None:
-    """The company's device on the shared simulator server; None when it has none (not a
-    simulator company, or no [simulator] server_dir): its session directory holds it."""
-    if company.engine != "simulator" or config.simulator_server_dir is None:
+def shared_device(server_dir: Path | None, company: str, engine: str) -> SharedDevice | None:
+    """The company's device on the shared simulator server (server_dir: `[simulator] server_dir`,
+    None when unset); None when it has none (not a simulator company, or no shared server): its
+    session directory holds it."""
+    if engine != "simulator" or server_dir is None:
         return None
-    return SharedDevice(config.simulator_server_dir / company.id)
-
-
-def wipe(config: Config, company: CompanyConfig) -> bool:
-    """sessions.wipe of the company's session directory, and its shared device if it has one;
-    True if anything was there."""
-    wiped = sessions.wipe(config.sessions_dir, company.id)
-    shared = shared_device(config, company)
-    return shared.wipe() or wiped if shared is not None else wiped
-
-
-def quarantine(config: Config, company: CompanyConfig) -> Path | None:
-    """sessions.quarantine of an unusable session; with a shared device, that device file is
-    what is moved aside (the session directory holds only the lock then). Where it went."""
-    shared = shared_device(config, company)
-    if shared is not None:
-        sessions.wipe(config.sessions_dir, company.id)
-        return shared.quarantine()
-    return sessions.quarantine(config.sessions_dir, company.id)
+    return SharedDevice(server_dir / company)
