@@ -22,6 +22,7 @@ import structlog
 from whatsappd.testing.daemon import NOBODY, DaemonProcess, NotifySocket, user_switch
 from whatsappd.testing.disk import SmallDisk
 from whatsappd.testing.postgres import PostgresServer, PostgresUnavailable
+from whatsappd.testing.scenario import SimDaemon, daemon_pool
 from whatsappd.worker.relay import LOOPBACK_ONLY_ENV
 
 # No test may let a real WhatsApp client dial past loopback, whatever its config says (a company
@@ -206,3 +207,11 @@ def store_table(request: pytest.FixtureRequest, store_tables: Callable[[str], di
     """The [store] table for a test's daemon: SQLite unless the test is parametrized indirectly,
     `@pytest.mark.parametrize("store_table", ["sqlite", "postgresql"], indirect=True)`."""
     return store_tables(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
+    """Make SimDaemons under tmp_path; any still running at teardown is killed. (A test module
+    whose daemons need more, such as a store table, defines its own `daemons`.)"""
+    with daemon_pool(tmp_path) as make:
+        yield make

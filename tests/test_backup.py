@@ -20,7 +20,7 @@ import stat
 import subprocess
 import tarfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from whatsappd.backup.archive import verify
 from whatsappd.sessionstore import SimulatorDevice, simulator_store_bytes
 from whatsappd.testing.daemon import clean_env, ctl_command, run_ctl, wait_until, whatsappd_command
 from whatsappd.testing.events import ApiSession, EventReader
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config, tree_state
+from whatsappd.testing.scenario import SimDaemon, sim_config, tree_state
 from whatsappd.worker.simulator.server import read_send_log
 
 COMPANIES = [f"c{n:02d}" for n in range(50)]
@@ -38,12 +38,6 @@ MESSAGES = 1000
 GAP = 1_000_000
 #: 50 workers booting on a loaded 2-core machine: patience for their first message.
 SLOW_BOOT = {"heartbeat_timeout": "20s"}
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def jid_of(company: str) -> str:

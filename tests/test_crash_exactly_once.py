@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import collections
 import sqlite3
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -21,7 +19,7 @@ import pytest
 from whatsappd.testing.daemon import wait_until
 from whatsappd.testing.events import ApiSession, EventReader
 from whatsappd.testing.metrics import metric_value
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, sim_config
+from whatsappd.testing.scenario import SimDaemon, process_gone, sim_config
 from whatsappd.worker.simulator.server import read_send_log, send_log_stats
 
 #: Workers boot slowly on a loaded 2-core machine: more patience than the fast tables' 2 s.
@@ -32,12 +30,6 @@ MESSAGES = 1000
 #: kill lands in the middle of it.
 SEND_DELAY = "0.002"
 AFTER_SENT = ("sent", "delivered", "read")
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def statuses_on_disk(d: SimDaemon, status: str) -> list[str]:

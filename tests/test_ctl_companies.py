@@ -6,20 +6,13 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from whatsappd.terminal import first_unsafe
 from whatsappd.testing.daemon import clean_env, ctl_command, run_ctl, wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
+from whatsappd.testing.scenario import SimDaemon, sim_config
 
 
 @pytest.fixture

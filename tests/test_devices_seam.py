@@ -29,7 +29,7 @@ from whatsappd.config import load_config
 from whatsappd.doctor import Finding, inspect_state_dir
 from whatsappd.supervisor.devices import Devices, PgDevices
 from whatsappd.testing.postgres import PostgresServer
-from whatsappd.testing.scenario import SimDaemon, daemon_pool
+from whatsappd.testing.scenario import SimDaemon
 from whatsappd.testing.socks5 import Socks5FaultProxy
 from whatsappd.testing.whatsmeow_pg import insert_fake_device, record_device, wait_started
 
@@ -100,12 +100,6 @@ def test_a_jid_that_cannot_be_recorded_is_logged_with_how_to_record_it_by_hand(
 
 
 # ============================================================================ item 2: import-baileys into PostgreSQL
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def _import_cli(config: Path, source: Path, company: str) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from whatsappd.config import load_config
 from whatsappd.doctor import Finding, inspect_state_dir
 from whatsappd.protocol import ServerTime, parse_worker_message
 from whatsappd.testing.daemon import NOBODY, clean_env, run_ctl, wait_until, whatsappd_command
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config, tree_state
+from whatsappd.testing.scenario import SimDaemon, sim_config, tree_state
 from whatsappd.worker.simulator import server
 
 JID = "5511999990001@s.whatsapp.net"
@@ -250,12 +249,6 @@ def test_server_time_messages_are_parsed_and_malformed_ones_refused():
 
 
 # ============================================================================ the running daemon
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def ctl(d: SimDaemon, *args: str) -> subprocess.CompletedProcess[str]:

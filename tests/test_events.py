@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -50,12 +49,6 @@ def sim(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         d.pair("beta", timeout=30)
         yield d
         assert d.stop() == 0
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def last_seq(d: SimDaemon) -> int:

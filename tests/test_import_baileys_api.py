@@ -16,7 +16,7 @@ from baileys_fixture import JID, assert_restored_never_paired, baileys_copy, tre
 from whatsappd.baileys import PROVENANCE_FILE
 from whatsappd.client import Response
 from whatsappd.testing.daemon import wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, tree_state
+from whatsappd.testing.scenario import SimDaemon, tree_state
 from whatsappd.testing.socks5 import Socks5FaultProxy
 
 _FAST = ('[reconnect]\ninitial_delay = "200ms"\nmax_delay = "1s"\n'
@@ -28,12 +28,6 @@ def proxy() -> Iterator[Socks5FaultProxy]:
     """A SOCKS5 listener on 127.0.0.1 that refuses every CONNECT: the only network a company sees."""
     with Socks5FaultProxy(mode="refuse") as listener:
         yield listener
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def _config(proxy: Socks5FaultProxy, root: Path | None, extra: str = "") -> str:

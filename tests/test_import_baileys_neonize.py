@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from whatsappd.baileys import import_company
 from whatsappd.baileys._schema import SCHEMA
 from whatsappd.baileys.verify import listed_jids
 from whatsappd.testing.daemon import wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool
+from whatsappd.testing.scenario import SimDaemon
 from whatsappd.testing.socks5 import Socks5FaultProxy
 
 pytestmark = [pytest.mark.neonize]
@@ -47,12 +47,6 @@ def test_a_store_neonize_cannot_read_is_reported_not_trusted(tmp_path: Path) -> 
     bad.write_bytes(b"this is not SQLite" * 100)
     with pytest.raises(RuntimeError, match="neonize could not open the store"):
         listed_jids(bad)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 @pytest.mark.slow

@@ -10,23 +10,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from whatsappd import pidlock
 from whatsappd.config import LAUNCHERS
 from whatsappd.testing.daemon import wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, process_state, sim_config
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    """Make SimDaemons under tmp_path; any still running at teardown is killed."""
-    with daemon_pool(tmp_path) as make:
-        yield make
-
+from whatsappd.testing.scenario import SimDaemon, process_gone, process_state, sim_config
 
 COMPANIES = ("acme", "bob", "carol")
 

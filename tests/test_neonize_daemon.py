@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from whatsappd.testing.daemon import wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone
+from whatsappd.testing.scenario import SimDaemon, process_gone
 from whatsappd.testing.socks5 import Socks5FaultProxy
 
 pytestmark = [pytest.mark.neonize, pytest.mark.slow]
 
 WHATSAPP = ("web.whatsapp.com", 443)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def _config(proxy: Socks5FaultProxy, **reconnect: str) -> str:

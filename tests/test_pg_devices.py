@@ -22,7 +22,7 @@ from whatsappd.protocol import ExitCode
 from whatsappd.store.postgresql import migrate
 from whatsappd.supervisor.devices import Devices
 from whatsappd.supervisor.process import Deadlines, WorkerSpec, launch_subprocess, start_worker
-from whatsappd.testing.scenario import SimDaemon, daemon_pool
+from whatsappd.testing.scenario import SimDaemon
 from whatsappd.testing.socks5 import Socks5FaultProxy
 from whatsappd.testing.whatsmeow_pg import (
     cold_start_round,
@@ -47,12 +47,6 @@ GONE = "5511900000003:33@s.whatsapp.net"
 def refusing() -> Iterator[Socks5FaultProxy]:
     with Socks5FaultProxy(mode="refuse") as proxy:
         yield proxy
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def _pg_daemon(make: Callable[..., SimDaemon], proxy: Socks5FaultProxy, dsn: str, *companies: str) -> SimDaemon:

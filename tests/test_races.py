@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from whatsappd.testing.daemon import at_once, wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, process_state, sim_config
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
+from whatsappd.testing.scenario import SimDaemon, process_gone, process_state, sim_config
 
 
 def hung(d: SimDaemon, company: str) -> int:

@@ -7,19 +7,10 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    """Make SimDaemons under tmp_path; any still running at teardown is killed."""
-    with daemon_pool(tmp_path) as make:
-        yield make
+from whatsappd.testing.scenario import SimDaemon, sim_config
 
 
 def registry_ids(daemon: SimDaemon) -> list[str]:

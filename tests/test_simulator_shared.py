@@ -26,7 +26,7 @@ from test_simulator import Sim
 from whatsappd.protocol import ExitCode
 from whatsappd.testing import simserver
 from whatsappd.testing.events import wait_message
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, sim_config
+from whatsappd.testing.scenario import SimDaemon, sim_config
 from whatsappd.worker.engine import EngineError
 from whatsappd.worker.simulator.connections import CONNECTION_LOG_FILE, ConnectionLog, read_connections
 from whatsappd.worker.simulator.server import SESSION_FILE, read_send_log
@@ -146,12 +146,6 @@ def _log(server: Path) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ daemons
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def shared(make: Callable[..., SimDaemon], server: Path) -> SimDaemon:

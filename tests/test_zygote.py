@@ -15,22 +15,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from whatsappd import pidlock
 from whatsappd.testing.daemon import NotifySocket, wait_until
-from whatsappd.testing.scenario import SimDaemon, daemon_pool, process_gone, process_state, sim_config
+from whatsappd.testing.scenario import SimDaemon, process_gone, process_state, sim_config
 from whatsappd.testing.socks5 import Socks5FaultProxy
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., SimDaemon]]:
-    """Make SimDaemons under tmp_path; any still running at teardown is killed."""
-    with daemon_pool(tmp_path) as make:
-        yield make
 
 
 def stat_fields(pid: int) -> list[str]:
