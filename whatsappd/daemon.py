@@ -20,8 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from whatsappd import __version__, pidlock
-from whatsappd.cluster.select import crosshost
-from whatsappd.cluster.setup import cluster_node
+from whatsappd.cluster.setup import cluster_node, crosshost
 from whatsappd.config import SETTINGS, Config, ConfigError, diff_configs, load_config
 from whatsappd.control.app import Services, build_app
 from whatsappd.control.companies import run_act
